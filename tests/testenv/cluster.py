@@ -291,15 +291,17 @@ class ClusterSet:
         self.startup_seconds = time.monotonic() - started
         return self.clusters
 
-    def pids(self) -> dict[str, int]:
-        """Process ids of the running servers by name (for measurements)."""
-        processes = [server.process for server in self._servers]
+    def processes(self) -> list[ManagedProcess]:
+        """The etcd and API server processes."""
+        found = [server.process for server in self._servers]
         if self._etcd is not None:
-            processes.append(self._etcd.process)
-        return {p.name: p.pid for p in processes if p.pid is not None and p.running()}
+            found.append(self._etcd.process)
+        return found
 
     def stop(self) -> None:
-        """Stop every API server, then etcd."""
+        """Stop every API server (in parallel), then etcd."""
+        for server in self._servers:
+            server.process.request_stop()
         for server in self._servers:
             server.stop()
         if self._etcd is not None:

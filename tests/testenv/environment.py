@@ -17,7 +17,7 @@ from typing import TextIO, TypeVar
 
 from tests.testenv.binaries import find_binaries
 from tests.testenv.cluster import Cluster, ClusterSet
-from tests.testenv.process import StartupError
+from tests.testenv.process import ManagedProcess, StartupError
 from tests.testenv.services import PostgresServer, RedisServer
 
 WORKDIR_PREFIX = "cap-testenv-"
@@ -150,6 +150,22 @@ class TestEnvironment:
 
             self._postgres = self._once("postgres", start)
         return self._postgres
+
+    def processes(self) -> list[ManagedProcess]:
+        """Every server process started so far."""
+        found: list[ManagedProcess] = []
+        if self._cluster_set is not None:
+            found += self._cluster_set.processes()
+        for redis_server in (self._redis, *self._extra_redis):
+            if redis_server is not None:
+                found.append(redis_server.process)
+        if self._postgres is not None and self._postgres.process is not None:
+            found.append(self._postgres.process)
+        return found
+
+    def dead_components(self) -> list[str]:
+        """Names of started components whose process has exited."""
+        return [p.name for p in self.processes() if p.pid is not None and not p.running()]
 
     def close(self) -> None:
         """Stop every component and delete the temporary folder."""

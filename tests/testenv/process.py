@@ -166,6 +166,11 @@ class ManagedProcess:
             time.sleep(delay)
             delay = min(delay * 1.5, 0.5)
 
+    def request_stop(self) -> None:
+        """Send the stop signal without waiting (to stop several servers in parallel)."""
+        if self._popen is not None and self._popen.poll() is None:
+            _signal_group(self._popen.pid, self._stop_signal)
+
     def stop(self, grace: float = 10.0) -> None:
         """Signal the whole process group, wait up to `grace` seconds, then SIGKILL it."""
         popen = self._popen

@@ -12,6 +12,7 @@ import secrets
 import shutil
 import signal
 import socket
+import stat
 import uuid
 from pathlib import Path
 
@@ -116,6 +117,18 @@ def find_postgres_bindir() -> Path:
     )
 
 
+def _require_traversable(folder: Path, uid: int, user: str) -> None:
+    """Fail clearly when `user` could not reach `folder` (postgres runs as its own user)."""
+    for path in (folder, *folder.parents):
+        mode = path.stat()
+        if mode.st_uid != uid and not mode.st_mode & stat.S_IXOTH:
+            raise StartupError(
+                f"postgres runs as user {user!r} and cannot enter {path} (mode "
+                f"{stat.filemode(mode.st_mode)}); point TMPDIR at a folder others may "
+                "traverse (e.g. /tmp) or run the tests as a non-root user"
+            )
+
+
 _DB_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
 
@@ -173,6 +186,7 @@ class PostgresServer:
             import pwd
 
             entry = pwd.getpwnam(self._run_as)
+            _require_traversable(self._workdir.parent, entry.pw_uid, self._run_as)
             for path in (self._workdir, self._sockets, password_file):
                 os.chown(path, entry.pw_uid, entry.pw_gid)
         try:
