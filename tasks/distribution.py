@@ -1,0 +1,141 @@
+"""Celery tasks: thin wrappers that hand ids to worker.pipeline.
+
+Every argument is an id: certificate, key and kubeconfig bytes are read from the
+database and decrypted inside the task, so nothing secret sits in the broker, the
+result backend or Flower. Every task is idempotent (see worker/pipeline.py), which
+is what makes ``acks_late`` + ``reject_on_worker_lost`` safe.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from celery import group, signals
+
+from worker.app import app
+from worker.pipeline import advance_run, process_target, reap, start_run
+from worker.runtime import get_runtime
+
+log = logging.getLogger(__name__)
+
+START_RUN = "cap.run.start"
+ADVANCE_RUN = "cap.run.advance"
+REAP = "cap.run.reap"
+DEPLOY_TARGET = "cap.kube.target"
+HEALTH_CHECK = "cap.kube.health_check"
+
+
+class CeleryDispatcher:
+    """The pipeline's Dispatcher, sending Celery messages."""
+
+    def start(self, run_id: str) -> None:
+        """Queue the start of a run."""
+        start_run_task.apply_async(args=(run_id,))
+
+    def process_targets(self, run_id: str, target_ids: Sequence[str]) -> None:
+        """Queue one message per target; workers take them in parallel."""
+        if target_ids:
+            group(
+                process_target_task.si(run_id, target_id) for target_id in target_ids
+            ).apply_async()
+
+    def advance(self, run_id: str, batch_index: int) -> None:
+        """Queue the batch callback of ``batch_index``."""
+        advance_run_task.apply_async(args=(run_id, batch_index))
+
+
+dispatcher = CeleryDispatcher()
+
+
+@app.task(name=START_RUN)
+def start_run_task(run_id: str) -> None:
+    """Plan a run into batches and send its first batch."""
+    start_run(get_runtime(), dispatcher, run_id)
+
+
+@app.task(name=DEPLOY_TARGET)
+def process_target_task(run_id: str, target_id: str) -> None:
+    """Dry-run, execute or roll back one target of a run (failures are recorded, not raised)."""
+    process_target(get_runtime(), dispatcher, run_id, target_id)
+
+
+@app.task(name=ADVANCE_RUN)
+def advance_run_task(run_id: str, batch_index: int) -> None:
+    """The batch callback: next batch, halt on the failure threshold, or finish."""
+    advance_run(get_runtime(), dispatcher, run_id, batch_index)
+
+
+@app.task(name=REAP)
+def reap_task() -> dict[str, Any]:
+    """Resume runs that stalled (lost messages, killed workers); returns counts only."""
+    report = reap(get_runtime(), dispatcher)
+    return {
+        "restarted": len(report.restarted),
+        "redispatched": sum(report.redispatched.values()),
+        "advanced": len(report.advanced),
+    }
+
+
+@app.task(name=HEALTH_CHECK)
+def health_check_task(target_id: str) -> str:
+    """Check a target's namespace and RBAC and store the result on the target."""
+    from worker.service import check_target_health
+
+    return check_target_health(get_runtime(), target_id).status
+
+
+# ------------------------------------------------------------------ worker life cycle
+
+
+@signals.worker_process_init.connect
+def _fresh_resources_after_fork(**_: Any) -> None:
+    # A pool process must not reuse the parent's database or HTTP connections.
+    get_runtime()
+
+
+@signals.worker_process_shutdown.connect
+def _close_resources(**_: Any) -> None:
+    get_runtime().close()
+
+
+class _Housekeeper(threading.Thread):
+    """In the worker's main process: heartbeat file for probes, and the reaper.
+
+    Every worker runs it; the reaper is idempotent (compare-and-set on runs), so
+    several replicas reaping at once is harmless and no singleton beat is needed.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(name="certautopilot-housekeeper", daemon=True)
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        rt = get_runtime()
+        interval = rt.settings.tasks.reaper_interval
+        while not self.stopping.is_set():
+            try:
+                rt.settings.tasks.heartbeat_file.parent.mkdir(parents=True, exist_ok=True)
+                rt.settings.tasks.heartbeat_file.touch()
+                reap(rt, dispatcher)
+            except Exception:  # the housekeeper must outlive a database blip
+                log.exception("housekeeping pass failed; retrying in %.0fs", interval)
+            self.stopping.wait(interval)
+
+
+_housekeeper: _Housekeeper | None = None
+
+
+@signals.worker_ready.connect
+def _start_housekeeper(**_: Any) -> None:
+    global _housekeeper
+    _housekeeper = _Housekeeper()
+    _housekeeper.start()
+
+
+@signals.worker_shutting_down.connect
+def _stop_housekeeper(**_: Any) -> None:
+    if _housekeeper is not None:
+        _housekeeper.stopping.set()

@@ -1,0 +1,99 @@
+"""The Celery application: the composition root of the worker.
+
+Every setting below is explicit on purpose: Celery's defaults are tuned for
+throughput of idempotent fire-and-forget work, while a certificate distribution
+must survive a worker being killed in the middle of a write. Settings come from
+:func:`worker.settings.load_settings`, read once here and nowhere below.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+from kombu import Exchange, Queue  # type: ignore[attr-defined]
+
+from worker.settings import Settings, load_settings
+
+#: Queue for work that talks to the Kubernetes API (one message per target).
+#: Separated from control work so an operator can scale or drain the two apart.
+CONTROL_QUEUE = "control"
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """Return the complete Celery configuration for ``settings`` (pure; used by tests)."""
+    kube_queue = settings.tasks.kube_queue
+    # The broker must not redeliver a message while the task that holds it may
+    # still legitimately run, so the visibility timeout exceeds the hard limit.
+    # Celery reads it in two places (broker transport and the Redis result
+    # backend's transport); both get the same value.
+    visibility = {"visibility_timeout": settings.broker.visibility_timeout}
+    return {
+        "broker_url": settings.broker.url,
+        "result_backend": settings.broker.result_backend,
+        "broker_transport_options": dict(visibility),
+        "result_backend_transport_options": dict(visibility),
+        # Keep retrying the broker at start-up instead of crash-looping the pod.
+        "broker_connection_retry_on_startup": True,
+        "broker_connection_max_retries": None,
+        # Only JSON crosses the broker: no pickle, so a message cannot run code,
+        # and task arguments stay readable ids in Flower.
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "event_serializer": "json",
+        # Acknowledge after the task body ran; a worker that dies mid-task gets its
+        # message redelivered (tasks are idempotent, see tasks/distribution.py).
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        # One message reserved per process: a killed process strands at most one.
+        "worker_prefetch_multiplier": 1,
+        # A hung API call cannot hold a process forever.
+        "task_soft_time_limit": settings.tasks.soft_time_limit,
+        "task_time_limit": settings.tasks.time_limit,
+        # The database is the source of truth for run progress; task return values
+        # are never read, so they are not stored (less backend traffic, nothing to leak).
+        "task_ignore_result": True,
+        "task_store_errors_even_if_ignored": False,
+        # Flower needs events.
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "task_track_started": True,
+        # Routing: Kubernetes work on its own queue, orchestration on "control".
+        "task_queues": (
+            Queue(kube_queue, Exchange(kube_queue), routing_key=kube_queue),
+            Queue(CONTROL_QUEUE, Exchange(CONTROL_QUEUE), routing_key=CONTROL_QUEUE),
+        ),
+        "task_default_queue": CONTROL_QUEUE,
+        "task_routes": {"cap.kube.*": {"queue": kube_queue, "routing_key": kube_queue}},
+        # Reconnects and restarts must not leave half-run work behind silently.
+        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        "worker_hijack_root_logger": False,
+        "timezone": "UTC",
+        "enable_utc": True,
+    }
+
+
+def make_celery(settings: Settings) -> Celery:
+    """Build the Celery app for ``settings`` with the project's tasks registered."""
+    celery_app = Celery("certautopilot")
+    celery_app.conf.update(celery_config(settings))
+    celery_app.conf.include = ["tasks.distribution"]
+    return celery_app
+
+
+def configure(celery_app: Celery, settings: Settings) -> None:
+    """Point an existing app at other settings (tests and the CLI's --env handling).
+
+    Tasks are bound to the module-level app, so a process that learns its settings
+    late re-configures that app instead of creating a second one.
+    """
+    celery_app.conf.update(celery_config(settings))
+    # Pooled broker connections and producers were made for the old URL.
+    if celery_app._pool is not None:
+        celery_app._pool.force_close_all()
+        celery_app._pool = None
+    celery_app.amqp._producer_pool = None
+
+
+app = make_celery(load_settings())

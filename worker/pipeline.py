@@ -1,0 +1,679 @@
+"""The run state machine: start a run, process one target, advance batches, reap stalls.
+
+The database is the source of truth (DESIGN.md decision 5). Redis, or the
+embedded broker, only carries messages that say "look at run X / target Y";
+every step here re-reads the database and decides from what it finds, so a
+message delivered twice, late, or never is harmless:
+
+* ``start_run`` moves a queued run to running with compare-and-set and creates
+  one pending result per target; a duplicate start finds the run running.
+* ``process_target`` claims the target's result row with compare-and-set (a lease
+  as long as the task's hard time limit), does the work outside any transaction,
+  and records the outcome only if it still holds the claim. It never raises for a
+  target's failure: the failure is recorded and the batch goes on.
+* The target that finishes its batch last (as the database sees it) asks for
+  ``advance_run``; the advance compares-and-sets the batch index, so of several
+  concurrent advances exactly one acts. This replaces a chord counter, which
+  would live only in the result backend and would double-count redeliveries.
+* ``reap`` finds runs that made no progress for ``stale_after`` seconds (a worker
+  was SIGKILLed, a message was lost with a Redis restart) and re-sends what they
+  need; it writes on the run that it did so.
+
+Celery is not imported here: tasks/ hands in a :class:`Dispatcher`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol
+
+from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy.orm import Session
+
+from models import queries
+from models.entities import (
+    Certificate,
+    Distribution,
+    Run,
+    Target,
+    TargetGroup,
+    TargetResult,
+)
+from models.enums import ConnectionMode, DistributionKind, ResultStatus, RunAction, RunState
+from worker.bundle import BundleError, TlsBundle, build_bundle
+from worker.crypto import CryptoError
+from worker.fanout import (
+    FanoutConfigError,
+    decide_after_batch,
+    parse_batch_size,
+    parse_failure_threshold,
+    plan_batches,
+)
+from worker.kube.client import KubeClient, RetryPolicy
+from worker.kube.deploy import DeployOutcome, PreviousSecret, deploy_secret, rollback_secret
+from worker.kube.errors import KubeError
+from worker.kube.secret import desired_secret
+from worker.runtime import Runtime
+from worker.templating import (
+    TemplateError,
+    render_namespace,
+    render_secret_name,
+    template_variables,
+)
+from worker.webhook import WebhookError, deliver_webhook, webhook_payload
+
+log = logging.getLogger(__name__)
+
+_OPEN = (ResultStatus.PENDING, ResultStatus.RUNNING)
+
+
+class Dispatcher(Protocol):
+    """Sends the messages that move runs forward (implemented with Celery in tasks/)."""
+
+    def start(self, run_id: str) -> None:
+        """Ask a worker to start ``run_id``."""
+
+    def process_targets(self, run_id: str, target_ids: Sequence[str]) -> None:
+        """Ask workers to process these targets of ``run_id`` in parallel."""
+
+    def advance(self, run_id: str, batch_index: int) -> None:
+        """Ask a worker to decide what follows batch ``batch_index`` of ``run_id``."""
+
+
+def utcnow() -> datetime:
+    """The current time, timezone-aware UTC."""
+    return datetime.now(UTC)
+
+
+def _aware(moment: datetime | None) -> datetime | None:
+    # SQLite hands back naive datetimes; they were stored as UTC.
+    if moment is not None and moment.tzinfo is None:
+        return moment.replace(tzinfo=UTC)
+    return moment
+
+
+# ------------------------------------------------------------------------------ start
+
+
+def start_run(rt: Runtime, dispatch: Dispatcher, run_id: str) -> None:
+    """Plan a queued run into batches and dispatch its first batch (idempotent)."""
+    now = utcnow()
+    first_batch: list[str] = []
+    webhook = False
+    with rt.session() as session:
+        run = session.get(Run, run_id)
+        if run is None:
+            log.warning("run %s does not exist; nothing to start", run_id)
+            return
+        if run.state is not RunState.QUEUED:
+            return  # a duplicate or late start message: the run already went on
+        distribution = queries.get_distribution(session, run.distribution_id)
+        if distribution.kind is DistributionKind.WEBHOOK:
+            queries.start_run(session, run_id, batch_plan=[], now=now)
+            webhook = True
+        else:
+            try:
+                plan = _plan(rt, session, distribution)
+            except FanoutConfigError as exc:
+                queries.finish_run(
+                    session, run_id, RunState.FAILED, now=now, reason=f"cannot plan: {exc}"
+                )
+                return
+            queries.start_run(session, run_id, batch_plan=plan, now=now)
+            first_batch = plan[0]
+    if webhook:
+        _run_webhook(rt, dispatch, run_id)
+    else:
+        dispatch.process_targets(run_id, first_batch)
+
+
+def _plan(rt: Runtime, session: Session, distribution: Distribution) -> list[list[str]]:
+    target_ids = queries.distribution_target_ids(session, distribution)
+    batch_value: Any = rt.settings.fanout.default_batch_size
+    if distribution.group_id is not None:
+        group = session.get(TargetGroup, distribution.group_id)
+        if group is not None and group.batch_size is not None:
+            batch_value = group.batch_size
+    return plan_batches(target_ids, parse_batch_size(batch_value))
+
+
+# --------------------------------------------------------------------- process a target
+
+
+@dataclass(frozen=True)
+class TargetJob:
+    """Everything one target's work needs, read in one short transaction."""
+
+    run_id: str
+    action: RunAction
+    options: Mapping[str, Any]
+    distribution_id: str
+    store_content: bool
+    target: Target
+    certificate: Certificate
+    group_variables: Mapping[str, Any]
+    batch_index: int
+    attempt: int
+
+
+@dataclass
+class TargetOutcome:
+    """What happened to one target, as recorded in its result row."""
+
+    status: ResultStatus
+    diff: dict[str, Any] | None = None
+    error_reason: str | None = None
+    error_message: str | None = None
+    resource_version: str | None = None
+    secret_name: str | None = None
+    namespace: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def process_target(rt: Runtime, dispatch: Dispatcher, run_id: str, target_id: str) -> None:
+    """Claim, process and record one target of a run, then ask for the batch to advance."""
+    job = _claim(rt, run_id, target_id)
+    if job is None:
+        return
+    started = time.monotonic()
+    outcome = _perform(rt, job)
+    log.info(
+        "run %s target %s: %s%s (%.0f ms)",
+        run_id,
+        target_id,
+        outcome.status.value,
+        f" [{outcome.error_reason}]" if outcome.error_reason else "",
+        (time.monotonic() - started) * 1000,
+    )
+    if _record(rt, job, outcome) and _batch_is_done(rt, run_id, job.batch_index):
+        dispatch.advance(run_id, job.batch_index)
+
+
+def claim_lease(rt: Runtime) -> timedelta:
+    """How long a claimed target stays claimed: a task cannot outlive its hard limit."""
+    return timedelta(seconds=rt.settings.tasks.time_limit + 5)
+
+
+def _claim(rt: Runtime, run_id: str, target_id: str) -> TargetJob | None:
+    now = utcnow()
+    with rt.session() as session:
+        run = session.get(Run, run_id)
+        if run is None or run.state is not RunState.RUNNING:
+            return None
+        expired = now - claim_lease(rt)
+        claimed = session.execute(
+            update(TargetResult)
+            .where(
+                TargetResult.run_id == run_id,
+                TargetResult.target_id == target_id,
+                or_(
+                    TargetResult.status == ResultStatus.PENDING,
+                    and_(
+                        TargetResult.status == ResultStatus.RUNNING,
+                        TargetResult.started_at < expired,
+                    ),
+                ),
+            )
+            .values(
+                status=ResultStatus.RUNNING,
+                started_at=now,
+                attempts=TargetResult.attempts + 1,
+            )
+            .execution_options(synchronize_session=False)
+        )
+        if claimed.rowcount != 1:  # type: ignore[attr-defined]
+            return None  # already final, or another delivery holds the claim
+        result = queries.get_target_result(session, run_id, target_id)
+        distribution = queries.get_distribution(session, run.distribution_id)
+        group_variables: Mapping[str, Any] = {}
+        if distribution.group_id is not None:
+            group = session.get(TargetGroup, distribution.group_id)
+            group_variables = dict(group.variables) if group is not None else {}
+        return TargetJob(
+            run_id=run_id,
+            action=run.action,
+            options=dict(run.options or {}),
+            distribution_id=distribution.id,
+            store_content=distribution.store_content,
+            target=queries.get_target(session, target_id),
+            certificate=queries.get_certificate(session, distribution.certificate_id),
+            group_variables=group_variables,
+            batch_index=result.batch_index,
+            attempt=result.attempts,
+        )
+
+
+def _perform(rt: Runtime, job: TargetJob) -> TargetOutcome:
+    outcome = TargetOutcome(status=ResultStatus.FAILED)
+    try:
+        bundle = _bundle(rt, job.certificate)
+        variables = template_variables(
+            bundle.leaf,
+            group_variables=job.group_variables,
+            target_variables=job.target.variables,
+        )
+        outcome.namespace = render_namespace(job.target.namespace_template, variables)
+        outcome.secret_name = render_secret_name(job.target.secret_name_template, variables)
+        client = KubeClient(
+            _api_client(rt, job.target), retry=RetryPolicy.from_settings(rt.settings.kube)
+        )
+        if job.action is RunAction.ROLLBACK:
+            deployed = _rollback(rt, job, client, outcome.namespace, outcome.secret_name)
+        else:
+            deployed = _deploy(rt, job, client, bundle, outcome.namespace, outcome.secret_name)
+        outcome.status = _result_status(job.action, deployed.action)
+        outcome.diff = deployed.diff.to_dict() if deployed.diff is not None else None
+        outcome.resource_version = deployed.resource_version
+    except KubeError as exc:
+        outcome.error_reason, outcome.error_message = exc.reason, str(exc)
+    except TemplateError as exc:
+        outcome.error_reason, outcome.error_message = "template_invalid", str(exc)
+    except BundleError as exc:
+        outcome.error_reason, outcome.error_message = "certificate_invalid", str(exc)
+    except CryptoError as exc:
+        outcome.error_reason, outcome.error_message = "decryption_failed", str(exc)
+    except queries.NotFoundError as exc:
+        outcome.error_reason, outcome.error_message = "not_found", str(exc)
+    except ValueError as exc:  # e.g. a target variable whose name templates cannot use
+        outcome.error_reason, outcome.error_message = "invalid_configuration", str(exc)
+    except Exception as exc:  # a target's failure must never stop its batch
+        log.exception("run %s target %s: unexpected error", job.run_id, job.target.id)
+        outcome.error_reason = "internal_error"
+        outcome.error_message = (
+            f"internal error ({type(exc).__name__}); the worker log has the traceback"
+        )
+    if outcome.error_reason is not None:
+        outcome.status = ResultStatus.FAILED
+    return outcome
+
+
+def _result_status(action: RunAction, deploy_action: str) -> ResultStatus:
+    """Map the Kubernetes module's outcome onto the result row's status."""
+    if action is RunAction.ROLLBACK and deploy_action in ("created", "updated"):
+        return ResultStatus.ROLLED_BACK
+    if deploy_action == "would_be_unchanged":
+        return ResultStatus.UNCHANGED
+    return ResultStatus(deploy_action)
+
+
+def _bundle(rt: Runtime, certificate: Certificate) -> TlsBundle:
+    key = (certificate.id, certificate.sha256_fingerprint)
+    cached: TlsBundle | None = rt.bundles.get(key)
+    if cached is not None:
+        return cached
+    with rt.session() as session:
+        key_pem = queries.reveal_private_key(session, rt.keyring, certificate.id)
+    bundle = build_bundle(
+        certificate.leaf_pem.encode("ascii"),
+        key_pem,
+        certificate.chain_pem.encode("ascii"),
+        certificate.ca_pem.encode("ascii") if certificate.ca_pem else None,
+        now=utcnow(),
+    )
+    rt.bundles[key] = bundle
+    return bundle
+
+
+def _api_client(rt: Runtime, target: Target) -> Any:
+    if target.connection_mode is ConnectionMode.IN_CLUSTER:
+        return rt.clients.for_in_cluster(rt.settings.kube.serviceaccount_dir, rt.environ)
+    assert target.credential_id is not None  # enforced by a check constraint
+    credential_id = target.credential_id
+    with rt.session() as session:
+        envelope = queries.get_credential(session, credential_id).secret
+    cached = rt.cached_client(credential_id, envelope, target.allow_insecure)
+    if cached is not None:
+        return cached
+    with rt.session() as session:
+        kubeconfig = queries.reveal_credential(session, rt.keyring, credential_id)
+    client = rt.clients.for_kubeconfig(
+        credential_id, kubeconfig, allow_insecure=target.allow_insecure
+    )
+    rt.remember_client(credential_id, envelope, target.allow_insecure, client)
+    return client
+
+
+class _DatabaseSnapshotStore:
+    """Rollback snapshots through the database (insert-if-absent, sealed)."""
+
+    def __init__(self, rt: Runtime, distribution_id: str, target_id: str) -> None:
+        self._rt = rt
+        self._distribution_id = distribution_id
+        self._target_id = target_id
+
+    def snapshot_exists(self) -> bool:
+        with self._rt.session() as session:
+            return queries.get_snapshot(session, self._distribution_id, self._target_id) is not None
+
+    def save_snapshot(self, previous: PreviousSecret) -> None:
+        with self._rt.session() as session:
+            queries.save_snapshot_if_absent(
+                session,
+                self._rt.keyring,
+                distribution_id=self._distribution_id,
+                target_id=self._target_id,
+                existed=previous.existed,
+                secret_type=previous.type,
+                data=previous.data,
+                labels=previous.labels,
+                annotations=previous.annotations,
+                resource_version=previous.resource_version,
+            )
+
+
+def _deploy(
+    rt: Runtime,
+    job: TargetJob,
+    client: KubeClient,
+    bundle: TlsBundle,
+    namespace: str,
+    secret_name: str,
+) -> DeployOutcome:
+    desired = desired_secret(
+        name=secret_name,
+        namespace=namespace,
+        tls_crt=bundle.tls_crt(),
+        tls_key=bundle.tls_key(),
+        ca_crt=bundle.ca_crt() if job.target.include_ca else None,
+        leaf=bundle.leaf,
+        distribution_id=job.distribution_id,
+    )
+    dry_run = job.action is RunAction.DRY_RUN
+    store = (
+        _DatabaseSnapshotStore(rt, job.distribution_id, job.target.id)
+        if job.store_content and not dry_run
+        else None
+    )
+    outcome = deploy_secret(
+        client,
+        desired,
+        dry_run=dry_run,
+        server_dry_run=rt.settings.kube.server_dry_run,
+        adopt_unmanaged=job.target.adopt_unmanaged,
+        snapshot_store=store,
+    )
+    if store is not None and outcome.action in ("created", "updated", "unchanged"):
+        with rt.session() as session:
+            queries.record_snapshot_write(
+                session,
+                job.distribution_id,
+                job.target.id,
+                fingerprint=bundle.leaf.sha256_fingerprint,
+                resource_version=outcome.resource_version,
+            )
+    return outcome
+
+
+def _rollback(
+    rt: Runtime, job: TargetJob, client: KubeClient, namespace: str, secret_name: str
+) -> DeployOutcome:
+    with rt.session() as session:
+        snapshot = queries.reveal_snapshot(session, rt.keyring, job.distribution_id, job.target.id)
+    previous = PreviousSecret(
+        existed=snapshot.existed,
+        type=snapshot.type,
+        data=dict(snapshot.data),
+        labels=dict(snapshot.labels),
+        annotations=dict(snapshot.annotations),
+        resource_version=snapshot.resource_version,
+    )
+    return rollback_secret(
+        client,
+        namespace=namespace,
+        name=secret_name,
+        previous=previous,
+        written_fingerprint=snapshot.written_fingerprint,
+        force=bool(job.options.get("force", False)),
+    )
+
+
+def _record(rt: Runtime, job: TargetJob, outcome: TargetOutcome) -> bool:
+    """Write the outcome if this delivery still holds the claim; True when written."""
+    now = utcnow()
+    with rt.session() as session:
+        result = queries.get_target_result(session, job.run_id, job.target.id)
+        if result.status is not ResultStatus.RUNNING or result.attempts != job.attempt:
+            # The lease expired and another delivery took over; it records its own outcome.
+            return False
+        queries.record_target_result(
+            session,
+            job.run_id,
+            job.target.id,
+            status=outcome.status,
+            diff=outcome.diff,
+            error_reason=outcome.error_reason,
+            error_message=outcome.error_message,
+            finished_at=now,
+            resource_version=outcome.resource_version,
+            secret_name=outcome.secret_name,
+            namespace=outcome.namespace,
+        )
+        queries.touch_run(session, job.run_id, now=now)
+    return True
+
+
+def _batch_is_done(rt: Runtime, run_id: str, batch_index: int) -> bool:
+    with rt.session() as session:
+        counts = queries.count_results(session, run_id, batch_index=batch_index)
+    return not any(counts.get(status, 0) for status in _OPEN)
+
+
+# --------------------------------------------------------------------------- advance
+
+
+def advance_run(rt: Runtime, dispatch: Dispatcher, run_id: str, batch_index: int) -> None:
+    """After batch ``batch_index`` finished: start the next one, halt, or finish the run."""
+    now = utcnow()
+    next_batch: list[str] = []
+    cascade_run_id: str | None = None
+    with rt.session() as session:
+        run = session.get(Run, run_id)
+        if run is None or run.state is not RunState.RUNNING or run.current_batch != batch_index:
+            return
+        batch_counts = queries.count_results(session, run_id, batch_index=batch_index)
+        if any(batch_counts.get(status, 0) for status in _OPEN):
+            return
+        all_counts = queries.count_results(session, run_id)
+        total = sum(all_counts.values())
+        failed = all_counts.get(ResultStatus.FAILED, 0)
+        batch_failed = batch_counts.get(ResultStatus.FAILED, 0)
+        batch_total = sum(batch_counts.values())
+        distribution = queries.get_distribution(session, run.distribution_id)
+        decision = decide_after_batch(
+            total_targets=total,
+            failed_so_far=failed,
+            batch_size=batch_total,
+            batch_failed=batch_failed,
+            threshold=_threshold(rt, session, distribution),
+        )
+        last = batch_index + 1 >= len(run.batch_plan)
+        # Compare-and-set on the batch index: of concurrent advances exactly one acts.
+        moved = session.execute(
+            update(Run)
+            .where(
+                Run.id == run_id, Run.state == RunState.RUNNING, Run.current_batch == batch_index
+            )
+            .values(current_batch=batch_index + 1, heartbeat_at=now)
+            .execution_options(synchronize_session=False)
+        )
+        if moved.rowcount != 1:  # type: ignore[attr-defined]
+            return
+        recovered = _recovery_note(run)
+        if decision.halt and not last:
+            reason = f"halted after batch {batch_index + 1}: {decision.reason}"
+            skipped = queries.skip_pending_results(
+                session, run_id, from_batch=batch_index + 1, reason=f"skipped: {reason}", now=now
+            )
+            reason += f"; {skipped} target(s) skipped"
+            _finish(session, run_id, RunState.HALTED, reason + recovered, now)
+        elif decision.halt or (last and failed):
+            reason = (
+                f"failed: {decision.reason}"
+                if decision.halt
+                else f"partially failed: {failed} of {total} target(s) failed, "
+                "within the failure threshold"
+            )
+            _finish(session, run_id, RunState.FAILED, reason + recovered, now)
+        elif last:
+            _finish(
+                session, run_id, RunState.SUCCEEDED, _success_reason(all_counts) + recovered, now
+            )
+            if run.cascade and run.action is RunAction.EXECUTE:
+                cascade_run_id = _cascade(session, distribution, run_id)
+        else:
+            next_batch = list(run.batch_plan[batch_index + 1])
+    if next_batch:
+        dispatch.process_targets(run_id, next_batch)
+    if cascade_run_id is not None:
+        dispatch.start(cascade_run_id)
+
+
+def _threshold(rt: Runtime, session: Session, distribution: Distribution) -> Any:
+    value: Any = rt.settings.fanout.default_failure_threshold
+    if distribution.group_id is not None:
+        group = session.get(TargetGroup, distribution.group_id)
+        if group is not None and group.failure_threshold is not None:
+            value = group.failure_threshold
+    return parse_failure_threshold(value)
+
+
+def _success_reason(counts: Mapping[ResultStatus, int]) -> str:
+    parts = [f"{count} {status.value}" for status, count in sorted(counts.items()) if count]
+    return "succeeded: " + ", ".join(parts)
+
+
+def _recovery_note(run: Run) -> str:
+    recoveries = int((run.options or {}).get("reaper_recoveries", 0))
+    if not recoveries:
+        return ""
+    return f" (the reaper resumed this run {recoveries} time(s) after lost work)"
+
+
+def _finish(session: Session, run_id: str, state: RunState, reason: str, now: datetime) -> None:
+    queries.finish_run(session, run_id, state, now=now, reason=reason)
+
+
+def _cascade(session: Session, distribution: Distribution, run_id: str) -> str | None:
+    """Queue the next stacked distribution of the certificate after a successful execute."""
+    following = queries.next_distribution(session, distribution)
+    if following is None:
+        return None
+    run = queries.create_run(
+        session,
+        distribution_id=following.id,
+        action=RunAction.EXECUTE,
+        cascade=True,
+        parent_run_id=run_id,
+    )
+    return run.id
+
+
+# ---------------------------------------------------------------------------- webhook
+
+
+def _run_webhook(rt: Runtime, dispatch: Dispatcher, run_id: str) -> None:
+    with rt.session() as session:
+        run = queries.get_run(session, run_id)
+        distribution = queries.get_distribution(session, run.distribution_id)
+        payload = webhook_payload(session, run, distribution)
+        url = distribution.webhook_url or ""
+        secret: bytes | None = None
+        if distribution.webhook_credential_id is not None:
+            secret = queries.reveal_credential(
+                session, rt.keyring, distribution.webhook_credential_id
+            )
+    state, reason = RunState.SUCCEEDED, ""
+    try:
+        status = deliver_webhook(url, payload, secret=secret, timeout=rt.settings.kube.read_timeout)
+        reason = f"succeeded: webhook answered HTTP {status}"
+    except WebhookError as exc:
+        state, reason = RunState.FAILED, f"failed: {exc}"
+    cascade_run_id: str | None = None
+    with rt.session() as session:
+        _finish(session, run_id, state, reason, utcnow())
+        run = queries.get_run(session, run_id)
+        if state is RunState.SUCCEEDED and run.cascade:
+            cascade_run_id = _cascade(session, distribution, run_id)
+    if cascade_run_id is not None:
+        dispatch.start(cascade_run_id)
+
+
+# ------------------------------------------------------------------------------ reaper
+
+
+@dataclass(frozen=True)
+class ReapReport:
+    """What one reaper pass did."""
+
+    restarted: tuple[str, ...] = ()
+    redispatched: Mapping[str, int] = field(default_factory=dict)
+    advanced: tuple[str, ...] = ()
+
+
+def reap(rt: Runtime, dispatch: Dispatcher, *, now: datetime | None = None) -> ReapReport:
+    """Re-send what stalled runs need: their start, lost target messages, or their advance."""
+    now = now or utcnow()
+    stale_before = now - timedelta(seconds=rt.settings.tasks.stale_after)
+    lease_expired = now - claim_lease(rt)
+    restarted: list[str] = []
+    redispatched: dict[str, list[str]] = {}
+    advanced: list[tuple[str, int]] = []
+    with rt.session() as session:
+        queued = session.scalars(
+            select(Run).where(Run.state == RunState.QUEUED, Run.created_at < stale_before)
+        ).all()
+        restarted.extend(run.id for run in queued)
+        for run in queries.stale_runs(session, heartbeat_before=stale_before):
+            lost = session.scalars(
+                select(TargetResult.target_id).where(
+                    TargetResult.run_id == run.id,
+                    TargetResult.batch_index == run.current_batch,
+                    or_(
+                        TargetResult.status == ResultStatus.PENDING,
+                        and_(
+                            TargetResult.status == ResultStatus.RUNNING,
+                            TargetResult.started_at < lease_expired,
+                        ),
+                    ),
+                )
+            ).all()
+            still_running = session.scalar(
+                select(func.count()).where(
+                    TargetResult.run_id == run.id,
+                    TargetResult.batch_index == run.current_batch,
+                    TargetResult.status == ResultStatus.RUNNING,
+                    TargetResult.started_at >= lease_expired,
+                )
+            )
+            if lost:
+                redispatched[run.id] = list(lost)
+            elif not still_running:
+                advanced.append((run.id, run.current_batch))
+            else:
+                continue
+            options = dict(run.options or {})
+            options["reaper_recoveries"] = int(options.get("reaper_recoveries", 0)) + 1
+            run.options = options
+            run.reason = (
+                f"resumed by the reaper at {now:%Y-%m-%d %H:%M:%S}Z after "
+                f"{rt.settings.tasks.stale_after:.0f}s without progress "
+                f"({len(lost)} target(s) re-sent)"
+            )
+            run.heartbeat_at = now
+    for run_id in restarted:
+        dispatch.start(run_id)
+    for run_id, target_ids in redispatched.items():
+        log.warning("reaper: run %s stalled; re-sending %d target(s)", run_id, len(target_ids))
+        dispatch.process_targets(run_id, target_ids)
+    for run_id, batch_index in advanced:
+        log.warning("reaper: run %s stalled after batch %d; advancing", run_id, batch_index)
+        dispatch.advance(run_id, batch_index)
+    return ReapReport(
+        restarted=tuple(restarted),
+        redispatched={run_id: len(ids) for run_id, ids in redispatched.items()},
+        advanced=tuple(run_id for run_id, _ in advanced),
+    )

@@ -1,0 +1,146 @@
+"""The webhook distribution: tell another system that a Kubernetes distribution landed.
+
+Stacked after a Kubernetes distribution (spec section 04), it fires the rollout
+that pods reading the certificate from environment variables need. The body
+describes the outcome (certificate fingerprint, not-after, targets and Secret
+names) and never carries key material. It is signed with HMAC-SHA256 over
+``"<timestamp>.<body>"`` so a receiver can reject forgeries and replays:
+
+    X-CertAutoPilot-Timestamp: 1764480000
+    X-CertAutoPilot-Signature: sha256=<hex>
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import time
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import urlsplit
+
+import urllib3
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+from tenacity import (
+    RetryError,
+    retry,
+    retry_if_exception_type,
+    stop_after_attempt,
+    stop_after_delay,
+    wait_exponential_jitter,
+)
+
+from models import queries
+from models.entities import Distribution, Run, Target, TargetResult
+
+SIGNATURE_HEADER = "X-CertAutoPilot-Signature"
+TIMESTAMP_HEADER = "X-CertAutoPilot-Timestamp"
+
+
+class WebhookError(Exception):
+    """The webhook could not be delivered; the message says why and what to check."""
+
+
+class _Transient(WebhookError):
+    """A 5xx answer, a timeout or a connection error: worth another try."""
+
+
+def sign(secret: bytes, timestamp: str, body: bytes) -> str:
+    """The signature header value for ``body`` sent at ``timestamp``."""
+    digest = hmac.new(secret, timestamp.encode("ascii") + b"." + body, hashlib.sha256)
+    return "sha256=" + digest.hexdigest()
+
+
+def webhook_payload(session: Session, run: Run, distribution: Distribution) -> dict[str, Any]:
+    """The JSON body describing the distribution that triggered this webhook (no key material)."""
+    certificate = queries.get_certificate(session, distribution.certificate_id)
+    targets: list[dict[str, Any]] = []
+    parent: Run | None = None
+    if run.parent_run_id is not None:
+        parent = queries.get_run(session, run.parent_run_id)
+        rows = session.execute(
+            select(TargetResult, Target.name)
+            .join(Target, Target.id == TargetResult.target_id)
+            .where(TargetResult.run_id == parent.id)
+            .order_by(TargetResult.batch_index, Target.name)
+        ).all()
+        targets = [
+            {
+                "target": name,
+                "namespace": result.namespace,
+                "secret_name": result.secret_name,
+                "status": result.status.value,
+                "resource_version": result.resource_version,
+            }
+            for result, name in rows
+        ]
+    return {
+        "event": "certificate.distributed",
+        "run_id": run.id,
+        "trigger_run_id": parent.id if parent is not None else None,
+        "trigger_state": parent.state.value if parent is not None else None,
+        "certificate": {
+            "id": certificate.id,
+            "common_name": certificate.common_name,
+            "sans": list(certificate.sans),
+            "serial": certificate.serial_hex,
+            "sha256_fingerprint": certificate.sha256_fingerprint,
+            "not_after": certificate.not_after.isoformat(),
+        },
+        "targets": targets,
+    }
+
+
+def deliver_webhook(
+    url: str,
+    payload: Mapping[str, Any],
+    *,
+    secret: bytes | None,
+    timeout: float,
+    attempts: int = 4,
+    max_seconds: float = 30.0,
+) -> int:
+    """POST ``payload`` to ``url``, retrying 5xx and timeouts; returns the HTTP status."""
+    scheme = urlsplit(url).scheme
+    if scheme not in ("http", "https"):
+        raise WebhookError(f"webhook URL {url!r} must start with https:// (or http://)")
+    body = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    http = urllib3.PoolManager(
+        timeout=urllib3.Timeout(connect=timeout, read=timeout), retries=False
+    )
+
+    @retry(
+        retry=retry_if_exception_type(_Transient),
+        stop=stop_after_attempt(attempts) | stop_after_delay(max_seconds),
+        wait=wait_exponential_jitter(initial=0.2, max=5.0),
+        reraise=False,
+    )
+    def post() -> int:
+        timestamp = str(int(time.time()))
+        headers = {"Content-Type": "application/json", TIMESTAMP_HEADER: timestamp}
+        if secret is not None:
+            headers[SIGNATURE_HEADER] = sign(secret, timestamp, body)
+        try:
+            response = http.request("POST", url, body=body, headers=headers)
+        except urllib3.exceptions.HTTPError as exc:
+            raise _Transient(f"webhook {url} unreachable: {type(exc).__name__}") from None
+        if response.status >= 500:
+            raise _Transient(f"webhook {url} answered HTTP {response.status}")
+        if response.status >= 400:
+            raise WebhookError(
+                f"webhook {url} refused the notification with HTTP {response.status}; "
+                "check the receiver's URL and its HMAC secret"
+            )
+        return int(response.status)
+
+    try:
+        return post()
+    except RetryError as exc:
+        last = exc.last_attempt.exception()
+        raise WebhookError(
+            f"{last} (gave up after {exc.last_attempt.attempt_number} attempts)"
+        ) from None
+    finally:
+        http.clear()
