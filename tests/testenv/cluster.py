@@ -108,6 +108,7 @@ class Etcd:
                 "--log-level=warn",
             ],
             logs / "etcd.log",
+            cwd=workdir,
         )
 
     def start(self) -> None:
@@ -204,6 +205,7 @@ class ApiServer:
                 *extra_args,
             ],
             logs / f"kube-apiserver-{name}.log",
+            cwd=workdir,
         )
 
     def start(self) -> None:

@@ -8,6 +8,10 @@ Every server the test environment starts (etcd, kube-apiserver, redis-server, po
 3. the kernel sends it a signal when the thread that started it dies (``PR_SET_PDEATHSIG``),
    which also covers ``kill -9`` of the test runner. Start processes from a long-lived thread
    (the main thread): the death signal fires when the *starting thread* ends.
+
+Each server runs with its working directory inside the environment's temporary folder, so
+``.ci/run`` can find survivors of a run by their ``/proc/PID/cwd`` (servers such as Redis and
+PostgreSQL overwrite their environment block and command line, so those cannot identify them).
 """
 
 from __future__ import annotations

@@ -61,6 +61,7 @@ class RedisServer:
                 "--logfile", "",
             ],
             logs / f"{name}.log",
+            cwd=workdir,
         )
 
     def __repr__(self) -> str:
