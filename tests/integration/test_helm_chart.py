@@ -1,0 +1,583 @@
+"""The Helm chart: lint, render, schema, and what a real API server makes of the manifests.
+
+helm is the real binary (built once from the Go module proxy, see tests/testenv/helm.py);
+the API server is the test environment's kube-apiserver with RBAC and Pod Security admission.
+No part of Kubernetes is mocked: manifests are applied server-side, the chart's Role is bound
+to a ServiceAccount whose TokenRequest token then makes real requests.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import re
+import shlex
+import subprocess
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+from kubernetes.dynamic import DynamicClient
+
+from tests.testenv import SPEC_MINIMUM_RULES, Cluster, request_token
+from tests.testenv.helm import find_helm
+from worker.settings import load_settings
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "helm" / "certautopilot-k8s-worker"
+FULL_VALUES = CHART / "ci" / "full-values.yaml"
+FIELD_MANAGER = "certautopilot-chart-test"
+DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+Manifest = dict[str, Any]
+
+
+# --------------------------------------------------------------------------- helm
+
+@pytest.fixture(scope="module")
+def helm(pytestconfig: pytest.Config) -> Path:
+    """The helm binary; a first run builds it, with its progress shown through the capture."""
+    capture = pytestconfig.pluginmanager.getplugin("capturemanager")
+    uncaptured = (
+        capture.global_and_fixture_disabled() if capture is not None else contextlib.nullcontext()
+    )
+    with uncaptured:
+        return find_helm(os.environ)
+
+
+def run_helm(helm: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run helm with `args` against the chart folder's parent; never raises on exit status."""
+    return subprocess.run(
+        [str(helm), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=REPO,
+        # helm keeps caches and repository files under these; keep the user's out of it.
+        env={**os.environ, "HELM_CACHE_HOME": "/tmp/cap-helm-test/cache",
+             "HELM_CONFIG_HOME": "/tmp/cap-helm-test/config",
+             "HELM_DATA_HOME": "/tmp/cap-helm-test/data"},
+    )
+
+
+def render(
+    helm: Path, *args: str, release: str = "cap", namespace: str = "cap-system"
+) -> list[Manifest]:
+    """Return the manifests `helm template` renders (hooks included), failing on any error."""
+    result = run_helm(helm, "template", release, str(CHART), "--namespace", namespace, *args)
+    assert result.returncode == 0, f"helm template failed:\n{result.stderr}"
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+def of_kind(manifests: list[Manifest], kind: str) -> list[Manifest]:
+    """Return the manifests of one kind."""
+    return [m for m in manifests if m["kind"] == kind]
+
+
+def pod_templates(manifests: list[Manifest]) -> dict[str, dict[str, Any]]:
+    """Return every pod template (Deployments and Jobs) by resource name."""
+    return {
+        m["metadata"]["name"]: m["spec"]["template"]
+        for m in manifests
+        if m["kind"] in ("Deployment", "Job")
+    }
+
+
+def worker_deployment(manifests: list[Manifest]) -> Manifest:
+    """Return the worker Deployment."""
+    (found,) = [
+        m for m in of_kind(manifests, "Deployment")
+        if m["metadata"]["labels"]["app.kubernetes.io/component"] == "worker"
+    ]
+    return found
+
+
+# --------------------------------------------------------------------------- lint and render
+
+@pytest.mark.parametrize("strict", [False, True], ids=["lint", "lint-strict"])
+@pytest.mark.parametrize("values", [None, FULL_VALUES], ids=["default-values", "full-values"])
+def test_helm_lint_is_clean(helm: Path, values: Path | None, strict: bool) -> None:
+    args = ["lint", str(CHART)]
+    args += ["--values", str(values)] if values else []
+    args += ["--strict"] if strict else []
+    result = run_helm(helm, *args)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "0 chart(s) failed" in output
+    assert "[WARNING]" not in output and "[ERROR]" not in output, output
+
+
+def test_default_values_render_the_worker_with_its_minimum_rbac(helm: Path) -> None:
+    manifests = render(helm)
+    assert sorted(m["kind"] for m in manifests) == [
+        "ConfigMap", "Deployment", "PodDisruptionBudget", "Role", "RoleBinding", "Secret",
+        "ServiceAccount",
+    ]
+    (role,) = of_kind(manifests, "Role")
+    # Without rbac.targetNamespaces the worker may distribute into its own namespace only.
+    assert role["metadata"]["namespace"] == "cap-system"
+
+
+def test_full_values_render_every_optional_part(helm: Path) -> None:
+    manifests = render(helm, "--values", str(FULL_VALUES))
+    kinds = sorted(m["kind"] for m in manifests)
+    assert kinds == sorted(
+        ["ConfigMap", "Secret", "ServiceAccount", "Deployment", "Deployment", "Service", "Job",
+         "HorizontalPodAutoscaler", "PodDisruptionBudget", "NetworkPolicy", "NetworkPolicy"]
+        + ["Role", "RoleBinding"] * 3
+    )
+    # With an autoscaler the Deployment leaves the replica count to it.
+    assert "replicas" not in worker_deployment(manifests)["spec"]
+    (job,) = of_kind(manifests, "Job")
+    assert job["metadata"]["annotations"]["helm.sh/hook"] == "post-install,pre-upgrade"
+    assert job["spec"]["template"]["spec"]["containers"][0]["args"] == ["migrate"]
+
+
+@pytest.mark.parametrize("values", [None, FULL_VALUES], ids=["default-values", "full-values"])
+def test_every_rendered_role_holds_exactly_the_spec_rules_bound_to_the_worker(
+    helm: Path, values: Path | None
+) -> None:
+    manifests = render(helm, *(["--values", str(values)] if values else []))
+    service_account = of_kind(manifests, "ServiceAccount")[0]["metadata"]["name"]
+    assert worker_deployment(manifests)["spec"]["template"]["spec"][
+        "serviceAccountName"] == service_account
+    roles = of_kind(manifests, "Role")
+    bindings = {(b["metadata"]["namespace"], b["roleRef"]["name"]): b
+                for b in of_kind(manifests, "RoleBinding")}
+    assert roles
+    for role in roles:
+        assert role["rules"] == SPEC_MINIMUM_RULES
+        binding = bindings[(role["metadata"]["namespace"], role["metadata"]["name"])]
+        assert binding["subjects"] == [
+            {"kind": "ServiceAccount", "name": service_account, "namespace": "cap-system"}
+        ]
+
+
+@pytest.mark.parametrize("values", [None, FULL_VALUES], ids=["default-values", "full-values"])
+def test_every_pod_runs_locked_down_with_writable_emptydirs_only(
+    helm: Path, values: Path | None
+) -> None:
+    manifests = render(helm, *(["--values", str(values)] if values else []))
+    for name, template in pod_templates(manifests).items():
+        spec = template["spec"]
+        assert spec["securityContext"]["runAsNonRoot"] is True, name
+        assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}, name
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        for container in spec.get("initContainers", []) + spec["containers"]:
+            security = container["securityContext"]
+            assert security["readOnlyRootFilesystem"] is True, name
+            assert security["allowPrivilegeEscalation"] is False, name
+            assert security["capabilities"]["drop"] == ["ALL"], name
+            assert "add" not in security["capabilities"], name
+            mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+            assert "emptyDir" in volumes[mounts["/tmp"]], name
+            assert "emptyDir" in volumes[mounts["/var/lib/certautopilot"]], name
+
+
+def test_worker_probes_run_the_cli_and_shutdown_outlasts_the_task_time_limit(helm: Path) -> None:
+    manifests = render(helm)
+    (config,) = of_kind(manifests, "ConfigMap")
+    spec = worker_deployment(manifests)["spec"]["template"]["spec"]
+    (worker,) = spec["containers"]
+    assert worker["args"] == ["worker"]
+    assert worker["livenessProbe"]["exec"]["command"] == ["certautopilot", "probe", "liveness"]
+    assert worker["readinessProbe"]["exec"]["command"] == ["certautopilot", "probe", "readiness"]
+    assert worker["startupProbe"]["exec"]["command"] == ["certautopilot", "probe", "liveness"]
+    assert spec["terminationGracePeriodSeconds"] > int(config["data"]["CAP_TASK_TIME_LIMIT"])
+    # The heartbeat the liveness probe reads must sit on the writable emptyDir.
+    heartbeat = Path(config["data"]["CAP_HEARTBEAT_FILE"])
+    assert heartbeat.parent == Path("/var/lib/certautopilot")
+
+
+@pytest.mark.parametrize("values", [None, FULL_VALUES], ids=["default-values", "full-values"])
+def test_worker_accepts_the_environment_the_chart_gives_it(
+    helm: Path, values: Path | None, tmp_path: Path
+) -> None:
+    manifests = render(helm, *(["--values", str(values)] if values else []))
+    (config,) = of_kind(manifests, "ConfigMap")
+    (secret,) = of_kind(manifests, "Secret")
+    environment = dict(config["data"])
+    environment |= {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
+    (worker,) = worker_deployment(manifests)["spec"]["template"]["spec"]["containers"]
+    environment |= {env["name"]: env["value"] for env in worker["env"] if "value" in env}
+    # The pod's emptyDir path does not exist on this machine; the loader may create the folder.
+    environment["CAP_DATA_DIR"] = str(tmp_path)
+    settings = load_settings(environment)
+    assert settings.ignored_variables == ()
+    assert settings.tasks.time_limit < worker_deployment(manifests)["spec"]["template"]["spec"][
+        "terminationGracePeriodSeconds"]
+
+
+def test_existing_secret_replaces_the_chart_managed_one(helm: Path) -> None:
+    manifests = render(
+        helm, "--set", "secret.existingSecret=my-connections", "--set", "flower.enabled=true",
+        "--set", "worker.replicaCount=3",
+    )
+    assert of_kind(manifests, "Secret") == []
+    referenced = {
+        env["valueFrom"]["secretKeyRef"]["name"]
+        for template in pod_templates(manifests).values()
+        for container in template["spec"]["containers"]
+        for env in container["env"]
+        if "valueFrom" in env
+    }
+    assert referenced == {"my-connections"}
+
+
+def test_generated_secrets_are_random_and_well_formed(helm: Path) -> None:
+    def secret_data() -> dict[str, str]:
+        (secret,) = of_kind(render(helm, "--set", "flower.enabled=true"), "Secret")
+        return {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
+
+    first, second = secret_data(), secret_data()
+    key_id, _, key = first["CAP_KEK"].partition(":")
+    assert key_id == "k1" and len(base64.b64decode(key, validate=True)) == 32
+    user, _, password = first["FLOWER_BASIC_AUTH"].partition(":")
+    assert user == "admin" and len(password) >= 32
+    assert first["CAP_KEK"] != second["CAP_KEK"]
+    assert first["FLOWER_BASIC_AUTH"] != second["FLOWER_BASIC_AUTH"]
+
+
+def test_names_stay_within_63_characters_for_the_longest_release_name(helm: Path) -> None:
+    release = "r" * 53  # helm's own limit for release names
+    manifests = render(helm, "--values", str(FULL_VALUES), release=release)
+    for manifest in manifests:
+        name = manifest["metadata"]["name"]
+        assert len(name) <= 63 and DNS_LABEL.match(name), name
+        for value in manifest["metadata"]["labels"].values():
+            assert len(value) <= 63, (name, value)
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        "bogus=1",
+        "worker.bogus=1",
+        "image.bogus=x",
+        "secret.bogus=x",
+        "config.bogus=1",
+        "flower.service.bogus=1",
+        "podSecurityContext.bogus=1",
+        "containerSecurityContext.capabilities.bogus=1",
+        "networkPolicy.egress[0].bogus=1",
+        "worker.resources.requests.bogus=1",
+    ],
+)
+def test_unknown_values_key_is_rejected_by_the_schema(helm: Path, setting: str) -> None:
+    result = run_helm(helm, "template", "cap", str(CHART), "--set", setting)
+    assert result.returncode != 0
+    assert "additional properties 'bogus' not allowed" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (["worker.terminationGracePeriodSeconds=300"],
+         "worker.terminationGracePeriodSeconds (300) must exceed config.taskTimeLimit (300)"),
+        (["config.brokerVisibilityTimeout=200"],
+         "config.brokerVisibilityTimeout (200) must exceed config.taskTimeLimit (300)"),
+        (["worker.replicaCount=2"], "several worker pods need a shared database and broker"),
+        (["autoscaling.enabled=true"], "several worker pods need a shared database and broker"),
+        (["secret.existingSecret=s", "autoscaling.enabled=true", "autoscaling.minReplicas=5",
+          "autoscaling.maxReplicas=2"], "autoscaling.minReplicas (5) exceeds"),
+        (["secret.kek=not a key"], "/secret/kek"),
+        (["rbac.targetNamespaces={Bad_Namespace}"], "/rbac/targetNamespaces/0"),
+    ],
+)
+def test_values_that_cannot_work_fail_with_the_fix_in_the_message(
+    helm: Path, settings: list[str], message: str
+) -> None:
+    args = [arg for setting in settings for arg in ("--set", setting)]
+    result = run_helm(helm, "template", "cap", str(CHART), *args)
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr
+
+
+def _values_keys_without_example(lines: list[str]) -> list[str]:
+    """Return the values.yaml keys whose comment lacks an example (sections excepted)."""
+    missing: list[str] = []
+    parents: list[tuple[int, str]] = []
+    comment: list[str] = []
+    skip_deeper_than: int | None = None
+    for line in lines:
+        stripped = line.strip()
+        indent = len(line) - len(line.lstrip())
+        if stripped.startswith("#"):
+            comment.append(stripped)
+            continue
+        key = re.match(r"^([A-Za-z][\w.-]*):(.*)$", stripped)
+        if not stripped or not key or stripped.startswith("-"):
+            comment = [] if not stripped else comment
+            continue
+        if skip_deeper_than is not None and indent > skip_deeper_than:
+            comment = []
+            continue  # inside a value documented as a whole (e.g. resources)
+        skip_deeper_than = None
+        while parents and parents[-1][0] >= indent:
+            parents.pop()
+        path = ".".join([p for _, p in parents] + [key.group(1)])
+        has_example = any("Example:" in c for c in comment)
+        inline_value = key.group(2).strip()
+        if has_example:
+            skip_deeper_than = indent
+        elif inline_value:
+            missing.append(path)
+        parents.append((indent, key.group(1)))
+        comment = []
+    return missing
+
+
+def test_every_value_is_documented_with_an_example() -> None:
+    lines = (CHART / "values.yaml").read_text().splitlines()
+    assert _values_keys_without_example(lines) == []
+    # The check itself notices an undocumented key.
+    assert _values_keys_without_example(["a:", "  # -- no example", "  b: 1"]) == ["a.b"]
+
+
+def test_values_and_schema_list_the_same_keys() -> None:
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    schema = json.loads((CHART / "values.schema.json").read_text())
+
+    def compare(node: Any, schema_node: dict[str, Any], path: str) -> None:
+        if "properties" not in schema_node or not isinstance(node, dict):
+            return
+        declared = set(schema_node["properties"]) - {"global"}
+        assert set(node) == declared, path or "(top level)"
+        assert schema_node.get("additionalProperties") is False, path
+        for key, child in node.items():
+            compare(child, schema_node["properties"][key], f"{path}.{key}")
+
+    compare(values, schema, "")
+
+
+def _documented_shell_commands() -> list[list[str]]:
+    """Every command of the ```sh blocks of docs/deployment.md, continuation lines joined."""
+    text = (REPO / "docs" / "deployment.md").read_text()
+    commands = []
+    for block in re.findall(r"```sh\n(.*?)```", text, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(line, comments=True)
+            if words:
+                commands.append(words)
+    return commands
+
+
+def test_helm_commands_in_the_deployment_docs_render(helm: Path) -> None:
+    installs = [c for c in _documented_shell_commands()
+                if c[:2] in (["helm", "install"], ["helm", "upgrade"])]
+    assert len(installs) >= 3
+    for command in installs:
+        settings = [command[i + 1] for i, word in enumerate(command) if word == "--set"]
+        assert settings, command
+        render(helm, *[arg for setting in settings for arg in ("--set", setting)])
+
+
+def test_resource_names_in_the_deployment_docs_exist_for_release_cap(helm: Path) -> None:
+    manifests = render(helm, "--set", "flower.enabled=true", release="cap",
+                       namespace="certautopilot")
+    rendered = {(m["kind"], m["metadata"]["name"]) for m in manifests}
+    kinds = {"secret": "Secret", "deployment": "Deployment", "svc": "Service"}
+    referenced = set()
+    for command in _documented_shell_commands():
+        if command[0] != "kubectl":
+            continue
+        for i, word in enumerate(command):
+            kind, _, name = word.partition("/")
+            if name and kind in kinds:
+                referenced.add((kinds[kind], name))
+            elif word == "secret" and command[i - 1] == "get":
+                referenced.add(("Secret", command[i + 1]))
+    assert len(referenced) >= 3
+    assert referenced - rendered == set()
+
+
+# --------------------------------------------------------------------------- real API server
+
+@pytest.fixture
+def admin(cluster: Cluster, testenv_admin_api: Callable[[Cluster], client.ApiClient]
+          ) -> client.ApiClient:
+    """An admin ApiClient of the first test cluster."""
+    return testenv_admin_api(cluster)
+
+
+@pytest.fixture
+def fresh_namespaces(admin: client.ApiClient) -> Iterator[Callable[..., list[str]]]:
+    """Factory: create uniquely named namespaces (optionally labelled); deleted afterwards."""
+    core = client.CoreV1Api(admin)
+    created: list[str] = []
+
+    def make(*prefixes: str, labels: dict[str, str] | None = None) -> list[str]:
+        names = [f"{prefix}-{uuid.uuid4().hex[:6]}" for prefix in prefixes]
+        for name in names:
+            core.create_namespace(
+                client.V1Namespace(metadata=client.V1ObjectMeta(name=name, labels=labels))
+            )
+            created.append(name)
+        return names
+
+    yield make
+    for name in created:
+        with contextlib.suppress(ApiException):
+            core.delete_namespace(name)
+
+
+def server_side_apply(admin: client.ApiClient, manifests: list[Manifest]) -> None:
+    """Apply every manifest server-side (a real write) and read each one back."""
+    dynamic = DynamicClient(admin)
+    for manifest in manifests:
+        resource = dynamic.resources.get(api_version=manifest["apiVersion"], kind=manifest["kind"])
+        meta = manifest["metadata"]
+        try:
+            resource.server_side_apply(
+                body=manifest, name=meta["name"], namespace=meta.get("namespace"),
+                field_manager=FIELD_MANAGER, force_conflicts=True,
+            )
+        except ApiException as exc:  # the server's reason is the useful part of the failure
+            pytest.fail(f"{manifest['kind']}/{meta['name']} rejected: {exc.status} {exc.body}")
+        stored = resource.get(name=meta["name"], namespace=meta.get("namespace"))
+        assert stored.metadata.name == meta["name"]
+
+
+@pytest.mark.parametrize("values", [None, FULL_VALUES], ids=["default-values", "full-values"])
+def test_rendered_manifests_are_accepted_by_a_real_api_server(
+    helm: Path, admin: client.ApiClient, fresh_namespaces: Callable[..., list[str]],
+    values: Path | None,
+) -> None:
+    release_ns, *targets = fresh_namespaces("cap-system", "ingress", "team-a", "team-b")
+    args = ["--values", str(values)] if values else []
+    args += ["--set", "rbac.targetNamespaces={" + ",".join(targets) + "}"]
+    manifests = render(helm, *args, namespace=release_ns)
+    server_side_apply(admin, manifests)
+    rbac = client.RbacAuthorizationV1Api(admin)
+    for namespace in targets:
+        (role,) = rbac.list_namespaced_role(namespace).items
+        assert [(r.api_groups, r.resources, r.verbs) for r in role.rules] == [
+            (r["apiGroups"], r["resources"], r["verbs"]) for r in SPEC_MINIMUM_RULES
+        ]
+
+
+@pytest.mark.parametrize("values", [None, FULL_VALUES], ids=["default-values", "full-values"])
+def test_every_pod_template_passes_the_restricted_pod_security_standard(
+    helm: Path, admin: client.ApiClient, fresh_namespaces: Callable[..., list[str]],
+    values: Path | None,
+) -> None:
+    (namespace,) = fresh_namespaces(
+        "cap-restricted", labels={"pod-security.kubernetes.io/enforce": "restricted"}
+    )
+    manifests = render(helm, *(["--values", str(values)] if values else []), namespace=namespace)
+    core = client.CoreV1Api(admin)
+    for name, template in pod_templates(manifests).items():
+        pod = {"apiVersion": "v1", "kind": "Pod",
+               "metadata": {"name": f"{name}-check"[:63].rstrip("-"), "namespace": namespace},
+               "spec": template["spec"]}
+        try:
+            # Pod Security admission judges Pods (workloads only get warnings): a dry-run Pod
+            # built from each template is refused if the template breaks the standard.
+            core.create_namespaced_pod(namespace, pod, dry_run="All")
+        except ApiException as exc:
+            pytest.fail(f"pod template of {name} refused: {exc.status} {exc.body}")
+
+
+def _token_client(cluster: Cluster, token: str) -> client.ApiClient:
+    configuration = client.Configuration()
+    configuration.host = cluster.server
+    configuration.ca_cert_data = cluster.ca_pem
+    configuration.api_key = {"authorization": f"Bearer {token}"}
+    return client.ApiClient(configuration)
+
+
+def _tls_secret(name: str) -> client.V1Secret:
+    return client.V1Secret(
+        metadata=client.V1ObjectMeta(name=name),
+        type="kubernetes.io/tls",
+        data={"tls.crt": base64.b64encode(b"cert").decode(),
+              "tls.key": base64.b64encode(b"key").decode()},
+    )
+
+
+def _status(call: Callable[[], object]) -> int:
+    """Return the HTTP status a request gets (200 when it succeeds)."""
+    try:
+        call()
+    except ApiException as exc:
+        return int(exc.status)
+    return 200
+
+
+def test_chart_role_is_exactly_enough_for_a_distribution_and_nothing_more(
+    helm: Path, cluster: Cluster, admin: client.ApiClient,
+    fresh_namespaces: Callable[..., list[str]],
+) -> None:
+    release_ns, target, other = fresh_namespaces("cap-system", "ingress", "untargeted")
+    manifests = render(helm, "--set", f"rbac.targetNamespaces={{{target}}}", namespace=release_ns)
+    server_side_apply(admin, manifests)
+    service_account = of_kind(manifests, "ServiceAccount")[0]["metadata"]["name"]
+    admin_core = client.CoreV1Api(admin)
+    admin_core.create_namespaced_secret(other, _tls_secret("someone-elses"))
+    token = request_token(admin, cluster, release_ns, service_account)
+    core = client.CoreV1Api(_token_client(cluster, token))
+
+    # Everything a distribution does, in the order it does it.
+    assert core.read_namespace(target).metadata.name == target  # target health check
+    core.create_namespaced_secret(target, _tls_secret("app-tls"), dry_run="All")
+    created = core.create_namespaced_secret(target, _tls_secret("app-tls"))
+    live = core.read_namespaced_secret("app-tls", target)
+    live.data["tls.crt"] = base64.b64encode(b"renewed").decode()
+    core.replace_namespaced_secret("app-tls", target, live, dry_run="All")
+    replaced = core.replace_namespaced_secret("app-tls", target, live)  # PUT with resourceVersion
+    assert replaced.metadata.resource_version != created.metadata.resource_version
+    core.patch_namespaced_secret("app-tls", target, {"metadata": {"labels": {"rolled": "back"}}})
+
+    # And nothing more: each of these is refused by RBAC.
+    refused: dict[str, Callable[[], object]] = {
+        "delete a secret": lambda: core.delete_namespaced_secret("app-tls", target),
+        "delete all secrets": lambda: core.delete_collection_namespaced_secret(target),
+        "list secrets": lambda: core.list_namespaced_secret(target),
+        "watch secrets": lambda: core.list_namespaced_secret(target, watch=True,
+                                                             timeout_seconds=1),
+        "read a configmap": lambda: core.read_namespaced_config_map("any", target),
+        "read a secret in another namespace": lambda: core.read_namespaced_secret(
+            "someone-elses", other),
+        "create a secret in another namespace": lambda: core.create_namespaced_secret(
+            other, _tls_secret("app-tls")),
+        "create a secret in the release namespace": lambda: core.create_namespaced_secret(
+            release_ns, _tls_secret("app-tls")),
+        "read another namespace": lambda: core.read_namespace(other),
+        "list namespaces": lambda: core.list_namespace(),
+        "create a namespace": lambda: core.create_namespace(
+            client.V1Namespace(metadata=client.V1ObjectMeta(name=f"x-{uuid.uuid4().hex[:6]}"))),
+        "delete the namespace": lambda: core.delete_namespace(target),
+    }
+    statuses = {what: _status(call) for what, call in refused.items()}
+    assert statuses == dict.fromkeys(refused, 403)
+
+    # The server's own summary of the account's rights in each namespace agrees.
+    authorization = client.AuthorizationV1Api(_token_client(cluster, token))
+
+    def core_rights(namespace: str) -> set[tuple[str, str]]:
+        review = authorization.create_self_subject_rules_review(
+            {"spec": {"namespace": namespace}}
+        )
+        return {
+            (resource, verb)
+            for rule in review.status.resource_rules
+            if "" in (rule.api_groups or [])
+            for resource in rule.resources or []
+            for verb in rule.verbs
+        }
+
+    assert core_rights(target) == {
+        ("secrets", "get"), ("secrets", "create"), ("secrets", "update"), ("secrets", "patch"),
+        ("namespaces", "get"),
+    }
+    assert core_rights(other) == set()
+    assert core_rights(release_ns) == set()
