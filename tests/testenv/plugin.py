@@ -38,9 +38,29 @@ from tests.testenv.access import (
     create_service_account,
     write_in_cluster_env,
 )
+from tests.testenv.binaries import BinariesError, find_binaries
 from tests.testenv.cluster import Cluster
 from tests.testenv.environment import TestEnvironment, cluster_count_from
 from tests.testenv.services import RedisServer
+
+_binaries_failure = pytest.StashKey[BinariesError]()
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Build missing Kubernetes binaries before any test runs, outside per-test timeouts.
+
+    Only when a collected test will start clusters; the build takes ~10 minutes once, longer
+    than pytest-timeout allows a single test. A failure is kept and reported by `clusters`.
+    """
+    if session.config.option.collectonly:
+        return
+    if not any("clusters" in getattr(item, "fixturenames", ()) for item in session.items):
+        return
+    with _uncaptured(session.config):
+        try:
+            find_binaries(os.environ)
+        except BinariesError as exc:
+            session.config.stash[_binaries_failure] = exc
 
 
 @pytest.fixture(scope="session")
@@ -68,6 +88,9 @@ def _uncaptured(config: pytest.Config) -> contextlib.AbstractContextManager[obje
 @pytest.fixture(scope="session")
 def clusters(testenv: TestEnvironment, pytestconfig: pytest.Config) -> list[Cluster]:
     """All test clusters, started on first use (3 unless CAP_TEST_CLUSTERS says otherwise)."""
+    failure = pytestconfig.stash.get(_binaries_failure, None)
+    if failure is not None:
+        raise failure
     with _uncaptured(pytestconfig):
         return testenv.clusters()
 
