@@ -1,0 +1,356 @@
+"""The tables: certificates, credentials, targets, groups, distributions, runs, results, snapshots.
+
+Conventions: UUID4 string primary keys generated client-side; timezone-aware UTC timestamps;
+secrets only as sealed envelopes (worker.crypto) in ``bytes`` columns, never in reprs;
+relationships ``lazy="raise"`` so nothing is loaded behind the caller's back (load what you
+need with ``selectinload``/``joinedload`` or a query function from :mod:`models.queries`).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import (
+    Boolean,
+    CheckConstraint,
+    Enum,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    false,
+)
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+
+from models.base import Base, JsonValue, id_column, utcnow
+from models.enums import (
+    ConnectionMode,
+    CredentialKind,
+    DistributionKind,
+    HealthStatus,
+    ResultStatus,
+    RunAction,
+    RunState,
+    TargetModule,
+)
+from worker.templating import DEFAULT_SECRET_NAME_TEMPLATE
+
+__all__ = [
+    "DEFAULT_SECRET_NAME_TEMPLATE",
+    "Certificate",
+    "Credential",
+    "Distribution",
+    "RollbackSnapshot",
+    "Run",
+    "Target",
+    "TargetGroup",
+    "TargetGroupMember",
+    "TargetResult",
+]
+
+
+# Names users type (targets, groups, credentials) may become Kubernetes-ish identifiers.
+_NAME_LENGTH = 253
+
+
+def _enum(enum_class: type[StrEnum], name: str) -> Enum:
+    # VARCHAR + CHECK instead of a native ENUM type: identical on SQLite and PostgreSQL, and
+    # adding a value is a constraint change rather than an ALTER TYPE.
+    return Enum(
+        enum_class,
+        name=name,
+        native_enum=False,
+        create_constraint=True,
+        length=32,
+        validate_strings=True,
+        values_callable=lambda members: [member.value for member in members],
+    )
+
+
+class _ReprMixin:
+    """Reprs that show identifying fields only, so secrets can never leak through them."""
+
+    _repr_fields: tuple[str, ...] = ("id",)
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{name}={getattr(self, name, None)!r}" for name in self._repr_fields)
+        return f"{type(self).__name__}({shown})"
+
+
+class Certificate(_ReprMixin, Base):
+    """A TLS certificate with its chain; the private key is stored sealed."""
+
+    __tablename__ = "certificates"
+    _repr_fields = ("id", "common_name", "serial_hex", "not_after")
+
+    id: Mapped[str] = id_column()
+    common_name: Mapped[str | None] = mapped_column(String(255))
+    """Subject CN; None for SAN-only certificates."""
+    sans: Mapped[list[Any]] = mapped_column(default=list)
+    serial_hex: Mapped[str] = mapped_column(String(64))
+    issuer: Mapped[str] = mapped_column(Text)
+    not_before: Mapped[datetime]
+    not_after: Mapped[datetime]
+    sha256_fingerprint: Mapped[str] = mapped_column(String(64), index=True)
+    leaf_pem: Mapped[str] = mapped_column(Text)
+    chain_pem: Mapped[str] = mapped_column(Text, default="")
+    ca_pem: Mapped[str | None] = mapped_column(Text)
+    private_key: Mapped[bytes] = mapped_column()
+    """Sealed envelope (purpose "private_key") of the PEM private key."""
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Credential(_ReprMixin, Base):
+    """A module credential: kubeconfig bytes (or a webhook HMAC key), stored sealed."""
+
+    __tablename__ = "credentials"
+    _repr_fields = ("id", "name", "kind")
+
+    id: Mapped[str] = id_column()
+    name: Mapped[str] = mapped_column(String(_NAME_LENGTH), unique=True)
+    kind: Mapped[CredentialKind] = mapped_column(_enum(CredentialKind, "credential_kind"))
+    secret: Mapped[bytes] = mapped_column()
+    """Sealed envelope (purpose "secret"); read it only through reveal_credential()."""
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Target(_ReprMixin, Base):
+    """Where a Kubernetes distribution writes: one cluster and namespace."""
+
+    __tablename__ = "targets"
+    __table_args__ = (
+        CheckConstraint(
+            "(connection_mode = 'kubeconfig' AND credential_id IS NOT NULL)"
+            " OR (connection_mode = 'in_cluster' AND credential_id IS NULL)",
+            name="credential_iff_kubeconfig",
+        ),
+    )
+    _repr_fields = ("id", "name", "connection_mode", "namespace_template")
+
+    id: Mapped[str] = id_column()
+    name: Mapped[str] = mapped_column(String(_NAME_LENGTH), unique=True)
+    module: Mapped[TargetModule] = mapped_column(
+        _enum(TargetModule, "target_module"), default=TargetModule.KUBERNETES
+    )
+    connection_mode: Mapped[ConnectionMode] = mapped_column(
+        _enum(ConnectionMode, "connection_mode")
+    )
+    credential_id: Mapped[str | None] = mapped_column(ForeignKey("credentials.id"), index=True)
+    namespace_template: Mapped[str] = mapped_column(Text)
+    secret_name_template: Mapped[str] = mapped_column(Text, default=DEFAULT_SECRET_NAME_TEMPLATE)
+    include_ca: Mapped[bool] = mapped_column(default=False, server_default=false())
+    allow_insecure: Mapped[bool] = mapped_column(default=False, server_default=false())
+    adopt_unmanaged: Mapped[bool] = mapped_column(default=False, server_default=false())
+    variables: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    health_status: Mapped[HealthStatus] = mapped_column(
+        _enum(HealthStatus, "health_status"), default=HealthStatus.UNKNOWN
+    )
+    health_checked_at: Mapped[datetime | None]
+    health_message: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    credential: Mapped[Credential | None] = relationship(lazy="raise")
+
+
+class TargetGroup(_ReprMixin, Base):
+    """An ordered set of targets that one distribution fans out to."""
+
+    __tablename__ = "target_groups"
+    _repr_fields = ("id", "name", "batch_size", "failure_threshold")
+
+    id: Mapped[str] = id_column()
+    name: Mapped[str] = mapped_column(String(_NAME_LENGTH), unique=True)
+    batch_size: Mapped[Any | None] = mapped_column(JsonValue)
+    """int, "25%" or a progressive list like [1, 5, "20%"]; None = CAP_DEFAULT_BATCH_SIZE."""
+    failure_threshold: Mapped[Any | None] = mapped_column(JsonValue)
+    """int or "10%"; None = CAP_DEFAULT_FAILURE_THRESHOLD."""
+    variables: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    members: Mapped[list[TargetGroupMember]] = relationship(
+        lazy="raise",
+        order_by="TargetGroupMember.position",
+        cascade="all, delete-orphan",
+        passive_deletes=True,
+    )
+
+
+class TargetGroupMember(Base):
+    """Membership of a target in a group, with its position (fan-out order)."""
+
+    __tablename__ = "target_group_members"
+    __table_args__ = (
+        UniqueConstraint("group_id", "position"),
+        CheckConstraint("position >= 0", name="position_not_negative"),
+    )
+
+    group_id: Mapped[str] = mapped_column(
+        ForeignKey("target_groups.id", ondelete="CASCADE"), primary_key=True
+    )
+    target_id: Mapped[str] = mapped_column(
+        ForeignKey("targets.id", ondelete="CASCADE"), primary_key=True, index=True
+    )
+    position: Mapped[int] = mapped_column(Integer)
+
+    target: Mapped[Target] = relationship(lazy="raise")
+
+    def __repr__(self) -> str:
+        return (
+            f"TargetGroupMember(group_id={self.group_id!r}, target_id={self.target_id!r}, "
+            f"position={self.position!r})"
+        )
+
+
+class Distribution(_ReprMixin, Base):
+    """A certificate attached to a target or group (Kubernetes) or to a webhook."""
+
+    __tablename__ = "distributions"
+    __table_args__ = (
+        UniqueConstraint("certificate_id", "position"),
+        # Kubernetes: exactly one of target/group, no webhook fields. Webhook: a URL only.
+        CheckConstraint(
+            "(kind = 'kubernetes'"
+            " AND ((target_id IS NOT NULL AND group_id IS NULL)"
+            " OR (target_id IS NULL AND group_id IS NOT NULL))"
+            " AND webhook_url IS NULL AND webhook_credential_id IS NULL)"
+            " OR (kind = 'webhook' AND target_id IS NULL AND group_id IS NULL"
+            " AND webhook_url IS NOT NULL)",
+            name="destination_matches_kind",
+        ),
+        CheckConstraint("position >= 0", name="position_not_negative"),
+    )
+    _repr_fields = ("id", "certificate_id", "kind", "target_id", "group_id", "position")
+
+    id: Mapped[str] = id_column()
+    certificate_id: Mapped[str] = mapped_column(ForeignKey("certificates.id"))
+    kind: Mapped[DistributionKind] = mapped_column(
+        _enum(DistributionKind, "distribution_kind"), default=DistributionKind.KUBERNETES
+    )
+    target_id: Mapped[str | None] = mapped_column(ForeignKey("targets.id"), index=True)
+    group_id: Mapped[str | None] = mapped_column(ForeignKey("target_groups.id"), index=True)
+    webhook_url: Mapped[str | None] = mapped_column(Text)
+    webhook_credential_id: Mapped[str | None] = mapped_column(ForeignKey("credentials.id"))
+    store_content: Mapped[bool] = mapped_column(default=False, server_default=false())
+    """The spec's "Store content for rollback": capture the previous Secret before writing."""
+    position: Mapped[int] = mapped_column(Integer)
+    """Order among the certificate's distributions (stacked distributions run after)."""
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    certificate: Mapped[Certificate] = relationship(lazy="raise")
+    target: Mapped[Target | None] = relationship(lazy="raise")
+    group: Mapped[TargetGroup | None] = relationship(lazy="raise")
+    webhook_credential: Mapped[Credential | None] = relationship(lazy="raise")
+
+
+class Run(_ReprMixin, Base):
+    """One execution of a distribution: dry-run, execute, rollback or health check."""
+
+    __tablename__ = "runs"
+    __table_args__ = (
+        # The reaper looks for running runs whose heartbeat is old.
+        Index("ix_runs_state_heartbeat_at", "state", "heartbeat_at"),
+    )
+    _repr_fields = ("id", "distribution_id", "action", "state", "current_batch")
+
+    id: Mapped[str] = id_column()
+    distribution_id: Mapped[str] = mapped_column(
+        ForeignKey("distributions.id", ondelete="CASCADE"), index=True
+    )
+    action: Mapped[RunAction] = mapped_column(_enum(RunAction, "run_action"))
+    state: Mapped[RunState] = mapped_column(_enum(RunState, "run_state"), default=RunState.QUEUED)
+    reason: Mapped[str | None] = mapped_column(Text)
+    current_batch: Mapped[int] = mapped_column(Integer, default=0)
+    batch_plan: Mapped[list[Any]] = mapped_column(default=list)
+    """Target ids per batch, e.g. [["t1"], ["t2", "t3"]]."""
+    options: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    """Run options such as {"force": true}."""
+    cascade: Mapped[bool] = mapped_column(default=False, server_default=false())
+    """Start the next stacked distribution of the certificate when this run succeeds."""
+    parent_run_id: Mapped[str | None] = mapped_column(
+        ForeignKey("runs.id", ondelete="SET NULL"), index=True
+    )
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+    heartbeat_at: Mapped[datetime | None]
+    """Last progress; a running run silent for CAP_STALE_AFTER seconds is stalled."""
+
+    distribution: Mapped[Distribution] = relationship(lazy="raise")
+    results: Mapped[list[TargetResult]] = relationship(
+        lazy="raise",
+        back_populates="run",
+        cascade="all, delete-orphan",
+        passive_deletes=True,
+        order_by="(TargetResult.batch_index, TargetResult.target_id)",
+    )
+
+
+class TargetResult(_ReprMixin, Base):
+    """The outcome of one run for one target."""
+
+    __tablename__ = "target_results"
+    __table_args__ = (
+        UniqueConstraint("run_id", "target_id"),
+        Index("ix_target_results_run_id_batch_index", "run_id", "batch_index"),
+        CheckConstraint("attempts >= 0", name="attempts_not_negative"),
+    )
+    _repr_fields = ("id", "run_id", "target_id", "batch_index", "status", "error_reason")
+
+    id: Mapped[str] = id_column()
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    target_id: Mapped[str] = mapped_column(ForeignKey("targets.id"), index=True)
+    batch_index: Mapped[int] = mapped_column(Integer)
+    status: Mapped[ResultStatus] = mapped_column(
+        _enum(ResultStatus, "result_status"), default=ResultStatus.PENDING
+    )
+    diff: Mapped[dict[str, Any] | None] = mapped_column(JsonValue)
+    """Diff summary (SecretDiff.to_dict()); never key material."""
+    error_reason: Mapped[str | None] = mapped_column(String(64))
+    error_message: Mapped[str | None] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+    duration_ms: Mapped[int | None] = mapped_column(Integer)
+    resource_version: Mapped[str | None] = mapped_column(String(64))
+    secret_name: Mapped[str | None] = mapped_column(String(253))
+    namespace: Mapped[str | None] = mapped_column(String(63))
+
+    run: Mapped[Run] = relationship(lazy="raise", back_populates="results")
+    target: Mapped[Target] = relationship(lazy="raise")
+
+
+class RollbackSnapshot(_ReprMixin, Base):
+    """The spec's LastRollbackMeta: the Secret as it was before our first write.
+
+    Written only when the distribution has "Store content" on, at most once per
+    (distribution, target), and never overwritten by our own content.
+    """
+
+    __tablename__ = "rollback_snapshots"
+    __table_args__ = (
+        UniqueConstraint("distribution_id", "target_id"),
+        CheckConstraint(
+            "(existed AND previous IS NOT NULL) OR (NOT existed AND previous IS NULL)",
+            name="previous_iff_existed",
+        ),
+    )
+    _repr_fields = ("id", "distribution_id", "target_id", "existed", "written_fingerprint")
+
+    id: Mapped[str] = id_column()
+    distribution_id: Mapped[str] = mapped_column(ForeignKey("distributions.id", ondelete="CASCADE"))
+    target_id: Mapped[str] = mapped_column(ForeignKey("targets.id"), index=True)
+    existed: Mapped[bool] = mapped_column(Boolean)
+    previous: Mapped[bytes | None] = mapped_column()
+    """Sealed JSON {type, data, labels, annotations, resourceVersion}; None if it did not exist."""
+    taken_at: Mapped[datetime] = mapped_column(default=utcnow)
+    written_fingerprint: Mapped[str | None] = mapped_column(String(64))
+    """SHA-256 fingerprint of the certificate we last wrote (drift detection)."""
+    written_resource_version: Mapped[str | None] = mapped_column(String(64))
+    written_at: Mapped[datetime | None]
+
+    distribution: Mapped[Distribution] = relationship(lazy="raise")
+    target: Mapped[Target] = relationship(lazy="raise")

@@ -1,0 +1,1236 @@
+"""Models, query functions, constraints, rollback availability and key rotation on SQLite.
+
+The database-agnostic tests here are imported again by
+``tests/integration/test_models_postgres.py``, which overrides the ``db_url`` fixture, so the
+same claims are checked on the real PostgreSQL of the test environment.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import threading
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from sqlalchemy import Engine, inspect, select, text, update
+from sqlalchemy.exc import IntegrityError, InvalidRequestError, StatementError
+from sqlalchemy.orm import Session, selectinload, sessionmaker
+
+from models import (
+    DEFAULT_SECRET_NAME_TEMPLATE,
+    Base,
+    Certificate,
+    ConnectionMode,
+    Credential,
+    CredentialKind,
+    Distribution,
+    DistributionKind,
+    HealthStatus,
+    ResultStatus,
+    RollbackSnapshot,
+    Run,
+    RunAction,
+    RunState,
+    Target,
+    TargetGroup,
+    TargetGroupMember,
+    TargetResult,
+    migrate,
+    queries,
+    rollback_availability,
+)
+from models.rollback import (
+    NOT_KUBERNETES,
+    NOTHING_DEPLOYED_YET,
+    PREVIOUSLY_ABSENT,
+    STORE_CONTENT_OFF,
+)
+from tests.certfactory import make_chain
+from worker.bundle import TlsBundle, build_bundle
+from worker.crypto import DecryptionError, Keyring, UnknownKeyError, envelope_key_id
+from worker.db import (
+    DatabaseUrlError,
+    dispose_after_fork,
+    make_engine,
+    make_session_factory,
+    session_scope,
+)
+
+KEK1 = bytes(range(32))
+KEK2 = bytes(range(64, 96))
+KUBECONFIG = b"apiVersion: v1\nkind: Config\nusers: [{name: u, user: {token: t0ken-s3cret}}]\n"
+NOW = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
+TABLES = {
+    "certificates",
+    "credentials",
+    "targets",
+    "target_groups",
+    "target_group_members",
+    "distributions",
+    "runs",
+    "target_results",
+    "rollback_snapshots",
+}
+
+
+# ---------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture
+def db_url(tmp_path: Path) -> str:
+    """A freshly migrated SQLite database file (PostgreSQL tests override this)."""
+    url = f"sqlite:///{tmp_path / 'cap.db'}"
+    migrate.upgrade(url)
+    return url
+
+
+@pytest.fixture
+def engine(db_url: str) -> Iterator[Engine]:
+    engine = make_engine(db_url)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def factory(engine: Engine) -> sessionmaker[Session]:
+    return make_session_factory(engine)
+
+
+@pytest.fixture
+def session(factory: sessionmaker[Session]) -> Iterator[Session]:
+    with factory() as session:
+        yield session
+
+
+@pytest.fixture
+def keyring() -> Keyring:
+    return Keyring({"k1": KEK1})
+
+
+@pytest.fixture(scope="module")
+def bundle() -> TlsBundle:
+    chain = make_chain(cn="app.example.com", sans=["app.example.com", "www.example.com"])
+    return build_bundle(
+        chain.leaf_pem, chain.key_pem, chain.chain_pem, chain.root_pem, now=datetime.now(UTC)
+    )
+
+
+def _credential(session: Session, keyring: Keyring, name: str = "cluster-a") -> Credential:
+    return queries.store_credential(session, keyring, name, "kubeconfig", KUBECONFIG)
+
+
+def _target(session: Session, keyring: Keyring, name: str = "edge-a", **kwargs: Any) -> Target:
+    credential = _credential(session, keyring, f"{name}-kubeconfig")
+    return queries.create_target(
+        session,
+        name=name,
+        connection_mode="kubeconfig",
+        credential_id=credential.id,
+        namespace_template="{{ .tenant }}-edge",
+        **kwargs,
+    )
+
+
+def _distribution(
+    session: Session, keyring: Keyring, bundle: TlsBundle, *, store_content: bool = True
+) -> tuple[Distribution, Target]:
+    certificate = queries.store_certificate(session, keyring, bundle)
+    target = _target(session, keyring)
+    distribution = queries.create_distribution(
+        session, certificate_id=certificate.id, target_id=target.id, store_content=store_content
+    )
+    return distribution, target
+
+
+def _started_run(session: Session, distribution: Distribution, plan: list[list[str]]) -> Run:
+    run = queries.create_run(session, distribution_id=distribution.id, action="execute")
+    return queries.start_run(session, run.id, batch_plan=plan, now=NOW)
+
+
+# -------------------------------------------------------------------------------- migrations
+
+
+def test_upgrade_creates_every_table_and_matches_the_models(engine: Engine, db_url: str) -> None:
+    assert migrate.current(db_url) == migrate.head()
+    assert TABLES <= set(inspect(engine).get_table_names())
+    with engine.connect() as connection:
+        differences = compare_metadata(MigrationContext.configure(connection), Base.metadata)
+    assert differences == []
+
+
+def test_downgrade_to_base_removes_everything_and_upgrade_restores_it(db_url: str) -> None:
+    migrate.downgrade(db_url, "base")
+    assert migrate.current(db_url) is None
+    check = make_engine(db_url)
+    try:
+        assert set(inspect(check).get_table_names()) & TABLES == set()
+        migrate.upgrade(db_url)
+        assert TABLES <= set(inspect(check).get_table_names())
+    finally:
+        check.dispose()
+    assert migrate.current(db_url) == migrate.head()
+
+
+def test_upgrade_twice_is_a_no_op(db_url: str) -> None:
+    migrate.upgrade(db_url)
+    assert migrate.current(db_url) == migrate.head()
+
+
+def test_data_survives_a_second_upgrade(
+    factory: sessionmaker[Session], keyring: Keyring, db_url: str
+) -> None:
+    with session_scope(factory) as session:
+        credential_id = _credential(session, keyring).id
+    migrate.upgrade(db_url)
+    with session_scope(factory) as session:
+        assert queries.reveal_credential(session, keyring, credential_id) == KUBECONFIG
+
+
+# ------------------------------------------------------------------------------ engine / db
+
+
+def test_sqlite_engine_uses_wal_foreign_keys_and_a_busy_timeout(engine: Engine) -> None:
+    with engine.connect() as connection:
+        assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert connection.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+        assert connection.exec_driver_sql("PRAGMA busy_timeout").scalar() == 30_000
+
+
+def test_in_memory_sqlite_is_shared_between_sessions() -> None:
+    memory = make_engine("sqlite://")
+    Base.metadata.create_all(memory)
+    factory = make_session_factory(memory)
+    with session_scope(factory) as session:
+        queries.store_credential(session, Keyring({"k1": KEK1}), "c", "kubeconfig", b"x")
+    with session_scope(factory) as session:
+        assert [c.name for c in queries.list_credentials(session)] == ["c"]
+    memory.dispose()
+
+
+def test_missing_sqlite_folder_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(DatabaseUrlError, match="does not exist"):
+        make_engine(f"sqlite:///{tmp_path}/absent/cap.db")
+
+
+def test_unsupported_backend_is_refused_without_showing_the_password() -> None:
+    with pytest.raises(DatabaseUrlError, match="unsupported backend 'mysql'") as caught:
+        make_engine("mysql://user:pw-123@host/db")
+    assert "pw-123" not in str(caught.value)
+
+
+def test_bare_postgresql_urls_get_the_psycopg_driver() -> None:
+    engine = make_engine("postgresql://user:pw@127.0.0.1:1/db")
+    assert engine.url.drivername == "postgresql+psycopg"
+    engine.dispose()
+
+
+def test_session_scope_commits_on_success_and_rolls_back_on_error(
+    factory: sessionmaker[Session], keyring: Keyring
+) -> None:
+    with session_scope(factory) as session:
+        _credential(session, keyring, "kept")
+    with pytest.raises(RuntimeError), session_scope(factory) as session:
+        _credential(session, keyring, "discarded")
+        raise RuntimeError("boom")
+    with session_scope(factory) as session:
+        assert [c.name for c in queries.list_credentials(session)] == ["kept"]
+
+
+def test_objects_stay_readable_after_the_scope_commits(
+    factory: sessionmaker[Session], keyring: Keyring
+) -> None:
+    with session_scope(factory) as session:
+        credential = _credential(session, keyring)
+    assert credential.name == "cluster-a"
+
+
+def test_child_process_after_fork_uses_its_own_connections(
+    factory: sessionmaker[Session], engine: Engine, keyring: Keyring
+) -> None:
+    with session_scope(factory) as session:
+        _credential(session, keyring, "before-fork")
+    pid = os.fork()
+    if pid == 0:  # child: must not reuse the parent's pooled connection
+        code = 1
+        try:
+            dispose_after_fork(engine)
+            with session_scope(factory) as session:
+                _credential(session, keyring, "from-child")
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    with session_scope(factory) as session:
+        names = [c.name for c in queries.list_credentials(session)]
+    assert names == ["before-fork", "from-child"]
+
+
+# ----------------------------------------------------------------------- timestamps and types
+
+
+def test_timestamps_come_back_timezone_aware_in_utc(
+    factory: sessionmaker[Session], keyring: Keyring
+) -> None:
+    moment = datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC) + timedelta(hours=0)
+    with session_scope(factory) as session:
+        target = _target(session, keyring)
+        queries.record_health(session, target.id, healthy=True, message="ok", checked_at=moment)
+    with session_scope(factory) as session:
+        loaded = queries.get_target(session, target.id)
+        assert loaded.health_checked_at == moment
+        assert loaded.health_checked_at is not None
+        assert loaded.health_checked_at.utcoffset() == timedelta(0)
+        assert loaded.created_at.tzinfo is not None
+
+
+def test_naive_datetimes_are_refused(session: Session, keyring: Keyring) -> None:
+    target = _target(session, keyring)
+    target.health_checked_at = datetime(2025, 1, 1)  # naive on purpose
+    with pytest.raises(StatementError, match="naive datetime"):
+        session.flush()
+
+
+def test_unknown_enum_values_are_refused(session: Session, keyring: Keyring) -> None:
+    with pytest.raises(ValueError):
+        queries.store_credential(session, keyring, "c", "password", b"x")
+    target = _target(session, keyring)
+    target.health_status = "sick"  # type: ignore[assignment]
+    with pytest.raises(StatementError):
+        session.flush()
+
+
+# ------------------------------------------------------------------------------ certificates
+
+
+def test_certificate_round_trips_with_a_sealed_private_key(
+    factory: sessionmaker[Session], keyring: Keyring, bundle: TlsBundle
+) -> None:
+    with session_scope(factory) as session:
+        certificate_id = queries.store_certificate(session, keyring, bundle).id
+    with session_scope(factory) as session:
+        stored = queries.get_certificate(session, certificate_id)
+        assert stored.common_name == "app.example.com"
+        assert stored.sans == ["app.example.com", "www.example.com"]
+        assert stored.serial_hex == bundle.leaf.serial_hex
+        assert stored.issuer == bundle.leaf.issuer
+        assert stored.not_before == bundle.leaf.not_before
+        assert stored.not_after == bundle.leaf.not_after
+        assert stored.sha256_fingerprint == bundle.leaf.sha256_fingerprint
+        assert stored.leaf_pem.encode() == bundle.leaf_pem
+        assert stored.chain_pem.encode() == b"".join(bundle.chain_pems)
+        assert stored.ca_pem is not None and stored.ca_pem.encode() == bundle.ca_pem
+        assert bundle.key_pem not in stored.private_key
+        assert queries.reveal_private_key(session, keyring, certificate_id) == bundle.key_pem
+        assert [c.id for c in queries.list_certificates(session)] == [certificate_id]
+
+
+def test_renewed_certificate_replaces_content_and_keeps_its_id(
+    factory: sessionmaker[Session], keyring: Keyring, bundle: TlsBundle
+) -> None:
+    renewed_chain = make_chain(cn="app.example.com", key_type="rsa2048", intermediates=0)
+    renewed = build_bundle(
+        renewed_chain.leaf_pem,
+        renewed_chain.key_pem,
+        b"",
+        renewed_chain.root_pem,
+        now=datetime.now(UTC),
+    )
+    with session_scope(factory) as session:
+        certificate_id = queries.store_certificate(session, keyring, bundle).id
+    with session_scope(factory) as session:
+        queries.replace_certificate(session, keyring, certificate_id, renewed)
+    with session_scope(factory) as session:
+        stored = queries.get_certificate(session, certificate_id)
+        assert stored.sha256_fingerprint == renewed.leaf.sha256_fingerprint
+        assert stored.chain_pem == ""
+        assert queries.reveal_private_key(session, keyring, certificate_id) == renewed.key_pem
+        assert len(queries.list_certificates(session)) == 1
+
+
+def test_certificate_repr_never_shows_the_key(
+    session: Session, keyring: Keyring, bundle: TlsBundle
+) -> None:
+    certificate = queries.store_certificate(session, keyring, bundle)
+    text_repr = repr(certificate)
+    assert "app.example.com" in text_repr
+    assert "PRIVATE KEY" not in text_repr and "private_key" not in text_repr
+
+
+def test_missing_rows_raise_not_found_with_the_id(session: Session) -> None:
+    with pytest.raises(queries.NotFoundError, match="certificate with id 'nope' not found"):
+        queries.get_certificate(session, "nope")
+    with pytest.raises(queries.NotFoundError, match="target with name 'ghost' not found"):
+        queries.get_target_by_name(session, "ghost")
+
+
+# ------------------------------------------------------------------------------- credentials
+
+
+def test_credential_secret_is_sealed_and_revealed_only_on_request(
+    factory: sessionmaker[Session], keyring: Keyring
+) -> None:
+    with session_scope(factory) as session:
+        credential_id = _credential(session, keyring).id
+    with session_scope(factory) as session:
+        credential = queries.get_credential_by_name(session, "cluster-a")
+        assert credential.id == credential_id
+        assert credential.kind is CredentialKind.KUBECONFIG
+        assert b"t0ken-s3cret" not in credential.secret
+        assert envelope_key_id(credential.secret) == "k1"
+        assert "t0ken" not in repr(credential) and "secret=" not in repr(credential)
+        assert queries.reveal_credential(session, keyring, credential_id) == KUBECONFIG
+
+
+def test_credential_names_are_unique_with_a_clear_error(session: Session, keyring: Keyring) -> None:
+    _credential(session, keyring)
+    with pytest.raises(queries.AlreadyExistsError, match="credential named 'cluster-a' already"):
+        _credential(session, keyring)
+
+
+def test_empty_credential_secret_is_refused(session: Session, keyring: Keyring) -> None:
+    with pytest.raises(queries.InvalidRecordError, match="secret is empty"):
+        queries.store_credential(session, keyring, "c", "kubeconfig", b"")
+
+
+def test_replaced_credential_secret_is_readable(session: Session, keyring: Keyring) -> None:
+    credential = _credential(session, keyring)
+    queries.replace_credential_secret(session, keyring, credential.id, b"new kubeconfig")
+    assert queries.reveal_credential(session, keyring, credential.id) == b"new kubeconfig"
+
+
+def test_secret_copied_into_another_row_does_not_decrypt(
+    session: Session, keyring: Keyring
+) -> None:
+    first = _credential(session, keyring, "first")
+    second = queries.store_credential(session, keyring, "second", "kubeconfig", b"other")
+    session.execute(
+        update(Credential).where(Credential.id == second.id).values(secret=first.secret)
+    )
+    session.expire_all()
+    with pytest.raises(DecryptionError, match=second.id):
+        queries.reveal_credential(session, keyring, second.id)
+
+
+# ----------------------------------------------------------------------------------- targets
+
+
+def test_target_defaults_follow_the_spec(session: Session, keyring: Keyring) -> None:
+    target = _target(session, keyring)
+    session.expire_all()
+    loaded = queries.get_target(session, target.id)
+    assert loaded.secret_name_template == DEFAULT_SECRET_NAME_TEMPLATE
+    assert DEFAULT_SECRET_NAME_TEMPLATE == '{{ .cn | replaceAll "." "-" }}-tls'
+    assert (loaded.include_ca, loaded.allow_insecure, loaded.adopt_unmanaged) == (
+        False,
+        False,
+        False,
+    )
+    assert loaded.health_status is HealthStatus.UNKNOWN
+    assert loaded.module == "kubernetes"
+    assert loaded.variables == {}
+
+
+def test_target_round_trips_every_field(factory: sessionmaker[Session], keyring: Keyring) -> None:
+    with session_scope(factory) as session:
+        target_id = _target(
+            session,
+            keyring,
+            secret_name_template="ingress-nginx-tls",
+            include_ca=True,
+            allow_insecure=True,
+            adopt_unmanaged=True,
+            variables={"tenant": "acme", "nested": {"a": [1, 2]}},
+        ).id
+        queries.record_health(session, target_id, healthy=False, message="namespace missing")
+    with session_scope(factory) as session:
+        target = queries.get_target_by_name(session, "edge-a")
+        assert target.id == target_id
+        assert target.connection_mode is ConnectionMode.KUBECONFIG
+        assert target.namespace_template == "{{ .tenant }}-edge"
+        assert target.secret_name_template == "ingress-nginx-tls"
+        assert (target.include_ca, target.allow_insecure, target.adopt_unmanaged) == (
+            True,
+            True,
+            True,
+        )
+        assert target.variables == {"tenant": "acme", "nested": {"a": [1, 2]}}
+        assert target.health_status is HealthStatus.UNHEALTHY
+        assert target.health_message == "namespace missing"
+        assert [t.name for t in queries.list_targets(session)] == ["edge-a"]
+
+
+def test_in_cluster_target_needs_no_credential(session: Session) -> None:
+    target = queries.create_target(
+        session, name="local", connection_mode="in_cluster", namespace_template="ingress"
+    )
+    assert target.credential_id is None
+
+
+@pytest.mark.parametrize(
+    ("mode", "with_credential", "credential_kind", "expected"),
+    [
+        ("kubeconfig", False, None, "needs a credential holding the kubeconfig"),
+        ("in_cluster", True, "kubeconfig", "takes no credential"),
+        ("kubeconfig", True, "webhook_hmac", "not a kubeconfig"),
+    ],
+)
+def test_target_credential_rules_are_explained(
+    session: Session,
+    keyring: Keyring,
+    mode: str,
+    with_credential: bool,
+    credential_kind: str | None,
+    expected: str,
+) -> None:
+    credential_id = None
+    if with_credential:
+        assert credential_kind is not None
+        credential_id = queries.store_credential(session, keyring, "cred", credential_kind, b"x").id
+    with pytest.raises(queries.InvalidRecordError, match=expected):
+        queries.create_target(
+            session,
+            name="t",
+            connection_mode=mode,
+            credential_id=credential_id,
+            namespace_template="ns",
+        )
+
+
+@pytest.mark.parametrize(("mode", "with_credential"), [("kubeconfig", False), ("in_cluster", True)])
+def test_database_enforces_credential_iff_kubeconfig(
+    factory: sessionmaker[Session], keyring: Keyring, mode: str, with_credential: bool
+) -> None:
+    with session_scope(factory) as session:
+        credential_id = _credential(session, keyring).id
+    with pytest.raises(IntegrityError, match=r"credential_iff_kubeconfig|check constraint"):
+        with session_scope(factory) as session:
+            session.add(
+                Target(
+                    name="raw",
+                    connection_mode=ConnectionMode(mode),
+                    credential_id=credential_id if with_credential else None,
+                    namespace_template="ns",
+                )
+            )
+
+
+def test_relationships_never_lazy_load(factory: sessionmaker[Session], keyring: Keyring) -> None:
+    with session_scope(factory) as session:
+        target_id = _target(session, keyring).id
+    with session_scope(factory) as session:
+        target = queries.get_target(session, target_id)
+        with pytest.raises(InvalidRequestError, match="lazy='raise'"):
+            _ = target.credential
+        eager = session.scalars(
+            select(Target).options(selectinload(Target.credential)).where(Target.id == target_id)
+        ).one()
+        assert eager.credential is not None and eager.credential.name == "edge-a-kubeconfig"
+
+
+def test_credential_in_use_cannot_be_deleted(
+    factory: sessionmaker[Session], keyring: Keyring
+) -> None:
+    with session_scope(factory) as session:
+        credential_id = _target(session, keyring).credential_id
+    with pytest.raises(IntegrityError), session_scope(factory) as session:
+        session.execute(text("DELETE FROM credentials WHERE id = :id"), {"id": credential_id})
+
+
+# ------------------------------------------------------------------------------------ groups
+
+
+def test_group_keeps_its_targets_in_order_and_can_reorder_them(
+    factory: sessionmaker[Session], keyring: Keyring
+) -> None:
+    with session_scope(factory) as session:
+        ids = [_target(session, keyring, f"cluster-{n}").id for n in range(3)]
+        group = queries.create_group(
+            session,
+            name="edge",
+            target_ids=ids,
+            batch_size=[1, "50%"],
+            failure_threshold="10%",
+            variables={"tenant": "acme"},
+        )
+        group_id = group.id
+    with session_scope(factory) as session:
+        assert [t.id for t in queries.group_targets(session, group_id)] == ids
+        # Swapping positions must not trip the unique (group, position) constraint.
+        queries.set_group_members(session, group_id, list(reversed(ids)))
+    with session_scope(factory) as session:
+        group = queries.get_group_by_name(session, "edge")
+        assert group.batch_size == [1, "50%"]
+        assert group.failure_threshold == "10%"
+        assert group.variables == {"tenant": "acme"}
+        assert [t.id for t in queries.group_targets(session, group_id)] == list(reversed(ids))
+        loaded = session.scalars(
+            select(TargetGroup).options(selectinload(TargetGroup.members))
+        ).one()
+        assert [m.position for m in loaded.members] == [0, 1, 2]
+        assert [g.name for g in queries.list_groups(session)] == ["edge"]
+
+
+def test_group_fanout_defaults_to_the_settings(session: Session, keyring: Keyring) -> None:
+    group = queries.create_group(session, name="g", target_ids=[_target(session, keyring).id])
+    assert group.batch_size is None and group.failure_threshold is None
+
+
+@pytest.mark.parametrize(
+    ("batch_size", "threshold"),
+    [(0, None), ("150%", None), ([], None), (None, -1), (None, "101%")],
+)
+def test_group_fanout_values_are_validated(
+    session: Session, keyring: Keyring, batch_size: Any, threshold: Any
+) -> None:
+    target = _target(session, keyring)
+    with pytest.raises(queries.InvalidRecordError, match="group 'g'"):
+        queries.create_group(
+            session,
+            name="g",
+            target_ids=[target.id],
+            batch_size=batch_size,
+            failure_threshold=threshold,
+        )
+
+
+def test_group_members_must_be_distinct_existing_targets(
+    session: Session, keyring: Keyring
+) -> None:
+    target = _target(session, keyring)
+    with pytest.raises(queries.InvalidRecordError, match="more than once"):
+        queries.create_group(session, name="g", target_ids=[target.id, target.id])
+    with pytest.raises(queries.NotFoundError, match="target with id 'missing'"):
+        queries.create_group(session, name="h", target_ids=["missing"])
+
+
+def test_deleting_a_group_removes_its_memberships(
+    factory: sessionmaker[Session], keyring: Keyring
+) -> None:
+    with session_scope(factory) as session:
+        target_id = _target(session, keyring).id
+        group_id = queries.create_group(session, name="g", target_ids=[target_id]).id
+    with session_scope(factory) as session:
+        session.delete(queries.get_group(session, group_id))
+    with session_scope(factory) as session:
+        assert session.scalars(select(TargetGroupMember)).all() == []
+        assert queries.get_target(session, target_id).name == "edge-a"
+
+
+# ----------------------------------------------------------------------------- distributions
+
+
+def test_distributions_stack_in_position_order(
+    session: Session, keyring: Keyring, bundle: TlsBundle
+) -> None:
+    distribution, target = _distribution(session, keyring, bundle)
+    group = queries.create_group(session, name="g", target_ids=[target.id])
+    grouped = queries.create_distribution(
+        session, certificate_id=distribution.certificate_id, group_id=group.id
+    )
+    webhook = queries.create_distribution(
+        session,
+        certificate_id=distribution.certificate_id,
+        kind="webhook",
+        webhook_url="https://hooks.example/rollout",
+    )
+    assert [d.position for d in (distribution, grouped, webhook)] == [0, 1, 2]
+    assert queries.next_distribution(session, distribution) is grouped
+    assert queries.next_distribution(session, grouped) is webhook
+    assert queries.next_distribution(session, webhook) is None
+    assert queries.distribution_target_ids(session, grouped) == [target.id]
+    assert queries.distribution_target_ids(session, distribution) == [target.id]
+    assert queries.distribution_target_ids(session, webhook) == []
+    listed = queries.list_distributions(session, distribution.certificate_id)
+    assert [d.id for d in listed] == [distribution.id, grouped.id, webhook.id]
+    assert webhook.kind is DistributionKind.WEBHOOK
+
+
+def test_position_is_unique_per_certificate(
+    factory: sessionmaker[Session], keyring: Keyring, bundle: TlsBundle
+) -> None:
+    with session_scope(factory) as session:
+        distribution, target = _distribution(session, keyring, bundle)
+        certificate_id = distribution.certificate_id
+    with pytest.raises(IntegrityError), session_scope(factory) as session:
+        queries.create_distribution(
+            session, certificate_id=certificate_id, target_id=target.id, position=0
+        )
+
+
+@pytest.mark.parametrize(
+    ("arguments", "expected"),
+    [
+        ({}, "exactly one target or one group"),
+        ({"target": True, "group": True}, "exactly one target or one group"),
+        ({"target": True, "webhook_url": "https://x"}, "takes no webhook"),
+        ({"kind": "webhook"}, "needs a webhook URL"),
+        ({"kind": "webhook", "webhook_url": "https://x", "target": True}, "needs a webhook URL"),
+    ],
+)
+def test_distribution_destination_rules_are_explained(
+    session: Session,
+    keyring: Keyring,
+    bundle: TlsBundle,
+    arguments: dict[str, Any],
+    expected: str,
+) -> None:
+    distribution, target = _distribution(session, keyring, bundle)
+    group = queries.create_group(session, name="g", target_ids=[target.id])
+    with pytest.raises(queries.InvalidRecordError, match=expected):
+        queries.create_distribution(
+            session,
+            certificate_id=distribution.certificate_id,
+            kind=arguments.get("kind", "kubernetes"),
+            target_id=target.id if arguments.get("target") else None,
+            group_id=group.id if arguments.get("group") else None,
+            webhook_url=arguments.get("webhook_url"),
+        )
+
+
+@pytest.mark.parametrize(
+    ("kind", "target", "group", "webhook_url"),
+    [
+        ("kubernetes", False, False, None),
+        ("kubernetes", True, True, None),
+        ("kubernetes", True, False, "https://x"),
+        ("webhook", False, False, None),
+        ("webhook", True, False, "https://x"),
+    ],
+    ids=["neither", "both", "k8s with url", "webhook without url", "webhook with target"],
+)
+def test_database_enforces_the_destination_xor(
+    factory: sessionmaker[Session],
+    keyring: Keyring,
+    bundle: TlsBundle,
+    kind: str,
+    target: bool,
+    group: bool,
+    webhook_url: str | None,
+) -> None:
+    with session_scope(factory) as session:
+        distribution, existing_target = _distribution(session, keyring, bundle)
+        group_id = queries.create_group(session, name="g", target_ids=[existing_target.id]).id
+        certificate_id, target_id = distribution.certificate_id, existing_target.id
+    with pytest.raises(IntegrityError), session_scope(factory) as session:
+        session.add(
+            Distribution(
+                certificate_id=certificate_id,
+                kind=DistributionKind(kind),
+                target_id=target_id if target else None,
+                group_id=group_id if group else None,
+                webhook_url=webhook_url,
+                position=7,
+            )
+        )
+
+
+# -------------------------------------------------------------------------------------- runs
+
+
+def test_run_lifecycle_records_plan_results_and_timestamps(
+    factory: sessionmaker[Session], keyring: Keyring, bundle: TlsBundle
+) -> None:
+    with session_scope(factory) as session:
+        distribution, first = _distribution(session, keyring, bundle)
+        second = _target(session, keyring, "edge-b")
+        run = queries.create_run(
+            session,
+            distribution_id=distribution.id,
+            action=RunAction.DRY_RUN,
+            options={"force": True},
+            cascade=True,
+        )
+        assert run.state is RunState.QUEUED
+        queries.start_run(session, run.id, batch_plan=[[first.id], [second.id]], now=NOW)
+        run_id, first_id, second_id = run.id, first.id, second.id
+    with session_scope(factory) as session:
+        run = queries.get_run(session, run_id, lock=True)
+        assert run.state is RunState.RUNNING
+        assert run.batch_plan == [[first_id], [second_id]]
+        assert run.options == {"force": True} and run.cascade is True
+        assert run.started_at == NOW and run.heartbeat_at == NOW
+        results = queries.list_target_results(session, run_id)
+        assert [(r.target_id, r.batch_index, r.status) for r in results] == [
+            (first_id, 0, ResultStatus.PENDING),
+            (second_id, 1, ResultStatus.PENDING),
+        ]
+        later = NOW + timedelta(seconds=3)
+        queries.touch_run(session, run_id, now=later, current_batch=1)
+        queries.finish_run(session, run_id, "succeeded", now=later, reason="2 of 2 targets ok")
+    with session_scope(factory) as session:
+        run = queries.get_run(session, run_id)
+        assert (run.state, run.current_batch, run.reason) == (
+            RunState.SUCCEEDED,
+            1,
+            "2 of 2 targets ok",
+        )
+        assert run.finished_at == later
+        assert [r.id for r in queries.list_runs(session, distribution_id=distribution.id)] == [
+            run_id
+        ]
+
+
+@pytest.mark.parametrize(
+    ("steps", "expected"),
+    [
+        (["start", "start"], "is running; it cannot become running"),
+        (["start", "finish", "finish"], "is succeeded; it cannot become succeeded"),
+        (["start", "finish", "start"], "is succeeded; it cannot become running"),
+    ],
+)
+def test_run_transitions_are_guarded(
+    session: Session, keyring: Keyring, bundle: TlsBundle, steps: list[str], expected: str
+) -> None:
+    distribution, _ = _distribution(session, keyring, bundle)
+    run = queries.create_run(session, distribution_id=distribution.id, action="execute")
+
+    def step(name: str) -> None:
+        if name == "start":
+            queries.start_run(session, run.id, batch_plan=[], now=NOW)
+        else:
+            queries.finish_run(session, run.id, "succeeded", now=NOW, reason=None)
+
+    for name in steps[:-1]:
+        step(name)
+    with pytest.raises(queries.RunStateError, match=expected):
+        step(steps[-1])
+
+
+def test_queued_run_cannot_succeed_without_running(
+    session: Session, keyring: Keyring, bundle: TlsBundle
+) -> None:
+    distribution, _ = _distribution(session, keyring, bundle)
+    run = queries.create_run(session, distribution_id=distribution.id, action="execute")
+    with pytest.raises(queries.RunStateError, match="is queued; it cannot become succeeded"):
+        queries.finish_run(session, run.id, RunState.SUCCEEDED, now=NOW, reason=None)
+    queries.finish_run(session, run.id, RunState.FAILED, now=NOW, reason="cannot plan")
+    assert run.state is RunState.FAILED
+    with pytest.raises(queries.RunStateError, match="terminal state"):
+        queries.finish_run(session, run.id, RunState.RUNNING, now=NOW, reason=None)
+
+
+def test_stale_runs_are_running_runs_with_an_old_heartbeat(
+    session: Session, keyring: Keyring, bundle: TlsBundle
+) -> None:
+    distribution, target = _distribution(session, keyring, bundle)
+    stale = _started_run(session, distribution, [[target.id]])
+    fresh = _started_run(session, distribution, [[target.id]])
+    queries.touch_run(session, fresh.id, now=NOW + timedelta(minutes=5))
+    queries.create_run(session, distribution_id=distribution.id, action="execute")  # queued
+    found = queries.stale_runs(session, heartbeat_before=NOW + timedelta(minutes=1))
+    assert [run.id for run in found] == [stale.id]
+
+
+def test_run_parent_link_survives_and_is_cleared_on_parent_delete(
+    factory: sessionmaker[Session], keyring: Keyring, bundle: TlsBundle
+) -> None:
+    with session_scope(factory) as session:
+        distribution, _ = _distribution(session, keyring, bundle)
+        parent = queries.create_run(session, distribution_id=distribution.id, action="execute")
+        child = queries.create_run(
+            session, distribution_id=distribution.id, action="execute", parent_run_id=parent.id
+        )
+        parent_id, child_id = parent.id, child.id
+    with session_scope(factory) as session:
+        assert queries.get_run(session, child_id).parent_run_id == parent_id
+        session.delete(queries.get_run(session, parent_id))
+    with session_scope(factory) as session:
+        assert queries.get_run(session, child_id).parent_run_id is None
+
+
+# ---------------------------------------------------------------------------- target results
+
+
+def test_target_result_records_outcome_and_duration(
+    factory: sessionmaker[Session], keyring: Keyring, bundle: TlsBundle
+) -> None:
+    with session_scope(factory) as session:
+        distribution, target = _distribution(session, keyring, bundle)
+        run_id = _started_run(session, distribution, [[target.id]]).id
+        target_id = target.id
+        queries.record_target_result(
+            session, run_id, target_id, status="running", attempts=1, started_at=NOW
+        )
+        queries.record_target_result(
+            session,
+            run_id,
+            target_id,
+            status=ResultStatus.UPDATED,
+            diff={"action": "update", "entries": [{"key": "tls.crt", "serial": ["01", "02"]}]},
+            finished_at=NOW + timedelta(milliseconds=1234),
+            resource_version="4711",
+            secret_name="app-example-com-tls",
+            namespace="acme-edge",
+        )
+    with session_scope(factory) as session:
+        result = queries.get_target_result(session, run_id, target_id)
+        assert result.status is ResultStatus.UPDATED
+        assert result.attempts == 1
+        assert result.duration_ms == 1234
+        assert result.diff == {
+            "action": "update",
+            "entries": [{"key": "tls.crt", "serial": ["01", "02"]}],
+        }
+        assert (result.resource_version, result.secret_name, result.namespace) == (
+            "4711",
+            "app-example-com-tls",
+            "acme-edge",
+        )
+        assert result.error_reason is None
+        queries.record_target_result(
+            session,
+            run_id,
+            target_id,
+            status="failed",
+            error_reason="forbidden",
+            error_message="forbidden: secrets cannot be updated",
+        )
+        assert result.secret_name == "app-example-com-tls"  # untouched fields keep values
+
+
+def test_one_result_per_run_and_target(
+    factory: sessionmaker[Session], keyring: Keyring, bundle: TlsBundle
+) -> None:
+    with session_scope(factory) as session:
+        distribution, target = _distribution(session, keyring, bundle)
+        run_id, target_id = _started_run(session, distribution, [[target.id]]).id, target.id
+    with pytest.raises(IntegrityError), session_scope(factory) as session:
+        session.add(TargetResult(run_id=run_id, target_id=target_id, batch_index=0))
+
+
+def test_counts_and_skipping_drive_batch_decisions(
+    session: Session, keyring: Keyring, bundle: TlsBundle
+) -> None:
+    distribution, first = _distribution(session, keyring, bundle)
+    others = [_target(session, keyring, f"t{n}") for n in range(3)]
+    plan = [[first.id, others[0].id], [others[1].id], [others[2].id]]
+    run = _started_run(session, distribution, plan)
+    queries.record_target_result(session, run.id, first.id, status="failed")
+    queries.record_target_result(session, run.id, others[0].id, status="created")
+    assert queries.count_results(session, run.id, batch_index=0) == {
+        ResultStatus.FAILED: 1,
+        ResultStatus.CREATED: 1,
+    }
+    skipped = queries.skip_pending_results(
+        session, run.id, from_batch=1, reason="halted: threshold exceeded", now=NOW
+    )
+    assert skipped == 2
+    counts = queries.count_results(session, run.id)
+    assert counts[ResultStatus.SKIPPED] == 2 and counts[ResultStatus.PENDING] == 0
+    skipped_row = queries.get_target_result(session, run.id, others[2].id)
+    assert skipped_row.status is ResultStatus.SKIPPED
+    assert skipped_row.error_message == "halted: threshold exceeded"
+    assert len(queries.list_target_results(session, run.id, batch_index=1)) == 1
+
+
+# ------------------------------------------------------------------------ rollback snapshots
+
+PREVIOUS: dict[str, Any] = {
+    "secret_type": "kubernetes.io/tls",
+    "data": {"tls.crt": base64.b64encode(b"old cert").decode(), "tls.key": "b2xkIGtleQ=="},
+    "labels": {"team": "edge"},
+    "annotations": {"owner": "someone-else"},
+    "resource_version": "812",
+}
+
+
+def test_snapshot_is_saved_once_and_never_overwritten(
+    factory: sessionmaker[Session], keyring: Keyring, bundle: TlsBundle
+) -> None:
+    with session_scope(factory) as session:
+        distribution, target = _distribution(session, keyring, bundle)
+        ids: dict[str, Any] = {"distribution_id": distribution.id, "target_id": target.id}
+        assert queries.save_snapshot_if_absent(session, keyring, existed=True, **ids, **PREVIOUS)
+    with session_scope(factory) as session:
+        ours = dict(PREVIOUS, data={"tls.crt": "b3Vycw==", "tls.key": "b3Vycw=="})
+        assert not queries.save_snapshot_if_absent(session, keyring, existed=True, **ids, **ours)
+    with session_scope(factory) as session:
+        content = queries.reveal_snapshot(session, keyring, **ids)
+        assert content.existed is True
+        assert content.type == "kubernetes.io/tls"
+        assert content.data == PREVIOUS["data"]
+        assert content.labels == {"team": "edge"}
+        assert content.annotations == {"owner": "someone-else"}
+        assert content.resource_version == "812"
+        assert "b2xkIGtleQ==" not in repr(content)
+        row = queries.get_snapshot(session, **ids)
+        assert row is not None and row.previous is not None
+        assert b"b2xkIGtleQ==" not in row.previous
+
+
+def test_snapshot_of_an_absent_secret_stores_no_content(
+    session: Session, keyring: Keyring, bundle: TlsBundle
+) -> None:
+    distribution, target = _distribution(session, keyring, bundle)
+    ids: dict[str, Any] = {"distribution_id": distribution.id, "target_id": target.id}
+    assert queries.save_snapshot_if_absent(session, keyring, existed=False, **ids)
+    row = queries.get_snapshot(session, **ids)
+    assert row is not None and row.previous is None
+    content = queries.reveal_snapshot(session, keyring, **ids)
+    assert (content.existed, content.type, dict(content.data)) == (False, None, {})
+
+
+def test_snapshot_records_what_we_wrote_for_drift_detection(
+    session: Session, keyring: Keyring, bundle: TlsBundle
+) -> None:
+    distribution, target = _distribution(session, keyring, bundle)
+    ids: dict[str, Any] = {"distribution_id": distribution.id, "target_id": target.id}
+    assert not queries.record_snapshot_write(session, **ids, fingerprint="ab", resource_version="1")
+    queries.save_snapshot_if_absent(session, keyring, existed=True, **ids, **PREVIOUS)
+    assert queries.record_snapshot_write(
+        session, **ids, fingerprint="ab" * 32, resource_version="900", written_at=NOW
+    )
+    content = queries.reveal_snapshot(session, keyring, **ids)
+    assert (content.written_fingerprint, content.written_resource_version) == ("ab" * 32, "900")
+    assert content.written_at == NOW
+    assert content.resource_version == "812"  # the previous Secret is untouched
+
+
+def test_reveal_of_a_missing_snapshot_is_not_found(session: Session, keyring: Keyring) -> None:
+    with pytest.raises(queries.NotFoundError, match="rollback snapshot"):
+        queries.reveal_snapshot(session, keyring, "d", "t")
+
+
+@pytest.mark.parametrize(("existed", "previous"), [(True, None), (False, b"CAPE")])
+def test_database_enforces_previous_iff_existed(
+    factory: sessionmaker[Session],
+    keyring: Keyring,
+    bundle: TlsBundle,
+    existed: bool,
+    previous: bytes | None,
+) -> None:
+    with session_scope(factory) as session:
+        distribution, target = _distribution(session, keyring, bundle)
+        ids: dict[str, Any] = {"distribution_id": distribution.id, "target_id": target.id}
+    with pytest.raises(IntegrityError), session_scope(factory) as session:
+        session.add(RollbackSnapshot(existed=existed, previous=previous, **ids))
+
+
+def test_concurrent_snapshot_saves_store_exactly_one(
+    factory: sessionmaker[Session], keyring: Keyring, bundle: TlsBundle
+) -> None:
+    with session_scope(factory) as session:
+        distribution, target = _distribution(session, keyring, bundle)
+        ids: dict[str, Any] = {"distribution_id": distribution.id, "target_id": target.id}
+    first_inserted = threading.Event()
+    outcomes: dict[str, bool] = {}
+    errors: list[BaseException] = []
+
+    def first() -> None:
+        try:
+            with session_scope(factory) as session:
+                outcomes["first"] = queries.save_snapshot_if_absent(
+                    session, keyring, existed=True, **ids, **PREVIOUS
+                )
+                first_inserted.set()
+                time.sleep(0.3)  # hold the transaction open while the second one tries
+        except BaseException as exc:
+            errors.append(exc)
+            first_inserted.set()
+
+    def second() -> None:
+        first_inserted.wait(10)
+        try:
+            with session_scope(factory) as session:
+                outcomes["second"] = queries.save_snapshot_if_absent(
+                    session, keyring, existed=True, **ids, **dict(PREVIOUS, resource_version="9")
+                )
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert errors == []
+    assert outcomes == {"first": True, "second": False}
+    with session_scope(factory) as session:
+        assert queries.reveal_snapshot(session, keyring, **ids).resource_version == "812"
+
+
+snapshot_maps = st.dictionaries(st.text(min_size=1, max_size=20), st.text(max_size=40), max_size=5)
+
+
+@given(data=snapshot_maps, labels=snapshot_maps, annotations=snapshot_maps)
+@settings(
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+def test_snapshot_content_round_trips_any_maps(
+    factory: sessionmaker[Session],
+    keyring: Keyring,
+    bundle: TlsBundle,
+    data: dict[str, str],
+    labels: dict[str, str],
+    annotations: dict[str, str],
+) -> None:
+    with factory() as session:
+        distribution, target = _distribution(session, keyring, bundle)
+        ids: dict[str, Any] = {"distribution_id": distribution.id, "target_id": target.id}
+        queries.save_snapshot_if_absent(
+            session,
+            keyring,
+            existed=True,
+            secret_type="Opaque",
+            data=data,
+            labels=labels,
+            annotations=annotations,
+            **ids,
+        )
+        content = queries.reveal_snapshot(session, keyring, **ids)
+        assert (content.data, content.labels, content.annotations) == (data, labels, annotations)
+        session.rollback()
+
+
+# ------------------------------------------------------------------------ rollback availability
+
+
+@pytest.mark.parametrize(
+    ("store_content", "snapshot", "available", "reason"),
+    [
+        (False, None, False, STORE_CONTENT_OFF),
+        (False, "existed", False, STORE_CONTENT_OFF),
+        (True, None, False, NOTHING_DEPLOYED_YET),
+        (True, "absent", False, PREVIOUSLY_ABSENT),
+        (True, "existed", True, "Restores the Secret as it was before"),
+    ],
+    ids=["toggle off", "toggle off later", "nothing written yet", "did not exist", "available"],
+)
+def test_rollback_availability_explains_the_greyed_out_button(
+    session: Session,
+    keyring: Keyring,
+    bundle: TlsBundle,
+    store_content: bool,
+    snapshot: str | None,
+    available: bool,
+    reason: str,
+) -> None:
+    distribution, target = _distribution(session, keyring, bundle, store_content=store_content)
+    ids: dict[str, Any] = {"distribution_id": distribution.id, "target_id": target.id}
+    if snapshot is not None:
+        queries.save_snapshot_if_absent(
+            session,
+            keyring,
+            existed=snapshot == "existed",
+            **ids,
+            **(PREVIOUS if snapshot == "existed" else {}),
+        )
+    answer = rollback_availability(distribution, queries.get_snapshot(session, **ids))
+    assert answer.available is available
+    assert answer.reason.startswith(reason)
+
+
+def test_store_content_off_tooltip_is_the_documented_text() -> None:
+    assert STORE_CONTENT_OFF == (
+        "Rollback is unavailable: 'Store content' was off for this distribution, so the "
+        "previous Secret was not captured."
+    )
+
+
+def test_webhook_distributions_cannot_roll_back(
+    session: Session, keyring: Keyring, bundle: TlsBundle
+) -> None:
+    certificate = queries.store_certificate(session, keyring, bundle)
+    webhook = queries.create_distribution(
+        session,
+        certificate_id=certificate.id,
+        kind="webhook",
+        webhook_url="https://hooks.example",
+        store_content=True,
+    )
+    assert rollback_availability(webhook, None).reason == NOT_KUBERNETES
+
+
+# ------------------------------------------------------------------------------ key rotation
+
+
+def test_rotation_rewraps_every_envelope_and_old_kek_can_be_dropped(
+    factory: sessionmaker[Session], bundle: TlsBundle
+) -> None:
+    old_ring = Keyring({"k1": KEK1})
+    with session_scope(factory) as session:
+        distribution, target = _distribution(session, old_ring, bundle)
+        ids: dict[str, Any] = {"distribution_id": distribution.id, "target_id": target.id}
+        queries.save_snapshot_if_absent(session, old_ring, existed=True, **ids, **PREVIOUS)
+        certificate_id = distribution.certificate_id
+        credential_id = target.credential_id
+        assert credential_id is not None
+        before = {row.id: row.private_key for row in session.scalars(select(Certificate))}
+        assert queries.envelope_key_usage(session) == {"k1": 3}
+
+    both = Keyring({"k1": KEK1, "k2": KEK2}, current_key_id="k2")
+    with session_scope(factory) as session:
+        assert queries.rotate_keys(session, both, "k2") == 3
+    with session_scope(factory) as session:
+        assert queries.envelope_key_usage(session) == {"k2": 3}
+        assert queries.rotate_keys(session, both, "k2") == 0  # idempotent / resumable
+        after = queries.get_certificate(session, certificate_id).private_key
+        tail = len(bundle.key_pem) + 12 + 16
+        assert after[-tail:] == before[certificate_id][-tail:]  # payload untouched
+
+    only_new = Keyring({"k2": KEK2})
+    with session_scope(factory) as session:
+        assert queries.reveal_private_key(session, only_new, certificate_id) == bundle.key_pem
+        assert queries.reveal_credential(session, only_new, credential_id) == KUBECONFIG
+        assert queries.reveal_snapshot(session, only_new, **ids).data == PREVIOUS["data"]
+        with pytest.raises(UnknownKeyError, match="no KEK 'k2' loaded"):
+            queries.reveal_credential(session, old_ring, credential_id)
+
+
+def test_rows_under_the_old_kek_stay_readable_until_rotated(
+    session: Session, bundle: TlsBundle
+) -> None:
+    old = queries.store_credential(session, Keyring({"k1": KEK1}), "old", "kubeconfig", b"a")
+    both = Keyring({"k1": KEK1, "k2": KEK2}, current_key_id="k2")
+    new = queries.store_credential(session, both, "new", "kubeconfig", b"b")
+    assert envelope_key_id(new.secret) == "k2"
+    assert queries.reveal_credential(session, both, old.id) == b"a"
+    assert queries.reveal_credential(session, both, new.id) == b"b"
+
+
+def test_rotation_to_an_unloaded_kek_is_refused(session: Session, keyring: Keyring) -> None:
+    _credential(session, keyring)
+    with pytest.raises(UnknownKeyError, match="cannot rotate to KEK 'k9'"):
+        queries.rotate_keys(session, keyring, "k9")
+
+
+def test_rotation_stops_at_a_row_it_cannot_authenticate(session: Session) -> None:
+    ring = Keyring({"k1": KEK1, "k2": KEK2})
+    credential = queries.store_credential(session, ring, "c", "kubeconfig", b"x")
+    tampered = bytearray(credential.secret)
+    tampered[20] ^= 1
+    session.execute(
+        update(Credential).where(Credential.id == credential.id).values(secret=bytes(tampered))
+    )
+    with pytest.raises(DecryptionError, match=credential.id):
+        queries.rotate_keys(session, ring, "k2")
+
+
+def test_every_envelope_column_is_covered_by_rotation() -> None:
+    binary_columns = {
+        (table.name, column.name)
+        for table in Base.metadata.sorted_tables
+        for column in table.columns
+        if column.type.python_type is bytes
+    }
+    covered = {(model.__tablename__, column) for model, column in queries.ENVELOPE_COLUMNS}
+    assert binary_columns == covered
+
+
+def test_json_columns_keep_types(session: Session, keyring: Keyring) -> None:
+    variables = {"int": 1, "float": 1.5, "list": [1, "a", None], "bool": True, "text": "ü"}
+    target = _target(session, keyring, variables=variables)
+    session.flush()
+    session.expire_all()
+    assert queries.get_target(session, target.id).variables == json.loads(json.dumps(variables))

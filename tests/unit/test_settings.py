@@ -1,0 +1,368 @@
+"""Settings: defaults, every variable parsed, bad values named clearly, KEKs never echoed."""
+
+from __future__ import annotations
+
+import base64
+import os
+import stat
+import threading
+from pathlib import Path
+
+import pytest
+
+from worker.crypto import Keyring
+from worker.settings import (
+    ENV_VARS,
+    GENERATED_KEK_ID,
+    Settings,
+    SettingsError,
+    load_settings,
+    redact_url,
+)
+
+KEK_A = base64.b64encode(bytes(range(32))).decode()
+KEK_B = base64.b64encode(bytes(range(50, 82))).decode()
+PG_URL = "postgresql+psycopg://worker:hunter2@db.example:5432/cap"
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    """A minimal environment: only HOME and the data folder, both in tmp_path."""
+    return {"HOME": str(tmp_path / "home"), "CAP_DATA_DIR": str(tmp_path / "data")}
+
+
+def test_nothing_set_gives_the_embedded_default(tmp_path: Path) -> None:
+    settings = load_settings({"HOME": str(tmp_path)})
+    data_dir = tmp_path / ".local" / "share" / "certautopilot"
+    assert settings.data_dir == data_dir
+    assert settings.embedded_default
+    assert settings.database.url == f"sqlite:///{data_dir}/certautopilot.db"
+    assert settings.broker.url == f"sqla+sqlite:///{data_dir}/broker.db"
+    assert settings.broker.result_backend == f"db+sqlite:///{data_dir}/results.db"
+    assert settings.broker.visibility_timeout == 3600
+    assert settings.kube.serviceaccount_dir == Path("/var/run/secrets/kubernetes.io/serviceaccount")
+    assert (settings.kube.connect_timeout, settings.kube.read_timeout) == (5, 15)
+    assert (settings.kube.retry_attempts, settings.kube.retry_max_seconds) == (5, 30)
+    assert settings.kube.server_dry_run is True
+    assert settings.fanout.default_batch_size == "100%"
+    assert settings.fanout.default_failure_threshold == 0
+    assert (settings.tasks.soft_time_limit, settings.tasks.time_limit) == (240, 300)
+    assert (settings.tasks.reaper_interval, settings.tasks.stale_after) == (15, 60)
+    assert settings.tasks.worker_concurrency == 4
+    assert settings.tasks.kube_queue == "kubernetes"
+    assert settings.tasks.heartbeat_file == data_dir / "worker-heartbeat"
+    assert settings.tasks.log_level == "INFO"
+    assert settings.crypto.current_key_id == GENERATED_KEK_ID
+
+
+def test_embedded_default_generates_a_private_kek_file_once(env: dict[str, str]) -> None:
+    first = load_settings(env)
+    kek_file = first.data_dir / "kek"
+    assert stat.S_IMODE(kek_file.stat().st_mode) == 0o600
+    second = load_settings(env)
+    assert first.crypto.keys == second.crypto.keys
+    assert len(first.crypto.keys[GENERATED_KEK_ID]) == 32
+    assert "generated file" in first.crypto.source
+
+
+def test_concurrent_first_starts_agree_on_one_generated_kek(env: dict[str, str]) -> None:
+    results: list[Settings] = []
+    threads = [
+        threading.Thread(target=lambda: results.append(load_settings(env))) for _ in range(8)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(results) == len(threads)
+    assert len({bytes(s.crypto.keys[GENERATED_KEK_ID]) for s in results}) == 1
+    assert [p.name for p in Path(env["CAP_DATA_DIR"]).iterdir() if p.name.startswith(".kek")] == []
+
+
+def test_every_variable_is_read(env: dict[str, str], tmp_path: Path) -> None:
+    kek_file = tmp_path / "keks"
+    kek_file.write_text(f"# rotated 2024\nk2:{KEK_B}\n\n")
+    env.update(
+        {
+            "CAP_DATABASE_URL": PG_URL,
+            "CAP_BROKER_URL": "redis://127.0.0.1:6379/0",
+            "CAP_RESULT_BACKEND": "redis://127.0.0.1:6379/1",
+            "CAP_KEK": f"k1:{KEK_A}",
+            "CAP_KEK_FILE": str(kek_file),
+            "CAP_KEK_CURRENT": "k2",
+            "CAP_SERVICEACCOUNT_DIR": str(tmp_path / "sa"),
+            "CAP_KUBE_CONNECT_TIMEOUT": "2.5",
+            "CAP_KUBE_READ_TIMEOUT": "7",
+            "CAP_KUBE_RETRY_ATTEMPTS": "3",
+            "CAP_KUBE_RETRY_MAX_SECONDS": "12",
+            "CAP_SERVER_DRY_RUN": "false",
+            "CAP_DEFAULT_BATCH_SIZE": "1,5,20%",
+            "CAP_DEFAULT_FAILURE_THRESHOLD": "10%",
+            "CAP_TASK_SOFT_TIME_LIMIT": "50",
+            "CAP_TASK_TIME_LIMIT": "60",
+            "CAP_BROKER_VISIBILITY_TIMEOUT": "120",
+            "CAP_REAPER_INTERVAL": "5",
+            "CAP_STALE_AFTER": "30",
+            "CAP_WORKER_CONCURRENCY": "8",
+            "CAP_KUBE_QUEUE": "k8s.deploy",
+            "CAP_HEARTBEAT_FILE": str(tmp_path / "hb"),
+            "CAP_LOG_LEVEL": "debug",
+        }
+    )
+    settings = load_settings(env)
+    assert set(env) - {"HOME"} == set(ENV_VARS)
+    assert not settings.embedded_default
+    assert settings.database.url == PG_URL
+    assert settings.database.backend == "postgresql"
+    assert settings.broker.url == "redis://127.0.0.1:6379/0"
+    assert settings.broker.result_backend == "redis://127.0.0.1:6379/1"
+    assert list(settings.crypto.keys) == ["k1", "k2"]
+    assert settings.crypto.current_key_id == "k2"
+    assert settings.kube.serviceaccount_dir == tmp_path / "sa"
+    assert (settings.kube.connect_timeout, settings.kube.read_timeout) == (2.5, 7)
+    assert (settings.kube.retry_attempts, settings.kube.retry_max_seconds) == (3, 12)
+    assert settings.kube.server_dry_run is False
+    assert settings.fanout.default_batch_size == (1, 5, "20%")
+    assert settings.fanout.default_failure_threshold == "10%"
+    assert (settings.tasks.soft_time_limit, settings.tasks.time_limit) == (50, 60)
+    assert settings.broker.visibility_timeout == 120
+    assert (settings.tasks.reaper_interval, settings.tasks.stale_after) == (5, 30)
+    assert settings.tasks.worker_concurrency == 8
+    assert settings.tasks.kube_queue == "k8s.deploy"
+    assert settings.tasks.heartbeat_file == tmp_path / "hb"
+    assert settings.tasks.log_level == "DEBUG"
+    assert Keyring.from_settings(settings).key_ids == ("k1", "k2")
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("5", 5),
+        ("25%", "25%"),
+        ("100%", "100%"),
+        ("1, 5, 20%", (1, 5, "20%")),
+        ('[1, 5, "20%"]', (1, 5, "20%")),
+        ("[3]", 3),
+    ],
+)
+def test_batch_size_forms(env: dict[str, str], raw: str, expected: object) -> None:
+    env["CAP_DEFAULT_BATCH_SIZE"] = raw
+    assert load_settings(env).fanout.default_batch_size == expected
+
+
+@pytest.mark.parametrize(("raw", "expected"), [("0", 0), ("3", 3), ("0%", "0%"), ("10%", "10%")])
+def test_failure_threshold_forms(env: dict[str, str], raw: str, expected: object) -> None:
+    env["CAP_DEFAULT_FAILURE_THRESHOLD"] = raw
+    assert load_settings(env).fanout.default_failure_threshold == expected
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "expected"),
+    [
+        ("CAP_KUBE_CONNECT_TIMEOUT", "soon", "a number of seconds > 0"),
+        ("CAP_KUBE_READ_TIMEOUT", "0", "a number of seconds > 0"),
+        ("CAP_KUBE_READ_TIMEOUT", "-3", "a number of seconds > 0"),
+        ("CAP_KUBE_READ_TIMEOUT", "inf", "a number of seconds > 0"),
+        ("CAP_KUBE_RETRY_ATTEMPTS", "0", "a whole number >= 1"),
+        ("CAP_KUBE_RETRY_ATTEMPTS", "2.5", "a whole number >= 1"),
+        ("CAP_KUBE_RETRY_MAX_SECONDS", "x", "a number of seconds > 0"),
+        ("CAP_SERVER_DRY_RUN", "maybe", "true or false"),
+        ("CAP_DEFAULT_BATCH_SIZE", "0", "a count >= 1"),
+        ("CAP_DEFAULT_BATCH_SIZE", "0%", "a count >= 1"),
+        ("CAP_DEFAULT_BATCH_SIZE", "150%", "a count >= 1"),
+        ("CAP_DEFAULT_BATCH_SIZE", "1,,2", "a count >= 1"),
+        ("CAP_DEFAULT_BATCH_SIZE", "[1, 2.5]", "a count >= 1"),
+        ("CAP_DEFAULT_BATCH_SIZE", "[1,", "a count >= 1"),
+        ("CAP_DEFAULT_FAILURE_THRESHOLD", "-1", "a count >= 0"),
+        ("CAP_DEFAULT_FAILURE_THRESHOLD", "101%", "a count >= 0"),
+        ("CAP_DEFAULT_FAILURE_THRESHOLD", "few", "a count >= 0"),
+        ("CAP_DEFAULT_FAILURE_THRESHOLD", "12.5%", "a count >= 0"),
+        ("CAP_DEFAULT_BATCH_SIZE", "[true]", "a count >= 1"),
+        ("CAP_TASK_SOFT_TIME_LIMIT", "0", "a number of seconds > 0"),
+        ("CAP_TASK_SOFT_TIME_LIMIT", "300", "must be lower than CAP_TASK_TIME_LIMIT=300"),
+        ("CAP_TASK_TIME_LIMIT", "3600", "CAP_BROKER_VISIBILITY_TIMEOUT=3600 must exceed"),
+        ("CAP_BROKER_VISIBILITY_TIMEOUT", "300", "must exceed CAP_TASK_TIME_LIMIT=300"),
+        ("CAP_REAPER_INTERVAL", "never", "a number of seconds > 0"),
+        ("CAP_STALE_AFTER", "0", "a number of seconds > 0"),
+        ("CAP_WORKER_CONCURRENCY", "many", "a whole number >= 1"),
+        ("CAP_KUBE_QUEUE", "bad queue", "a queue name"),
+        ("CAP_LOG_LEVEL", "LOUD", "one of DEBUG, INFO, WARNING, ERROR, CRITICAL"),
+        ("CAP_DATABASE_URL", "mysql://u@h/db", "unsupported database 'mysql'"),
+        ("CAP_DATABASE_URL", "not a url", "expected a SQLAlchemy URL"),
+        ("CAP_BROKER_URL", "redis:/localhost", "a URL like redis://"),
+        ("CAP_BROKER_URL", "carrier-pigeon://coop", "a URL like redis://"),
+        ("CAP_RESULT_BACKEND", "nowhere", "a URL like redis://"),
+    ],
+)
+def test_bad_values_name_the_variable_value_and_expected_form(
+    env: dict[str, str], variable: str, value: str, expected: str
+) -> None:
+    env[variable] = value
+    if variable == "CAP_DATABASE_URL":
+        env["CAP_KEK"] = f"k1:{KEK_A}"
+    with pytest.raises(SettingsError) as caught:
+        load_settings(env)
+    message = str(caught.value)
+    assert variable in message
+    assert expected in message
+    if "must" not in expected:  # cross-field errors show the numbers instead of the raw text
+        assert repr(value) in message
+
+
+def test_non_default_database_without_a_kek_is_refused(env: dict[str, str]) -> None:
+    env["CAP_DATABASE_URL"] = PG_URL
+    with pytest.raises(SettingsError, match="no KEK configured") as caught:
+        load_settings(env)
+    assert "CAP_KEK" in str(caught.value) and "CAP_KEK_FILE" in str(caught.value)
+    assert not (Path(env["CAP_DATA_DIR"]) / "kek").exists()
+
+
+def test_sqlite_database_elsewhere_counts_as_non_default(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    env["CAP_DATABASE_URL"] = f"sqlite:///{tmp_path}/other.db"
+    with pytest.raises(SettingsError, match="no KEK configured"):
+        load_settings(env)
+    env["CAP_KEK"] = f"k1:{KEK_A}"
+    settings = load_settings(env)
+    assert not settings.embedded_default
+    assert settings.database.backend == "sqlite"
+
+
+@pytest.mark.parametrize(
+    "raw", ["postgresql://u:p@h/db", "postgres://u:p@h/db", "postgresql+psycopg://u:p@h/db"]
+)
+def test_postgres_urls_use_psycopg3(env: dict[str, str], raw: str) -> None:
+    env.update({"CAP_DATABASE_URL": raw, "CAP_KEK": f"k1:{KEK_A}"})
+    assert load_settings(env).database.url == "postgresql+psycopg://u:p@h/db"
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (KEK_A, "an entry has no key id"),
+        ("k1:not base64!!", "not valid base64"),
+        (f"k1:{base64.b64encode(bytes(16)).decode()}", "decodes to 16 bytes"),
+        (f"bad id:{KEK_A}", "key id 'bad id' is invalid"),
+        (f"k1:{KEK_A},k1:{KEK_B}", "defined twice with different keys"),
+        (",", "holds no KEK"),
+    ],
+    ids=["bare key", "not base64", "short key", "bad id", "duplicate id", "empty list"],
+)
+def test_bad_kek_values_are_explained_without_echoing_key_material(
+    env: dict[str, str], value: str, expected: str
+) -> None:
+    env["CAP_KEK"] = value
+    with pytest.raises(SettingsError, match=expected) as caught:
+        load_settings(env)
+    message = str(caught.value)
+    assert "CAP_KEK" in message
+    assert KEK_A not in message and KEK_B not in message
+    assert "not base64!!" not in message
+    assert caught.value.__cause__ is None  # no chained exception carrying the raw value
+
+
+def test_kek_file_errors_name_the_file_and_line(env: dict[str, str], tmp_path: Path) -> None:
+    kek_file = tmp_path / "keks"
+    kek_file.write_text(f"k1:{KEK_A}\nk2:short\n")
+    env["CAP_KEK_FILE"] = str(kek_file)
+    with pytest.raises(SettingsError, match=f"CAP_KEK_FILE {kek_file} line 2") as caught:
+        load_settings(env)
+    assert KEK_A not in str(caught.value)
+
+
+@pytest.mark.parametrize("content", ["", "# only a comment\n\n"])
+def test_empty_kek_file_is_refused(env: dict[str, str], tmp_path: Path, content: str) -> None:
+    kek_file = tmp_path / "keks"
+    kek_file.write_text(content)
+    env["CAP_KEK_FILE"] = str(kek_file)
+    with pytest.raises(SettingsError, match="holds no KEK"):
+        load_settings(env)
+
+
+def test_missing_kek_file_is_refused(env: dict[str, str], tmp_path: Path) -> None:
+    env["CAP_KEK_FILE"] = str(tmp_path / "absent")
+    with pytest.raises(SettingsError, match="cannot be read"):
+        load_settings(env)
+
+
+def test_kek_current_must_be_loaded(env: dict[str, str]) -> None:
+    env.update({"CAP_KEK": f"k1:{KEK_A}", "CAP_KEK_CURRENT": "k7"})
+    with pytest.raises(SettingsError, match="CAP_KEK_CURRENT='k7' is not a loaded key id"):
+        load_settings(env)
+
+
+def test_first_listed_kek_is_current_by_default(env: dict[str, str]) -> None:
+    env["CAP_KEK"] = f"old:{KEK_A}, new:{KEK_B}"
+    settings = load_settings(env)
+    assert settings.crypto.current_key_id == "old"
+    assert list(settings.crypto.keys) == ["old", "new"]
+
+
+def test_reprs_hide_keks_and_url_passwords(env: dict[str, str]) -> None:
+    env.update(
+        {
+            "CAP_DATABASE_URL": PG_URL,
+            "CAP_BROKER_URL": "redis://:brokerpass@redis:6379/0",
+            "CAP_RESULT_BACKEND": "db+postgresql+psycopg://worker:hunter2@db/cap",
+            "CAP_KEK": f"k1:{KEK_A}",
+        }
+    )
+    text = repr(load_settings(env))
+    assert "hunter2" not in text and "brokerpass" not in text
+    assert KEK_A not in text and repr(bytes(range(32))) not in text
+    assert "worker:***@db.example:5432" in text
+    assert "'k1'" in text
+
+
+def test_url_passwords_are_masked_in_errors(env: dict[str, str]) -> None:
+    env["CAP_BROKER_URL"] = "nope://user:topsecret@host/0"
+    with pytest.raises(SettingsError) as caught:
+        load_settings(env)
+    assert "topsecret" not in str(caught.value)
+    assert "user:***@host" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("redis://:pw@h:6379/0", "redis://:***@h:6379/0"),
+        ("postgresql+psycopg://u:p%40ss@h/db", "postgresql+psycopg://u:***@h/db"),
+        ("sqlite:////tmp/x.db", "sqlite:////tmp/x.db"),
+        ("redis://h:6379/0", "redis://h:6379/0"),
+    ],
+)
+def test_redact_url(url: str, expected: str) -> None:
+    assert redact_url(url) == expected
+
+
+def test_blank_values_mean_default(env: dict[str, str]) -> None:
+    env.update({"CAP_KUBE_READ_TIMEOUT": "  ", "CAP_LOG_LEVEL": ""})
+    settings = load_settings(env)
+    assert settings.kube.read_timeout == 15
+    assert settings.tasks.log_level == "INFO"
+
+
+def test_tilde_paths_expand_against_the_given_home(tmp_path: Path) -> None:
+    environ = {"HOME": str(tmp_path), "CAP_DATA_DIR": "~/cap", "CAP_HEARTBEAT_FILE": "~/hb"}
+    settings = load_settings(environ)
+    assert settings.data_dir == tmp_path / "cap"
+    assert settings.tasks.heartbeat_file == tmp_path / "hb"
+
+
+def test_unknown_cap_variables_are_reported_not_fatal(env: dict[str, str]) -> None:
+    env["CAP_KUBE_READ_TIMOUT"] = "3"
+    assert load_settings(env).ignored_variables == ("CAP_KUBE_READ_TIMOUT",)
+
+
+def test_load_settings_does_not_touch_os_environ(env: dict[str, str]) -> None:
+    before = dict(os.environ)
+    load_settings(env)
+    assert dict(os.environ) == before
+
+
+def test_unwritable_data_dir_is_a_settings_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(SettingsError, match=r"CAP_DATA_DIR=.* cannot be created"):
+        load_settings({"HOME": str(tmp_path), "CAP_DATA_DIR": str(blocker / "sub")})
