@@ -89,10 +89,10 @@ def configure(celery_app: Celery, settings: Settings) -> None:
     late re-configures that app instead of creating a second one.
     """
     celery_app.conf.update(celery_config(settings))
-    # Pooled broker connections and producers were made for the old URL.
-    if celery_app._pool is not None:
-        celery_app._pool.force_close_all()
-        celery_app._pool = None
+    # The app caches its connection and producer pools; kombu keeps the pools
+    # themselves in a registry keyed by connection, so forgetting the cached ones
+    # makes the next send look up (or create) the pool for the new URL.
+    celery_app._pool = None
     celery_app.amqp._producer_pool = None
 
 

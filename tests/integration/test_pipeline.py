@@ -64,3 +64,234 @@ def test_group_of_30_targets_over_3_clusters_is_written_then_unchanged(
     for name, (cluster, ns, secret_name) in fleet.placement.items():
         secret = read_secret(testenv_admin_api, cluster, ns, secret_name)
         assert secret.metadata.resource_version == versions[name], f"{name} was rewritten"
+
+
+def _dead_kubeconfig(make_service_account: Any, cluster: Any, namespace: str) -> str:
+    """A valid kubeconfig whose server is a closed loopback port (an unreachable cluster)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return make_service_account(cluster, namespace).kubeconfig.replace(
+        cluster.server, f"https://127.0.0.1:{port}"
+    )
+
+
+@pytest.mark.parametrize(
+    ("threshold", "state", "expected"),
+    [
+        ("0", "halted", {"created": 2, "failed": 1, "skipped": 27}),
+        ("50%", "failed", {"created": 20, "failed": 10}),
+    ],
+)
+def test_unreachable_cluster_fails_its_targets_and_the_threshold_decides(
+    pipe: Pipeline,
+    clusters: list[Any],
+    make_service_account: Any,
+    threshold: str,
+    state: str,
+    expected: dict[str, int],
+) -> None:
+    pipe.start_worker(concurrency=4)
+    namespace = _namespace("dead")
+    fake = type("Dead", (), {"name": "dead-cluster"})()
+    fleet = build_fleet(
+        pipe,
+        [clusters[0], clusters[1], fake],
+        make_service_account,
+        targets=30,
+        namespace=namespace,
+        batch_size=[3, "50%"],
+        failure_threshold=threshold,
+        kubeconfigs={
+            "dead-cluster": _dead_kubeconfig(make_service_account, clusters[2], namespace)
+        },
+    )
+
+    report = pipe.wait(pipe.enqueue(fleet.distribution_id, "execute"))
+
+    assert report.state == state, report.reason
+    assert report.counts() == expected
+    failed = [r for r in report.results if r.status == "failed"]
+    assert {r.error_reason for r in failed} == {"unreachable"}
+    assert all(
+        r.target_name.endswith(("2", "5", "8")) or int(r.target_name[-3:]) % 3 == 2 for r in failed
+    )
+    if state == "halted":
+        assert "threshold" in (report.reason or "")
+        skipped = [r for r in report.results if r.status == "skipped"]
+        assert all(r.batch_index >= 1 for r in skipped)
+        assert all("halted after batch 1" in (r.error_message or "") for r in skipped)
+    else:
+        assert (report.reason or "").startswith("partially failed: 10 of 30")
+
+
+def test_dry_run_writes_nothing_to_any_cluster(
+    pipe: Pipeline, clusters: list[Any], make_service_account: Any, testenv_admin_api: Any
+) -> None:
+    pipe.start_worker(concurrency=2)
+    namespace = _namespace("dry")
+    fleet = build_fleet(pipe, clusters[:2], make_service_account, targets=4, namespace=namespace)
+
+    report = pipe.wait(pipe.enqueue(fleet.distribution_id, "dry_run"))
+
+    assert report.state == "succeeded", report.reason
+    assert report.counts() == {"would_create": 4}
+    assert all(r.diff and r.diff.get("action") == "create" for r in report.results)
+    for cluster, ns, secret_name in fleet.placement.values():
+        assert read_secret(testenv_admin_api, cluster, ns, secret_name) is None
+
+
+def test_worker_killed_mid_batch_run_still_finishes_and_snapshots_hold_previous_content(
+    pipe: Pipeline, clusters: list[Any], make_service_account: Any, testenv_admin_api: Any
+) -> None:
+    import time
+
+    from kubernetes import client as k8s
+
+    from models import queries
+    from tests.certfactory import make_chain
+    from worker.bundle import build_bundle
+    from worker.kube.secret import desired_secret
+
+    namespace = _namespace("kill")
+    fleet = build_fleet(
+        pipe,
+        clusters[:3],
+        make_service_account,
+        targets=24,
+        namespace=namespace,
+        batch_size="100%",
+        failure_threshold="0",
+    )
+    # Every Secret exists already with an older certificate that we manage.
+    old = make_chain(cn="shop.example.com", fresh_leaf_key=True)
+    old_bundle = build_bundle(
+        old.leaf_pem,
+        old.key_pem,
+        old.chain_pem,
+        old.root_pem,
+        now=__import__("datetime").datetime.now(__import__("datetime").UTC),
+    )
+    for cluster, ns, secret_name in fleet.placement.values():
+        body = desired_secret(
+            name=secret_name,
+            namespace=ns,
+            tls_crt=old_bundle.tls_crt(),
+            tls_key=old_bundle.tls_key(),
+            ca_crt=None,
+            leaf=old_bundle.leaf,
+            distribution_id=fleet.distribution_id,
+        )
+        k8s.CoreV1Api(testenv_admin_api(cluster)).create_namespaced_secret(ns, body)
+
+    doomed = pipe.start_worker("doomed", concurrency=2)
+    run_id = pipe.enqueue(fleet.distribution_id, "execute")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        from worker import service
+
+        done = sum(
+            1
+            for r in service.run_report(pipe.runtime, run_id).results
+            if r.status not in ("pending", "running")
+        )
+        if done >= 3:
+            break
+        time.sleep(0.05)
+    doomed.kill()
+    pipe.start_worker("survivor", concurrency=4)
+
+    report = pipe.wait(run_id, timeout=180)
+
+    assert report.state == "succeeded", report.reason
+    # A target the killed worker had already written is found equal when redone.
+    assert set(report.counts()) <= {"updated", "unchanged"}, report.counts()
+    assert sum(report.counts().values()) == 24
+    assert "reaper resumed this run" in (report.reason or ""), report.reason
+    with pipe.runtime.session() as session:
+        for name, (cluster, ns, secret_name) in fleet.placement.items():
+            secret = read_secret(testenv_admin_api, cluster, ns, secret_name)
+            assert base64.b64decode(secret.data["tls.key"]) == fleet.chain.key_pem, name
+            target = queries.get_target_by_name(session, name)
+            snapshot = queries.reveal_snapshot(
+                session, pipe.runtime.keyring, fleet.distribution_id, target.id
+            )
+            assert snapshot.existed
+            assert base64.b64decode(snapshot.data["tls.key"]) == old.key_pem, (
+                f"{name}: the rollback snapshot holds our own new content"
+            )
+
+
+def test_webhook_stacked_after_group_fires_once_on_success_and_never_on_halt(
+    pipe: Pipeline, clusters: list[Any], make_service_account: Any, tmp_path: Path
+) -> None:
+    import hashlib
+    import hmac
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from worker import service
+
+    received: list[tuple[dict[str, str], bytes]] = []
+
+    class Receiver(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            received.append((dict(self.headers), body))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/hooks/rollout"
+    try:
+        pipe.start_worker(concurrency=4)
+        secret = b"s" * 32
+        service.add_webhook_secret(pipe.runtime, "rollout-hmac", secret)
+        good = build_fleet(
+            pipe, clusters[:2], make_service_account, targets=4, namespace=_namespace("hook")
+        )
+        service.attach_webhook(pipe.runtime, good.certificate_id, url, secret="rollout-hmac")
+
+        report = pipe.wait(pipe.enqueue(good.distribution_id, "execute"))
+        assert report.state == "succeeded", report.reason
+        stacked = service.stacked_runs(pipe.runtime, report.id)
+        assert len(stacked) == 1
+        assert pipe.wait(stacked[0]).state == "succeeded"
+
+        assert len(received) == 1
+        headers, body = received[0]
+        timestamp = headers["X-CertAutoPilot-Timestamp"]
+        expected = hmac.new(secret, timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
+        assert headers["X-CertAutoPilot-Signature"] == f"sha256={expected}"
+        payload = json.loads(body)
+        assert payload["certificate"]["sha256_fingerprint"]
+        assert sorted(t["secret_name"] for t in payload["targets"]) == sorted(
+            s for _, _, s in good.placement.values()
+        )
+        assert b"PRIVATE KEY" not in body
+
+        namespace = _namespace("hookdead")
+        bad = build_fleet(
+            pipe,
+            [clusters[0], type("Dead", (), {"name": "dead"})()],
+            make_service_account,
+            targets=4,
+            namespace=namespace,
+            batch_size=2,
+            failure_threshold=0,
+            kubeconfigs={"dead": _dead_kubeconfig(make_service_account, clusters[1], namespace)},
+        )
+        service.attach_webhook(pipe.runtime, bad.certificate_id, url, secret="rollout-hmac")
+        halted = pipe.wait(pipe.enqueue(bad.distribution_id, "execute"))
+        assert halted.state == "halted"
+        assert service.stacked_runs(pipe.runtime, halted.id) == []
+        assert len(received) == 1
+    finally:
+        server.shutdown()
