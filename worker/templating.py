@@ -11,10 +11,13 @@ Two dialects are accepted, even mixed in one template:
 
 Templates render in a sandboxed Jinja2 environment with strict undefined variables, a small
 allowlist of filters (``replace``/``replaceAll``, ``lower``, ``upper``, ``trimPrefix``,
-``trimSuffix``, ``trunc``, ``default`` and a few harmless Jinja built-ins), no globals, no loops
-or macros, limits on template and output length, and no string methods that allocate
-arbitrarily (``center``, ``ljust``, ``%`` formatting...): a name template cannot hang or exhaust
-the worker.
+``trimSuffix``, ``trunc``, ``default`` and a few harmless Jinja built-ins), no globals, no
+loops, macros or assignments (``{% if %}`` is fine), limits on template, value and output length
+and on integer sizes, and no string methods or formatting that allocate arbitrarily
+(``center``, ``format``, ``%``...): a name template cannot hang or exhaust the worker.
+
+``default`` follows sprig: an undefined, None or empty value takes the fallback. A variable used
+only through ``default`` is optional at save time.
 
 Results are stripped of surrounding whitespace and validated the way the Kubernetes API server
 validates them: a namespace is an RFC 1123 label (``[a-z0-9]([-a-z0-9]*[a-z0-9])?``, at most 63
@@ -309,7 +312,12 @@ def _as_text(value: object) -> str:
 
 
 def _replace(value: object, old: object, new: object) -> str:
-    return _as_text(value).replace(_as_text(old), _as_text(new))
+    text, old_text, new_text = _as_text(value), _as_text(old), _as_text(new)
+    # Checked before replacing: chained replaces could otherwise grow a value exponentially.
+    grown = len(text) + text.count(old_text) * (len(new_text) - len(old_text))
+    if grown > MAX_RENDERED_LENGTH:
+        raise SecurityError(f"replace would produce {grown} characters")
+    return text.replace(old_text, new_text)
 
 
 def _trim_prefix(value: object, prefix: object) -> str:
@@ -357,7 +365,6 @@ _SAFE_STR_METHODS: Final = frozenset(
         "strip",
         "lstrip",
         "rstrip",
-        "replace",
         "split",
         "rsplit",
         "startswith",
@@ -368,18 +375,24 @@ _SAFE_STR_METHODS: Final = frozenset(
         "isalpha",
     }
 )
-# Jinja nodes that loop or recurse; without them rendering is linear in the template's size.
-_FORBIDDEN_NODES: Final = (
-    nodes.For,
-    nodes.Macro,
-    nodes.CallBlock,
-    nodes.FilterBlock,
-    nodes.Include,
-    nodes.Import,
-    nodes.FromImport,
-    nodes.Extends,
-    nodes.Block,
-)
+# Jinja tags that loop, recurse or re-assign (a value doubled in a chain of `set`s grows
+# exponentially); without them every value is bounded by the template's size, and rendering
+# time is linear in it.
+_FORBIDDEN_TAGS: Final[dict[type[nodes.Node], str]] = {
+    nodes.For: "for",
+    nodes.Macro: "macro",
+    nodes.CallBlock: "call",
+    nodes.FilterBlock: "filter",
+    nodes.Include: "include",
+    nodes.Import: "import",
+    nodes.FromImport: "from",
+    nodes.Extends: "extends",
+    nodes.Block: "block",
+    nodes.Assign: "set",
+    nodes.AssignBlock: "set",
+    nodes.With: "with",
+}
+_MAX_INT_BITS: Final = 4096
 
 
 class _NameSandbox(ImmutableSandboxedEnvironment):
@@ -392,8 +405,13 @@ class _NameSandbox(ImmutableSandboxedEnvironment):
     ) -> Any:
         if operator == "%" and isinstance(left, str):
             raise SecurityError("'%' string formatting is not allowed; use filters")
-        if operator == "**" and (not isinstance(right, int) or abs(right) > 64):
-            raise SecurityError("exponents above 64 are not allowed")
+        if _is_int(left) and _is_int(right):
+            # Python integers are unbounded: cap the size of products and powers.
+            bits = abs(left).bit_length()
+            if operator == "**" and bits > 1 and bits * abs(right) > _MAX_INT_BITS:
+                raise SecurityError("that power is too large")
+            if operator == "*" and bits + abs(right).bit_length() > _MAX_INT_BITS:
+                raise SecurityError("that product is too large")
         if operator == "*":
             for seq, times in ((left, right), (right, left)):
                 if (
@@ -404,10 +422,19 @@ class _NameSandbox(ImmutableSandboxedEnvironment):
                     raise SecurityError(f"repetition longer than {MAX_RENDERED_LENGTH} refused")
         return super().call_binop(context, operator, left, right)
 
+    def wrap_str_format(self, value: Any) -> None:
+        # Jinja would hand out a sandboxed str.format/format_map here, before asking
+        # is_safe_attribute; padding specs ("{:>99999999}") still allocate freely. Refuse them.
+        return None
+
     def is_safe_attribute(self, obj: Any, attr: str, value: Any) -> bool:
         if isinstance(obj, str) and callable(value) and attr not in _SAFE_STR_METHODS:
             return False
         return super().is_safe_attribute(obj, attr, value)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _make_environment() -> _NameSandbox:
@@ -453,12 +480,11 @@ def _compile(template: str) -> _Compiled:
     source = translate_go_template(template)
     try:
         tree = _ENV.parse(source)
-        for node_type in _FORBIDDEN_NODES:
-            found = tree.find(node_type)
-            if found is not None:
+        for node_type, tag in _FORBIDDEN_TAGS.items():
+            if tree.find(node_type) is not None:
                 raise _Problem(
-                    f"'{type(found).__name__.lower()}' blocks (loops, macros, includes) are not "
-                    "allowed in name templates"
+                    f"'{{% {tag} %}}' is not allowed in name templates (no loops, macros, "
+                    "assignments or includes); use expressions and {% if %}"
                 )
         compiled = _ENV.from_string(tree)
     except jinja2.TemplateSyntaxError as exc:
@@ -605,11 +631,13 @@ def _translate_action(content: str) -> str:
     if stripped.startswith("/*") and stripped.endswith("*/"):
         return ""  # a Go comment
     tokens = _tokenize(stripped)
-    is_go = any(t.kind == "field" for t in tokens)
+    # Fields (`.cn`) and raw strings (`...`) exist only in Go: they settle the dialect.
+    is_go = any(t.kind == "field" or t.text.startswith("`") for t in tokens)
     try:
         expression, uses_go_calls = _GoParser(tokens).parse()
     except _Problem:
-        if is_go:
+        # An action opening with one of our function names was meant as Go (`{{ lower }}`).
+        if is_go or (tokens and tokens[0].kind == "ident" and tokens[0].text in _GO_ARITY):
             raise
         return "{{" + content + "}}"  # not Go: let Jinja read it
     if not (is_go or uses_go_calls):
