@@ -891,9 +891,11 @@ def save_snapshot_if_absent(
         insert(RollbackSnapshot)
         .values(**values)
         .on_conflict_do_nothing(index_elements=["distribution_id", "target_id"])
+        # RETURNING tells reliably whether this statement inserted: rowcount of an ORM
+        # insert is not dependable across drivers.
+        .returning(RollbackSnapshot.id)
     )
-    result = session.execute(statement)
-    return bool(result.rowcount)  # type: ignore[attr-defined]
+    return session.execute(statement).scalar_one_or_none() is not None
 
 
 def get_snapshot(session: Session, distribution_id: str, target_id: str) -> RollbackSnapshot | None:

@@ -271,11 +271,17 @@ class Settings:
     ``~/.local/share/certautopilot``)."""
 
     database: DatabaseSettings
+    """Where data lives (``CAP_DATABASE_URL``)."""
     broker: BrokerSettings
+    """Celery transport and results (``CAP_BROKER_URL``, ``CAP_RESULT_BACKEND``, ...)."""
     crypto: CryptoSettings
+    """KEKs for envelope encryption (``CAP_KEK``, ``CAP_KEK_FILE``, ``CAP_KEK_CURRENT``)."""
     kube: KubeSettings
+    """Kubernetes API access (``CAP_KUBE_*``, ``CAP_SERVICEACCOUNT_DIR``, ...)."""
     fanout: FanoutSettings
+    """Group fan-out defaults (``CAP_DEFAULT_BATCH_SIZE``, ``CAP_DEFAULT_FAILURE_THRESHOLD``)."""
     tasks: TaskSettings
+    """Worker and task limits (``CAP_TASK_*``, ``CAP_WORKER_CONCURRENCY``, ...)."""
 
     ignored_variables: tuple[str, ...] = field(default=())
     """``CAP_*`` variables that were set but are not settings (likely typos); for a warning."""

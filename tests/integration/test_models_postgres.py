@@ -1,0 +1,246 @@
+"""Models, migrations and key rotation on the real PostgreSQL of the test environment.
+
+The database-agnostic tests of ``tests/unit/test_models_sqlite.py`` are imported below and
+run again here: this module overrides their ``db_url`` fixture with a freshly migrated
+PostgreSQL database, so every model round-trip, constraint and query is checked on both
+backends. PostgreSQL-only claims (column types, concurrent migrations, the full
+upgrade/downgrade/upgrade cycle with data) follow.
+"""
+
+from __future__ import annotations
+
+import threading
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, inspect, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from models import (
+    Base,
+    Certificate,
+    Credential,
+    Distribution,
+    RollbackSnapshot,
+    Run,
+    Target,
+    TargetGroup,
+    TargetGroupMember,
+    TargetResult,
+    migrate,
+    queries,
+)
+from tests.unit.test_models_sqlite import (  # noqa: F401 - fixtures and shared tests
+    KEK1,
+    KEK2,
+    KUBECONFIG,
+    PREVIOUS,
+    TABLES,
+    bundle,
+    engine,
+    factory,
+    keyring,
+    session,
+    test_certificate_round_trips_with_a_sealed_private_key,
+    test_child_process_after_fork_uses_its_own_connections,
+    test_concurrent_snapshot_saves_store_exactly_one,
+    test_counts_and_skipping_drive_batch_decisions,
+    test_credential_in_use_cannot_be_deleted,
+    test_credential_names_are_unique_with_a_clear_error,
+    test_credential_secret_is_sealed_and_revealed_only_on_request,
+    test_data_survives_a_second_upgrade,
+    test_database_enforces_credential_iff_kubeconfig,
+    test_database_enforces_previous_iff_existed,
+    test_database_enforces_the_destination_xor,
+    test_deleting_a_group_removes_its_memberships,
+    test_distributions_stack_in_position_order,
+    test_downgrade_to_base_removes_everything_and_upgrade_restores_it,
+    test_group_keeps_its_targets_in_order_and_can_reorder_them,
+    test_json_columns_keep_types,
+    test_naive_datetimes_are_refused,
+    test_one_result_per_run_and_target,
+    test_position_is_unique_per_certificate,
+    test_relationships_never_lazy_load,
+    test_renewed_certificate_replaces_content_and_keeps_its_id,
+    test_rollback_availability_explains_the_greyed_out_button,
+    test_rotation_rewraps_every_envelope_and_old_kek_can_be_dropped,
+    test_rotation_stops_at_a_row_it_cannot_authenticate,
+    test_rows_under_the_old_kek_stay_readable_until_rotated,
+    test_run_lifecycle_records_plan_results_and_timestamps,
+    test_run_parent_link_survives_and_is_cleared_on_parent_delete,
+    test_run_transitions_are_guarded,
+    test_secret_copied_into_another_row_does_not_decrypt,
+    test_session_scope_commits_on_success_and_rolls_back_on_error,
+    test_snapshot_is_saved_once_and_never_overwritten,
+    test_snapshot_of_an_absent_secret_stores_no_content,
+    test_snapshot_records_what_we_wrote_for_drift_detection,
+    test_stale_runs_are_running_runs_with_an_old_heartbeat,
+    test_target_result_records_outcome_and_duration,
+    test_target_round_trips_every_field,
+    test_timestamps_come_back_timezone_aware_in_utc,
+    test_unknown_enum_values_are_refused,
+    test_upgrade_creates_every_table_and_matches_the_models,
+    test_upgrade_twice_is_a_no_op,
+)
+from worker.bundle import TlsBundle
+from worker.crypto import Keyring
+from worker.db import make_engine, make_session_factory, session_scope
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def db_url(postgres_url: str) -> str:
+    """A fresh PostgreSQL database, migrated to head (overrides the SQLite fixture)."""
+    migrate.upgrade(postgres_url)
+    return postgres_url
+
+
+def test_the_shared_tests_really_run_on_postgresql(engine: Engine) -> None:  # noqa: F811
+    assert engine.dialect.name == "postgresql"
+    assert engine.url.drivername == "postgresql+psycopg"
+
+
+def test_postgres_columns_use_native_types(engine: Engine) -> None:  # noqa: F811
+    inspector = inspect(engine)
+    columns = {c["name"]: c["type"] for c in inspector.get_columns("targets")}
+    assert type(columns["variables"]).__name__ == "JSONB"
+    assert type(columns["created_at"]).__name__ == "TIMESTAMP"
+    assert columns["created_at"].timezone is True  # type: ignore[attr-defined]
+    secrets = {c["name"]: c["type"] for c in inspector.get_columns("credentials")}
+    assert type(secrets["secret"]).__name__ == "BYTEA"
+    checks = {c["name"] for c in inspector.get_check_constraints("distributions")}
+    assert "ck_distributions_destination_matches_kind" in checks
+
+
+def test_concurrent_migrations_queue_instead_of_racing(postgres_url: str) -> None:
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            migrate.upgrade(postgres_url)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert errors == []
+    assert migrate.current(postgres_url) == migrate.head()
+
+
+def _populate_every_model(
+    sessions: sessionmaker[Session], ring: Keyring, tls: TlsBundle
+) -> dict[str, Any]:
+    now = datetime.now(UTC)
+    with session_scope(sessions) as db:
+        certificate = queries.store_certificate(db, ring, tls)
+        credential = queries.store_credential(db, ring, "cluster-a", "kubeconfig", KUBECONFIG)
+        target = queries.create_target(
+            db,
+            name="cluster-a",
+            connection_mode="kubeconfig",
+            credential_id=credential.id,
+            namespace_template="{{ .tenant }}-edge",
+            variables={"tenant": "acme"},
+        )
+        group = queries.create_group(db, name="edge", target_ids=[target.id], batch_size=[1, "20%"])
+        distribution = queries.create_distribution(
+            db, certificate_id=certificate.id, group_id=group.id, store_content=True
+        )
+        run = queries.create_run(db, distribution_id=distribution.id, action="execute")
+        queries.start_run(db, run.id, batch_plan=[[target.id]], now=now)
+        queries.record_target_result(db, run.id, target.id, status="created", resource_version="17")
+        queries.save_snapshot_if_absent(
+            db,
+            ring,
+            distribution_id=distribution.id,
+            target_id=target.id,
+            existed=True,
+            **PREVIOUS,
+        )
+        return {
+            "certificate": certificate.id,
+            "credential": credential.id,
+            "target": target.id,
+            "group": group.id,
+            "distribution": distribution.id,
+            "run": run.id,
+        }
+
+
+def test_upgrade_round_trip_downgrade_and_upgrade_again(db_url: str, bundle: TlsBundle) -> None:  # noqa: F811
+    ring = Keyring({"k1": KEK1})
+    pg_engine = make_engine(db_url)
+    sessions = make_session_factory(pg_engine)
+    try:
+        ids = _populate_every_model(sessions, ring, bundle)
+        with session_scope(sessions) as db:
+            counts = {
+                model.__tablename__: len(db.scalars(select(model)).all())
+                for model in (
+                    Certificate,
+                    Credential,
+                    Target,
+                    TargetGroup,
+                    TargetGroupMember,
+                    Distribution,
+                    Run,
+                    TargetResult,
+                    RollbackSnapshot,
+                )
+            }
+            assert counts == dict.fromkeys(TABLES, 1)
+            assert queries.reveal_credential(db, ring, ids["credential"]) == KUBECONFIG
+            assert queries.reveal_private_key(db, ring, ids["certificate"]) == (bundle.key_pem)
+            group = queries.get_group(db, ids["group"])
+            assert group.batch_size == [1, "20%"]
+            content = queries.reveal_snapshot(db, ring, ids["distribution"], ids["target"])
+            assert content.data == PREVIOUS["data"]
+        pg_engine.dispose()
+
+        migrate.downgrade(db_url, "base")
+        assert migrate.current(db_url) is None
+        assert set(inspect(pg_engine).get_table_names()) == {"alembic_version"}
+
+        migrate.upgrade(db_url)
+        assert migrate.current(db_url) == migrate.head()
+        with session_scope(sessions) as db:
+            assert queries.list_certificates(db) == []
+        assert set(Base.metadata.tables) <= set(inspect(pg_engine).get_table_names())
+    finally:
+        pg_engine.dispose()
+
+
+def test_kek_rotation_end_to_end(db_url: str, bundle: TlsBundle) -> None:  # noqa: F811
+    """Write under KEK1, rotate to KEK2, read with only KEK2 loaded (fresh pg_engine each step)."""
+    kek1 = Keyring({"kek1": KEK1})
+    pg_engine = make_engine(db_url)
+    try:
+        ids = _populate_every_model(make_session_factory(pg_engine), kek1, bundle)
+    finally:
+        pg_engine.dispose()
+
+    both = Keyring({"kek1": KEK1, "kek2": KEK2}, current_key_id="kek2")
+    pg_engine = make_engine(db_url)
+    try:
+        with session_scope(make_session_factory(pg_engine)) as db:
+            assert queries.envelope_key_usage(db) == {"kek1": 3}
+            assert queries.rotate_keys(db, both) == 3
+    finally:
+        pg_engine.dispose()
+
+    only_kek2 = Keyring({"kek2": KEK2})
+    pg_engine = make_engine(db_url)
+    try:
+        with session_scope(make_session_factory(pg_engine)) as db:
+            assert queries.envelope_key_usage(db) == {"kek2": 3}
+            assert queries.reveal_credential(db, only_kek2, ids["credential"]) == KUBECONFIG
+            assert queries.reveal_private_key(db, only_kek2, ids["certificate"]) == bundle.key_pem
+            snapshot = queries.reveal_snapshot(db, only_kek2, ids["distribution"], ids["target"])
+            assert snapshot.data == PREVIOUS["data"]
+    finally:
+        pg_engine.dispose()
