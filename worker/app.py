@@ -27,12 +27,18 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     # still legitimately run, so the visibility timeout exceeds the hard limit.
     # Celery reads it in two places (broker transport and the Redis result
     # backend's transport); both get the same value.
-    visibility = {"visibility_timeout": settings.broker.visibility_timeout}
+    # (The embedded SQLAlchemy transport has no visibility timeout and hands its
+    # transport options to create_engine, so it gets none; lost deliveries there
+    # are recovered by the reaper.)
+    redis_like = settings.broker.url.startswith(("redis", "rediss", "sentinel"))
+    visibility = {"visibility_timeout": settings.broker.visibility_timeout} if redis_like else {}
     return {
         "broker_url": settings.broker.url,
         "result_backend": settings.broker.result_backend,
         "broker_transport_options": dict(visibility),
-        "result_backend_transport_options": dict(visibility),
+        "result_backend_transport_options": (
+            dict(visibility) if settings.broker.result_backend.startswith("redis") else {}
+        ),
         # Keep retrying the broker at start-up instead of crash-looping the pod.
         "broker_connection_retry_on_startup": True,
         "broker_connection_max_retries": None,

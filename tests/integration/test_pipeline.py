@@ -295,3 +295,110 @@ def test_webhook_stacked_after_group_fires_once_on_success_and_never_on_halt(
         assert len(received) == 1
     finally:
         server.shutdown()
+
+
+def test_flower_lists_the_run_tasks_with_ids_only_and_no_secret_material(
+    pipe: Pipeline, clusters: list[Any], make_service_account: Any, tmp_path: Path
+) -> None:
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import urllib3
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log = (tmp_path / "flower.log").open("wb")
+    flower = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "worker.app:app",
+            "flower",
+            "--address=127.0.0.1",
+            f"--port={port}",
+            "--basic-auth=ops:flower-test-pw",
+        ],
+        env={**os.environ, **pipe.env},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    http = urllib3.PoolManager()
+    auth = urllib3.make_headers(basic_auth="ops:flower-test-pw")
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if http.request("GET", f"http://127.0.0.1:{port}/healthcheck").status == 200:
+                    break
+            except urllib3.exceptions.HTTPError:
+                time.sleep(0.3)
+        assert http.request("GET", f"http://127.0.0.1:{port}/api/tasks").status == 401
+        pipe.start_worker(concurrency=2)
+        namespace = _namespace("flower")
+        accounts = {c.name: make_service_account(c, namespace) for c in clusters[:2]}
+        fleet = build_fleet(
+            pipe,
+            clusters[:2],
+            make_service_account,
+            targets=4,
+            namespace=namespace,
+            kubeconfigs={name: sa.kubeconfig for name, sa in accounts.items()},
+        )
+        report = pipe.wait(pipe.enqueue(fleet.distribution_id, "execute"))
+        assert report.state == "succeeded", report.reason
+
+        body = b""
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            response = http.request("GET", f"http://127.0.0.1:{port}/api/tasks", headers=auth)
+            body = response.data
+            if body.count(b"cap.kube.target") >= 4:
+                break
+            time.sleep(0.5)
+        assert body.count(b"cap.kube.target") >= 4, body[:2000]
+        assert b"cap.run.start" in body
+        assert report.id.encode() in body
+        secrets = [fleet.chain.key_pem, *(sa.token.encode() for sa in accounts.values())]
+        secrets += [line.encode() for line in fleet.chain.key_pem.decode().splitlines()[1:-1]]
+        for secret in secrets:
+            assert secret not in body
+        assert b"PRIVATE KEY" not in body
+    finally:
+        os.killpg(flower.pid, signal.SIGTERM)
+        flower.wait(timeout=30)
+        log.close()
+
+
+def test_embedded_default_runs_a_small_group_without_redis_or_postgres(
+    clusters: list[Any], make_service_account: Any, testenv_admin_api: Any, tmp_path: Path
+) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    with pipeline(
+        f"sqlite:///{data}/certautopilot.db", f"sqla+sqlite:///{data}/broker.db", tmp_path
+    ) as pipe:
+        assert pipe.settings.broker.url.startswith("sqla+sqlite")
+        pipe.start_worker(concurrency=2)
+        fleet = build_fleet(
+            pipe,
+            clusters[:2],
+            make_service_account,
+            targets=4,
+            namespace=_namespace("embedded"),
+            batch_size=2,
+        )
+
+        report = pipe.wait(pipe.enqueue(fleet.distribution_id, "execute"), timeout=120)
+
+        assert report.state == "succeeded", report.reason
+        assert report.counts() == {"created": 4}
+        for cluster, ns, secret_name in fleet.placement.values():
+            assert read_secret(testenv_admin_api, cluster, ns, secret_name) is not None

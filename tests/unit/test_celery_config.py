@@ -1,0 +1,75 @@
+"""The Celery configuration is explicit and internally consistent."""
+
+from __future__ import annotations
+
+import pytest
+
+from worker.app import CONTROL_QUEUE, celery_config
+from worker.settings import load_settings
+
+
+def _settings(**env: str):  # type: ignore[no-untyped-def]
+    return load_settings({"CAP_KEK": "k1:" + "A" * 43 + "=", **env})
+
+
+@pytest.mark.parametrize("broker", ["redis://127.0.0.1:6379/0", "rediss://h:6380/1"])
+def test_visibility_timeout_exceeds_the_hard_time_limit_wherever_celery_reads_it(
+    broker: str,
+) -> None:
+    config = celery_config(
+        _settings(
+            CAP_BROKER_URL=broker,
+            CAP_RESULT_BACKEND=broker,
+            CAP_DATABASE_URL="postgresql+psycopg://u@h/db",
+        )
+    )
+    limit = config["task_time_limit"]
+    assert config["task_soft_time_limit"] < limit
+    assert config["broker_transport_options"]["visibility_timeout"] > limit
+    assert config["result_backend_transport_options"]["visibility_timeout"] > limit
+
+
+def test_settings_refuse_a_visibility_timeout_not_above_the_hard_limit() -> None:
+    with pytest.raises(ValueError, match="CAP_BROKER_VISIBILITY_TIMEOUT"):
+        _settings(CAP_TASK_TIME_LIMIT="300", CAP_BROKER_VISIBILITY_TIMEOUT="300")
+
+
+def test_embedded_broker_gets_no_transport_options_it_would_pass_to_create_engine(
+    tmp_path,  # type: ignore[no-untyped-def]
+) -> None:
+    config = celery_config(_settings(CAP_DATA_DIR=str(tmp_path)))
+    assert config["broker_url"].startswith("sqla+sqlite:///")
+    assert config["broker_transport_options"] == {}
+
+
+def test_late_acks_single_prefetch_json_only_events_and_routing() -> None:
+    config = celery_config(_settings())
+    assert config["task_acks_late"] is True
+    assert config["task_reject_on_worker_lost"] is True
+    assert config["worker_prefetch_multiplier"] == 1
+    assert config["accept_content"] == ["json"]
+    assert config["task_serializer"] == config["result_serializer"] == "json"
+    assert config["worker_send_task_events"] is True
+    assert config["broker_connection_retry_on_startup"] is True
+    assert config["task_routes"]["cap.kube.*"]["queue"] == "kubernetes"
+    assert config["task_default_queue"] == CONTROL_QUEUE
+    assert {queue.name for queue in config["task_queues"]} == {"kubernetes", CONTROL_QUEUE}
+
+
+def test_every_task_has_a_stable_explicit_name() -> None:
+    import tasks.distribution as tasks
+
+    names = {
+        tasks.start_run_task.name,
+        tasks.process_target_task.name,
+        tasks.advance_run_task.name,
+        tasks.reap_task.name,
+        tasks.health_check_task.name,
+    }
+    assert names == {
+        "cap.run.start",
+        "cap.kube.target",
+        "cap.run.advance",
+        "cap.run.reap",
+        "cap.kube.health_check",
+    }
