@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import datetime
+import io
 import json
 import os
 import uuid
@@ -26,7 +27,8 @@ from kubernetes.client.exceptions import ApiException
 from kubernetes.config.incluster_config import InClusterConfigLoader
 
 from tests.testenv import SPEC_MINIMUM_RULES, Cluster, ServiceAccountAccess, StartupError
-from tests.testenv.binaries import find_binaries
+from tests.testenv import binaries as binaries_module
+from tests.testenv.binaries import ETCD_VERSION, K8S_VERSION, BinariesError, find_binaries
 from tests.testenv.cluster import ApiServer
 from tests.testenv.pki import CertificateAuthority
 from tests.testenv.services import RedisServer
@@ -72,9 +74,7 @@ def api_with_token(target: Cluster, token: str) -> client.ApiClient:
                 "name": target.name,
                 "cluster": {
                     "server": target.server,
-                    "certificate-authority-data": base64.b64encode(
-                        target.ca_pem.encode()
-                    ).decode(),
+                    "certificate-authority-data": base64.b64encode(target.ca_pem.encode()).decode(),
                 },
             }
         ],
@@ -457,3 +457,72 @@ def test_serving_certificate_names_loopback_and_localhost() -> None:
     assert [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
     assert cert.not_valid_before_utc < datetime.datetime.now(datetime.UTC)
     assert "PRIVATE KEY" not in repr(issued)
+
+
+# --- binaries ------------------------------------------------------------------------------
+
+
+FAKE_BUILD = """#!/usr/bin/env bash
+set -euo pipefail
+echo "fake build into $1 (k8s $CAP_K8S_VERSION, etcd $CAP_ETCD_VERSION)"
+echo run >> "$1.runs"
+{body}
+"""
+
+
+@pytest.fixture
+def fake_build(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[[str], Path]:
+    """Replace build-binaries.sh with a script running `body`; return the cache root."""
+
+    def install(body: str) -> Path:
+        script = tmp_path / "fake-build.sh"
+        script.write_text(FAKE_BUILD.format(body=body))
+        monkeypatch.setattr(binaries_module, "BUILD_SCRIPT", script)
+        return tmp_path / "cache"
+
+    return install
+
+
+def test_missing_binaries_are_built_once_into_the_versioned_cache(
+    fake_build: Callable[[str], Path],
+) -> None:
+    cache = fake_build(
+        'mkdir -p "$1"; for b in etcd kube-apiserver; do '
+        'printf "#!/bin/sh\\n" > "$1/$b"; chmod +x "$1/$b"; done'
+    )
+    environ = {"XDG_CACHE_HOME": str(cache), "PATH": os.environ["PATH"]}
+    progress = io.StringIO()
+
+    first = find_binaries(environ, progress=progress)
+    second = find_binaries(environ, progress=progress)
+
+    assert first == second
+    assert first.folder == cache / "certautopilot" / "testenv" / first.folder.name
+    assert first.folder.name == f"k8s-{K8S_VERSION}-etcd-{ETCD_VERSION}"
+    assert Path(f"{first.folder}.runs").read_text() == "run\n"  # built once
+    assert f"k8s {K8S_VERSION}, etcd {ETCD_VERSION}" in progress.getvalue()
+
+
+def test_failed_build_reports_the_build_output(fake_build: Callable[[str], Path]) -> None:
+    cache = fake_build('echo "go: module lookup disabled"; exit 3')
+    environ = {"XDG_CACHE_HOME": str(cache), "PATH": os.environ["PATH"]}
+
+    with pytest.raises(BinariesError) as raised:
+        find_binaries(environ, progress=io.StringIO())
+
+    assert "exit 3" in str(raised.value)
+    assert "go: module lookup disabled" in str(raised.value)
+
+
+def test_kubebuilder_assets_are_used_without_building(
+    tmp_path: Path, fake_build: Callable[[str], Path]
+) -> None:
+    fake_build("exit 1")
+    for name in ("etcd", "kube-apiserver"):
+        (tmp_path / name).write_text("#!/bin/sh\n")
+        (tmp_path / name).chmod(0o755)
+
+    found = find_binaries({"KUBEBUILDER_ASSETS": str(tmp_path)})
+
+    assert found.kube_apiserver == tmp_path / "kube-apiserver"
+    assert found.etcd == tmp_path / "etcd"

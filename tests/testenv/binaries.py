@@ -13,16 +13,15 @@ of starting a second one.
 
 from __future__ import annotations
 
-import fcntl
 import os
-import subprocess
 import sys
 import time
-from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
+
+from tests.testenv.process import exclusive_lock, stream_checked
 
 K8S_VERSION = "1.37.2"
 ETCD_VERSION = "3.7.3"
@@ -89,60 +88,28 @@ def find_binaries(
 
 def build_binaries(folder: Path, environ: Mapping[str, str], *, progress: TextIO) -> Binaries:
     """Build both binaries into `folder` under a file lock, streaming the build's output."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    lock_path = folder.parent / f".{folder.name}.lock"
-    with lock_path.open("w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            progress.write(f"[testenv] another process is building {folder}; waiting for it\n")
-            progress.flush()
-            fcntl.flock(lock, fcntl.LOCK_EX)
+    lock = folder.parent / f".{folder.name}.lock"
+    with exclusive_lock(lock, progress, f"[testenv] another process is building {folder}; waiting"):
         found = _complete(folder)  # the other process may have finished the job
         if found is not None:
             return found
-        _run_build(folder, environ, progress)
+        started = time.monotonic()
+        progress.write(
+            f"[testenv] building kube-apiserver v{K8S_VERSION} and etcd v{ETCD_VERSION} into "
+            f"{folder} (a one-time cost: ~10 minutes on 2 cores)\n"
+        )
+        progress.flush()
+        env = {**environ, "CAP_K8S_VERSION": K8S_VERSION, "CAP_ETCD_VERSION": ETCD_VERSION}
+        stream_checked(
+            ["bash", str(BUILD_SCRIPT), str(folder)],
+            "build kube-apiserver and etcd with Go (install Go or set KUBEBUILDER_ASSETS)",
+            env=env,
+            progress=progress,
+            error=BinariesError,
+        )
+        progress.write(f"[testenv] built in {time.monotonic() - started:.0f}s\n")
+        progress.flush()
         found = _complete(folder)
         if found is None:
             raise BinariesError(f"{BUILD_SCRIPT.name} succeeded but {folder} is still incomplete")
         return found
-
-
-def _run_build(folder: Path, environ: Mapping[str, str], progress: TextIO) -> None:
-    env = dict(environ)
-    env["CAP_K8S_VERSION"] = K8S_VERSION
-    env["CAP_ETCD_VERSION"] = ETCD_VERSION
-    started = time.monotonic()
-    progress.write(
-        f"[testenv] building kube-apiserver v{K8S_VERSION} and etcd v{ETCD_VERSION} into "
-        f"{folder} (a one-time cost: ~20 minutes on 2 cores)\n"
-    )
-    progress.flush()
-    tail: deque[str] = deque(maxlen=60)
-    try:
-        build = subprocess.Popen(
-            ["bash", str(BUILD_SCRIPT), str(folder)],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            env=env,
-            text=True,
-        )
-    except OSError as exc:
-        raise BinariesError(f"could not run {BUILD_SCRIPT}: {exc}") from exc
-    assert build.stdout is not None
-    for line in build.stdout:
-        tail.append(line)
-        progress.write(line)
-        progress.flush()
-    status = build.wait()
-    if status != 0:
-        hint = ""
-        if any("go: command not found" in line or "go: not found" in line for line in tail):
-            hint = "\nInstall Go (https://go.dev/dl) or set KUBEBUILDER_ASSETS."
-        raise BinariesError(
-            f"building the test binaries failed (exit {status}) after "
-            f"{time.monotonic() - started:.0f}s; last lines:\n{''.join(tail).rstrip()}{hint}"
-        )
-    progress.write(f"[testenv] built in {time.monotonic() - started:.0f}s\n")
-    progress.flush()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import ctypes
+import fcntl
 import os
 import signal
 import socket
@@ -26,9 +27,9 @@ import subprocess
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import NoReturn, TextIO
 
 _PR_SET_PDEATHSIG = 1
 
@@ -236,6 +237,53 @@ def run_checked(argv: Sequence[str], what: str, **kwargs: object) -> str:
             f"Output:\n{done.stdout.strip()}"
         )
     return str(done.stdout)
+
+
+def stream_checked(
+    argv: Sequence[str],
+    what: str,
+    *,
+    env: Mapping[str, str],
+    progress: TextIO,
+    error: type[Exception] = StartupError,
+) -> None:
+    """Run a long command, echoing its output to `progress`; raise `error` with its last lines."""
+    tail: deque[str] = deque(maxlen=60)
+    try:
+        with subprocess.Popen(
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=dict(env),
+            text=True,
+        ) as command:
+            assert command.stdout is not None
+            for line in command.stdout:
+                tail.append(line)
+                progress.write(line)
+                progress.flush()
+    except OSError as exc:
+        raise error(f"could not {what}: {argv[0]}: {exc}") from exc
+    if command.returncode != 0:
+        raise error(
+            f"could not {what} (exit {command.returncode}).\nCommand: {' '.join(argv)}\n"
+            f"Last lines:\n{''.join(tail).rstrip()}"
+        )
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path, progress: TextIO, waiting_note: str) -> Iterator[None]:
+    """Hold an exclusive file lock on `path`; say `waiting_note` if another process holds it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            progress.write(waiting_note + "\n")
+            progress.flush()
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 atexit.register(stop_all)
