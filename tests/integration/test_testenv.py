@@ -26,7 +26,13 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 from kubernetes.config.incluster_config import InClusterConfigLoader
 
-from tests.testenv import SPEC_MINIMUM_RULES, Cluster, ServiceAccountAccess, StartupError
+from tests.testenv import (
+    SPEC_MINIMUM_RULES,
+    Cluster,
+    ServiceAccountAccess,
+    StartupError,
+    TestEnvironment,
+)
 from tests.testenv import binaries as binaries_module
 from tests.testenv.binaries import ETCD_VERSION, K8S_VERSION, BinariesError, find_binaries
 from tests.testenv.cluster import ApiServer
@@ -400,7 +406,7 @@ def test_postgres_url_is_a_fresh_empty_writable_database(
         assert connection.execute(sqlalchemy.text("SELECT count(*) FROM probe")).scalar() == 1
 
 
-def test_postgres_databases_are_isolated_from_each_other(testenv: Any) -> None:
+def test_postgres_databases_are_isolated_from_each_other(testenv: TestEnvironment) -> None:
     server = testenv.postgres()
     first, second = server.create_database(), server.create_database()
     try:
