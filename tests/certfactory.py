@@ -222,6 +222,28 @@ def issue_certificate(
     return builder.sign(issuer_key, _signature_hash(issuer_key))  # type: ignore[arg-type]
 
 
+def _leaf(
+    cn: str | None,
+    sans: Sequence[str] | None,
+    key: PrivateKey,
+    issuer: x509.Certificate,
+    issuer_key: PrivateKey,
+    not_before: dt.datetime,
+    not_after: dt.datetime,
+) -> x509.Certificate:
+    """An end-entity certificate; `sans` defaults to [cn]."""
+    return issue_certificate(
+        subject=_name(cn),
+        public_key=key,
+        issuer=issuer.subject,
+        issuer_key=issuer_key,
+        is_ca=False,
+        not_before=not_before,
+        not_after=not_after,
+        sans=list(sans) if sans is not None else ([cn] if cn else []),
+    )
+
+
 @dataclass(frozen=True)
 class Chain:
     """A root, its intermediates and a leaf, with their keys; PEM accessors return bytes."""
@@ -280,17 +302,7 @@ class Chain:
         )
         key = generate_key(key_type)
         not_before, not_after = _window(now, not_before, not_after)
-        cert = issue_certificate(
-            subject=_name(cn),
-            public_key=key,
-            issuer=issuer.subject,
-            issuer_key=issuer_key,
-            is_ca=False,
-            not_before=not_before,
-            not_after=not_after,
-            sans=list(sans) if sans is not None else ([cn] if cn else []),
-        )
-        return cert, key
+        return _leaf(cn, sans, key, issuer, issuer_key, not_before, not_after), key
 
 
 def make_chain(
@@ -350,16 +362,7 @@ def make_chain(
         issuer, issuer_key = cert, key
 
     leaf_key = generate_key(key_type) if fresh_leaf_key else cached_key(key_type)
-    leaf = issue_certificate(
-        subject=_name(cn),
-        public_key=leaf_key,
-        issuer=issuer.subject,
-        issuer_key=issuer_key,
-        is_ca=False,
-        not_before=not_before,
-        not_after=not_after,
-        sans=list(sans) if sans is not None else ([cn] if cn else []),
-    )
+    leaf = _leaf(cn, sans, leaf_key, issuer, issuer_key, not_before, not_after)
     return Chain(
         leaf=leaf,
         leaf_key=leaf_key,

@@ -135,24 +135,27 @@ def parse_batch_size(value: int | str | Sequence[int | str]) -> BatchSize:
     return BatchSize(tuple(_parse_step(v, position=i + 1) for i, v in enumerate(value)))
 
 
-def _parse_step(value: object, *, position: int | None = None) -> Step:
-    where = f"batch size step {position}" if position else "batch size"
+def _count_or_percent(value: object, where: str, example: str) -> int | Percent:
+    """Read 5, "5" or "25%" (whole numbers only); the caller checks the lower bound."""
     if isinstance(value, bool) or not isinstance(value, int | str):
         raise FanoutConfigError(f"{where} must be a whole number or a percentage, not {value!r}")
-    step: Step
     if isinstance(value, int):
-        step = value
-    elif match := _COUNT_RE.match(value):
-        step = int(match.group(1))
-    elif match := _PERCENT_RE.match(value):
+        return value
+    if match := _COUNT_RE.match(value):
+        return int(match.group(1))
+    if match := _PERCENT_RE.match(value):
         percent = int(match.group(1))
         if percent > 100:
             raise FanoutConfigError(f"{where} {value!r} is more than 100%")
-        step = Percent(percent)
-    else:
-        raise FanoutConfigError(
-            f"{where} {value!r} is neither a whole number (5) nor a percentage (25%)"
-        )
+        return Percent(percent)
+    raise FanoutConfigError(
+        f"{where} {value!r} is neither a whole number ({example}) nor a percentage ({example}%)"
+    )
+
+
+def _parse_step(value: object, *, position: int | None = None) -> Step:
+    where = f"batch size step {position}" if position else "batch size"
+    step = _count_or_percent(value, where, "5")
     if (step.value if isinstance(step, Percent) else step) <= 0:
         raise FanoutConfigError(f"{where} must be at least 1 (or 1%), not {value!r}")
     return step
@@ -160,26 +163,10 @@ def _parse_step(value: object, *, position: int | None = None) -> Step:
 
 def parse_failure_threshold(value: int | str) -> FailureThreshold:
     """Read a failure threshold: 0, 2, "2" or "10%"."""
-    if isinstance(value, bool) or not isinstance(value, int | str):
-        raise FanoutConfigError(
-            f"failure threshold must be a whole number or a percentage, not {value!r}"
-        )
-    if isinstance(value, int):
-        count = value
-    elif match := _COUNT_RE.match(value):
-        count = int(match.group(1))
-    elif match := _PERCENT_RE.match(value):
-        percent = int(match.group(1))
-        if percent > 100:
-            raise FanoutConfigError(f"failure threshold {value!r} is more than 100%")
-        return FailureThreshold(Percent(percent))
-    else:
-        raise FanoutConfigError(
-            f"failure threshold {value!r} is neither a whole number (2) nor a percentage (10%)"
-        )
-    if count < 0:
+    limit = _count_or_percent(value, "failure threshold", "2")
+    if isinstance(limit, int) and limit < 0:
         raise FanoutConfigError(f"failure threshold cannot be negative ({value!r})")
-    return FailureThreshold(count)
+    return FailureThreshold(limit)
 
 
 def plan_batches(target_ids: Sequence[str], batch_size: BatchSize) -> list[list[str]]:
