@@ -17,7 +17,7 @@ ENV PIP_NO_CACHE_DIR=1 \
 WORKDIR /src
 # Every runtime dependency ships manylinux wheels (cryptography, psycopg[binary], ...), so the
 # build stage needs no compiler either; if one ever does, install it HERE, never below.
-# The runtime never installs anything, so pip/setuptools/wheel leave the virtualenv.
+# The runtime never installs anything, so pip and setuptools leave the virtualenv.
 COPY pyproject.toml README.md ./
 COPY worker ./worker
 COPY tasks ./tasks
@@ -25,7 +25,7 @@ COPY models ./models
 RUN python -m pip wheel --wheel-dir /wheels . \
  && python -m venv /opt/certautopilot \
  && /opt/certautopilot/bin/pip install --no-index --find-links /wheels certautopilot-k8s \
- && /opt/certautopilot/bin/pip uninstall --yes pip setuptools wheel \
+ && /opt/certautopilot/bin/pip uninstall --yes pip setuptools \
  && find /opt/certautopilot -name '__pycache__' -type d -prune -exec rm -rf {} +
 
 FROM ${PYTHON_IMAGE} AS runtime

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import io
 import json
 import os
 import re
@@ -17,8 +18,10 @@ import shlex
 import subprocess
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import yaml
@@ -27,7 +30,7 @@ from kubernetes.client.exceptions import ApiException
 from kubernetes.dynamic import DynamicClient
 
 from tests.testenv import SPEC_MINIMUM_RULES, Cluster, request_token
-from tests.testenv.helm import find_helm
+from tests.testenv.helm import HELM_VERSION, HelmError, find_helm, helm_cache_path
 from worker.settings import load_settings
 
 pytestmark = pytest.mark.integration
@@ -42,40 +45,52 @@ Manifest = dict[str, Any]
 
 # --------------------------------------------------------------------------- helm
 
+
+@dataclass(frozen=True)
+class Helm:
+    """The helm binary with a private home (no user config, cache or repositories)."""
+
+    binary: Path
+    home: Path
+
+    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """Run helm with `args`; never raises on exit status."""
+        env = {
+            **os.environ,
+            **{
+                f"HELM_{kind}_HOME": str(self.home / kind.lower())
+                for kind in ("CACHE", "CONFIG", "DATA")
+            },
+        }
+        return subprocess.run(
+            [str(self.binary), *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+            cwd=REPO,
+            env=env,
+        )
+
+    def render(
+        self, *args: str, release: str = "cap", namespace: str = "cap-system"
+    ) -> list[Manifest]:
+        """Return the manifests `helm template` renders (hooks included); fail on any error."""
+        result = self.run("template", release, str(CHART), "--namespace", namespace, *args)
+        assert result.returncode == 0, f"helm template failed:\n{result.stderr}"
+        return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
 @pytest.fixture(scope="module")
-def helm(pytestconfig: pytest.Config) -> Path:
-    """The helm binary; a first run builds it, with its progress shown through the capture."""
+def helm(pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFactory) -> Helm:
+    """helm; a first run builds it, with its progress shown through pytest's capture."""
     capture = pytestconfig.pluginmanager.getplugin("capturemanager")
     uncaptured = (
         capture.global_and_fixture_disabled() if capture is not None else contextlib.nullcontext()
     )
     with uncaptured:
-        return find_helm(os.environ)
-
-
-def run_helm(helm: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    """Run helm with `args` against the chart folder's parent; never raises on exit status."""
-    return subprocess.run(
-        [str(helm), *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        cwd=REPO,
-        # helm keeps caches and repository files under these; keep the user's out of it.
-        env={**os.environ, "HELM_CACHE_HOME": "/tmp/cap-helm-test/cache",
-             "HELM_CONFIG_HOME": "/tmp/cap-helm-test/config",
-             "HELM_DATA_HOME": "/tmp/cap-helm-test/data"},
-    )
-
-
-def render(
-    helm: Path, *args: str, release: str = "cap", namespace: str = "cap-system"
-) -> list[Manifest]:
-    """Return the manifests `helm template` renders (hooks included), failing on any error."""
-    result = run_helm(helm, "template", release, str(CHART), "--namespace", namespace, *args)
-    assert result.returncode == 0, f"helm template failed:\n{result.stderr}"
-    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+        binary = find_helm(os.environ)
+    return Helm(binary, tmp_path_factory.mktemp("helm-home"))
 
 
 def of_kind(manifests: list[Manifest], kind: str) -> list[Manifest]:
@@ -95,31 +110,78 @@ def pod_templates(manifests: list[Manifest]) -> dict[str, dict[str, Any]]:
 def worker_deployment(manifests: list[Manifest]) -> Manifest:
     """Return the worker Deployment."""
     (found,) = [
-        m for m in of_kind(manifests, "Deployment")
+        m
+        for m in of_kind(manifests, "Deployment")
         if m["metadata"]["labels"]["app.kubernetes.io/component"] == "worker"
     ]
     return found
 
 
+def test_helm_is_the_pinned_release(helm: Helm) -> None:
+    result = helm.run("version", "--short")
+    assert result.stdout.startswith(f"v{HELM_VERSION}"), result.stdout + result.stderr
+
+
+def test_helm_locator_honours_helm_bin_and_says_how_to_fix_a_bad_one(
+    helm: Helm, tmp_path: Path
+) -> None:
+    assert find_helm({"HELM_BIN": str(helm.binary)}) == helm.binary
+    not_executable = tmp_path / "helm"
+    not_executable.write_text("")
+    with pytest.raises(HelmError, match="is not an executable file; point it at a helm v3"):
+        find_helm({"HELM_BIN": str(not_executable)})
+    with pytest.raises(HelmError, match=r"run `python -m tests.testenv.helm` to build it"):
+        find_helm({"XDG_CACHE_HOME": str(tmp_path / "empty-cache")}, build=False)
+    cached = tmp_path / "cache" / "certautopilot" / "tools" / f"helm-{HELM_VERSION}" / "helm"
+    cached.parent.mkdir(parents=True)
+    cached.symlink_to(helm.binary)
+    assert find_helm({"XDG_CACHE_HOME": str(tmp_path / "cache")}, build=False) == cached
+
+
+def test_helm_locator_builds_once_when_two_runs_ask_at_the_same_time(tmp_path: Path) -> None:
+    gocache = subprocess.run(
+        ["go", "env", "GOCACHE"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    # A fresh tool cache, but Go's own build cache kept: the build is a relink, not a rebuild.
+    environ = {**os.environ, "XDG_CACHE_HOME": str(tmp_path), "GOCACHE": gocache}
+    environ.pop("HELM_BIN", None)
+    outputs = [io.StringIO(), io.StringIO()]
+    with ThreadPoolExecutor(2) as pool:
+        found = list(pool.map(lambda out: find_helm(environ, progress=out), outputs))
+    assert found[0] == found[1] == helm_cache_path(environ)
+    logs = [out.getvalue() for out in outputs]
+    assert sum("[helm] building helm" in log for log in logs) == 1, logs
+    version = subprocess.run(
+        [str(found[0]), "version", "--short"], capture_output=True, text=True, check=True
+    )
+    assert version.stdout.startswith(f"v{HELM_VERSION}")
+
+
 # --------------------------------------------------------------------------- lint and render
+
 
 @pytest.mark.parametrize("strict", [False, True], ids=["lint", "lint-strict"])
 @pytest.mark.parametrize("values", [None, FULL_VALUES], ids=["default-values", "full-values"])
-def test_helm_lint_is_clean(helm: Path, values: Path | None, strict: bool) -> None:
+def test_helm_lint_is_clean(helm: Helm, values: Path | None, strict: bool) -> None:
     args = ["lint", str(CHART)]
     args += ["--values", str(values)] if values else []
     args += ["--strict"] if strict else []
-    result = run_helm(helm, *args)
+    result = helm.run(*args)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     assert "0 chart(s) failed" in output
     assert "[WARNING]" not in output and "[ERROR]" not in output, output
 
 
-def test_default_values_render_the_worker_with_its_minimum_rbac(helm: Path) -> None:
-    manifests = render(helm)
+def test_default_values_render_the_worker_with_its_minimum_rbac(helm: Helm) -> None:
+    manifests = helm.render()
     assert sorted(m["kind"] for m in manifests) == [
-        "ConfigMap", "Deployment", "PodDisruptionBudget", "Role", "RoleBinding", "Secret",
+        "ConfigMap",
+        "Deployment",
+        "PodDisruptionBudget",
+        "Role",
+        "RoleBinding",
+        "Secret",
         "ServiceAccount",
     ]
     (role,) = of_kind(manifests, "Role")
@@ -127,32 +189,66 @@ def test_default_values_render_the_worker_with_its_minimum_rbac(helm: Path) -> N
     assert role["metadata"]["namespace"] == "cap-system"
 
 
-def test_full_values_render_every_optional_part(helm: Path) -> None:
-    manifests = render(helm, "--values", str(FULL_VALUES))
+def test_full_values_render_every_optional_part(helm: Helm) -> None:
+    manifests = helm.render("--values", str(FULL_VALUES))
     kinds = sorted(m["kind"] for m in manifests)
     assert kinds == sorted(
-        ["ConfigMap", "Secret", "ServiceAccount", "Deployment", "Deployment", "Service", "Job",
-         "HorizontalPodAutoscaler", "PodDisruptionBudget", "NetworkPolicy", "NetworkPolicy"]
+        [
+            "ConfigMap",
+            "Secret",
+            "ServiceAccount",
+            "Deployment",
+            "Deployment",
+            "Service",
+            "Job",
+            "HorizontalPodAutoscaler",
+            "PodDisruptionBudget",
+            "NetworkPolicy",
+            "NetworkPolicy",
+        ]
         + ["Role", "RoleBinding"] * 3
     )
     # With an autoscaler the Deployment leaves the replica count to it.
     assert "replicas" not in worker_deployment(manifests)["spec"]
     (job,) = of_kind(manifests, "Job")
-    assert job["metadata"]["annotations"]["helm.sh/hook"] == "post-install,pre-upgrade"
     assert job["spec"]["template"]["spec"]["containers"][0]["args"] == ["migrate"]
+
+
+def test_migration_runs_before_install_and_upgrade_with_what_exists_by_then(helm: Helm) -> None:
+    manifests = helm.render("--values", str(FULL_VALUES))
+    (job,) = of_kind(manifests, "Job")
+    (secret,) = of_kind(manifests, "Secret")
+    hooks = {m["kind"]: m["metadata"]["annotations"] for m in (job, secret)}
+    # The worker refuses a lagging schema: migrate before any new pod starts.
+    assert (
+        hooks["Job"]["helm.sh/hook"]
+        == hooks["Secret"]["helm.sh/hook"]
+        == ("pre-install,pre-upgrade")
+    )
+    # Helm runs hooks by ascending weight: the Secret the Job reads comes first.
+    assert int(hooks["Secret"]["helm.sh/hook-weight"]) < int(hooks["Job"]["helm.sh/hook-weight"])
+    spec = job["spec"]["template"]["spec"]
+    # Neither the chart's ServiceAccount nor its ConfigMap exists before the first install.
+    assert "serviceAccountName" not in spec and spec["automountServiceAccountToken"] is False
+    (container,) = spec["containers"]
+    assert all(source["configMapRef"]["optional"] for source in container["envFrom"])
 
 
 @pytest.mark.parametrize("values", [None, FULL_VALUES], ids=["default-values", "full-values"])
 def test_every_rendered_role_holds_exactly_the_spec_rules_bound_to_the_worker(
-    helm: Path, values: Path | None
+    helm: Helm, values: Path | None
 ) -> None:
-    manifests = render(helm, *(["--values", str(values)] if values else []))
+    manifests = helm.render(*(["--values", str(values)] if values else []))
     service_account = of_kind(manifests, "ServiceAccount")[0]["metadata"]["name"]
-    assert worker_deployment(manifests)["spec"]["template"]["spec"][
-        "serviceAccountName"] == service_account
+    assert (
+        worker_deployment(manifests)["spec"]["template"]["spec"]["serviceAccountName"]
+        == service_account
+    )
     roles = of_kind(manifests, "Role")
-    bindings = {(b["metadata"]["namespace"], b["roleRef"]["name"]): b
-                for b in of_kind(manifests, "RoleBinding")}
+    bindings = {
+        (b["metadata"]["namespace"], b["roleRef"]["name"]): b
+        for b in of_kind(manifests, "RoleBinding")
+    }
     assert roles
     for role in roles:
         assert role["rules"] == SPEC_MINIMUM_RULES
@@ -164,9 +260,9 @@ def test_every_rendered_role_holds_exactly_the_spec_rules_bound_to_the_worker(
 
 @pytest.mark.parametrize("values", [None, FULL_VALUES], ids=["default-values", "full-values"])
 def test_every_pod_runs_locked_down_with_writable_emptydirs_only(
-    helm: Path, values: Path | None
+    helm: Helm, values: Path | None
 ) -> None:
-    manifests = render(helm, *(["--values", str(values)] if values else []))
+    manifests = helm.render(*(["--values", str(values)] if values else []))
     for name, template in pod_templates(manifests).items():
         spec = template["spec"]
         assert spec["securityContext"]["runAsNonRoot"] is True, name
@@ -183,8 +279,8 @@ def test_every_pod_runs_locked_down_with_writable_emptydirs_only(
             assert "emptyDir" in volumes[mounts["/var/lib/certautopilot"]], name
 
 
-def test_worker_probes_run_the_cli_and_shutdown_outlasts_the_task_time_limit(helm: Path) -> None:
-    manifests = render(helm)
+def test_worker_probes_run_the_cli_and_shutdown_outlasts_the_task_time_limit(helm: Helm) -> None:
+    manifests = helm.render()
     (config,) = of_kind(manifests, "ConfigMap")
     spec = worker_deployment(manifests)["spec"]["template"]["spec"]
     (worker,) = spec["containers"]
@@ -194,15 +290,18 @@ def test_worker_probes_run_the_cli_and_shutdown_outlasts_the_task_time_limit(hel
     assert worker["startupProbe"]["exec"]["command"] == ["certautopilot", "probe", "liveness"]
     assert spec["terminationGracePeriodSeconds"] > int(config["data"]["CAP_TASK_TIME_LIMIT"])
     # The heartbeat the liveness probe reads must sit on the writable emptyDir.
-    heartbeat = Path(config["data"]["CAP_HEARTBEAT_FILE"])
-    assert heartbeat.parent == Path("/var/lib/certautopilot")
+    env = {e["name"]: e.get("value") for e in worker["env"]}
+    mounts = {m["mountPath"]: m["name"] for m in worker["volumeMounts"]}
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    heartbeat_dir = str(Path(env["CAP_HEARTBEAT_FILE"]).parent)
+    assert "emptyDir" in volumes[mounts[heartbeat_dir]]
 
 
 @pytest.mark.parametrize("values", [None, FULL_VALUES], ids=["default-values", "full-values"])
 def test_worker_accepts_the_environment_the_chart_gives_it(
-    helm: Path, values: Path | None, tmp_path: Path
+    helm: Helm, values: Path | None, tmp_path: Path
 ) -> None:
-    manifests = render(helm, *(["--values", str(values)] if values else []))
+    manifests = helm.render(*(["--values", str(values)] if values else []))
     (config,) = of_kind(manifests, "ConfigMap")
     (secret,) = of_kind(manifests, "Secret")
     environment = dict(config["data"])
@@ -213,14 +312,20 @@ def test_worker_accepts_the_environment_the_chart_gives_it(
     environment["CAP_DATA_DIR"] = str(tmp_path)
     settings = load_settings(environment)
     assert settings.ignored_variables == ()
-    assert settings.tasks.time_limit < worker_deployment(manifests)["spec"]["template"]["spec"][
-        "terminationGracePeriodSeconds"]
+    assert (
+        settings.tasks.time_limit
+        < worker_deployment(manifests)["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    )
 
 
-def test_existing_secret_replaces_the_chart_managed_one(helm: Path) -> None:
-    manifests = render(
-        helm, "--set", "secret.existingSecret=my-connections", "--set", "flower.enabled=true",
-        "--set", "worker.replicaCount=3",
+def test_existing_secret_replaces_the_chart_managed_one(helm: Helm) -> None:
+    manifests = helm.render(
+        "--set",
+        "secret.existingSecret=my-connections",
+        "--set",
+        "flower.enabled=true",
+        "--set",
+        "worker.replicaCount=3",
     )
     assert of_kind(manifests, "Secret") == []
     referenced = {
@@ -233,9 +338,9 @@ def test_existing_secret_replaces_the_chart_managed_one(helm: Path) -> None:
     assert referenced == {"my-connections"}
 
 
-def test_generated_secrets_are_random_and_well_formed(helm: Path) -> None:
+def test_generated_secrets_are_random_and_well_formed(helm: Helm) -> None:
     def secret_data() -> dict[str, str]:
-        (secret,) = of_kind(render(helm, "--set", "flower.enabled=true"), "Secret")
+        (secret,) = of_kind(helm.render("--set", "flower.enabled=true"), "Secret")
         return {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
 
     first, second = secret_data(), secret_data()
@@ -247,9 +352,9 @@ def test_generated_secrets_are_random_and_well_formed(helm: Path) -> None:
     assert first["FLOWER_BASIC_AUTH"] != second["FLOWER_BASIC_AUTH"]
 
 
-def test_names_stay_within_63_characters_for_the_longest_release_name(helm: Path) -> None:
+def test_names_stay_within_63_characters_for_the_longest_release_name(helm: Helm) -> None:
     release = "r" * 53  # helm's own limit for release names
-    manifests = render(helm, "--values", str(FULL_VALUES), release=release)
+    manifests = helm.render("--values", str(FULL_VALUES), release=release)
     for manifest in manifests:
         name = manifest["metadata"]["name"]
         assert len(name) <= 63 and DNS_LABEL.match(name), name
@@ -272,8 +377,8 @@ def test_names_stay_within_63_characters_for_the_longest_release_name(helm: Path
         "worker.resources.requests.bogus=1",
     ],
 )
-def test_unknown_values_key_is_rejected_by_the_schema(helm: Path, setting: str) -> None:
-    result = run_helm(helm, "template", "cap", str(CHART), "--set", setting)
+def test_unknown_values_key_is_rejected_by_the_schema(helm: Helm, setting: str) -> None:
+    result = helm.run("template", "cap", str(CHART), "--set", setting)
     assert result.returncode != 0
     assert "additional properties 'bogus' not allowed" in result.stderr, result.stderr
 
@@ -281,23 +386,34 @@ def test_unknown_values_key_is_rejected_by_the_schema(helm: Path, setting: str) 
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
-        (["worker.terminationGracePeriodSeconds=300"],
-         "worker.terminationGracePeriodSeconds (300) must exceed config.taskTimeLimit (300)"),
-        (["config.brokerVisibilityTimeout=200"],
-         "config.brokerVisibilityTimeout (200) must exceed config.taskTimeLimit (300)"),
+        (
+            ["worker.terminationGracePeriodSeconds=300"],
+            "worker.terminationGracePeriodSeconds (300) must exceed config.taskTimeLimit (300)",
+        ),
+        (
+            ["config.brokerVisibilityTimeout=200"],
+            "config.brokerVisibilityTimeout (200) must exceed config.taskTimeLimit (300)",
+        ),
         (["worker.replicaCount=2"], "several worker pods need a shared database and broker"),
         (["autoscaling.enabled=true"], "several worker pods need a shared database and broker"),
-        (["secret.existingSecret=s", "autoscaling.enabled=true", "autoscaling.minReplicas=5",
-          "autoscaling.maxReplicas=2"], "autoscaling.minReplicas (5) exceeds"),
+        (
+            [
+                "secret.existingSecret=s",
+                "autoscaling.enabled=true",
+                "autoscaling.minReplicas=5",
+                "autoscaling.maxReplicas=2",
+            ],
+            "autoscaling.minReplicas (5) exceeds",
+        ),
         (["secret.kek=not a key"], "/secret/kek"),
         (["rbac.targetNamespaces={Bad_Namespace}"], "/rbac/targetNamespaces/0"),
     ],
 )
 def test_values_that_cannot_work_fail_with_the_fix_in_the_message(
-    helm: Path, settings: list[str], message: str
+    helm: Helm, settings: list[str], message: str
 ) -> None:
     args = [arg for setting in settings for arg in ("--set", setting)]
-    result = run_helm(helm, "template", "cap", str(CHART), *args)
+    result = helm.run("template", "cap", str(CHART), *args)
     assert result.returncode != 0
     assert message in result.stderr, result.stderr
 
@@ -371,19 +487,23 @@ def _documented_shell_commands() -> list[list[str]]:
     return commands
 
 
-def test_helm_commands_in_the_deployment_docs_render(helm: Path) -> None:
-    installs = [c for c in _documented_shell_commands()
-                if c[:2] in (["helm", "install"], ["helm", "upgrade"])]
+def test_helm_commands_in_the_deployment_docs_render(helm: Helm) -> None:
+    installs = [
+        c
+        for c in _documented_shell_commands()
+        if c[:2] in (["helm", "install"], ["helm", "upgrade"])
+    ]
     assert len(installs) >= 3
     for command in installs:
         settings = [command[i + 1] for i, word in enumerate(command) if word == "--set"]
         assert settings, command
-        render(helm, *[arg for setting in settings for arg in ("--set", setting)])
+        helm.render(*[arg for setting in settings for arg in ("--set", setting)])
 
 
-def test_resource_names_in_the_deployment_docs_exist_for_release_cap(helm: Path) -> None:
-    manifests = render(helm, "--set", "flower.enabled=true", release="cap",
-                       namespace="certautopilot")
+def test_resource_names_in_the_deployment_docs_exist_for_release_cap(helm: Helm) -> None:
+    manifests = helm.render(
+        "--set", "flower.enabled=true", release="cap", namespace="certautopilot"
+    )
     rendered = {(m["kind"], m["metadata"]["name"]) for m in manifests}
     kinds = {"secret": "Secret", "deployment": "Deployment", "svc": "Service"}
     referenced = set()
@@ -402,9 +522,11 @@ def test_resource_names_in_the_deployment_docs_exist_for_release_cap(helm: Path)
 
 # --------------------------------------------------------------------------- real API server
 
+
 @pytest.fixture
-def admin(cluster: Cluster, testenv_admin_api: Callable[[Cluster], client.ApiClient]
-          ) -> client.ApiClient:
+def admin(
+    cluster: Cluster, testenv_admin_api: Callable[[Cluster], client.ApiClient]
+) -> client.ApiClient:
     """An admin ApiClient of the first test cluster."""
     return testenv_admin_api(cluster)
 
@@ -432,14 +554,17 @@ def fresh_namespaces(admin: client.ApiClient) -> Iterator[Callable[..., list[str
 
 def server_side_apply(admin: client.ApiClient, manifests: list[Manifest]) -> None:
     """Apply every manifest server-side (a real write) and read each one back."""
-    dynamic = DynamicClient(admin)
+    dynamic = DynamicClient(admin)  # type: ignore[no-untyped-call]
     for manifest in manifests:
         resource = dynamic.resources.get(api_version=manifest["apiVersion"], kind=manifest["kind"])
         meta = manifest["metadata"]
         try:
             resource.server_side_apply(
-                body=manifest, name=meta["name"], namespace=meta.get("namespace"),
-                field_manager=FIELD_MANAGER, force_conflicts=True,
+                body=manifest,
+                name=meta["name"],
+                namespace=meta.get("namespace"),
+                field_manager=FIELD_MANAGER,
+                force_conflicts=True,
             )
         except ApiException as exc:  # the server's reason is the useful part of the failure
             pytest.fail(f"{manifest['kind']}/{meta['name']} rejected: {exc.status} {exc.body}")
@@ -449,40 +574,47 @@ def server_side_apply(admin: client.ApiClient, manifests: list[Manifest]) -> Non
 
 @pytest.mark.parametrize("values", [None, FULL_VALUES], ids=["default-values", "full-values"])
 def test_rendered_manifests_are_accepted_by_a_real_api_server(
-    helm: Path, admin: client.ApiClient, fresh_namespaces: Callable[..., list[str]],
+    helm: Helm,
+    admin: client.ApiClient,
+    fresh_namespaces: Callable[..., list[str]],
     values: Path | None,
 ) -> None:
     release_ns, *targets = fresh_namespaces("cap-system", "ingress", "team-a", "team-b")
     args = ["--values", str(values)] if values else []
     args += ["--set", "rbac.targetNamespaces={" + ",".join(targets) + "}"]
-    manifests = render(helm, *args, namespace=release_ns)
+    manifests = helm.render(*args, namespace=release_ns)
     server_side_apply(admin, manifests)
     rbac = client.RbacAuthorizationV1Api(admin)
     for namespace in targets:
         (role,) = rbac.list_namespaced_role(namespace).items
-        assert [(r.api_groups, r.resources, r.verbs) for r in role.rules] == [
+        assert [(r.api_groups, r.resources, r.verbs) for r in role.rules or []] == [
             (r["apiGroups"], r["resources"], r["verbs"]) for r in SPEC_MINIMUM_RULES
         ]
 
 
 @pytest.mark.parametrize("values", [None, FULL_VALUES], ids=["default-values", "full-values"])
 def test_every_pod_template_passes_the_restricted_pod_security_standard(
-    helm: Path, admin: client.ApiClient, fresh_namespaces: Callable[..., list[str]],
+    helm: Helm,
+    admin: client.ApiClient,
+    fresh_namespaces: Callable[..., list[str]],
     values: Path | None,
 ) -> None:
     (namespace,) = fresh_namespaces(
         "cap-restricted", labels={"pod-security.kubernetes.io/enforce": "restricted"}
     )
-    manifests = render(helm, *(["--values", str(values)] if values else []), namespace=namespace)
+    manifests = helm.render(*(["--values", str(values)] if values else []), namespace=namespace)
     core = client.CoreV1Api(admin)
     for name, template in pod_templates(manifests).items():
-        pod = {"apiVersion": "v1", "kind": "Pod",
-               "metadata": {"name": f"{name}-check"[:63].rstrip("-"), "namespace": namespace},
-               "spec": template["spec"]}
+        pod = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": f"{name}-check"[:63].rstrip("-"), "namespace": namespace},
+            "spec": template["spec"],
+        }
         try:
             # Pod Security admission judges Pods (workloads only get warnings): a dry-run Pod
             # built from each template is refused if the template breaks the standard.
-            core.create_namespaced_pod(namespace, pod, dry_run="All")
+            core.create_namespaced_pod(namespace, cast(Any, pod), dry_run="All")
         except ApiException as exc:
             pytest.fail(f"pod template of {name} refused: {exc.status} {exc.body}")
 
@@ -499,9 +631,21 @@ def _tls_secret(name: str) -> client.V1Secret:
     return client.V1Secret(
         metadata=client.V1ObjectMeta(name=name),
         type="kubernetes.io/tls",
-        data={"tls.crt": base64.b64encode(b"cert").decode(),
-              "tls.key": base64.b64encode(b"key").decode()},
+        data={
+            "tls.crt": base64.b64encode(b"cert").decode(),
+            "tls.key": base64.b64encode(b"key").decode(),
+        },
     )
+
+
+def read_name(obj: Any) -> str:
+    """The metadata.name of a client model."""
+    return str(obj.metadata.name)
+
+
+def resource_version(obj: Any) -> str:
+    """The metadata.resourceVersion of a client model."""
+    return str(obj.metadata.resource_version)
 
 
 def _status(call: Callable[[], object]) -> int:
@@ -514,11 +658,13 @@ def _status(call: Callable[[], object]) -> int:
 
 
 def test_chart_role_is_exactly_enough_for_a_distribution_and_nothing_more(
-    helm: Path, cluster: Cluster, admin: client.ApiClient,
+    helm: Helm,
+    cluster: Cluster,
+    admin: client.ApiClient,
     fresh_namespaces: Callable[..., list[str]],
 ) -> None:
     release_ns, target, other = fresh_namespaces("cap-system", "ingress", "untargeted")
-    manifests = render(helm, "--set", f"rbac.targetNamespaces={{{target}}}", namespace=release_ns)
+    manifests = helm.render("--set", f"rbac.targetNamespaces={{{target}}}", namespace=release_ns)
     server_side_apply(admin, manifests)
     service_account = of_kind(manifests, "ServiceAccount")[0]["metadata"]["name"]
     admin_core = client.CoreV1Api(admin)
@@ -527,14 +673,15 @@ def test_chart_role_is_exactly_enough_for_a_distribution_and_nothing_more(
     core = client.CoreV1Api(_token_client(cluster, token))
 
     # Everything a distribution does, in the order it does it.
-    assert core.read_namespace(target).metadata.name == target  # target health check
+    assert read_name(core.read_namespace(target)) == target  # the target health check
     core.create_namespaced_secret(target, _tls_secret("app-tls"), dry_run="All")
     created = core.create_namespaced_secret(target, _tls_secret("app-tls"))
     live = core.read_namespaced_secret("app-tls", target)
+    assert live.data is not None
     live.data["tls.crt"] = base64.b64encode(b"renewed").decode()
     core.replace_namespaced_secret("app-tls", target, live, dry_run="All")
     replaced = core.replace_namespaced_secret("app-tls", target, live)  # PUT with resourceVersion
-    assert replaced.metadata.resource_version != created.metadata.resource_version
+    assert resource_version(replaced) != resource_version(created)
     core.patch_namespaced_secret("app-tls", target, {"metadata": {"labels": {"rolled": "back"}}})
 
     # And nothing more: each of these is refused by RBAC.
@@ -542,19 +689,22 @@ def test_chart_role_is_exactly_enough_for_a_distribution_and_nothing_more(
         "delete a secret": lambda: core.delete_namespaced_secret("app-tls", target),
         "delete all secrets": lambda: core.delete_collection_namespaced_secret(target),
         "list secrets": lambda: core.list_namespaced_secret(target),
-        "watch secrets": lambda: core.list_namespaced_secret(target, watch=True,
-                                                             timeout_seconds=1),
+        "watch secrets": lambda: core.list_namespaced_secret(target, watch=True, timeout_seconds=1),
         "read a configmap": lambda: core.read_namespaced_config_map("any", target),
         "read a secret in another namespace": lambda: core.read_namespaced_secret(
-            "someone-elses", other),
+            "someone-elses", other
+        ),
         "create a secret in another namespace": lambda: core.create_namespaced_secret(
-            other, _tls_secret("app-tls")),
+            other, _tls_secret("app-tls")
+        ),
         "create a secret in the release namespace": lambda: core.create_namespaced_secret(
-            release_ns, _tls_secret("app-tls")),
+            release_ns, _tls_secret("app-tls")
+        ),
         "read another namespace": lambda: core.read_namespace(other),
         "list namespaces": lambda: core.list_namespace(),
         "create a namespace": lambda: core.create_namespace(
-            client.V1Namespace(metadata=client.V1ObjectMeta(name=f"x-{uuid.uuid4().hex[:6]}"))),
+            client.V1Namespace(metadata=client.V1ObjectMeta(name=f"x-{uuid.uuid4().hex[:6]}"))
+        ),
         "delete the namespace": lambda: core.delete_namespace(target),
     }
     statuses = {what: _status(call) for what, call in refused.items()}
@@ -565,8 +715,9 @@ def test_chart_role_is_exactly_enough_for_a_distribution_and_nothing_more(
 
     def core_rights(namespace: str) -> set[tuple[str, str]]:
         review = authorization.create_self_subject_rules_review(
-            {"spec": {"namespace": namespace}}
+            cast(Any, {"spec": {"namespace": namespace}})
         )
+        assert review.status is not None
         return {
             (resource, verb)
             for rule in review.status.resource_rules
@@ -576,7 +727,10 @@ def test_chart_role_is_exactly_enough_for_a_distribution_and_nothing_more(
         }
 
     assert core_rights(target) == {
-        ("secrets", "get"), ("secrets", "create"), ("secrets", "update"), ("secrets", "patch"),
+        ("secrets", "get"),
+        ("secrets", "create"),
+        ("secrets", "update"),
+        ("secrets", "patch"),
         ("namespaces", "get"),
     }
     assert core_rights(other) == set()

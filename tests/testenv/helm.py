@@ -12,15 +12,14 @@ A file lock next to the cache folder makes concurrent test runs wait for one bui
 
 from __future__ import annotations
 
-import fcntl
 import os
-import subprocess
 import sys
 import time
-from collections import deque
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TextIO
+
+from tests.testenv.process import exclusive_lock, stream_checked
 
 HELM_VERSION = "3.22.0"
 BUILD_SCRIPT = Path(__file__).with_name("build-helm.sh")
@@ -65,48 +64,26 @@ def find_helm(
 
 def _build_locked(target: Path, environ: Mapping[str, str], progress: TextIO) -> Path:
     """Build helm into `target` unless another process does; either way wait for it."""
-    target.parent.parent.mkdir(parents=True, exist_ok=True)
-    with (target.parent.parent / f".{target.parent.name}.lock").open("w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"[helm] another process is building {target}; waiting", file=progress)
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        if not _executable(target):  # the other process may have built it meanwhile
-            _run_build_script(target.parent, environ, progress)
+    folder = target.parent
+    lock = folder.parent / f".{folder.name}.lock"
+    with exclusive_lock(lock, progress, f"[helm] another process is building {target}; waiting"):
+        if _executable(target):  # the other process built it meanwhile
+            return target
+        started = time.monotonic()
+        progress.write(f"[helm] building helm v{HELM_VERSION} into {folder} (one time)\n")
+        progress.flush()
+        stream_checked(
+            ["bash", str(BUILD_SCRIPT), str(folder)],
+            "build helm with Go (install Go or set HELM_BIN)",
+            env={**environ, "CAP_HELM_VERSION": HELM_VERSION},
+            progress=progress,
+            error=HelmError,
+        )
         if not _executable(target):
             raise HelmError(f"{BUILD_SCRIPT.name} finished but {target} is missing")
+        progress.write(f"[helm] built in {time.monotonic() - started:.0f}s\n")
+        progress.flush()
         return target
-
-
-def _run_build_script(folder: Path, environ: Mapping[str, str], progress: TextIO) -> None:
-    """Run build-helm.sh, echoing its output and failing with its last lines."""
-    started = time.monotonic()
-    print(f"[helm] building helm v{HELM_VERSION} into {folder} (one time)", file=progress)
-    last_lines: deque[str] = deque(maxlen=40)
-    env = {**environ, "CAP_HELM_VERSION": HELM_VERSION}
-    try:
-        with subprocess.Popen(
-            ["bash", str(BUILD_SCRIPT), str(folder)],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            env=env,
-            text=True,
-        ) as build:
-            assert build.stdout is not None
-            for line in build.stdout:
-                last_lines.append(line)
-                progress.write(line)
-                progress.flush()
-    except OSError as exc:
-        raise HelmError(f"could not run {BUILD_SCRIPT}: {exc}") from exc
-    if build.returncode != 0:
-        raise HelmError(
-            f"building helm failed (exit {build.returncode}); install Go or set HELM_BIN. "
-            f"Last lines:\n{''.join(last_lines).rstrip()}"
-        )
-    print(f"[helm] built in {time.monotonic() - started:.0f}s", file=progress)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ REQUIRED_SECRETS = ("CAP_KEK", "POSTGRES_PASSWORD", "FLOWER_BASIC_AUTH")
 
 # --------------------------------------------------------------------------- compose interpolation
 
+
 @dataclass(frozen=True)
 class Reference:
     """One ${...} in a compose file: the variable, its operator and the text after it."""
@@ -67,7 +68,7 @@ def _references(text: str) -> Iterator[tuple[int, int, Reference]]:
         match = _REFERENCE.match(body)
         if match is None:
             raise ValueError(f"malformed ${{{body}}}")
-        yield index, end, Reference(match.group(1), match.group(2) or "", body[match.end():])
+        yield index, end, Reference(match.group(1), match.group(2) or "", body[match.end() :])
         index = end
 
 
@@ -84,8 +85,11 @@ def interpolate(text: str, environ: Mapping[str, str]) -> str:
         elif ref.operator in (":?", "?") and (empty if ref.operator == ":?" else unset):
             raise LookupError(f"{ref.name}: {ref.argument}")
         elif ref.operator in (":+", "+"):
-            value = "" if (empty if ref.operator == ":+" else unset) else interpolate(
-                ref.argument, environ)
+            value = (
+                ""
+                if (empty if ref.operator == ":+" else unset)
+                else interpolate(ref.argument, environ)
+            )
         out.append(value or "")
         last = end
     out.append(text[last:].replace("$$", "$"))
@@ -113,8 +117,14 @@ def interpolate_tree(node: Any, environ: Mapping[str, str]) -> Any:
 def test_interpolation_follows_compose_rules() -> None:
     env = {"SET": "x", "EMPTY": ""}
     cases = {
-        "${SET}": "x", "${UNSET}": "", "${UNSET:-d}": "d", "${EMPTY:-d}": "d", "${EMPTY-d}": "",
-        "${UNSET:-${SET}-y}": "x-y", "a$${SET}": "a${SET}", "${SET:+alt}": "alt",
+        "${SET}": "x",
+        "${UNSET}": "",
+        "${UNSET:-d}": "d",
+        "${EMPTY:-d}": "d",
+        "${EMPTY-d}": "",
+        "${UNSET:-${SET}-y}": "x-y",
+        "a$${SET}": "a${SET}",
+        "${SET:+alt}": "alt",
         "${UNSET:+alt}": "",
     }
     assert {text: interpolate(text, env) for text in cases} == cases
@@ -123,6 +133,7 @@ def test_interpolation_follows_compose_rules() -> None:
 
 
 # --------------------------------------------------------------------------- .env.example
+
 
 def documented_variables() -> dict[str, str]:
     """NAME -> value of every `NAME=value` or `#NAME=value` line of .env.example."""
@@ -157,9 +168,7 @@ def test_every_variable_compose_reads_is_documented_in_env_example() -> None:
 def test_env_example_shows_the_same_defaults_as_compose() -> None:
     documented = documented_variables()
     defaults = {
-        ref.name: ref.argument
-        for ref in all_references(compose_text())
-        if ref.operator == ":-"
+        ref.name: ref.argument for ref in all_references(compose_text()) if ref.operator == ":-"
     }
     assert defaults, "compose declares no defaults"
     mismatched = {
@@ -197,6 +206,7 @@ def test_worker_accepts_the_environment_compose_gives_it() -> None:
 
 
 # --------------------------------------------------------------------------- compose services
+
 
 class CliUsageError(Exception):
     """The real CLI would refuse these arguments."""
@@ -276,14 +286,19 @@ def test_every_container_of_our_image_runs_a_real_cli_command(service: str) -> N
 
 
 def test_cli_parser_check_rejects_what_the_cli_rejects() -> None:
-    refused = [["no-such-command"], ["worker", "--no-such-option"], ["probe", "no-such-probe"],
-               ["worker", "unexpected-argument"]]
+    refused = [
+        ["no-such-command"],
+        ["worker", "--no-such-option"],
+        ["probe", "no-such-probe"],
+        ["worker", "unexpected-argument"],
+    ]
     for args in refused:
         with pytest.raises(CliUsageError):
             cli_command_path(args)
 
 
 # --------------------------------------------------------------------------- Dockerfile
+
 
 @dataclass
 class Stage:
@@ -317,20 +332,30 @@ def dockerfile_stages() -> list[Stage]:
         keyword, _, rest = line.partition(" ")
         keyword = keyword.upper()
         if keyword == "ARG" and not stages:
-            name, _, default = rest.partition("=")
-            args[name] = default
+            arg, _, default = rest.partition("=")
+            args[arg] = default
         elif keyword == "FROM":
             parts = rest.split()
             base = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], parts[0])
-            name = parts[2] if len(parts) == 3 and parts[1].upper() == "AS" else None
-            stages.append(Stage(base, name, []))
+            alias = parts[2] if len(parts) == 3 and parts[1].upper() == "AS" else None
+            stages.append(Stage(base, alias, []))
         else:
             stages[-1].instructions.append((keyword, rest))
     return stages
 
 
-BUILD_TOOLS = ("gcc", "g++", "build-essential", "make ", "apt-get install", "apk add",
-               "pip install", "pip wheel", "python3-dev", "libpq-dev")
+BUILD_TOOLS = (
+    "gcc",
+    "g++",
+    "build-essential",
+    "make ",
+    "apt-get install",
+    "apk add",
+    "pip install",
+    "pip wheel",
+    "python3-dev",
+    "libpq-dev",
+)
 
 
 def test_image_builds_a_wheel_first_and_runs_from_a_clean_slim_python_base() -> None:
@@ -374,15 +399,18 @@ def test_image_entry_point_and_health_check_are_real_cli_commands() -> None:
 def test_build_context_holds_every_package_the_wheel_needs() -> None:
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
     packages = {
-        pattern.rstrip("*") for pattern in pyproject["tool"]["setuptools"]["packages"]["find"][
-            "include"]
+        pattern.rstrip("*")
+        for pattern in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]
     }
     needed = {*packages, "pyproject.toml", pyproject["project"]["readme"]}
     build = dockerfile_stages()[0]
     copied = {src.rstrip("/") for c in build.all("COPY") for src in c.split()[:-1]}
     assert needed - copied == set()
-    ignore = [line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
-              if line.strip() and not line.startswith("#")]
+    ignore = [
+        line.strip()
+        for line in (REPO / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
     # Deny everything, then allow exactly what is copied: no secret or .venv in the context.
     assert ignore[0] == "*"
     allowed = {line[1:].rstrip("/") for line in ignore if line.startswith("!")}

@@ -125,6 +125,13 @@ worker Deployment, so every render runs it.
       # Absent key: the worker falls back to the embedded default for this connection.
       optional: true
 {{- end }}
+# Fixed by the pod layout: the root filesystem is read-only, this folder is an emptyDir.
+- name: CAP_DATA_DIR
+  value: /var/lib/certautopilot
+- name: CAP_HEARTBEAT_FILE
+  value: /var/lib/certautopilot/worker-heartbeat
+- name: CAP_SERVICEACCOUNT_DIR
+  value: /var/run/secrets/kubernetes.io/serviceaccount
 {{- with .Values.extraEnv }}
 {{ toYaml . }}
 {{- end }}
