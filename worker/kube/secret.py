@@ -1,0 +1,542 @@
+"""The desired ``kubernetes.io/tls`` Secret, the update body, and the diff an operator reads (pure).
+
+Like cert-manager's issuing controller, the Secret is built by a pure function and written
+once. Ownership follows DESIGN.md decision 2: ``data`` and ``type`` are ours; of the labels
+and annotations, ours are the ``app.kubernetes.io/managed-by`` label and every annotation
+under ``certautopilot.io/`` — everything else belongs to someone else and is kept.
+
+Nothing here talks to the network or the clock, and no function puts key material into its
+output: the diff shows a private key only as the SHA-256 of its public key.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import copy
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC
+from typing import Any, Literal
+
+from worker.bundle import (
+    BundleError,
+    CertificateInfo,
+    describe_certificates,
+    public_key_fingerprint_of_private_key,
+)
+from worker.kube.errors import SecretTooLarge
+
+__all__ = [
+    "ANNOTATION_PREFIX",
+    "ANN_CERTIFICATE_SHA256",
+    "ANN_CONTENT_SHA256",
+    "ANN_DISTRIBUTION_ID",
+    "ANN_NOT_AFTER",
+    "ANN_SERIAL",
+    "MANAGED_BY_LABEL",
+    "MANAGED_BY_VALUE",
+    "MAX_SECRET_DATA_BYTES",
+    "TLS_SECRET_TYPE",
+    "CertificateSummary",
+    "DataEntry",
+    "KeySummary",
+    "MetaChange",
+    "OpaqueSummary",
+    "SecretDiff",
+    "content_sha256",
+    "decoded_data",
+    "desired_secret",
+    "diff_secrets",
+    "is_managed",
+    "prepare_update",
+    "render_diff",
+    "secret_content_equal",
+    "secret_manifest",
+]
+
+TLS_SECRET_TYPE = "kubernetes.io/tls"  # noqa: S105 (a type name, not a password)
+MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
+MANAGED_BY_VALUE = "certautopilot"
+ANNOTATION_PREFIX = "certautopilot.io/"
+ANN_CERTIFICATE_SHA256 = ANNOTATION_PREFIX + "certificate-sha256"
+ANN_SERIAL = ANNOTATION_PREFIX + "serial"
+ANN_NOT_AFTER = ANNOTATION_PREFIX + "not-after"
+ANN_DISTRIBUTION_ID = ANNOTATION_PREFIX + "distribution-id"
+#: Hash of the data: a Deployment can copy it into a pod-template annotation
+#: (the "checksum/tls" pattern) so a changed certificate rolls the pods.
+ANN_CONTENT_SHA256 = ANNOTATION_PREFIX + "content-sha256"
+
+#: The API server's limit (validation.MaxSecretSize), counted as it counts: key + value bytes.
+MAX_SECRET_DATA_BYTES = 1024 * 1024
+
+_CERT_KEYS = ("tls.crt", "ca.crt")
+_KEY_KEYS = ("tls.key",)
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def content_sha256(data: Mapping[str, bytes]) -> str:
+    """Return a SHA-256 over the Secret's data (keys sorted, length-prefixed: unambiguous)."""
+    digest = hashlib.sha256()
+    for key in sorted(data):
+        for part in (key.encode(), data[key]):
+            digest.update(len(part).to_bytes(8, "big"))
+            digest.update(part)
+    return digest.hexdigest()
+
+
+def desired_secret(
+    *,
+    name: str,
+    namespace: str,
+    tls_crt: bytes,
+    tls_key: bytes,
+    ca_crt: bytes | None,
+    leaf: CertificateInfo,
+    distribution_id: str,
+) -> dict[str, Any]:
+    """Return the manifest (JSON-able dict) of the Secret we want; refuse one over 1 MiB."""
+    data = {"tls.crt": tls_crt, "tls.key": tls_key}
+    if ca_crt is not None:
+        data["ca.crt"] = ca_crt
+    size = sum(len(key) + len(value) for key, value in data.items())
+    if size > MAX_SECRET_DATA_BYTES:
+        raise SecretTooLarge(
+            f'too large: Secret "{namespace}/{name}" would hold {size} bytes of data; the API '
+            f"server accepts at most {MAX_SECRET_DATA_BYTES} bytes (1 MiB)"
+        )
+    return secret_manifest(
+        name=name,
+        namespace=namespace,
+        secret_type=TLS_SECRET_TYPE,
+        data={key: _b64(value) for key, value in data.items()},
+        labels={MANAGED_BY_LABEL: MANAGED_BY_VALUE},
+        annotations={
+            ANN_CERTIFICATE_SHA256: leaf.sha256_fingerprint,
+            ANN_SERIAL: leaf.serial_hex,
+            ANN_NOT_AFTER: leaf.not_after.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            ANN_DISTRIBUTION_ID: distribution_id,
+            ANN_CONTENT_SHA256: content_sha256(data),
+        },
+    )
+
+
+def secret_manifest(
+    *,
+    name: str,
+    namespace: str,
+    secret_type: str,
+    data: Mapping[str, str],
+    labels: Mapping[str, str],
+    annotations: Mapping[str, str],
+) -> dict[str, Any]:
+    """Return a v1 Secret manifest (``data`` values already base64)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "labels": dict(labels),
+            "annotations": dict(annotations),
+        },
+        "type": secret_type,
+        "data": dict(data),
+    }
+
+
+def _metadata(secret: Mapping[str, Any]) -> Mapping[str, Any]:
+    meta = secret.get("metadata")
+    return meta if isinstance(meta, Mapping) else {}
+
+
+def _labels(secret: Mapping[str, Any]) -> dict[str, str]:
+    return dict(_metadata(secret).get("labels") or {})
+
+
+def _annotations(secret: Mapping[str, Any]) -> dict[str, str]:
+    return dict(_metadata(secret).get("annotations") or {})
+
+
+def _is_our_label(key: str) -> bool:
+    return key == MANAGED_BY_LABEL
+
+
+def _is_our_annotation(key: str) -> bool:
+    return key.startswith(ANNOTATION_PREFIX)
+
+
+def _ours(values: Mapping[str, str], is_ours: Any) -> dict[str, str]:
+    return {k: v for k, v in values.items() if is_ours(k)}
+
+
+def decoded_data(secret: Mapping[str, Any]) -> dict[str, bytes]:
+    """Return the Secret's data with values base64-decoded (invalid base64 reads as empty)."""
+    out: dict[str, bytes] = {}
+    for key, value in (secret.get("data") or {}).items():
+        try:
+            out[key] = base64.b64decode(value or "", validate=True)
+        except (binascii.Error, ValueError):
+            out[key] = b""
+    return out
+
+
+def is_managed(live: Mapping[str, Any]) -> bool:
+    """Return whether the live Secret carries our managed-by label."""
+    return _labels(live).get(MANAGED_BY_LABEL) == MANAGED_BY_VALUE
+
+
+def secret_content_equal(live: Mapping[str, Any], desired: Mapping[str, Any]) -> bool:
+    """Return whether writing ``desired`` would change nothing we own (data, type, our metadata)."""
+    return (
+        live.get("type") == desired.get("type")
+        and decoded_data(live) == decoded_data(desired)
+        and _ours(_labels(live), _is_our_label) == _ours(_labels(desired), _is_our_label)
+        and _ours(_annotations(live), _is_our_annotation)
+        == _ours(_annotations(desired), _is_our_annotation)
+    )
+
+
+def prepare_update(live: Mapping[str, Any], desired: Mapping[str, Any]) -> dict[str, Any]:
+    """Return the PUT body: our data, type and metadata; others' metadata, resourceVersion kept."""
+    meta = copy.deepcopy(dict(_metadata(live)))
+    # The server keeps managedFields when a PUT omits them; sending them back is just bytes.
+    meta.pop("managedFields", None)
+    labels = {k: v for k, v in _labels(live).items() if not _is_our_label(k)}
+    labels.update(_ours(_labels(desired), _is_our_label))
+    annotations = {k: v for k, v in _annotations(live).items() if not _is_our_annotation(k)}
+    annotations.update(_ours(_annotations(desired), _is_our_annotation))
+    for key, values in (("labels", labels), ("annotations", annotations)):
+        if values:
+            meta[key] = values
+        else:
+            meta.pop(key, None)
+    body: dict[str, Any] = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": meta,
+        "type": desired.get("type"),
+        "data": dict(desired.get("data") or {}),
+    }
+    if "immutable" in live:
+        body["immutable"] = live["immutable"]
+    return body
+
+
+# --- the diff -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CertificateSummary:
+    """What an operator compares between two certificates (first one of the PEM + chain length)."""
+
+    subject: str | None
+    sans: tuple[str, ...]
+    issuer: str | None
+    serial: str | None
+    not_after: str | None
+    sha256_fingerprint: str | None
+    chain_length: int
+    error: str | None = None
+
+    @classmethod
+    def of(cls, pem: bytes) -> CertificateSummary:
+        """Summarise a PEM blob (its first certificate), or say why it cannot be read."""
+        try:
+            infos = describe_certificates(pem)
+        except (BundleError, ValueError):
+            return cls(
+                None, (), None, None, None, None, 0, f"not a PEM certificate ({len(pem)} bytes)"
+            )
+        first = infos[0]
+        return cls(
+            subject=first.subject,
+            sans=tuple(first.sans),
+            issuer=first.issuer,
+            serial=first.serial_hex,
+            not_after=first.not_after.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            sha256_fingerprint=first.sha256_fingerprint,
+            chain_length=len(infos),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the JSON-able form."""
+        return {
+            "subject": self.subject,
+            "sans": list(self.sans),
+            "issuer": self.issuer,
+            "serial": self.serial,
+            "not_after": self.not_after,
+            "sha256_fingerprint": self.sha256_fingerprint,
+            "chain_length": self.chain_length,
+            "error": self.error,
+        }
+
+
+@dataclass(frozen=True)
+class KeySummary:
+    """A private key, shown only as the SHA-256 of its public key."""
+
+    public_key_sha256: str | None
+    error: str | None = None
+
+    @classmethod
+    def of(cls, key_pem: bytes) -> KeySummary:
+        """Summarise a private key PEM without revealing it."""
+        try:
+            return cls(public_key_fingerprint_of_private_key(key_pem))
+        except (BundleError, ValueError):
+            return cls(None, f"not a usable private key ({len(key_pem)} bytes)")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the JSON-able form."""
+        return {"public_key_sha256": self.public_key_sha256, "error": self.error}
+
+
+@dataclass(frozen=True)
+class OpaqueSummary:
+    """A data key we do not interpret (shown by size only: it may be someone's secret)."""
+
+    size: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the JSON-able form."""
+        return {"size": self.size}
+
+
+Summary = CertificateSummary | KeySummary | OpaqueSummary
+Change = Literal["added", "removed", "changed", "unchanged"]
+
+
+@dataclass(frozen=True)
+class DataEntry:
+    """One data key, old -> new."""
+
+    key: str
+    change: Change
+    old: Summary | None
+    new: Summary | None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the JSON-able form."""
+        return {
+            "key": self.key,
+            "change": self.change,
+            "old": self.old.to_dict() if self.old else None,
+            "new": self.new.to_dict() if self.new else None,
+        }
+
+
+@dataclass(frozen=True)
+class MetaChange:
+    """One label or annotation that the write changes (None = absent)."""
+
+    key: str
+    old: str | None
+    new: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the JSON-able form."""
+        return {"key": self.key, "old": self.old, "new": self.new}
+
+
+@dataclass(frozen=True)
+class SecretDiff:
+    """Live Secret versus desired: the action, per-key changes, metadata changes and warnings."""
+
+    action: Literal["create", "update", "unchanged"]
+    namespace: str
+    name: str
+    unmanaged: bool
+    immutable: bool
+    old_type: str | None
+    new_type: str
+    data: tuple[DataEntry, ...]
+    labels: tuple[MetaChange, ...]
+    annotations: tuple[MetaChange, ...]
+    live_resource_version: str | None
+
+    @property
+    def type_changes(self) -> bool:
+        """Whether the live Secret has another type than ours (type is immutable)."""
+        return self.old_type is not None and self.old_type != self.new_type
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the JSON-able form (never key material)."""
+        return {
+            "action": self.action,
+            "namespace": self.namespace,
+            "name": self.name,
+            "unmanaged": self.unmanaged,
+            "immutable": self.immutable,
+            "old_type": self.old_type,
+            "new_type": self.new_type,
+            "data": [entry.to_dict() for entry in self.data],
+            "labels": [change.to_dict() for change in self.labels],
+            "annotations": [change.to_dict() for change in self.annotations],
+            "live_resource_version": self.live_resource_version,
+        }
+
+
+def _summary(key: str, value: bytes) -> Summary:
+    if key in _CERT_KEYS:
+        return CertificateSummary.of(value)
+    if key in _KEY_KEYS:
+        return KeySummary.of(value)
+    return OpaqueSummary(len(value))
+
+
+def _data_entries(old: Mapping[str, bytes], new: Mapping[str, bytes]) -> tuple[DataEntry, ...]:
+    order = [k for k in ("tls.crt", "tls.key", "ca.crt") if k in old or k in new]
+    order += sorted((set(old) | set(new)) - set(order))
+    entries = []
+    for key in order:
+        before = _summary(key, old[key]) if key in old else None
+        after = _summary(key, new[key]) if key in new else None
+        if before is None:
+            change: Change = "added"
+        elif after is None:
+            change = "removed"
+        else:
+            change = "unchanged" if old[key] == new[key] else "changed"
+        entries.append(DataEntry(key, change, before, after))
+    return tuple(entries)
+
+
+def _meta_changes(old: Mapping[str, str], new: Mapping[str, str]) -> tuple[MetaChange, ...]:
+    return tuple(
+        MetaChange(key, old.get(key), new.get(key))
+        for key in sorted(set(old) | set(new))
+        if old.get(key) != new.get(key)
+    )
+
+
+def diff_secrets(live: Mapping[str, Any] | None, desired: Mapping[str, Any]) -> SecretDiff:
+    """Return what writing ``desired`` over ``live`` (None = absent) would change."""
+    meta = _metadata(desired)
+    new_type = str(desired.get("type") or "")
+    if live is None:
+        return SecretDiff(
+            action="create",
+            namespace=str(meta.get("namespace") or ""),
+            name=str(meta.get("name") or ""),
+            unmanaged=False,
+            immutable=False,
+            old_type=None,
+            new_type=new_type,
+            data=_data_entries({}, decoded_data(desired)),
+            labels=_meta_changes({}, _labels(desired)),
+            annotations=_meta_changes({}, _annotations(desired)),
+            live_resource_version=None,
+        )
+    body = prepare_update(live, desired)
+    live_meta = _metadata(live)
+    return SecretDiff(
+        action="unchanged" if secret_content_equal(live, desired) else "update",
+        namespace=str(live_meta.get("namespace") or meta.get("namespace") or ""),
+        name=str(live_meta.get("name") or meta.get("name") or ""),
+        unmanaged=not is_managed(live),
+        immutable=live.get("immutable") is True,
+        old_type=str(live.get("type") or "Opaque"),
+        new_type=new_type,
+        data=_data_entries(decoded_data(live), decoded_data(desired)),
+        labels=_meta_changes(_labels(live), _labels(body)),
+        annotations=_meta_changes(_annotations(live), _annotations(body)),
+        live_resource_version=live_meta.get("resourceVersion"),
+    )
+
+
+# --- rendering ------------------------------------------------------------------------------
+
+
+def _arrow(old: object, new: object) -> str:
+    def text(value: object) -> str:
+        if value is None:
+            return "(none)"
+        if isinstance(value, tuple):
+            return ", ".join(value) if value else "(none)"
+        return str(value)
+
+    return text(new) if old == new else f"{text(old)} -> {text(new)}"
+
+
+def _render_entry(entry: DataEntry) -> list[str]:
+    head = f"  {entry.key}: {entry.change}"
+    # For an added or removed key, show its one side as if unchanged (a single value).
+    old = entry.old if entry.old is not None else entry.new
+    new = entry.new if entry.new is not None else entry.old
+    if isinstance(old, KeySummary) and isinstance(new, KeySummary):
+        before, after = old.public_key_sha256 or old.error, new.public_key_sha256 or new.error
+        return [f"{head} (public key sha256 {_arrow(before, after)})"]
+    if isinstance(old, CertificateSummary) and isinstance(new, CertificateSummary):
+        lines = [head]
+        for label, attr in _CERT_FIELDS:
+            before, after = getattr(old, attr), getattr(new, attr)
+            if attr != "error" or before is not None or after is not None:
+                lines.append(f"      {label:<13}{_arrow(before, after)}")
+        return lines
+    sizes = _arrow(getattr(old, "size", None), getattr(new, "size", None))
+    return [f"{head} ({sizes} bytes)"]
+
+
+_CERT_FIELDS = (
+    ("subject", "subject"),
+    ("SANs", "sans"),
+    ("issuer", "issuer"),
+    ("serial", "serial"),
+    ("not-after", "not_after"),
+    ("sha256", "sha256_fingerprint"),
+    ("chain length", "chain_length"),
+    ("problem", "error"),
+)
+
+
+def _render_meta(title: str, changes: tuple[MetaChange, ...]) -> list[str]:
+    if not changes:
+        return []
+    lines = [f"  {title}:"]
+    for change in changes:
+        if change.old is None:
+            lines.append(f"      + {change.key}: {change.new}")
+        elif change.new is None:
+            lines.append(f"      - {change.key}: {change.old}")
+        else:
+            lines.append(f"      ~ {change.key}: {change.old} -> {change.new}")
+    return lines
+
+
+def render_diff(diff: SecretDiff, *, dry_run: bool = True) -> str:
+    """Return the diff as text an operator reads in dry-run output (no key material)."""
+    verbs = {
+        "create": ("would create", "create"),
+        "update": ("would update", "update"),
+        "unchanged": ("unchanged", "unchanged"),
+    }
+    verb = verbs[diff.action][0 if dry_run else 1]
+    head = f'Secret "{diff.namespace}/{diff.name}": {verb}'
+    if diff.action == "create":
+        head += " (it does not exist yet)"
+    elif diff.live_resource_version:
+        head += f" (live resourceVersion {diff.live_resource_version})"
+    lines = [head]
+    if diff.unmanaged:
+        lines.append(
+            f"  WARNING: not managed by CertAutoPilot (no {MANAGED_BY_LABEL}={MANAGED_BY_VALUE} "
+            "label); execute refuses unless the target adopts unmanaged Secrets"
+        )
+    if diff.type_changes:
+        lines.append(
+            f"  WARNING: type {diff.old_type} -> {diff.new_type} is impossible (type is "
+            "immutable); execute refuses"
+        )
+    if diff.immutable and diff.action != "unchanged":
+        lines.append("  WARNING: the Secret is immutable: true; execute refuses")
+    for entry in diff.data:
+        lines.extend(_render_entry(entry))
+    lines.extend(_render_meta("labels", diff.labels))
+    lines.extend(_render_meta("annotations", diff.annotations))
+    return "\n".join(lines)
