@@ -735,3 +735,42 @@ def test_chart_role_is_exactly_enough_for_a_distribution_and_nothing_more(
     }
     assert core_rights(other) == set()
     assert core_rights(release_ns) == set()
+
+
+def test_generated_kek_survives_upgrade_uninstall_and_reinstall(
+    helm: Helm,
+    cluster: Cluster,
+    admin: client.ApiClient,
+    fresh_namespaces: Callable[..., list[str]],
+    tmp_path: Path,
+) -> None:
+    (namespace,) = fresh_namespaces("cap-lifecycle")
+    kubeconfig = tmp_path / "admin.kubeconfig"
+    kubeconfig.write_text(cluster.admin_kubeconfig)
+    kubeconfig.chmod(0o600)
+    core = client.CoreV1Api(admin)
+
+    def helm_release(*args: str) -> None:
+        # Embedded default: no migration Job, whose completion no controller here would report.
+        result = helm.run(*args, "--namespace", namespace, "--kubeconfig", str(kubeconfig))
+        assert result.returncode == 0, result.stderr
+
+    def stored() -> dict[str, str]:
+        secret = core.read_namespaced_secret("cap-certautopilot-k8s-worker", namespace)
+        return {k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()}
+
+    install = ("install", "cap", str(CHART), "--set", "flower.enabled=true")
+    helm_release(*install)
+    first = stored()
+    assert first["CAP_KEK"].startswith("k1:") and first["FLOWER_BASIC_AUTH"].startswith("admin:")
+
+    helm_release("upgrade", "cap", str(CHART), "--reuse-values", "--set", "config.logLevel=DEBUG")
+    assert stored() == first  # read back, not generated again
+
+    helm_release("uninstall", "cap")
+    assert stored() == first  # the KEK outlives the release
+
+    helm_release(*install)
+    assert stored() == first  # a re-install adopts it
+    helm_release("upgrade", "cap", str(CHART), "--set", "secret.kek=k9:" + "A" * 43 + "=")
+    assert stored()["CAP_KEK"] == "k9:" + "A" * 43 + "="  # an explicit value wins
