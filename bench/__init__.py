@@ -1,0 +1,1 @@
+"""Benchmarks (not tests): `python -m bench` prints the fan-out table; see docs/benchmarks.md."""

@@ -1,0 +1,109 @@
+"""python -m bench [--quick] [--sizes 50,200,1000] [--workers 1,2,4] ...
+
+Starts its own apiservers, Redis and PostgreSQL (tests.testenv), runs the fan-out benchmark
+and prints one table. Progress goes to stderr; the table to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+from bench.run import Options, run_benchmark, save, say
+from bench.table import markdown, render_rich
+
+QUICK = {"sizes": (50, 200), "workers": (1, 2)}
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from exc
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def machine() -> str:
+    """A one-line description of this machine (cores, memory, Python)."""
+    memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
+    return (
+        f"{os.cpu_count()} cores, {memory_gib:.0f} GiB, Python {platform.python_version()}, "
+        f"load average before the run {load}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the command line, run the benchmark, print the table."""
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--sizes", type=_ints, default=None, help="target counts N (default 50,200,1000)"
+    )
+    parser.add_argument(
+        "--workers", type=_ints, default=None, help="worker process counts W (default 1,2,4)"
+    )
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=4,
+        help="pool processes per worker (default 4); bare threads = W x this",
+    )
+    parser.add_argument("--clusters", type=int, default=4, help="apiservers (default 4)")
+    parser.add_argument(
+        "--kubectl-max",
+        type=int,
+        default=1000,
+        help="run the kubectl loop only for N up to this (0: never)",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"a short profile: N in {QUICK['sizes']}, W in {QUICK['workers']}",
+    )
+    parser.add_argument("--json", type=Path, help="also write the raw results here")
+    parser.add_argument("--markdown", type=Path, help="also write the table here as Markdown")
+    args = parser.parse_args(argv)
+    defaults = Options()
+    options = Options(
+        sizes=args.sizes or (QUICK["sizes"] if args.quick else defaults.sizes),
+        workers=args.workers or (QUICK["workers"] if args.quick else defaults.workers),
+        concurrency=args.concurrency,
+        clusters=args.clusters,
+        kubectl_max=args.kubectl_max,
+    )
+    from tests.testenv import TestEnvironment
+
+    described = machine()
+    started = datetime.now(UTC)
+    environment = TestEnvironment(cluster_count=options.clusters, environ=os.environ)
+    try:
+        cells = run_benchmark(options, environment)
+    finally:
+        say("stopping the environment")
+        environment.close()
+    title = (
+        f"Fan-out to N targets over {options.clusters} apiservers, "
+        f"{started:%Y-%m-%d %H:%M}Z, {described}"
+    )
+    render_rich(cells, title)
+    if args.json:
+        save(cells, args.json)
+    if args.markdown:
+        args.markdown.write_text(f"{title}\n\n{markdown(cells)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,458 @@
+"""The fan-out benchmark: one certificate to N targets over real apiservers, with baselines.
+
+For each W (worker processes) and N (targets), on the same clusters in the same run:
+
+* the pipeline: Redis + PostgreSQL + W real Celery workers, enqueue -> run finished;
+* baseline (b) the bare kubernetes-client script (:mod:`bench.bare`), W x concurrency threads;
+* baseline (a) the kubectl shell loop (:mod:`bench.kubectl`), once per N (it has no W);
+* the unchanged re-run of the pipeline (time, and zero writes counted at the apiservers).
+
+Every target is its own namespace on one of the clusters (round-robin), so N targets are
+N namespaces. Each cell writes fresh Secret names, so every first write is a create.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+
+from bench import metrics
+from bench.kubectl import find_kubectl, kubectl_loop
+
+REPO = Path(__file__).resolve().parents[1]
+
+#: Production settings (the tests' short recovery limits would make the reaper run every
+#: second); identical to the defaults in worker/settings.py, spelled out for the record.
+PRODUCTION_ENV = {
+    "CAP_TASK_TIME_LIMIT": "300",
+    "CAP_TASK_SOFT_TIME_LIMIT": "240",
+    "CAP_BROKER_VISIBILITY_TIMEOUT": "3600",
+    "CAP_STALE_AFTER": "60",
+    "CAP_REAPER_INTERVAL": "15",
+    "CAP_KUBE_RETRY_ATTEMPTS": "5",
+    "CAP_KUBE_RETRY_MAX_SECONDS": "30",
+    "CAP_KUBE_CONNECT_TIMEOUT": "5",
+    "CAP_KUBE_READ_TIMEOUT": "15",
+}
+BENCH_SA = "cap-bench"
+
+
+@dataclass(frozen=True)
+class Options:
+    """What to run."""
+
+    sizes: tuple[int, ...] = (50, 200, 1000)
+    workers: tuple[int, ...] = (1, 2, 4)
+    concurrency: int = 4
+    clusters: int = 4
+    kubectl_max: int = 1000
+    """The kubectl loop runs only for N up to this (it is slow by nature)."""
+    workdir: Path | None = None
+    profile: bool = False
+    """Record a py-spy profile of one pool process per cell (needs py-spy on PATH)."""
+
+
+@dataclass
+class Cell:
+    """One measured (N, W) combination."""
+
+    n: int
+    w: int
+    pipeline_s: float = 0.0
+    p50_ms: float = 0.0
+    p95_ms: float = 0.0
+    reach_p95_s: float = 0.0
+    counts: dict[str, int] = field(default_factory=dict)
+    api_requests: dict[str, int] = field(default_factory=dict)
+    db_transactions: int = 0
+    broker_calls: dict[str, int] = field(default_factory=dict)
+    bare_s: float = 0.0
+    bare_p50_ms: float = 0.0
+    bare_api_requests: dict[str, int] = field(default_factory=dict)
+    kubectl_s: float | None = None
+    kubectl_api_requests: dict[str, int] = field(default_factory=dict)
+    rss_mb_max: float = 0.0
+    rss_mb_pool: list[float] = field(default_factory=list)
+    threads: int = 0
+    rerun_s: float = 0.0
+    rerun_counts: dict[str, int] = field(default_factory=dict)
+    rerun_api_requests: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def targets_per_s(self) -> float:
+        """Pipeline throughput."""
+        return self.n / self.pipeline_s if self.pipeline_s else 0.0
+
+    def per_target(self, total: float) -> float:
+        """``total`` divided by the number of targets."""
+        return total / self.n
+
+
+# ----------------------------------------------------------------------------- fleet
+
+
+@dataclass
+class Fleet:
+    """The clusters, the benchmark identity on each, and one namespace per target slot."""
+
+    clusters: list[Any]
+    admin: list[Any]
+    kubeconfigs: dict[str, str] = field(default_factory=dict)
+    kubeconfig_files: dict[str, Path] = field(default_factory=dict)
+    slots: list[tuple[int, str]] = field(default_factory=list)
+    """Target slot i -> (cluster index, namespace)."""
+
+    def placement(self, n: int) -> list[tuple[int, str]]:
+        """The first ``n`` slots."""
+        return self.slots[:n]
+
+
+def prepare_fleet(clusters: list[Any], max_n: int, folder: Path) -> Fleet:
+    """Create the benchmark ServiceAccount (spec-minimum rules, cluster-wide) and namespaces."""
+    from kubernetes import client as k8s
+
+    from tests.testenv import SPEC_MINIMUM_RULES, admin_api_client, create_service_account
+    from tests.testenv.access import ensure_namespace
+
+    admin = [admin_api_client(cluster) for cluster in clusters]
+    fleet = Fleet(clusters=clusters, admin=admin)
+    folder.mkdir(parents=True, exist_ok=True)
+    for cluster, api in zip(clusters, admin, strict=True):
+        access = create_service_account(api, cluster, BENCH_SA, rules=None, name=BENCH_SA)
+        rbac = k8s.RbacAuthorizationV1Api(api)
+        # The spec's minimum Role, granted in every namespace: each target is a namespace.
+        role = {"metadata": {"name": BENCH_SA}, "rules": SPEC_MINIMUM_RULES}
+        binding = {
+            "metadata": {"name": BENCH_SA},
+            "roleRef": {
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "ClusterRole",
+                "name": BENCH_SA,
+            },
+            "subjects": [{"kind": "ServiceAccount", "name": BENCH_SA, "namespace": BENCH_SA}],
+        }
+        _create_or_keep(lambda r=rbac, body=role: r.create_cluster_role(body))
+        _create_or_keep(lambda r=rbac, body=binding: r.create_cluster_role_binding(body))
+        fleet.kubeconfigs[cluster.name] = access.kubeconfig
+        path = folder / f"{cluster.name}.kubeconfig"
+        path.touch(mode=0o600)
+        path.write_text(access.kubeconfig)
+        fleet.kubeconfig_files[cluster.name] = path
+    fleet.slots = [(i % len(clusters), f"capb-{i:04d}") for i in range(max_n)]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        list(pool.map(lambda slot: ensure_namespace(admin[slot[0]], slot[1]), fleet.slots))
+    return fleet
+
+
+def _create_or_keep(create: Callable[[], object]) -> None:
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        create()
+    except ApiException as exc:
+        if exc.status != 409:
+            raise
+
+
+# ------------------------------------------------------------------------- measuring
+
+
+@dataclass
+class Probes:
+    """Reads every counter the table reports, before and after a phase."""
+
+    admin: list[Any]
+    pg_conninfo: str
+    redis_url: str
+    bench_transactions: Callable[[], int]
+
+    def snapshot(self) -> dict[str, Any]:
+        """Current counters (after letting PostgreSQL publish its statistics)."""
+        metrics.wait_for_pg_stats()
+        return {
+            "api": metrics.scrape_secret_requests(self.admin),
+            "pg": metrics.pg_transactions(self.pg_conninfo) - self.bench_transactions(),
+            "redis": metrics.redis_command_calls(self.redis_url),
+        }
+
+    @staticmethod
+    def delta(after: dict[str, Any], before: dict[str, Any]) -> dict[str, Any]:
+        """What moved between two snapshots (minus the probe's own transactions)."""
+        return {
+            "api": dict(metrics.counter_delta(after["api"], before["api"])),
+            "pg": after["pg"] - before["pg"] - metrics.PG_PROBE_TRANSACTIONS,
+            "redis": dict(metrics.counter_delta(after["redis"], before["redis"])),
+        }
+
+
+@contextmanager
+def measured(probes: Probes) -> Iterator[dict[str, Any]]:
+    """Fill the yielded dict with the counter deltas of the block."""
+    moved: dict[str, Any] = {}
+    before = probes.snapshot()
+    yield moved
+    moved.update(Probes.delta(probes.snapshot(), before))
+
+
+# --------------------------------------------------------------------------- pipeline
+
+
+class PipelineDriver:
+    """Targets, certificates and runs through the backend API; runs timed from the DB."""
+
+    def __init__(self, pipe: Any, fleet: Fleet) -> None:
+        from worker import service
+
+        self.pipe = pipe
+        self.fleet = fleet
+        self.polls = 0
+        self._credentials = {
+            cluster.name: service.add_kubeconfig_credential(
+                pipe.runtime, f"bench-{cluster.name}", fleet.kubeconfigs[cluster.name].encode()
+            )
+            for cluster in fleet.clusters
+        }
+
+    def distribution(self, n: int, w: int, chain: Any) -> str:
+        """N targets (one namespace each), a group, the certificate, attached."""
+        from worker import service
+
+        rt = self.pipe.runtime
+        names = []
+        for index, (cluster_index, namespace) in enumerate(self.fleet.placement(n)):
+            name = f"n{n}-w{w}-t{index:04d}"
+            cluster = self.fleet.clusters[cluster_index]
+            service.create_target(
+                rt,
+                service.TargetSpec(
+                    name=name,
+                    namespace=namespace,
+                    credential=self._credentials[cluster.name],
+                    secret_name=f"pipe-n{n}-w{w}",
+                ),
+                check=False,
+            )
+            names.append(name)
+        certificate_id = service.import_certificate(
+            rt, chain.leaf_pem, chain.key_pem, chain.chain_pem, chain.root_pem
+        )
+        group = f"bench-n{n}-w{w}"
+        service.create_group(rt, group, names)
+        return str(service.attach(rt, certificate_id, group=group))
+
+    def run(self, distribution_id: str, timeout: float = 1800.0) -> tuple[float, Any]:
+        """Enqueue an execute run; return (seconds from enqueue to finished_at, report)."""
+        from models.entities import Run
+        from worker import service
+
+        rt = self.pipe.runtime
+        enqueued = datetime.now(UTC)
+        run_id = self.pipe.enqueue(distribution_id, "execute")
+        deadline = time.monotonic() + timeout
+        while True:
+            with rt.session() as session:
+                self.polls += 1
+                state, finished_at = session.execute(
+                    select(Run.state, Run.finished_at).where(Run.id == run_id)
+                ).one()
+            if state.is_terminal:
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"run {run_id} not finished after {timeout}s")
+            time.sleep(0.05)
+        self.polls += 1
+        report = service.run_report(rt, run_id)
+        if finished_at.tzinfo is None:
+            finished_at = finished_at.replace(tzinfo=UTC)
+        return (finished_at - enqueued).total_seconds(), (report, enqueued)
+
+
+def _latencies(report: Any) -> list[float]:
+    return [float(r.duration_ms) for r in report.results if r.duration_ms is not None]
+
+
+def _reach_seconds(report: Any, enqueued: datetime, finished: Sequence[datetime]) -> list[float]:
+    return [(moment - enqueued).total_seconds() for moment in finished]
+
+
+def _finished_moments(pipe: Any, run_id: str) -> list[datetime]:
+    from models.entities import TargetResult
+
+    with pipe.runtime.session() as session:
+        moments = session.scalars(
+            select(TargetResult.finished_at).where(TargetResult.run_id == run_id)
+        ).all()
+    return [m if m.tzinfo else m.replace(tzinfo=UTC) for m in moments if m is not None]
+
+
+def _worker_stats(pipe: Any) -> list[metrics.ProcessStats]:
+    pids = itertools.chain.from_iterable(
+        metrics.process_tree(worker.process.pid) for worker in pipe.workers
+    )
+    return metrics.process_stats(pids)
+
+
+# ------------------------------------------------------------------------------ driver
+
+
+def _write_pem(folder: Path, chain: Any) -> tuple[Path, Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    cert, key = folder / "tls.crt", folder / "tls.key"
+    cert.write_bytes(chain.leaf_pem + chain.chain_pem)
+    key.touch(mode=0o600)
+    key.write_bytes(chain.key_pem)
+    return cert, key
+
+
+def _bare(fleet: Fleet, n: int, secret_name: str, threads: int, cert: Path, key: Path) -> Any:
+    plan = {
+        "kubeconfigs": {name: str(path) for name, path in fleet.kubeconfig_files.items()},
+        "targets": [[fleet.clusters[c].name, ns] for c, ns in fleet.placement(n)],
+        "secret_name": secret_name,
+        "cert_file": str(cert),
+        "key_file": str(key),
+        "threads": threads,
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.bare"],
+        input=json.dumps(plan),
+        text=True,
+        capture_output=True,
+        cwd=REPO,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"the bare client failed: {done.stdout[-500:]} {done.stderr[-2000:]}")
+    return json.loads(done.stdout)
+
+
+def _libpq_url(sqlalchemy_url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(sqlalchemy_url).set(drivername="postgresql").render_as_string(False)
+
+
+def say(message: str) -> None:
+    """Progress on stderr (the table goes to stdout)."""
+    print(f"[bench {datetime.now(UTC):%H:%M:%S}] {message}", file=sys.stderr, flush=True)
+
+
+def run_benchmark(options: Options, env: Any) -> list[Cell]:
+    """Run every cell of ``options`` on the environment ``env`` (a TestEnvironment)."""
+    import redis
+    from sqlalchemy import event
+
+    from tests.certfactory import make_chain
+    from tests.support.pipeline import pipeline
+
+    workdir = options.workdir or env.workdir / "bench"
+    clusters = env.clusters()
+    redis_server = env.redis()
+    postgres = env.postgres()
+    database_url = postgres.create_database("bench")
+    redis.Redis.from_url(redis_server.url).flushdb()
+    kubectl = find_kubectl(os.environ) if options.kubectl_max else None
+    say(f"{len(clusters)} apiservers, Redis, PostgreSQL up; creating namespaces")
+    fleet = prepare_fleet(clusters, max(options.sizes), workdir / "kubeconfigs")
+    cells: list[Cell] = []
+    kubectl_done: dict[int, tuple[float, dict[str, int]]] = {}
+    with pipeline(database_url, redis_server.url, workdir, extra_env=PRODUCTION_ENV) as pipe:
+        bench_transactions = Counter[str]()
+        event.listen(pipe.runtime.engine, "commit", lambda _: bench_transactions.update(["x"]))
+        event.listen(pipe.runtime.engine, "rollback", lambda _: bench_transactions.update(["x"]))
+        probes = Probes(
+            admin=fleet.admin,
+            pg_conninfo=_libpq_url(database_url),
+            redis_url=redis_server.url,
+            bench_transactions=lambda: bench_transactions["x"],
+        )
+        driver = PipelineDriver(pipe, fleet)
+        for w in options.workers:
+            say(f"starting {w} worker process(es), concurrency {options.concurrency} each")
+            for index in range(w):
+                pipe.start_worker(name=f"w{w}-{index + 1}", concurrency=options.concurrency)
+            for n in options.sizes:
+                cell = Cell(n=n, w=w)
+                chain = make_chain(cn=f"n{n}-w{w}.bench.example")
+                cert, key = _write_pem(workdir / f"pem-n{n}-w{w}", chain)
+                distribution_id = driver.distribution(n, w, chain)
+
+                say(f"N={n} W={w}: bare client, {w * options.concurrency} threads")
+                with measured(probes) as moved:
+                    bare = _bare(fleet, n, f"bare-n{n}-w{w}", w * options.concurrency, cert, key)
+                cell.bare_s = bare["wall_seconds"]
+                cell.bare_p50_ms = metrics.percentile(bare["latencies_ms"], 0.5)
+                cell.bare_api_requests = moved["api"]
+
+                say(f"N={n} W={w}: pipeline")
+                with measured(probes) as moved:
+                    cell.pipeline_s, (report, enqueued) = driver.run(distribution_id)
+                cell.counts = report.counts()
+                cell.api_requests = moved["api"]
+                cell.db_transactions = moved["pg"]
+                cell.broker_calls = moved["redis"]
+                latencies = _latencies(report)
+                cell.p50_ms = metrics.percentile(latencies, 0.5)
+                cell.p95_ms = metrics.percentile(latencies, 0.95)
+                reach = _reach_seconds(report, enqueued, _finished_moments(pipe, report.id))
+                cell.reach_p95_s = metrics.percentile(reach, 0.95)
+                stats = _worker_stats(pipe)
+                cell.rss_mb_max = max(s.rss_mb for s in stats)
+                cell.rss_mb_pool = sorted(round(s.rss_mb, 1) for s in stats)
+                cell.threads = sum(s.threads for s in stats)
+
+                say(f"N={n} W={w}: unchanged re-run")
+                with measured(probes) as moved:
+                    cell.rerun_s, (rerun, _) = driver.run(distribution_id)
+                cell.rerun_counts = rerun.counts()
+                cell.rerun_api_requests = moved["api"]
+
+                if kubectl is not None and n <= options.kubectl_max:
+                    if n not in kubectl_done:
+                        say(f"N={n}: kubectl loop")
+                        targets = [
+                            (
+                                str(fleet.kubeconfig_files[fleet.clusters[c].name]),
+                                ns,
+                                f"kubectl-n{n}",
+                            )
+                            for c, ns in fleet.placement(n)
+                        ]
+                        with measured(probes) as moved:
+                            seconds = kubectl_loop(
+                                kubectl,
+                                targets,
+                                cert_file=cert,
+                                key_file=key,
+                                workdir=workdir / "kubectl-home",
+                            )
+                        kubectl_done[n] = (seconds, moved["api"])
+                    cell.kubectl_s, cell.kubectl_api_requests = kubectl_done[n]
+                say(
+                    f"N={n} W={w}: pipeline {cell.pipeline_s:.2f}s, bare {cell.bare_s:.2f}s, "
+                    f"re-run {cell.rerun_s:.2f}s, counts {cell.counts}"
+                )
+                cells.append(cell)
+            for worker in pipe.workers:
+                worker.stop()
+            pipe.workers.clear()
+    return cells
+
+
+def save(cells: Sequence[Cell], path: Path) -> None:
+    """Write the raw results as JSON (for docs/benchmarks.md and comparisons)."""
+    path.write_text(json.dumps([asdict(cell) for cell in cells], indent=2))
