@@ -29,8 +29,14 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from kubernetes.dynamic import DynamicClient
 
-from tests.testenv import SPEC_MINIMUM_RULES, Cluster, request_token
+from tests.certfactory import make_chain, utcnow
+from tests.testenv import SPEC_MINIMUM_RULES, Cluster, InClusterEnv, request_token
 from tests.testenv.helm import HELM_VERSION, HelmError, find_helm, helm_cache_path
+from worker.bundle import build_bundle
+from worker.kube.client import KubeClient, RetryPolicy
+from worker.kube.connect import build_api_client, in_cluster_spec
+from worker.kube.deploy import deploy_secret, health_check
+from worker.kube.secret import desired_secret
 from worker.settings import load_settings
 
 pytestmark = pytest.mark.integration
@@ -774,3 +780,61 @@ def test_generated_kek_survives_upgrade_uninstall_and_reinstall(
     assert stored() == first  # a re-install adopts it
     helm_release("upgrade", "cap", str(CHART), "--set", "secret.kek=k9:" + "A" * 43 + "=")
     assert stored()["CAP_KEK"] == "k9:" + "A" * 43 + "="  # an explicit value wins
+
+
+def test_worker_in_cluster_code_distributes_with_the_chart_service_account(
+    helm: Helm,
+    cluster: Cluster,
+    admin: client.ApiClient,
+    fresh_namespaces: Callable[..., list[str]],
+    in_cluster_env: Callable[[Cluster, str, str], InClusterEnv],
+) -> None:
+    release_ns, target, other = fresh_namespaces("cap-system", "ingress", "untargeted")
+    manifests = helm.render("--set", f"rbac.targetNamespaces={{{target}}}", namespace=release_ns)
+    server_side_apply(admin, manifests)
+    service_account = of_kind(manifests, "ServiceAccount")[0]["metadata"]["name"]
+    # What the pod would have mounted at CAP_SERVICEACCOUNT_DIR, and its service env.
+    pod = in_cluster_env(
+        cluster, release_ns, request_token(admin, cluster, release_ns, service_account)
+    )
+    spec = in_cluster_spec(pod.sa_dir, pod.environ)
+    kube = KubeClient(
+        build_api_client(spec, connect_timeout=5, read_timeout=15),
+        retry=RetryPolicy(attempts=2, max_seconds=5, initial_backoff=0.05, jitter=0),
+    )
+
+    def desired(cn_sans: list[str]) -> dict[str, Any]:
+        chain = make_chain("app.example.com", sans=cn_sans)
+        bundle = build_bundle(
+            chain.leaf_pem, chain.key_pem, chain.chain_pem, chain.root_pem, now=utcnow()
+        )
+        return desired_secret(
+            name="app-example-com-tls",
+            namespace=target,
+            tls_crt=bundle.tls_crt(),
+            tls_key=bundle.tls_key(),
+            ca_crt=None,
+            leaf=bundle.leaf,
+            distribution_id=str(uuid.uuid4()),
+        )
+
+    def deploy(manifest: dict[str, Any], *, dry_run: bool) -> str:
+        return deploy_secret(
+            kube,
+            manifest,
+            dry_run=dry_run,
+            server_dry_run=True,
+            adopt_unmanaged=False,
+            snapshot_store=None,
+        ).action
+
+    assert health_check(kube, target).healthy
+    first = desired(["app.example.com"])
+    assert deploy(first, dry_run=True) == "would_create"
+    assert deploy(first, dry_run=False) == "created"
+    renewed = desired(["app.example.com", "www.example.com"])
+    assert deploy(renewed, dry_run=True) == "would_update"
+    assert deploy(renewed, dry_run=False) == "updated"
+    # An untargeted namespace: the health check names the missing rights.
+    outside = health_check(kube, other)
+    assert not outside.healthy and outside.reason == "forbidden", outside.message
