@@ -610,25 +610,22 @@ def error_from_response(
 def _forbidden(api_message: str, op: Operation | None, status: int) -> Forbidden:
     said = f" (API server: {api_message})" if api_message else ""
     match = _RBAC_DENIAL.search(api_message)
-    if match is None and op is None:
-        return Forbidden(f"forbidden{said}", status=status)
     if match is not None:
-        verb, resource = match["verb"], match["resource"]
+        verb, resource, user = match["verb"], match["resource"], match["user"]
         namespace = match["namespace"] or (op.namespace if op else None)
-        user: str | None = match["user"]
-    else:
-        assert op is not None
+    elif op is not None and not api_message:
+        # No explanation at all: RBAC refused what we attempted.
         verb, resource, namespace, user = op.verb, op.resource, op.namespace, None
-    if match is None and api_message and "forbidden" in api_message and "cannot" not in api_message:
-        # Not an RBAC denial (e.g. the namespace is terminating, an admission rule): keep the
-        # API's explanation as the message; the RoleBinding is not the fix.
+    else:
+        # Not an RBAC denial (the namespace is terminating, an admission rule...): the API's
+        # explanation is the message, and the RoleBinding is not the fix.
         return Forbidden(
             f"forbidden: {op.target() if op else 'the request'} was refused{said}",
-            verb=verb,
-            resource=resource,
-            namespace=namespace,
+            verb=op.verb if op else None,
+            resource=op.resource if op else None,
+            namespace=op.namespace if op else None,
             status=status,
-            fix="The API server refused the write for the reason it states; fix that, then retry.",
+            fix="The API server refused the request for the reason it states; fix that, retry.",
         )
     return Forbidden(
         forbidden_message(verb, resource, namespace) + said,
