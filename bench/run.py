@@ -59,11 +59,11 @@ class Options:
     workers: tuple[int, ...] = (1, 2, 4)
     concurrency: int = 4
     clusters: int = 4
-    kubectl_max: int = 1000
+    kubectl_max: int = 200
     """The kubectl loop runs only for N up to this (it is slow by nature)."""
     workdir: Path | None = None
-    profile: bool = False
-    """Record a py-spy profile of one pool process per cell (needs py-spy on PATH)."""
+    profile_dir: Path | None = None
+    """Record py-spy profiles (collapsed stacks) of the workers' pipeline phases here."""
 
 
 @dataclass
@@ -306,6 +306,49 @@ def _worker_stats(pipe: Any) -> list[metrics.ProcessStats]:
     return metrics.process_stats(pids)
 
 
+@contextmanager
+def profiled(pipe: Any, folder: Path | None, name: str) -> Iterator[None]:
+    """Sample every worker process with py-spy during the block (when ``folder`` is set)."""
+    if folder is None:
+        yield
+        return
+    import shutil
+
+    py_spy = shutil.which("py-spy")
+    if py_spy is None:
+        raise RuntimeError("--profile needs py-spy on PATH (pip install py-spy)")
+    folder.mkdir(parents=True, exist_ok=True)
+    samplers = [
+        subprocess.Popen(
+            [
+                py_spy,
+                "record",
+                "--pid",
+                str(worker.process.pid),
+                "--subprocesses",
+                "--format",
+                "raw",
+                "--rate",
+                "200",
+                "--nonblocking",
+                "--output",
+                str(folder / f"{name}-{worker.name}.txt"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for worker in pipe.workers
+    ]
+    time.sleep(1.0)  # py-spy attaches before the first task arrives
+    try:
+        yield
+    finally:
+        for sampler in samplers:
+            sampler.send_signal(2)  # SIGINT: py-spy writes its output and exits
+        for sampler in samplers:
+            sampler.wait(timeout=60)
+
+
 # ------------------------------------------------------------------------------ driver
 
 
@@ -399,7 +442,7 @@ def run_benchmark(options: Options, env: Any) -> list[Cell]:
                 cell.bare_api_requests = moved["api"]
 
                 say(f"N={n} W={w}: pipeline")
-                with measured(probes) as moved:
+                with measured(probes) as moved, profiled(pipe, options.profile_dir, f"n{n}-w{w}"):
                     cell.pipeline_s, (report, enqueued) = driver.run(distribution_id)
                 cell.counts = report.counts()
                 cell.api_requests = moved["api"]
