@@ -16,7 +16,13 @@ from typing import Any
 from celery import group, signals
 
 from worker.app import app
-from worker.pipeline import advance_run, process_target, reap, start_run
+from worker.pipeline import (
+    DATABASE_OUTAGE_ERRORS,
+    advance_run,
+    process_target,
+    reap,
+    start_run,
+)
 from worker.runtime import get_runtime
 
 log = logging.getLogger(__name__)
@@ -49,20 +55,33 @@ class CeleryDispatcher:
 
 dispatcher = CeleryDispatcher()
 
+#: Retry policy of the three pipeline tasks: a database outage (lost connection, server
+#: restarting) is retried with exponential backoff and full jitter, 1 s doubling up to 30 s,
+#: ten times (about four minutes in all). Safe because every step is idempotent: a start
+#: finds its run already running, a claim its target already claimed, an advance its batch
+#: index already moved. Other database errors are defects and are not retried.
+DATABASE_RETRY: dict[str, Any] = {
+    "autoretry_for": DATABASE_OUTAGE_ERRORS,
+    "retry_backoff": 1,
+    "retry_backoff_max": 30,
+    "retry_jitter": True,
+    "max_retries": 10,
+}
 
-@app.task(name=START_RUN)
+
+@app.task(name=START_RUN, **DATABASE_RETRY)
 def start_run_task(run_id: str) -> None:
     """Plan a run into batches and send its first batch."""
     start_run(get_runtime(), dispatcher, run_id)
 
 
-@app.task(name=DEPLOY_TARGET)
+@app.task(name=DEPLOY_TARGET, **DATABASE_RETRY)
 def process_target_task(run_id: str, target_id: str) -> None:
     """Dry-run, execute or roll back one target of a run (failures are recorded, not raised)."""
     process_target(get_runtime(), dispatcher, run_id, target_id)
 
 
-@app.task(name=ADVANCE_RUN)
+@app.task(name=ADVANCE_RUN, **DATABASE_RETRY)
 def advance_run_task(run_id: str, batch_index: int) -> None:
     """The batch callback: next batch, halt on the failure threshold, or finish."""
     advance_run(get_runtime(), dispatcher, run_id, batch_index)

@@ -26,13 +26,22 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import Session
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception_type,
+    stop_after_delay,
+    wait_exponential,
+)
 
 from models import queries
 from models.entities import (
@@ -68,7 +77,17 @@ from worker.webhook import WebhookError, deliver_webhook, webhook_payload
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 _OPEN = (ResultStatus.PENDING, ResultStatus.RUNNING)
+
+#: Errors that mean "the database is unreachable right now", not "this request is wrong":
+#: a lost or refused connection, a server restarting, an exhausted pool. Tasks retry them.
+DATABASE_OUTAGE_ERRORS: tuple[type[Exception], ...] = (
+    OperationalError,
+    InterfaceError,
+    PoolTimeoutError,
+)
 
 
 class Dispatcher(Protocol):
@@ -176,11 +195,14 @@ class TargetOutcome:
 
 def process_target(rt: Runtime, dispatch: Dispatcher, run_id: str, target_id: str) -> None:
     """Claim, process and record one target of a run, then ask for the batch to advance."""
+    # A database outage in _claim rolls the claim back and propagates: the task retries.
     job = _claim(rt, run_id, target_id)
     if job is None:
         return
     started = time.monotonic()
-    outcome = _perform(rt, job)
+    # Once claimed, no other delivery may take the target before the lease expires, so this
+    # delivery rides out a database outage itself instead of leaving the claim stranded.
+    outcome = _through_outage(rt, lambda: _perform(rt, job))
     log.info(
         "run %s target %s: %s%s (%.0f ms)",
         run_id,
@@ -189,8 +211,29 @@ def process_target(rt: Runtime, dispatch: Dispatcher, run_id: str, target_id: st
         f" [{outcome.error_reason}]" if outcome.error_reason else "",
         (time.monotonic() - started) * 1000,
     )
-    if _record(rt, job, outcome) and _batch_is_done(rt, run_id, job.batch_index):
+    if _through_outage(
+        rt, lambda: _record(rt, job, outcome) and _batch_is_done(rt, run_id, job.batch_index)
+    ):
         dispatch.advance(run_id, job.batch_index)
+
+
+def _through_outage(rt: Runtime, step: Callable[[], T]) -> T:
+    """Run ``step``, repeating it while the database is unreachable (bounded well inside the
+    task's soft time limit, hence inside the claim's lease); then let the error propagate."""
+    retrying = Retrying(
+        retry=retry_if_exception_type(DATABASE_OUTAGE_ERRORS),
+        wait=wait_exponential(multiplier=0.25, max=5),
+        stop=stop_after_delay(min(60.0, rt.settings.tasks.soft_time_limit / 2)),
+        before_sleep=_log_outage,
+        reraise=True,
+    )
+    return retrying(step)
+
+
+def _log_outage(state: RetryCallState) -> None:
+    error = state.outcome.exception() if state.outcome is not None else None
+    # The class name only: a driver's message may quote connection parameters.
+    log.warning("database unavailable (%s); retrying", type(error).__name__)
 
 
 def claim_lease(rt: Runtime) -> timedelta:
@@ -278,6 +321,8 @@ def _perform(rt: Runtime, job: TargetJob) -> TargetOutcome:
         outcome.error_reason, outcome.error_message = "decryption_failed", str(exc)
     except queries.NotFoundError as exc:
         outcome.error_reason, outcome.error_message = "not_found", str(exc)
+    except DATABASE_OUTAGE_ERRORS:
+        raise  # not the target's fault: the caller retries the whole step
     except ValueError as exc:  # e.g. a target variable whose name templates cannot use
         outcome.error_reason, outcome.error_message = "invalid_configuration", str(exc)
     except Exception as exc:  # a target's failure must never stop its batch
@@ -397,14 +442,20 @@ def _deploy(
         snapshot_store=store,
     )
     if store is not None and outcome.action in ("created", "updated", "unchanged"):
-        with rt.session() as session:
-            queries.record_snapshot_write(
-                session,
-                job.distribution_id,
-                job.target.id,
-                fingerprint=bundle.leaf.sha256_fingerprint,
-                resource_version=outcome.resource_version,
-            )
+
+        def record_write() -> None:
+            with rt.session() as session:
+                queries.record_snapshot_write(
+                    session,
+                    job.distribution_id,
+                    job.target.id,
+                    fingerprint=bundle.leaf.sha256_fingerprint,
+                    resource_version=outcome.resource_version,
+                )
+
+        # After the write: retried on its own so an outage here does not redo the write
+        # (which would then be reported "unchanged" instead of what this run did).
+        _through_outage(rt, record_write)
     return outcome
 
 

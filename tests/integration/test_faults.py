@@ -1,0 +1,617 @@
+"""Faults with real processes: workers killed and stopped, Redis and PostgreSQL going away,
+apiservers stopping or throttling, concurrent writers and duplicate runs.
+
+Every test ends with the same truth check (:func:`_assert_truthful`): the run is final;
+every target reported written holds exactly the new certificate; every other target still
+holds its previous Secret; no rollback snapshot holds our own new content.
+
+One pipeline is shared by the module (its database is reached through a :class:`TcpGate`
+so PostgreSQL can be cut, its broker is a private Redis with appendonly so it can be
+restarted); each test starts and stops its own workers.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+import redis
+from kubernetes import client as k8s
+
+from models import queries
+from tasks.distribution import dispatcher
+from tests.certfactory import Chain, make_chain
+from tests.support.faults import FaultyApiProxy, TcpGate, gated_kubeconfig, proxied_kubeconfig
+from tests.support.pipeline import Fleet, Pipeline, build_fleet, pipeline, read_secret
+from worker import service
+from worker.app import app, configure
+from worker.bundle import build_bundle
+from worker.kube.secret import desired_secret
+from worker.pipeline import DATABASE_OUTAGE_ERRORS
+from worker.runtime import set_runtime
+
+WRITTEN = {"created", "updated", "unchanged"}
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def gated_postgres(testenv: Any) -> Iterator[tuple[str, TcpGate]]:
+    """A fresh database reached through a gate that a test may cut."""
+    server = testenv.postgres()
+    url = server.create_database("faults")
+    parts = urlsplit(url)
+    gate = TcpGate("127.0.0.1", int(parts.port or 5432))
+    gated = url.replace(f":{parts.port}/", f":{gate.port}/")
+    yield gated, gate
+    gate.close()
+    server.drop_database(url)
+
+
+@pytest.fixture(scope="module")
+def persistent_redis(make_redis_server: Callable[..., Any]) -> Any:
+    """A private Redis with appendonly (fsync always), so a restart keeps what it acknowledged."""
+    return make_redis_server(appendonly=True)
+
+
+@pytest.fixture(scope="module")
+def shared(
+    gated_postgres: tuple[str, TcpGate], persistent_redis: Any, tmp_path_factory: Any
+) -> Iterator[Pipeline]:
+    with pipeline(
+        gated_postgres[0], persistent_redis.url, tmp_path_factory.mktemp("faults")
+    ) as made:
+        yield made
+
+
+@pytest.fixture
+def pipe(shared: Pipeline) -> Iterator[Pipeline]:
+    """The shared pipeline; workers a test starts are stopped when it ends."""
+    before = len(shared.workers)
+    yield shared
+    for worker in shared.workers[before:]:
+        worker.stop(timeout=20)
+
+
+@pytest.fixture
+def proxies(clusters: list[Any]) -> Iterator[Callable[[Any], FaultyApiProxy]]:
+    made: list[FaultyApiProxy] = []
+
+    def make(cluster: Any) -> FaultyApiProxy:
+        proxy = FaultyApiProxy(cluster.server, cluster.ca_pem)
+        made.append(proxy)
+        return proxy
+
+    yield make
+    for proxy in made:
+        proxy.close()
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+def _namespace(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:6]}"
+
+
+def _fleet(
+    pipe: Pipeline,
+    clusters: list[Any],
+    make_service_account: Any,
+    prefix: str,
+    *,
+    targets: int,
+    proxy_for: dict[str, FaultyApiProxy] | None = None,
+    gate_for: dict[str, TcpGate] | None = None,
+    **options: Any,
+) -> Fleet:
+    """A fleet whose kubeconfigs may lead through a fault proxy or a gate per cluster."""
+    namespace = _namespace(prefix)
+    kubeconfigs: dict[str, str] = {}
+    for cluster in clusters:
+        kubeconfig = make_service_account(cluster, namespace).kubeconfig
+        if proxy_for and cluster.name in proxy_for:
+            proxy = proxy_for[cluster.name]
+            kubeconfig = proxied_kubeconfig(kubeconfig, proxy.server, proxy.ca_pem)
+        if gate_for and cluster.name in gate_for:
+            kubeconfig = gated_kubeconfig(kubeconfig, gate_for[cluster.name])
+        kubeconfigs[cluster.name] = kubeconfig
+    return build_fleet(
+        pipe,
+        clusters,
+        make_service_account,
+        targets=targets,
+        namespace=namespace,
+        kubeconfigs=kubeconfigs,
+        **options,
+    )
+
+
+def _seed_previous(fleet: Fleet, admin_api: Any) -> Chain:
+    """Create every target's Secret with an older certificate this distribution wrote."""
+    old = make_chain(cn="shop.example.com", fresh_leaf_key=True)
+    bundle = build_bundle(old.leaf_pem, old.key_pem, old.chain_pem, old.root_pem, now=_now())
+    for cluster, namespace, name in fleet.placement.values():
+        body = desired_secret(
+            name=name,
+            namespace=namespace,
+            tls_crt=bundle.tls_crt(),
+            tls_key=bundle.tls_key(),
+            ca_crt=None,
+            leaf=bundle.leaf,
+            distribution_id=fleet.distribution_id,
+        )
+        k8s.CoreV1Api(admin_api(cluster)).create_namespaced_secret(namespace, body)
+    return old
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _report(pipe: Pipeline, run_id: str) -> service.RunReport | None:
+    """The run's report, or None while the database is unreachable."""
+    try:
+        return service.run_report(pipe.runtime, run_id)
+    except DATABASE_OUTAGE_ERRORS:
+        return None
+
+
+def _wait_final(pipe: Pipeline, run_id: str, timeout: float = 120.0) -> service.RunReport:
+    deadline = time.monotonic() + timeout
+    report = None
+    while time.monotonic() < deadline:
+        report = _report(pipe, run_id)
+        if report is not None and report.finished:
+            return report
+        time.sleep(0.2)
+    tail = "\n".join(w.log_text()[-2500:] for w in pipe.workers[-3:])
+    raise AssertionError(f"run {run_id} not final after {timeout}s: {report}\n{tail}")
+
+
+def _wait_done(pipe: Pipeline, run_id: str, at_least: int, timeout: float = 60.0) -> None:
+    """Block until ``at_least`` targets of the run reached a final status."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        report = _report(pipe, run_id)
+        if report is not None:
+            done = sum(1 for r in report.results if r.status not in ("pending", "running"))
+            if done >= at_least or report.finished:
+                return
+        time.sleep(0.05)
+    raise AssertionError(f"run {run_id}: fewer than {at_least} targets done after {timeout}s")
+
+
+def _running(pipe: Pipeline, run_id: str) -> set[str]:
+    report = service.run_report(pipe.runtime, run_id)
+    return {r.target_id for r in report.results if r.status == "running"}
+
+
+def _key_of(secret: Any) -> bytes | None:
+    return None if secret is None else base64.b64decode(secret.data["tls.key"])
+
+
+def _assert_truthful(
+    pipe: Pipeline,
+    report: service.RunReport,
+    fleet: Fleet,
+    admin_api: Any,
+    previous: Chain | None,
+) -> dict[str, int]:
+    """Final run; written targets hold the new key, the others their previous Secret;
+    no snapshot holds the new key. Returns the run's counts."""
+    assert report.finished, report
+    by_name = {r.target_name: r for r in report.results}
+    assert sorted(by_name) == sorted(fleet.placement), "one result per target, no duplicates"
+    new_key = fleet.chain.key_pem
+    old_key = previous.key_pem if previous is not None else None
+    with pipe.runtime.session() as session:
+        for name, (cluster, namespace, secret_name) in fleet.placement.items():
+            live = _key_of(read_secret(admin_api, cluster, namespace, secret_name))
+            status = by_name[name].status
+            if status in WRITTEN:
+                assert live == new_key, f"{name} reported {status} but does not hold the new key"
+            else:
+                assert live == old_key, f"{name} reported {status} but its Secret changed"
+                assert by_name[name].error_reason or status == "skipped", by_name[name]
+            target = queries.get_target_by_name(session, name)
+            if queries.get_snapshot(session, fleet.distribution_id, target.id) is not None:
+                snapshot = queries.reveal_snapshot(
+                    session, pipe.runtime.keyring, fleet.distribution_id, target.id
+                )
+                held = snapshot.data.get("tls.key")
+                held_key = base64.b64decode(held) if held else None
+                assert held_key != new_key, f"{name}: the rollback snapshot holds our content"
+                assert held_key == old_key, f"{name}: the snapshot lost the previous content"
+    return report.counts()
+
+
+# -------------------------------------------------------------------------------- workers
+
+
+def test_sigterm_lets_tasks_in_flight_finish_and_another_worker_completes_the_run(
+    pipe: Pipeline,
+    clusters: list[Any],
+    make_service_account: Any,
+    testenv_admin_api: Any,
+    proxies: Callable[[Any], FaultyApiProxy],
+) -> None:
+    proxy = proxies(clusters[0])
+    proxy.latency = 0.4  # each target takes ~1 s: tasks are surely in flight at SIGTERM
+    fleet = _fleet(
+        pipe,
+        clusters[:1],
+        make_service_account,
+        "term",
+        targets=12,
+        proxy_for={clusters[0].name: proxy},
+    )
+    previous = _seed_previous(fleet, testenv_admin_api)
+    leaving = pipe.start_worker("leaving", concurrency=3)
+    run_id = pipe.enqueue(fleet.distribution_id, "execute")
+    _wait_done(pipe, run_id, 2)
+    in_flight = _running(pipe, run_id)
+    assert in_flight, "no task was in flight when SIGTERM was sent"
+
+    os.kill(leaving.process.pid, signal.SIGTERM)  # what kubelet sends to the pod's PID 1
+    assert leaving.process.wait(timeout=30) == 0, leaving.log_text()[-3000:]
+
+    after = {r.target_id: r for r in service.run_report(pipe.runtime, run_id).results}
+    assert all(after[t].status in WRITTEN for t in in_flight), "warm shutdown abandoned a task"
+    pipe.start_worker("successor", concurrency=3)
+    report = _wait_final(pipe, run_id)
+    assert report.state == "succeeded", report.reason
+    assert _assert_truthful(pipe, report, fleet, testenv_admin_api, previous) == {"updated": 12}
+
+
+def test_a_worker_restarted_twice_in_one_run_loses_and_duplicates_nothing(
+    pipe: Pipeline,
+    clusters: list[Any],
+    make_service_account: Any,
+    testenv_admin_api: Any,
+    proxies: Callable[[Any], FaultyApiProxy],
+) -> None:
+    proxy = proxies(clusters[1])
+    proxy.latency = 0.3
+    fleet = _fleet(
+        pipe,
+        clusters[:2],
+        make_service_account,
+        "twice",
+        targets=16,
+        proxy_for={clusters[1].name: proxy},
+        batch_size=[2, "50%"],
+    )
+    previous = _seed_previous(fleet, testenv_admin_api)
+    run_id = pipe.enqueue(fleet.distribution_id, "execute")
+    for life, done in (("first", 3), ("second", 8)):
+        worker = pipe.start_worker(life, concurrency=2)
+        _wait_done(pipe, run_id, done)
+        worker.kill()  # the pod dies: SIGKILL, no warm shutdown
+    pipe.start_worker("third", concurrency=4)
+
+    report = _wait_final(pipe, run_id, timeout=150)
+
+    assert report.state == "succeeded", report.reason
+    counts = _assert_truthful(pipe, report, fleet, testenv_admin_api, previous)
+    assert set(counts) <= {"updated", "unchanged"} and sum(counts.values()) == 16, counts
+    assert "reaper resumed this run" in (report.reason or ""), report.reason
+
+
+# ----------------------------------------------------------------------------- databases
+
+
+def test_postgres_unavailable_mid_run_tasks_retry_and_results_are_neither_lost_nor_doubled(
+    pipe: Pipeline,
+    gated_postgres: tuple[str, TcpGate],
+    clusters: list[Any],
+    make_service_account: Any,
+    testenv_admin_api: Any,
+    proxies: Callable[[Any], FaultyApiProxy],
+) -> None:
+    _, gate = gated_postgres
+    proxy = proxies(clusters[0])
+    proxy.latency = 0.3
+    fleet = _fleet(
+        pipe,
+        clusters[:1],
+        make_service_account,
+        "pgdown",
+        targets=12,
+        proxy_for={clusters[0].name: proxy},
+        batch_size=4,
+    )
+    previous = _seed_previous(fleet, testenv_admin_api)
+    worker = pipe.start_worker("pg", concurrency=4)
+    run_id = pipe.enqueue(fleet.distribution_id, "execute")
+    _wait_done(pipe, run_id, 2)
+
+    gate.cut()  # every pooled connection drops; new ones are refused
+    time.sleep(4)
+    gate.restore()
+
+    report = _wait_final(pipe, run_id, timeout=150)
+    assert report.state == "succeeded", report.reason
+    counts = _assert_truthful(pipe, report, fleet, testenv_admin_api, previous)
+    assert counts == {"updated": 12}, counts
+    assert all(r.attempts == 1 for r in report.results), [r.attempts for r in report.results]
+    log = worker.log_text()
+    assert "database unavailable" in log or "Retry in" in log, log[-3000:]
+
+
+@pytest.mark.parametrize("persistent", [True, False], ids=["appendonly", "no-persistence"])
+def test_redis_restarted_mid_run_the_reaper_brings_the_run_to_a_truthful_end(
+    persistent: bool,
+    pipe: Pipeline,
+    shared: Pipeline,
+    persistent_redis: Any,
+    make_redis_server: Callable[..., Any],
+    testenv: Any,
+    clusters: list[Any],
+    make_service_account: Any,
+    testenv_admin_api: Any,
+    proxies: Callable[[Any], FaultyApiProxy],
+    tmp_path: Path,
+) -> None:
+    if persistent:
+        broker, own = persistent_redis, None
+    else:
+        broker = make_redis_server(appendonly=False)
+        own = pipeline(testenv.postgres().create_database("redis"), broker.url, tmp_path)
+        pipe = own.__enter__()
+    try:
+        proxy = proxies(clusters[0])
+        proxy.latency = 0.3
+        fleet = _fleet(
+            pipe,
+            clusters[:1],
+            make_service_account,
+            "redis",
+            targets=10,
+            proxy_for={clusters[0].name: proxy},
+            batch_size=5,
+        )
+        previous = _seed_previous(fleet, testenv_admin_api)
+        worker = pipe.start_worker(f"redis-{persistent}", concurrency=2)
+        run_id = pipe.enqueue(fleet.distribution_id, "execute")
+        _wait_done(pipe, run_id, 1)
+        client = redis.Redis.from_url(broker.url)
+        client.set("canary", "before-restart")
+        bindings = {k for k in _redis_keys(client) if k.startswith(b"_kombu.binding")}
+        broker.restart()
+        canary = client.get("canary")
+        kept = {k for k in _redis_keys(client) if k.startswith(b"_kombu.binding")}
+
+        report = _wait_final(pipe, run_id, timeout=150)
+
+        # What survives a restart (docs/reliability.md): with appendonly (fsync always)
+        # everything acknowledged -- queued messages, the unacked hash, kombu's bindings;
+        # without persistence nothing, and the workers re-declare their bindings.
+        if persistent:
+            assert canary == b"before-restart"
+            assert bindings and bindings <= kept, (bindings, kept)
+        else:
+            assert canary is None
+        assert report.state == "succeeded", report.reason
+        counts = _assert_truthful(pipe, report, fleet, testenv_admin_api, previous)
+        assert set(counts) <= {"updated", "unchanged"} and sum(counts.values()) == 10, counts
+        assert worker.process.poll() is None, "the worker did not survive the broker restart"
+    finally:
+        if own is not None:
+            own.__exit__(None, None, None)
+            # Point this process back at the shared pipeline for the tests that follow.
+            configure(app, shared.settings)
+            set_runtime(shared.runtime)
+
+
+def _redis_keys(client: redis.Redis) -> set[bytes]:
+    return set(client.scan_iter(count=1000))
+
+
+# ---------------------------------------------------------------------------- apiservers
+
+
+def test_one_apiserver_stopped_mid_run_fails_only_its_targets_and_leaves_them_untouched(
+    pipe: Pipeline,
+    clusters: list[Any],
+    make_service_account: Any,
+    testenv_admin_api: Any,
+) -> None:
+    gate = TcpGate("127.0.0.1", clusters[1].port)
+    try:
+        fleet = _fleet(
+            pipe,
+            clusters[:2],
+            make_service_account,
+            "apidown",
+            targets=12,
+            gate_for={clusters[1].name: gate},
+            batch_size=[4, 8],
+            failure_threshold="100%",
+        )
+        previous = _seed_previous(fleet, testenv_admin_api)
+        pipe.start_worker("apidown", concurrency=4)
+        run_id = pipe.enqueue(fleet.distribution_id, "execute")
+        _wait_done(pipe, run_id, 4)
+        gate.cut()
+
+        report = _wait_final(pipe, run_id)
+
+        counts = _assert_truthful(pipe, report, fleet, testenv_admin_api, previous)
+        assert report.state == "failed", report.reason
+        failed = [r for r in report.results if r.status == "failed"]
+        assert failed and all(r.error_reason == "unreachable" for r in failed), failed
+        assert all(fleet.placement[r.target_name][0] is clusters[1] for r in failed)
+        assert counts.get("updated", 0) >= 8, counts  # every target of the live cluster
+
+        gate.restore()
+        again = _wait_final(pipe, pipe.enqueue(fleet.distribution_id, "execute"))
+        assert again.state == "succeeded", again.reason
+        assert again.counts().get("updated") == len(failed)
+        _assert_truthful(pipe, again, fleet, testenv_admin_api, previous)
+    finally:
+        gate.close()
+
+
+def test_an_apiserver_throttling_briefly_is_ridden_out_by_retries(
+    pipe: Pipeline,
+    clusters: list[Any],
+    make_service_account: Any,
+    testenv_admin_api: Any,
+    proxies: Callable[[Any], FaultyApiProxy],
+) -> None:
+    proxy = proxies(clusters[0])
+    fleet = _fleet(
+        pipe,
+        clusters[:1],
+        make_service_account,
+        "throttle",
+        targets=6,
+        proxy_for={clusters[0].name: proxy},
+    )
+    previous = _seed_previous(fleet, testenv_admin_api)
+    pipe.start_worker("throttle", concurrency=3)
+    proxy.inject(429, count=4, retry_after=1)
+    report = _wait_final(pipe, pipe.enqueue(fleet.distribution_id, "execute"))
+    assert proxy.injected() == 4
+    assert report.state == "succeeded", report.reason
+    assert _assert_truthful(pipe, report, fleet, testenv_admin_api, previous) == {"updated": 6}
+
+
+def test_an_apiserver_failing_longer_than_the_retry_budget_fails_targets_truthfully(
+    pipe: Pipeline,
+    clusters: list[Any],
+    make_service_account: Any,
+    testenv_admin_api: Any,
+    proxies: Callable[[Any], FaultyApiProxy],
+) -> None:
+    proxy = proxies(clusters[0])
+    fleet = _fleet(
+        pipe,
+        clusters[:2],
+        make_service_account,
+        "fivexx",
+        targets=8,
+        proxy_for={clusters[0].name: proxy},
+        failure_threshold="100%",
+    )
+    previous = _seed_previous(fleet, testenv_admin_api)
+    pipe.start_worker("fivexx", concurrency=4)
+    # Only writes fail: reads succeed, so each failure happens after a real decision to write.
+    proxy.inject(500, seconds=30, matches=lambda method, path: method in ("PUT", "POST"))
+    report = _wait_final(pipe, pipe.enqueue(fleet.distribution_id, "execute"))
+    proxy.heal()
+
+    counts = _assert_truthful(pipe, report, fleet, testenv_admin_api, previous)
+    assert report.state == "failed", report.reason
+    assert counts == {"updated": 4, "failed": 4}, counts
+    failed = [r for r in report.results if r.status == "failed"]
+    assert {r.error_reason for r in failed} == {"server_error"}
+    assert all("injected by the fault proxy" in (r.error_message or "") for r in failed)
+    assert proxy.injected() >= 4 * 2, "each failed write was retried before giving up"
+
+
+def test_a_conflicting_writer_between_our_read_and_write_costs_a_retry_not_correctness(
+    pipe: Pipeline,
+    clusters: list[Any],
+    make_service_account: Any,
+    testenv_admin_api: Any,
+    proxies: Callable[[Any], FaultyApiProxy],
+) -> None:
+    proxy = proxies(clusters[0])
+    fleet = _fleet(
+        pipe,
+        clusters[:1],
+        make_service_account,
+        "rival",
+        targets=6,
+        proxy_for={clusters[0].name: proxy},
+    )
+    previous = _seed_previous(fleet, testenv_admin_api)
+    api = k8s.CoreV1Api(testenv_admin_api(clusters[0]))
+    stamped: set[str] = set()
+    lock = threading.Lock()
+
+    def rival(method: str, path: str, status: int) -> None:
+        # Another controller stamps its label on each Secret right after our first read of
+        # it, before that read's answer reaches us: our PUT then carries a stale version.
+        if method != "GET" or status != 200 or "/secrets/" not in path:
+            return
+        namespace, name = path.split("/namespaces/")[1].split("/secrets/")
+        with lock:
+            if name in stamped:
+                return
+            stamped.add(name)
+        patch = {"metadata": {"labels": {"rival.example.com/stamp": "1"}}}
+        api.patch_namespaced_secret(name, namespace, patch)
+
+    proxy.after_forward = rival
+    pipe.start_worker("rival", concurrency=3)
+    report = _wait_final(pipe, pipe.enqueue(fleet.distribution_id, "execute"))
+
+    conflicts = sum(1 for method, _, status, _ in proxy.log if method == "PUT" and status == 409)
+    assert conflicts == 6, f"expected one 409 per Secret, saw {conflicts}"
+    assert report.state == "succeeded", report.reason
+    assert _assert_truthful(pipe, report, fleet, testenv_admin_api, previous) == {"updated": 6}
+    for _, namespace, name in fleet.placement.values():
+        labels = api.read_namespaced_secret(name, namespace).metadata.labels
+        assert labels.get("rival.example.com/stamp") == "1", "the rival's label was dropped"
+
+
+# ------------------------------------------------------------------------------- duplicates
+
+
+def test_two_runs_of_one_distribution_at_once_write_each_secret_exactly_once(
+    pipe: Pipeline, clusters: list[Any], make_service_account: Any, testenv_admin_api: Any
+) -> None:
+    fleet = _fleet(pipe, clusters[:2], make_service_account, "twin", targets=10)
+    previous = _seed_previous(fleet, testenv_admin_api)
+    pipe.start_worker("twin", concurrency=4)
+    first = pipe.enqueue(fleet.distribution_id, "execute")
+    second = pipe.enqueue(fleet.distribution_id, "execute")
+
+    reports = [_wait_final(pipe, first), _wait_final(pipe, second)]
+
+    for report in reports:
+        assert report.state == "succeeded", report.reason
+        _assert_truthful(pipe, report, fleet, testenv_admin_api, previous)
+    for name in fleet.placement:
+        statuses = sorted(r.status for rep in reports for r in rep.results if r.target_name == name)
+        assert statuses == ["unchanged", "updated"], f"{name}: {statuses}"
+
+
+def test_the_same_run_enqueued_twice_processes_each_target_once(
+    pipe: Pipeline, clusters: list[Any], make_service_account: Any, testenv_admin_api: Any
+) -> None:
+    fleet = _fleet(pipe, clusters[:2], make_service_account, "again", targets=10)
+    previous = _seed_previous(fleet, testenv_admin_api)
+    pipe.start_worker("again", concurrency=4)
+    run_id = pipe.enqueue(fleet.distribution_id, "execute")
+    dispatcher.start(run_id)  # the scheduler retried its enqueue
+    report = _wait_final(pipe, run_id)
+    # Late duplicates of every target message and of every batch callback.
+    dispatcher.process_targets(run_id, [r.target_id for r in report.results])
+    for batch in range(report.batches):
+        dispatcher.advance(run_id, batch)
+    time.sleep(2)
+
+    again = service.run_report(pipe.runtime, run_id)
+    assert (again.state, again.reason, again.finished_at) == (
+        report.state,
+        report.reason,
+        report.finished_at,
+    )
+    assert report.state == "succeeded", report.reason
+    assert _assert_truthful(pipe, again, fleet, testenv_admin_api, previous) == {"updated": 10}
+    assert all(r.attempts == 1 for r in again.results)
