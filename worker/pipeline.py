@@ -393,15 +393,18 @@ def _bundle(rt: Runtime, certificate: Certificate) -> TlsBundle:
     return bundle
 
 
-def _api_client(rt: Runtime, job: TargetJob) -> Any:
-    target = job.target
+def _api_client(rt: Runtime, job: TargetJob | Target) -> Any:
+    # worker.service's health check hands in a bare Target (no claim, so no envelope with it).
+    if isinstance(job, TargetJob):
+        target, envelope = job.target, job.credential_envelope
+    else:
+        target, envelope = job, None
     if target.connection_mode is ConnectionMode.IN_CLUSTER:
         return rt.clients.for_in_cluster(rt.settings.kube.serviceaccount_dir, rt.environ)
     assert target.credential_id is not None  # enforced by a check constraint
     credential_id = target.credential_id
     # The sealed credential came with the claim; decrypting it again is needed only when
     # it differs from the one this process's cached client was built from (rotation).
-    envelope = job.credential_envelope
     if envelope is None:
         with rt.session() as session:
             envelope = queries.get_credential(session, credential_id).secret
