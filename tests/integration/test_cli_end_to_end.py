@@ -1,0 +1,262 @@
+"""The operator CLI end to end: the README's main-job command (`certautopilot demo`) on a fresh
+machine, and the CLI flow against real API servers with a real worker process.
+
+Everything runs as subprocesses of the installed console script, with an environment holding
+no CAP_* variable but the data folder: exactly what an operator's shell does.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kubernetes import client as k8s
+from kubernetes.client.exceptions import ApiException
+
+from models.rollback import STORE_CONTENT_OFF
+from tests.certfactory import make_chain
+from tests.testenv import Cluster, ServiceAccountAccess
+
+pytestmark = pytest.mark.integration
+
+CLI = str(Path(sys.executable).with_name("certautopilot"))
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The test's environment without any CAP_* setting (a fresh machine), plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CAP_")}
+    env.update(extra)
+    return env
+
+
+def certautopilot(
+    env: Mapping[str, str], *args: str, stdin: str | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """Run the console script; output is captured as text."""
+    return subprocess.run(
+        [CLI, *args],
+        env=dict(env),
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+# ----------------------------------------------------------------------------------- demo
+
+
+def test_demo_runs_the_main_job_end_to_end_on_a_fresh_machine(tmp_path: Path) -> None:
+    started = time.monotonic()
+    # TMPDIR in tmp_path: the demo's throw-away folders are checked for removal below.
+    result = certautopilot(clean_env(TMPDIR=str(tmp_path)), "demo", timeout=600)
+    elapsed = time.monotonic() - started
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-6000:]
+    expected_in_order: list[str | tuple[str, ...]] = [
+        "Step 1/13 · A throw-away data folder (the embedded default)",
+        ("reusing kube-apiserver and etcd from", "building kube-apiserver and etcd from source"),
+        "cluster-1: https://127.0.0.1:",
+        "cluster-2: https://127.0.0.1:",
+        "worker pid",
+        "$ certautopilot certs import",
+        "imported certificate",
+        "health: healthy",
+        "batch 1: cluster-1-shop",
+        "$ certautopilot distributions attach",
+        "Dry-run: batch 3/3: 4/4 target(s) done",
+        'would update (live resourceVersion',
+        "succeeded: 4 would_update",
+        "(nothing was written)",
+        "Execute: batch 3/3: 4/4 target(s) done",
+        "succeeded: 4 updated",
+        "(the new certificate)",
+        "Step 10/13 · Renewal",
+        "succeeded: 4 would_update",
+        "succeeded: 4 updated",
+        "rollback button: enabled",
+        "succeeded: 4 rolled_back",
+        "(the hand-made Secret is back)",
+        "stopped the worker",
+        "stopped the local clusters",
+        "Demo finished in",
+    ]
+    position = 0
+    for expected in expected_in_order:
+        choices = (expected,) if isinstance(expected, str) else expected
+        hits = [(output.find(c, position), c) for c in choices if output.find(c, position) >= 0]
+        assert hits, f"missing (in order) {expected!r}:\n{output[-6000:]}"
+        found, line = min(hits)
+        position = found + len(line)
+    # The dry-run diff shows the serial change; no key material is ever printed.
+    assert re.search(r"serial\s+[0-9a-f]+ -> [0-9a-f]+", output)
+    assert "PRIVATE KEY" not in output
+    assert "token:" not in output
+    assert not list(tmp_path.glob("certautopilot-demo-*")), "the demo left its data folder"
+    print(f"demo took {elapsed:.1f}s")
+
+
+# ------------------------------------------------------------------------ CLI + real worker
+
+
+class Worker:
+    """`certautopilot worker` as a subprocess in its own process group."""
+
+    def __init__(self, env: Mapping[str, str], log: Path) -> None:
+        self.log = log
+        with log.open("wb") as handle:
+            self.process = subprocess.Popen(
+                [CLI, "worker", "--concurrency", "2"],
+                env=dict(env),
+                stdout=handle,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def wait_ready(self, heartbeat: Path, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while not heartbeat.exists():
+            assert self.process.poll() is None, self.log.read_text()[-4000:]
+            assert time.monotonic() < deadline, self.log.read_text()[-4000:]
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+
+
+@pytest.fixture
+def operator(tmp_path: Path) -> Iterator[Callable[..., subprocess.CompletedProcess[str]]]:
+    """`certautopilot ...` on a fresh embedded default, with a worker running on it."""
+    data = tmp_path / "data"
+    env = clean_env(
+        CAP_DATA_DIR=str(data),
+        CAP_REAPER_INTERVAL="2",
+        CAP_KUBE_RETRY_ATTEMPTS="2",
+        CAP_KUBE_RETRY_MAX_SECONDS="3",
+    )
+    assert "-> 0001" in certautopilot(env, "migrate").stdout
+    worker = Worker(env, tmp_path / "worker.log")
+    try:
+        worker.wait_ready(data / "worker-heartbeat")
+
+        def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+            return certautopilot(env, *args, stdin=stdin)
+
+        yield run
+    finally:
+        worker.stop()
+
+
+def _live_secret(api: Any, namespace: str, name: str) -> Any:
+    try:
+        return k8s.CoreV1Api(api).read_namespaced_secret(name, namespace)
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+
+
+def test_cli_dry_run_shows_the_diff_and_execute_creates_the_secret(
+    operator: Callable[..., subprocess.CompletedProcess[str]],
+    cluster: Cluster,
+    make_service_account: Callable[..., ServiceAccountAccess],
+    testenv_admin_api: Callable[[Cluster], Any],
+    tmp_path: Path,
+) -> None:
+    namespace = f"cli-{uuid.uuid4().hex[:8]}"
+    access = make_service_account(cluster, namespace)
+    admin = testenv_admin_api(cluster)
+    chain = make_chain(cn="shop.example.com", intermediates=1)
+    files = {}
+    for name, data in (("leaf", chain.leaf_pem), ("chain", chain.chain_pem), ("key", chain.key_pem)):
+        files[name] = tmp_path / f"{name}.pem"
+        files[name].write_bytes(data)
+
+    def ok(*args: str, stdin: str | None = None) -> str:
+        result = operator(*args, stdin=stdin)
+        assert result.returncode == 0, (args, result.stdout, result.stderr)
+        return result.stdout
+
+    ok("credentials", "add-kubeconfig", "c1", "--stdin", stdin=access.kubeconfig)
+    assert access.token not in ok("credentials", "list")
+    cert = json.loads(
+        ok("certs", "import", "--cert", str(files["leaf"]), "--key", str(files["key"]),
+           "--chain", str(files["chain"]), "--output", "json")
+    )  # fmt: skip
+    added = ok("targets", "add", "t1", "--namespace", namespace, "--kubeconfig-credential", "c1")
+    assert "health: healthy" in added
+    distribution = json.loads(
+        ok("distributions", "attach", cert["id"], "--target", "t1", "--output", "json")
+    )
+
+    dry = ok("run", distribution["id"], "--dry-run")
+    assert f'Secret "{namespace}/shop-example-com-tls": would create' in dry
+    assert "would_create" in dry
+    assert "succeeded: 1 would_create" in dry
+    assert _live_secret(admin, namespace, "shop-example-com-tls") is None
+
+    executed = ok("run", distribution["id"], "--execute")
+    assert "succeeded: 1 created" in executed
+    assert f"{namespace}/shop-example-com-tls" in executed
+    secret = _live_secret(admin, namespace, "shop-example-com-tls")
+    assert secret.type == "kubernetes.io/tls"
+    assert base64.b64decode(secret.data["tls.crt"]) == chain.fullchain_pem
+
+    runs = json.loads(ok("runs", "list", "--output", "json"))
+    assert [(r["action"], r["state"]) for r in runs] == [
+        ("execute", "succeeded"),
+        ("dry_run", "succeeded"),
+    ]
+    shown = ok("runs", "show", runs[1]["id"], "--diff")
+    assert "would create (it does not exist yet)" in shown
+    refused = operator("rollback", distribution["id"])
+    assert refused.returncode == 2
+    assert STORE_CONTENT_OFF in refused.stderr
+
+
+def test_cli_run_that_fails_exits_1_and_names_the_cause(
+    operator: Callable[..., subprocess.CompletedProcess[str]],
+    cluster: Cluster,
+    tmp_path: Path,
+) -> None:
+    chain = make_chain(cn="gone.example.com", intermediates=0)
+    leaf, key = tmp_path / "leaf.pem", tmp_path / "key.pem"
+    leaf.write_bytes(chain.leaf_pem)
+    key.write_bytes(chain.key_pem)
+    operator("credentials", "add-kubeconfig", "admin", "--stdin", stdin=cluster.admin_kubeconfig)
+    cert = json.loads(
+        operator("certs", "import", "--cert", str(leaf), "--key", str(key), "-o", "json").stdout
+    )
+    saved = operator(
+        "targets", "add", "missing", "--namespace", "no-such-namespace",
+        "--kubeconfig-credential", "admin",
+    )  # fmt: skip
+    assert saved.returncode == 0 and "health: unhealthy" in saved.stdout
+    distribution = json.loads(
+        operator("distributions", "attach", cert["id"], "--target", "missing", "-o", "json").stdout
+    )
+    failed = operator("run", distribution["id"], "--execute", "--output", "json")
+    assert failed.returncode == 1, failed.stderr
+    report = json.loads(failed.stdout)["run"]
+    assert report["state"] == "failed"
+    (result,) = report["results"]
+    assert result["error_reason"] == "namespace_not_found"
+    assert 'namespaces "no-such-namespace" not found' in result["error_message"]

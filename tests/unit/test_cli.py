@@ -1,0 +1,626 @@
+"""The operator CLI: help everywhere, bad input refused with exit 2 and nothing written,
+secrets never printed, JSON output parses, probes and keys work on the embedded default.
+
+Every test runs the real typer app in-process (typer's CliRunner) against its own data
+folder; settings come from the environment of the invocation, as in production.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import typer.main
+import yaml
+from hypothesis import given
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+from models.rollback import STORE_CONTENT_OFF
+from tests.certfactory import make_chain
+from worker.cli import app
+from worker.crypto import generate_kek
+from worker.kube.secret import (
+    CertificateSummary,
+    DataEntry,
+    KeySummary,
+    MetaChange,
+    OpaqueSummary,
+    SecretDiff,
+    render_diff,
+)
+from worker.output import diff_from_dict, diff_summary, render_diff_dict
+from worker.settings import load_settings
+
+TOKEN = "tok-CLI-TEST-do-not-print-0123456789"
+KEK_1 = base64.b64encode(bytes(range(32))).decode()
+KEK_2 = base64.b64encode(bytes(range(32, 64))).decode()
+
+
+# ------------------------------------------------------------------------------ fixtures
+
+
+def kubeconfig(token: str = TOKEN, server: str = "https://127.0.0.1:1", **user: Any) -> str:
+    """A token kubeconfig the vetting accepts (nothing listens on port 1)."""
+    return yaml.safe_dump(
+        {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [
+                {
+                    "name": "c",
+                    "cluster": {
+                        "server": server,
+                        "certificate-authority-data": base64.b64encode(
+                            make_chain(intermediates=0).root_pem
+                        ).decode(),
+                    },
+                }
+            ],
+            "users": [{"name": "u", "user": {"token": token, **user}}],
+            "contexts": [{"name": "ctx", "context": {"cluster": "c", "user": "u"}}],
+            "current-context": "ctx",
+        }
+    )
+
+
+class Cli:
+    """Runs `certautopilot ...` in-process with an environment of its own."""
+
+    def __init__(self, env: dict[str, str | None], folder: Path) -> None:
+        self.env = env
+        self.folder = folder
+        self.runner = CliRunner()
+
+    def __call__(self, *args: str, stdin: str | None = None) -> Any:
+        return self.runner.invoke(app, list(args), env=self.env, input=stdin)
+
+    def ok(self, *args: str, stdin: str | None = None) -> Any:
+        result = self(*args, stdin=stdin)
+        assert result.exit_code == 0, (result.stdout, result.stderr, result.exception)
+        return result
+
+    def json(self, *args: str) -> Any:
+        return json.loads(self.ok(*args, "--output", "json").stdout)
+
+    def write(self, name: str, data: bytes | str) -> str:
+        path = self.folder / name
+        path.write_bytes(data.encode() if isinstance(data, str) else data)
+        return str(path)
+
+
+@pytest.fixture
+def cli(tmp_path: Path) -> Cli:
+    """A CLI on a fresh embedded default in tmp_path, with no other CAP_* variable set."""
+    env: dict[str, str | None] = {name: None for name in os.environ if name.startswith("CAP_")}
+    env.update(
+        {
+            "CAP_DATA_DIR": str(tmp_path / "data"),
+            # Somewhere without a token: this machine is "not in Kubernetes".
+            "CAP_SERVICEACCOUNT_DIR": str(tmp_path / "no-serviceaccount"),
+            "KUBERNETES_SERVICE_HOST": None,
+            "KUBERNETES_SERVICE_PORT": None,
+            "CAP_KUBE_RETRY_ATTEMPTS": "1",
+            "CAP_KUBE_CONNECT_TIMEOUT": "1",
+            "FLOWER_BASIC_AUTH": None,
+        }
+    )
+    return Cli(env, tmp_path)
+
+
+@pytest.fixture
+def cert_files(cli: Cli) -> dict[str, str]:
+    """A leaf, its intermediate, key and root as files."""
+    chain = make_chain(cn="app.example.com", intermediates=1)
+    return {
+        "cert": cli.write("leaf.pem", chain.leaf_pem),
+        "chain": cli.write("chain.pem", chain.chain_pem),
+        "key": cli.write("key.pem", chain.key_pem),
+        "ca": cli.write("root.pem", chain.root_pem),
+    }
+
+
+@pytest.fixture
+def setup(cli: Cli, cert_files: dict[str, str]) -> Iterator[dict[str, str]]:
+    """A credential, a certificate, two unchecked targets, a group and a distribution."""
+    cli.ok("credentials", "add-kubeconfig", "kc", "--stdin", stdin=kubeconfig())
+    cert = cli.json("certs", "import", "--cert", cert_files["cert"], "--key", cert_files["key"])
+    for name in ("t1", "t2"):
+        cli.ok(
+            "targets", "add", name, "--namespace", "ingress",
+            "--kubeconfig-credential", "kc", "--no-check",
+        )  # fmt: skip
+    cli.ok("groups", "create", "g", "--target", "t1", "--target", "t2", "--batch-size", "1")
+    distribution = cli.json("distributions", "attach", cert["id"], "--group", "g")
+    yield {"cert": cert["id"], "distribution": distribution["id"]}
+
+
+def all_command_paths() -> list[list[str]]:
+    """Every command and sub-command of the app, as argument lists."""
+    paths: list[list[str]] = [[]]
+
+    def walk(command: Any, prefix: list[str]) -> None:
+        # Typer ships its own click; a group is whatever has sub-commands.
+        for name, sub in getattr(command, "commands", {}).items():
+            paths.append([*prefix, name])
+            walk(sub, [*prefix, name])
+
+    walk(typer.main.get_command(app), [])
+    return paths
+
+
+# ---------------------------------------------------------------------------------- help
+
+COMMANDS = all_command_paths()
+
+
+def test_the_cli_offers_every_command_of_the_brief() -> None:
+    names = {" ".join(path) for path in COMMANDS}
+    expected = {
+        "credentials add-kubeconfig", "credentials add-webhook-secret", "credentials list",
+        "certs import", "certs list", "certs renew",
+        "targets add", "targets list", "targets show", "targets check",
+        "groups create", "groups add-targets", "groups list", "groups show",
+        "distributions attach", "distributions attach-webhook", "distributions list",
+        "run", "rollback", "runs list", "runs show", "keys rotate", "keys generate",
+        "migrate", "worker", "flower", "probe liveness", "probe readiness", "demo",
+    }  # fmt: skip
+    assert expected <= names
+
+
+@pytest.mark.parametrize("path", COMMANDS, ids=lambda p: " ".join(p) or "(root)")
+def test_every_command_has_help(cli: Cli, path: list[str]) -> None:
+    result = cli(*path, "--help")
+    assert result.exit_code == 0, result.output
+    assert "Usage:" in result.stdout
+    # Asking for help must not create anything (no database, no KEK file).
+    assert not (cli.folder / "data").exists()
+
+
+# ------------------------------------------------------------------------ bad input: exit 2
+
+
+def assert_refused(result: Any, *fragments: str) -> None:
+    """Exit 2 with ``error: ...`` as the last line on stderr, naming the problem."""
+    assert result.exit_code == 2, (result.stdout, result.stderr, result.exception)
+    assert result.stderr.splitlines()[-1].startswith("error:"), result.stderr
+    for fragment in fragments:
+        assert fragment in result.stderr, result.stderr
+
+
+def test_garbage_certificate_is_refused_and_nothing_is_stored(
+    cli: Cli, cert_files: dict[str, str]
+) -> None:
+    garbage = cli.write("garbage.pem", "this is not a certificate\n")
+    assert_refused(cli("certs", "import", "--cert", garbage, "--key", cert_files["key"]), "PEM")
+    assert cli.json("certs", "list") == []
+
+
+def test_certificate_whose_key_does_not_match_is_refused(
+    cli: Cli, cert_files: dict[str, str]
+) -> None:
+    other_key = cli.write("other.pem", make_chain(fresh_leaf_key=True).key_pem)
+    result = cli("certs", "import", "--cert", cert_files["cert"], "--key", other_key)
+    assert_refused(result)
+    assert cli.json("certs", "list") == []
+
+
+def test_missing_file_is_named(cli: Cli, cert_files: dict[str, str]) -> None:
+    missing = str(cli.folder / "nope.pem")
+    assert_refused(cli("certs", "import", "--cert", missing, "--key", cert_files["key"]), missing)
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--file", "x", "--stdin"], "exactly one of --file PATH or --stdin"),
+        ([], "exactly one of --file PATH or --stdin"),
+    ],
+)
+def test_kubeconfig_source_must_be_exactly_one(cli: Cli, args: list[str], fragment: str) -> None:
+    assert_refused(cli("credentials", "add-kubeconfig", "kc", *args), fragment)
+
+
+def test_kubeconfig_that_runs_a_program_is_refused_without_echoing_it(cli: Cli) -> None:
+    text = kubeconfig(exec={"command": "/bin/steal-tokens", "apiVersion": "v1"})
+    result = cli("credentials", "add-kubeconfig", "kc", "--stdin", stdin=text)
+    assert_refused(result, "exec")
+    assert TOKEN not in result.output
+    assert cli.json("credentials", "list") == []
+
+
+def test_unknown_credential_is_refused_and_no_target_saved(cli: Cli) -> None:
+    result = cli(
+        "targets", "add", "t", "--namespace", "ingress", "--kubeconfig-credential", "nope"
+    )  # fmt: skip
+    assert_refused(result, "credential", "'nope'", "credentials list")
+    assert cli.json("targets", "list") == []
+
+
+def test_in_cluster_outside_kubernetes_is_refused(cli: Cli) -> None:
+    assert_refused(
+        cli("targets", "add", "t", "--namespace", "ingress", "--in-cluster"), "in-cluster"
+    )
+    assert cli.json("targets", "list") == []
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--kubeconfig-credential", "kc", "--in-cluster"], "exactly one of"),
+        ([], "exactly one of"),
+        (["--kubeconfig-credential", "kc", "--var", "novalue"], "name=value"),
+        (["--kubeconfig-credential", "kc", "--secret-name", "{{ .nope }}-tls"], "nope"),
+    ],
+)
+def test_invalid_target_options_are_refused(cli: Cli, args: list[str], fragment: str) -> None:
+    cli.ok("credentials", "add-kubeconfig", "kc", "--stdin", stdin=kubeconfig())
+    assert_refused(cli("targets", "add", "t", "--namespace", "ingress", *args), fragment)
+    assert cli.json("targets", "list") == []
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "fragment"),
+    [
+        ("--batch-size", "0", "at least 1"),
+        ("--batch-size", "150%", "more than 100%"),
+        ("--batch-size", "1,x", "neither"),
+        ("--failure-threshold", "-1", "failure threshold"),
+        ("--failure-threshold", "ten", "neither"),
+    ],
+)
+def test_bad_fanout_settings_are_refused_and_no_group_saved(
+    cli: Cli, setup: dict[str, str], option: str, value: str, fragment: str
+) -> None:
+    assert_refused(cli("groups", "create", "bad", "--target", "t1", option, value), fragment)
+    assert [group["name"] for group in cli.json("groups", "list")] == ["g"]
+
+
+def test_unknown_target_in_a_group_is_refused(cli: Cli, setup: dict[str, str]) -> None:
+    assert_refused(cli("groups", "create", "g2", "--target", "ghost"), "'ghost'", "targets list")
+    assert [group["name"] for group in cli.json("groups", "list")] == ["g"]
+
+
+def test_adding_a_member_twice_is_refused(cli: Cli, setup: dict[str, str]) -> None:
+    assert_refused(cli("groups", "add-targets", "g", "--target", "t1"), "already contains")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--target", "t1", "--group", "g"],
+        [],
+    ],
+)
+def test_attach_needs_exactly_one_destination(
+    cli: Cli, setup: dict[str, str], args: list[str]
+) -> None:
+    assert_refused(cli("distributions", "attach", setup["cert"], *args), "exactly one of")
+
+
+def test_attach_to_an_unknown_certificate_is_refused(cli: Cli, setup: dict[str, str]) -> None:
+    result = cli("distributions", "attach", "no-such-cert", "--target", "t1")
+    assert_refused(result, "certificate", "certs list")
+    assert len(cli.json("distributions", "list")) == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["run", "DIST"], "exactly one of --dry-run"),
+        (["run", "DIST", "--dry-run", "--execute"], "exactly one of --dry-run"),
+        (["run", "no-such-distribution", "--dry-run"], "distributions list"),
+        (["rollback", "no-such-distribution"], "distributions list"),
+        (["runs", "show", "no-such-run"], "runs list"),
+        (["keys", "rotate", "--to", "k9"], "k9"),
+    ],
+)
+def test_runs_with_bad_input_are_refused_before_anything_is_queued(
+    cli: Cli, setup: dict[str, str], args: list[str], fragment: str
+) -> None:
+    args = [setup["distribution"] if arg == "DIST" else arg for arg in args]
+    assert_refused(cli(*args), fragment)
+    assert cli.json("runs", "list") == []
+
+
+def test_rollback_with_store_content_off_explains_the_greyed_out_button(
+    cli: Cli, setup: dict[str, str]
+) -> None:
+    assert_refused(cli("rollback", setup["distribution"]), STORE_CONTENT_OFF)
+    listed = cli.json("distributions", "list")
+    assert listed[0]["rollback_available"] is False
+    assert listed[0]["rollback_reason"] == STORE_CONTENT_OFF
+    assert cli.json("runs", "list") == []
+
+
+def test_short_webhook_secret_is_refused(cli: Cli) -> None:
+    result = cli("credentials", "add-webhook-secret", "hook", "--stdin", stdin="short\n")
+    assert_refused(result, "at least 16")
+    assert TOKEN not in result.output
+
+
+def test_flower_refuses_to_start_without_authentication(cli: Cli) -> None:
+    assert_refused(cli("flower"), "FLOWER_BASIC_AUTH", "--no-auth")
+
+
+# ---------------------------------------------------------------------- secrets stay secret
+
+
+def test_credentials_are_listed_by_name_and_never_by_content(cli: Cli) -> None:
+    added = cli.ok("credentials", "add-kubeconfig", "prod-eu", "--stdin", stdin=kubeconfig())
+    hook = cli.write("hook.key", "0123456789abcdef0123456789abcdef\n")
+    cli.ok("credentials", "add-webhook-secret", "hook", "--file", hook)
+    text = cli.ok("credentials", "list")
+    listed = cli.json("credentials", "list")
+    assert [(c["name"], c["kind"]) for c in listed] == [
+        ("hook", "webhook_hmac"),
+        ("prod-eu", "kubeconfig"),
+    ]
+    for output in (added.output, text.output, json.dumps(listed)):
+        assert TOKEN not in output
+        assert "0123456789abcdef" not in output
+        assert "certificate-authority-data" not in output
+    assert "prod-eu" in text.stdout
+
+
+def test_certificate_output_never_shows_the_private_key(
+    cli: Cli, cert_files: dict[str, str]
+) -> None:
+    imported = cli.ok("certs", "import", "--cert", cert_files["cert"], "--key", cert_files["key"])
+    listed = cli.ok("certs", "list", "--output", "json")
+    for output in (imported.output, listed.output):
+        assert "PRIVATE KEY" not in output
+
+
+# ------------------------------------------------------------------------------------ JSON
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["credentials", "list"],
+        ["certs", "list"],
+        ["targets", "list"],
+        ["targets", "show", "t1"],
+        ["groups", "list"],
+        ["groups", "show", "g"],
+        ["distributions", "list"],
+    ],
+    ids=" ".join,
+)
+def test_json_output_parses(cli: Cli, setup: dict[str, str], args: list[str]) -> None:
+    parsed = cli.json(*args)
+    assert parsed, f"{args} printed nothing"
+
+
+def test_group_shows_its_batches_and_settings(cli: Cli, setup: dict[str, str]) -> None:
+    group = cli.json("groups", "show", "g")
+    assert group["targets"] == ["t1", "t2"]
+    assert group["batches"] == [["t1"], ["t2"]]
+    assert group["batch_size"] == "1"
+    assert group["failure_threshold"] == "0 (default)"
+    cli.ok(
+        "targets", "add", "t3", "--namespace", "x", "--kubeconfig-credential", "kc", "--no-check"
+    )  # fmt: skip
+    grown = cli.json("groups", "add-targets", "g", "--target", "t3")
+    assert grown["batches"] == [["t1"], ["t2"], ["t3"]]
+
+
+def test_target_show_names_its_credential_and_groups(cli: Cli, setup: dict[str, str]) -> None:
+    target = cli.json("targets", "show", "t1")
+    assert (target["credential"], target["groups"], target["health_status"]) == (
+        "kc",
+        ["g"],
+        "unknown",
+    )
+    assert target["secret_name"] == '{{ .cn | replaceAll "." "-" }}-tls'
+
+
+def test_certs_list_shows_expiry_and_days_left(cli: Cli, cert_files: dict[str, str]) -> None:
+    cli.ok("certs", "import", "--cert", cert_files["cert"], "--key", cert_files["key"])
+    text = cli.ok("certs", "list").stdout
+    assert "app.example.com" in text
+    assert "days left" in text
+    (cert,) = cli.json("certs", "list")
+    assert cert["not_after"].endswith("+00:00")
+
+
+def test_renewal_keeps_the_id_and_changes_the_serial(
+    cli: Cli, cert_files: dict[str, str], setup: dict[str, str]
+) -> None:
+    renewed = make_chain(cn="app.example.com", intermediates=0, fresh_leaf_key=True)
+    cert = cli.write("renewed.pem", renewed.leaf_pem)
+    key = cli.write("renewed.key", renewed.key_pem)
+    result = cli.json("certs", "renew", setup["cert"], "--cert", cert, "--key", key)
+    assert result["before"]["id"] == result["after"]["id"] == setup["cert"]
+    assert result["before"]["serial"] != result["after"]["serial"]
+    text = cli.ok("certs", "renew", setup["cert"], "--cert", cert, "--key", key).stdout
+    assert f"run {setup['distribution']} --dry-run" in text
+
+
+def test_renewal_with_a_mismatched_key_is_refused_and_keeps_the_old_certificate(
+    cli: Cli, setup: dict[str, str]
+) -> None:
+    renewed = make_chain(cn="app.example.com", intermediates=0, fresh_leaf_key=True)
+    other = make_chain(cn="app.example.com", intermediates=0, fresh_leaf_key=True)
+    before = cli.json("certs", "list")
+    result = cli(
+        "certs", "renew", setup["cert"],
+        "--cert", cli.write("r.pem", renewed.leaf_pem), "--key", cli.write("o.key", other.key_pem),
+    )  # fmt: skip
+    assert_refused(result)
+    assert cli.json("certs", "list") == before
+
+
+# ----------------------------------------------------------------------- schema and health
+
+
+def test_the_embedded_default_creates_its_schema_on_first_use(cli: Cli) -> None:
+    result = cli.ok("credentials", "list")
+    assert "initialised the embedded database" in result.stderr
+    assert "initialised" not in cli.ok("credentials", "list").stderr
+
+
+def test_another_database_without_schema_asks_for_migrate(cli: Cli, tmp_path: Path) -> None:
+    cli.env["CAP_DATABASE_URL"] = f"sqlite:///{tmp_path / 'other.db'}"
+    cli.env["CAP_KEK"] = f"k1:{KEK_1}"
+    result = cli("credentials", "list")
+    assert result.exit_code == 1
+    assert "run `certautopilot migrate`" in result.stderr
+    assert "-> 0001" in cli.ok("migrate").stdout
+    assert "already at schema" in cli.ok("migrate").stdout
+    assert cli.json("credentials", "list") == []
+
+
+def test_unhealthy_target_is_saved_and_check_exits_1(cli: Cli) -> None:
+    cli.ok("credentials", "add-kubeconfig", "kc", "--stdin", stdin=kubeconfig())
+    added = cli.ok("targets", "add", "t", "--namespace", "ingress", "--kubeconfig-credential", "kc")
+    assert "health: unhealthy" in added.stdout
+    assert "targets check t" in added.stdout
+    checked = cli("targets", "check", "t", "--output", "json")
+    assert checked.exit_code == 1
+    assert json.loads(checked.stdout)["status"] == "unhealthy"
+    assert cli.json("targets", "show", "t")["health_status"] == "unhealthy"
+
+
+def test_liveness_follows_the_heartbeat_file(cli: Cli) -> None:
+    assert "no heartbeat file" in cli("probe", "liveness").stderr
+    heartbeat = cli.folder / "data" / "worker-heartbeat"
+    heartbeat.touch()
+    assert cli("probe", "liveness").exit_code == 0
+    stale = time.time() - 3 * 15 - 5
+    os.utime(heartbeat, (stale, stale))
+    result = cli("probe", "liveness")
+    assert result.exit_code == 1
+    assert "limit 45s" in result.stderr
+
+
+def test_readiness_needs_the_schema_and_the_broker(cli: Cli) -> None:
+    cli.env["CAP_DATABASE_URL"] = f"sqlite:///{cli.folder / 'other.db'}"
+    cli.env["CAP_KEK"] = f"k1:{KEK_1}"
+    unmigrated = cli("probe", "readiness")
+    assert unmigrated.exit_code == 1
+    assert "certautopilot migrate" in unmigrated.stderr
+    cli.ok("migrate")
+    assert "ready" in cli.ok("probe", "readiness").stdout
+    cli.env["CAP_BROKER_URL"] = "redis://127.0.0.1:1/0"
+    no_broker = cli("probe", "readiness", "--timeout", "1")
+    assert no_broker.exit_code == 1
+    assert "broker redis://127.0.0.1:1/0 unreachable" in no_broker.stderr
+
+
+# ---------------------------------------------------------------------------------- keys
+
+
+def test_generated_kek_line_is_accepted_by_the_settings(cli: Cli, tmp_path: Path) -> None:
+    line = cli.ok("keys", "generate", "--id", "k7").stdout.strip()
+    settings = load_settings({"HOME": str(tmp_path), "CAP_KEK": line})
+    assert settings.crypto.current_key_id == "k7"
+    assert_refused(cli("keys", "generate", "--id", "bad id!"), "invalid")
+
+
+def test_rotation_rewraps_every_credential_under_the_new_key(cli: Cli) -> None:
+    cli.env["CAP_KEK"] = f"k1:{KEK_1},k2:{KEK_2}"
+    cli.ok("credentials", "add-kubeconfig", "kc", "--stdin", stdin=kubeconfig())
+    assert [c["key_id"] for c in cli.json("credentials", "list")] == ["k1"]
+    assert "re-wrapped 1 secret(s)" in cli.ok("keys", "rotate", "--to", "k2").stdout
+    assert [c["key_id"] for c in cli.json("credentials", "list")] == ["k2"]
+    assert "re-wrapped 0 secret(s)" in cli.ok("keys", "rotate", "--to", "k2").stdout
+    cli.env["CAP_KEK"] = f"k2:{KEK_2}"
+    assert [c["name"] for c in cli.json("credentials", "list")] == ["kc"]
+    assert generate_kek() != generate_kek()
+
+
+# ---------------------------------------------------------------------- diffs from storage
+
+_hex = st.text("0123456789abcdef", min_size=1, max_size=40)
+_cert_summary = st.builds(
+    CertificateSummary,
+    subject=st.one_of(st.none(), st.text(max_size=30)),
+    sans=st.lists(st.text(max_size=20), max_size=3).map(tuple),
+    issuer=st.one_of(st.none(), st.text(max_size=30)),
+    serial=st.one_of(st.none(), _hex),
+    not_after=st.one_of(st.none(), st.just("2030-01-01T00:00:00Z")),
+    sha256_fingerprint=st.one_of(st.none(), _hex),
+    chain_length=st.integers(0, 4),
+    error=st.one_of(st.none(), st.text(max_size=20)),
+)
+_summary = st.one_of(
+    _cert_summary,
+    st.builds(KeySummary, st.one_of(st.none(), _hex), st.one_of(st.none(), st.text(max_size=9))),
+    st.builds(OpaqueSummary, st.integers(0, 10_000)),
+)
+_meta = st.builds(
+    MetaChange, st.text(min_size=1, max_size=20), st.none() | st.text(), st.none() | st.text()
+)
+_diffs = st.builds(
+    SecretDiff,
+    action=st.sampled_from(["create", "update", "unchanged"]),
+    namespace=st.text(max_size=20),
+    name=st.text(max_size=20),
+    unmanaged=st.booleans(),
+    immutable=st.booleans(),
+    old_type=st.one_of(st.none(), st.sampled_from(["Opaque", "kubernetes.io/tls"])),
+    new_type=st.just("kubernetes.io/tls"),
+    data=st.lists(
+        st.builds(
+            DataEntry,
+            st.sampled_from(["tls.crt", "tls.key", "ca.crt", "other"]),
+            st.sampled_from(["added", "removed", "changed", "unchanged"]),
+            st.none() | _summary,
+            st.none() | _summary,
+        ),
+        max_size=4,
+    ).map(tuple),
+    labels=st.lists(_meta, max_size=3).map(tuple),
+    annotations=st.lists(_meta, max_size=3).map(tuple),
+    live_resource_version=st.none() | st.text("0123456789", min_size=1, max_size=6),
+)
+
+
+@given(_diffs)
+def test_a_stored_diff_renders_exactly_like_the_original(diff: SecretDiff) -> None:
+    stored = json.loads(json.dumps(diff.to_dict()))
+    assert diff_from_dict(stored) == diff
+    assert render_diff_dict(stored) == render_diff(diff)
+
+
+def _entry(key: str, change: str, old: Any, new: Any) -> dict[str, Any]:
+    return {"key": key, "change": change, "old": old, "new": new}
+
+
+@pytest.mark.parametrize(
+    ("diff", "expected"),
+    [
+        (None, ""),
+        (
+            {"action": "unchanged", "data": []},
+            "unchanged: the Secret already holds this certificate",
+        ),
+        (
+            {
+                "action": "update",
+                "unmanaged": True,
+                "data": [
+                    _entry("tls.crt", "changed", {"serial": "0a"}, {"serial": "0b"}),
+                    _entry("tls.key", "unchanged", {}, {}),
+                ],
+            },
+            "update: tls.crt (serial 0a -> 0b); the Secret was not created by CertAutoPilot",
+        ),
+        (
+            {"action": "create", "data": [_entry("tls.crt", "added", None, {"serial": "1" * 40})]},
+            "create: tls.crt (serial 11111111111111…)",
+        ),
+    ],
+)
+def test_diff_summary_names_the_changed_keys_and_serials(
+    diff: dict[str, Any] | None, expected: str
+) -> None:
+    assert diff_summary(diff) == expected

@@ -1,0 +1,366 @@
+"""How the CLI and the demo show things: rich tables, JSON, Secret diffs and a run in progress.
+
+Nothing here prints secret material: the values shown come from the operator views in
+:mod:`worker.service` and from stored diffs (``SecretDiff.to_dict()``), which hold
+certificate facts and public-key hashes only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
+from enum import Enum, StrEnum
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from rich.text import Text
+
+from models.enums import ResultStatus, RunState
+from worker.kube.secret import (
+    CertificateSummary,
+    DataEntry,
+    KeySummary,
+    MetaChange,
+    OpaqueSummary,
+    SecretDiff,
+    render_diff,
+)
+from worker.service import RunReport, TargetResultView
+
+__all__ = [
+    "OutputFormat",
+    "diff_from_dict",
+    "diff_summary",
+    "emit_json",
+    "follow_run",
+    "make_console",
+    "print_report",
+    "render_diff_dict",
+    "result_table",
+    "run_headline",
+    "status_text",
+    "to_jsonable",
+]
+
+#: Width used when output goes to a pipe or file, so ids and paths are not folded.
+PIPE_WIDTH = 160
+
+
+class OutputFormat(StrEnum):
+    """What listing and show commands print."""
+
+    TEXT = "text"
+    JSON = "json"
+
+
+def make_console(*, stderr: bool = False) -> Console:
+    """A console for the current stdout (or stderr); wide and plain when not a terminal."""
+    stream = sys.stderr if stderr else sys.stdout
+    width = None if stream.isatty() else PIPE_WIDTH
+    # Pipes get whole lines (soft wrap): scripts and logs grep messages, not screen rows.
+    return Console(stderr=stderr, width=width, highlight=False, soft_wrap=width is not None)
+
+
+# ------------------------------------------------------------------------------------ JSON
+
+
+def to_jsonable(value: Any) -> Any:
+    """Dataclasses, enums, datetimes, mappings and sequences as plain JSON values."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: to_jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, datetime):
+        return _utc(value).isoformat()
+    if isinstance(value, Mapping):
+        return {str(key): to_jsonable(item) for key, item in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [to_jsonable(item) for item in value]
+    return value
+
+
+def emit_json(value: Any) -> None:
+    """Print ``value`` as indented JSON on stdout (for scripts: ``--output json``)."""
+    sys.stdout.write(json.dumps(to_jsonable(value), indent=2) + "\n")
+    sys.stdout.flush()
+
+
+def _utc(moment: datetime) -> datetime:
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+def format_time(moment: datetime | None) -> str:
+    """A timestamp as operators read it: ``2025-01-31 12:00:00Z`` (or ``-``)."""
+    return "-" if moment is None else f"{_utc(moment):%Y-%m-%d %H:%M:%S}Z"
+
+
+# ----------------------------------------------------------------------------------- diffs
+
+
+def _summary_from_dict(
+    data: Mapping[str, Any] | None,
+) -> CertificateSummary | KeySummary | OpaqueSummary | None:
+    # The three summary kinds have disjoint fields; see the to_dict() methods in kube/secret.
+    if data is None:
+        return None
+    if "public_key_sha256" in data:
+        return KeySummary(data.get("public_key_sha256"), data.get("error"))
+    if "size" in data:
+        return OpaqueSummary(int(data["size"]))
+    return CertificateSummary(
+        subject=data.get("subject"),
+        sans=tuple(data.get("sans") or ()),
+        issuer=data.get("issuer"),
+        serial=data.get("serial"),
+        not_after=data.get("not_after"),
+        sha256_fingerprint=data.get("sha256_fingerprint"),
+        chain_length=int(data.get("chain_length") or 0),
+        error=data.get("error"),
+    )
+
+
+def _meta_from_dicts(items: Sequence[Mapping[str, Any]]) -> tuple[MetaChange, ...]:
+    return tuple(MetaChange(item["key"], item.get("old"), item.get("new")) for item in items)
+
+
+def diff_from_dict(data: Mapping[str, Any]) -> SecretDiff:
+    """Rebuild a :class:`SecretDiff` from its stored ``to_dict()`` form."""
+    return SecretDiff(
+        action=data["action"],
+        namespace=str(data.get("namespace") or ""),
+        name=str(data.get("name") or ""),
+        unmanaged=bool(data.get("unmanaged")),
+        immutable=bool(data.get("immutable")),
+        old_type=data.get("old_type"),
+        new_type=str(data.get("new_type") or ""),
+        data=tuple(
+            DataEntry(
+                entry["key"],
+                entry["change"],
+                _summary_from_dict(entry.get("old")),
+                _summary_from_dict(entry.get("new")),
+            )
+            for entry in data.get("data") or ()
+        ),
+        labels=_meta_from_dicts(data.get("labels") or ()),
+        annotations=_meta_from_dicts(data.get("annotations") or ()),
+        live_resource_version=data.get("live_resource_version"),
+    )
+
+
+def render_diff_dict(data: Mapping[str, Any], *, dry_run: bool = True) -> str:
+    """The operator-readable diff text for a stored diff dict (no key material)."""
+    return render_diff(diff_from_dict(data), dry_run=dry_run)
+
+
+def diff_summary(data: Mapping[str, Any] | None) -> str:
+    """One line: what the write changes, e.g. ``update: tls.crt, tls.key (serial 01 -> 02)``."""
+    if not data:
+        return ""
+    action = str(data.get("action"))
+    if action == "unchanged":
+        return "unchanged: the Secret already holds this certificate"
+    changed = [
+        str(entry["key"])
+        for entry in data.get("data") or ()
+        if entry.get("change") in ("added", "changed", "removed")
+    ]
+    text = f"{action}: {', '.join(changed) or 'metadata only'}"
+    for entry in data.get("data") or ():
+        if entry.get("key") == "tls.crt":
+            old, new = entry.get("old") or {}, entry.get("new") or {}
+            before, after = _short(old.get("serial")), _short(new.get("serial"))
+            if before and before != after:
+                text += f" (serial {before} -> {after})"
+            elif after and not before:
+                text += f" (serial {after})"
+    if data.get("unmanaged"):
+        text += "; the Secret was not created by CertAutoPilot"
+    return text
+
+
+def _short(serial: object) -> str:
+    """A serial number cut for tables (the full one is in the diff)."""
+    text = str(serial or "")
+    return text if len(text) <= 16 else text[:14] + "…"
+
+
+# ------------------------------------------------------------------------------------ runs
+
+_STATUS_STYLES = {
+    ResultStatus.CREATED: "green",
+    ResultStatus.UPDATED: "green",
+    ResultStatus.ROLLED_BACK: "green",
+    ResultStatus.UNCHANGED: "dim",
+    ResultStatus.WOULD_CREATE: "cyan",
+    ResultStatus.WOULD_UPDATE: "cyan",
+    ResultStatus.FAILED: "bold red",
+    ResultStatus.SKIPPED: "yellow",
+    ResultStatus.PENDING: "blue",
+    ResultStatus.RUNNING: "blue",
+}
+_STATE_STYLES = {
+    RunState.SUCCEEDED: "bold green",
+    RunState.FAILED: "bold red",
+    RunState.HALTED: "bold yellow",
+    RunState.QUEUED: "blue",
+    RunState.RUNNING: "blue",
+}
+_ACTION_WORDS = {
+    "dry_run": "Dry-run",
+    "execute": "Execute",
+    "rollback": "Rollback",
+    "health_check": "Health check",
+}
+
+
+def status_text(status: str) -> Text:
+    """A target status, coloured."""
+    return Text(status, style=_STATUS_STYLES.get(ResultStatus(status), ""))
+
+
+def run_headline(report: RunReport) -> Text:
+    """``Execute run <id>: succeeded — succeeded: 4 updated`` with the state coloured."""
+    line = Text(f"{_ACTION_WORDS.get(report.action, report.action)} run {report.id}: ")
+    line.append(report.state, style=_STATE_STYLES.get(RunState(report.state), ""))
+    if report.reason:
+        line.append(f" — {report.reason}")
+    return line
+
+
+def _details(result: TargetResultView) -> str:
+    if result.status == ResultStatus.FAILED:
+        return f"[{result.error_reason}] {result.error_message or ''}".strip()
+    if result.status == ResultStatus.SKIPPED:
+        return result.error_message or "skipped"
+    summary = diff_summary(result.diff)
+    if result.resource_version and result.status in (
+        ResultStatus.CREATED,
+        ResultStatus.UPDATED,
+        ResultStatus.ROLLED_BACK,
+    ):
+        summary = f"{summary}; resourceVersion {result.resource_version}".lstrip("; ")
+    return summary
+
+
+def result_table(report: RunReport, *, title: str | None = None) -> Table:
+    """The per-target table: batch, target, namespace/Secret, status and the reason."""
+    table = Table(title=title, title_justify="left", show_lines=False)
+    table.add_column("batch", justify="right")
+    table.add_column("target")
+    table.add_column("namespace/secret")
+    table.add_column("status")
+    table.add_column("details", overflow="fold")
+    for result in report.results:
+        where = (
+            f"{result.namespace}/{result.secret_name}"
+            if result.namespace and result.secret_name
+            else (result.namespace or "-")
+        )
+        table.add_row(
+            str(result.batch_index + 1),
+            result.target_name,
+            where,
+            status_text(result.status),
+            _details(result),
+        )
+    return table
+
+
+def _progress_line(report: RunReport, total: int, done: int) -> str:
+    if report.state == RunState.QUEUED:
+        return "queued, waiting for a worker"
+    batch = min(report.current_batch + 1, max(report.batches, 1))
+    return f"batch {batch}/{report.batches}: {done}/{total} target(s) done"
+
+
+def follow_run(
+    fetch: Callable[[], RunReport],
+    *,
+    console: Console,
+    timeout: float,
+    total_hint: int = 0,
+    poll_seconds: float = 0.5,
+    queued_hint_after: float = 15.0,
+) -> RunReport | None:
+    """Poll a run until it finishes, showing a progress bar; None when ``timeout`` passes first."""
+    deadline = time.monotonic() + timeout
+    started = time.monotonic()
+    hinted = False
+    last_line = ""
+    report = fetch()
+    label = _ACTION_WORDS.get(report.action, report.action)
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[batch]}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+        disable=not console.is_terminal,
+    )
+    with progress:
+        task = progress.add_task(label, total=total_hint or None, batch="")
+        while True:
+            total = len(report.results) or total_hint
+            done = sum(1 for result in report.results if ResultStatus(result.status).is_final)
+            line = _progress_line(report, total, done)
+            progress.update(task, total=total or None, completed=done, batch=line)
+            if not console.is_terminal and line != last_line:
+                # Pipes and CI logs get one line per change instead of an animated bar.
+                console.print(f"  {label}: {line}")
+            last_line = line
+            if report.finished:
+                return report
+            if (
+                not hinted
+                and report.state == RunState.QUEUED
+                and time.monotonic() - started > queued_hint_after
+            ):
+                hinted = True
+                progress.console.print(
+                    f"  still queued after {queued_hint_after:.0f}s: is a worker running? "
+                    "Start one with `certautopilot worker` (same CAP_* settings)."
+                )
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(poll_seconds)
+            report = fetch()
+
+
+def print_report(
+    console: Console, report: RunReport, *, diffs: bool, diff_limit: int | None = None
+) -> None:
+    """A finished run: each target's diff (the first ``diff_limit``), the table and headline."""
+    if diffs:
+        shown = report.results if diff_limit is None else report.results[:diff_limit]
+        for result in shown:
+            console.print(
+                Text.assemble(
+                    "\n",
+                    (result.target_name, "bold"),
+                    f" (batch {result.batch_index + 1}): ",
+                    status_text(result.status),
+                )
+            )
+            if result.diff:
+                text = render_diff_dict(result.diff, dry_run=report.action == "dry_run")
+                console.print(text, markup=False, highlight=False)
+            elif result.error_message:
+                console.print(f"  [{result.error_reason}] {result.error_message}", markup=False)
+        hidden = len(report.results) - len(shown)
+        if hidden:
+            console.print(
+                f"\n({hidden} more target(s): see the table; `certautopilot runs show "
+                f"{report.id} --diff` prints every diff)"
+            )
+        console.print()
+    console.print(result_table(report))
+    console.print(run_headline(report))
