@@ -14,6 +14,7 @@ database is migrated explicitly with ``certautopilot migrate``.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import sys
 import time
@@ -1139,7 +1140,15 @@ def worker_command(
         "--without-mingle",
         "--without-gossip",
     ]
-    celery_app.worker_main(argv)
+    code = celery_app.start(argv)
+    # Warm shutdown has finished every task by now. What is left is billiard's atexit
+    # finalizer, which terminates the pool and can block forever on the job queue's lock when
+    # a pool child was killed while holding it (celery/billiard#457): a pod would then sit in
+    # Terminating until SIGKILL. Flush and leave without running finalizers.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code or 0)
 
 
 @app.command("flower")
