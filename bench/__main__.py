@@ -74,6 +74,12 @@ def main(argv: list[str] | None = None) -> int:
         help=f"a short profile: N in {QUICK['sizes']}, W in {QUICK['workers']}",
     )
     parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="runs of the pipeline and of the bare client per cell (the table shows medians)",
+    )
+    parser.add_argument(
         "--profile", type=Path, help="record py-spy profiles of the workers into this folder"
     )
     parser.add_argument("--json", type=Path, help="also write the raw results here")
@@ -86,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         concurrency=args.concurrency,
         clusters=args.clusters,
         kubectl_max=args.kubectl_max,
+        repeat=max(1, args.repeat),
         profile_dir=args.profile,
     )
     from tests.testenv import TestEnvironment

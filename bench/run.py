@@ -16,6 +16,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -62,6 +63,8 @@ class Options:
     kubectl_max: int = 200
     """The kubectl loop runs only for N up to this (it is slow by nature)."""
     workdir: Path | None = None
+    repeat: int = 1
+    """Runs of the pipeline and of the bare client per cell; the table shows the medians."""
     profile_dir: Path | None = None
     """Record py-spy profiles (collapsed stacks) of the workers' pipeline phases here."""
 
@@ -73,6 +76,7 @@ class Cell:
     n: int
     w: int
     pipeline_s: float = 0.0
+    pipeline_runs: list[float] = field(default_factory=list)
     p50_ms: float = 0.0
     p95_ms: float = 0.0
     reach_p95_s: float = 0.0
@@ -81,6 +85,7 @@ class Cell:
     db_transactions: int = 0
     broker_calls: dict[str, int] = field(default_factory=dict)
     bare_s: float = 0.0
+    bare_runs: list[float] = field(default_factory=list)
     bare_p50_ms: float = 0.0
     bare_api_requests: dict[str, int] = field(default_factory=dict)
     kubectl_s: float | None = None
@@ -227,14 +232,14 @@ class PipelineDriver:
             for cluster in fleet.clusters
         }
 
-    def distribution(self, n: int, w: int, chain: Any) -> str:
+    def distribution(self, n: int, tag: str, chain: Any) -> str:
         """N targets (one namespace each), a group, the certificate, attached."""
         from worker import service
 
         rt = self.pipe.runtime
         names = []
         for index, (cluster_index, namespace) in enumerate(self.fleet.placement(n)):
-            name = f"n{n}-w{w}-t{index:04d}"
+            name = f"{tag}-t{index:04d}"
             cluster = self.fleet.clusters[cluster_index]
             service.create_target(
                 rt,
@@ -242,7 +247,7 @@ class PipelineDriver:
                     name=name,
                     namespace=namespace,
                     credential=self._credentials[cluster.name],
-                    secret_name=f"pipe-n{n}-w{w}",
+                    secret_name=f"pipe-{tag}",
                 ),
                 check=False,
             )
@@ -250,7 +255,7 @@ class PipelineDriver:
         certificate_id = service.import_certificate(
             rt, chain.leaf_pem, chain.key_pem, chain.chain_pem, chain.root_pem
         )
-        group = f"bench-n{n}-w{w}"
+        group = f"bench-{tag}"
         service.create_group(rt, group, names)
         return str(service.attach(rt, certificate_id, group=group))
 
@@ -394,6 +399,86 @@ def say(message: str) -> None:
     print(f"[bench {datetime.now(UTC):%H:%M:%S}] {message}", file=sys.stderr, flush=True)
 
 
+@dataclass
+class Context:
+    """What every cell measures with."""
+
+    options: Options
+    workdir: Path
+    fleet: Fleet
+    pipe: Any
+    driver: PipelineDriver
+    probes: Probes
+    kubectl: Path | None
+    kubectl_done: dict[int, tuple[float, dict[str, int]]] = field(default_factory=dict)
+
+
+def measure_cell(ctx: Context, n: int, w: int) -> Cell:
+    """Bare client and pipeline (``repeat`` times each), the unchanged re-run, kubectl."""
+    from tests.certfactory import make_chain
+
+    options, fleet, probes = ctx.options, ctx.fleet, ctx.probes
+    cell = Cell(n=n, w=w)
+    threads = w * options.concurrency
+    for attempt in range(options.repeat):
+        tag = f"n{n}-w{w}-r{attempt}"
+        chain = make_chain(cn=f"{tag}.bench.example")
+        cert, key = _write_pem(ctx.workdir / f"pem-{tag}", chain)
+        distribution_id = ctx.driver.distribution(n, tag, chain)
+
+        say(f"N={n} W={w}: bare client, {threads} threads")
+        with measured(probes) as moved:
+            bare = _bare(fleet, n, f"bare-{tag}", threads, cert, key)
+        cell.bare_runs.append(round(bare["wall_seconds"], 3))
+        cell.bare_p50_ms = metrics.percentile(bare["latencies_ms"], 0.5)
+        cell.bare_api_requests = moved["api"]
+
+        say(f"N={n} W={w}: pipeline")
+        with measured(probes) as moved, profiled(ctx.pipe, options.profile_dir, tag):
+            seconds, (report, enqueued) = ctx.driver.run(distribution_id)
+        cell.pipeline_runs.append(round(seconds, 3))
+        cell.counts = report.counts()
+        cell.api_requests = moved["api"]
+        cell.db_transactions = moved["pg"]
+        cell.broker_calls = moved["redis"]
+    cell.pipeline_s = statistics.median(cell.pipeline_runs)
+    cell.bare_s = statistics.median(cell.bare_runs)
+    latencies = _latencies(report)
+    cell.p50_ms = metrics.percentile(latencies, 0.5)
+    cell.p95_ms = metrics.percentile(latencies, 0.95)
+    reach = _reach_seconds(report, enqueued, _finished_moments(ctx.pipe, report.id))
+    cell.reach_p95_s = metrics.percentile(reach, 0.95)
+    stats = _worker_stats(ctx.pipe)
+    cell.rss_mb_max = max(s.rss_mb for s in stats)
+    cell.rss_mb_pool = sorted(round(s.rss_mb, 1) for s in stats)
+    cell.threads = sum(s.threads for s in stats)
+
+    say(f"N={n} W={w}: unchanged re-run")
+    with measured(probes) as moved:
+        cell.rerun_s, (rerun, _) = ctx.driver.run(distribution_id)
+    cell.rerun_counts = rerun.counts()
+    cell.rerun_api_requests = moved["api"]
+
+    if ctx.kubectl is not None and n <= options.kubectl_max:
+        if n not in ctx.kubectl_done:
+            say(f"N={n}: kubectl loop")
+            targets = [
+                (str(fleet.kubeconfig_files[fleet.clusters[c].name]), ns, f"kubectl-n{n}")
+                for c, ns in fleet.placement(n)
+            ]
+            with measured(probes) as moved:
+                seconds = kubectl_loop(
+                    ctx.kubectl,
+                    targets,
+                    cert_file=cert,
+                    key_file=key,
+                    workdir=ctx.workdir / "kubectl-home",
+                )
+            ctx.kubectl_done[n] = (seconds, moved["api"])
+        cell.kubectl_s, cell.kubectl_api_requests = ctx.kubectl_done[n]
+    return cell
+
+
 def run_benchmark(options: Options, env: Any) -> list[Cell]:
     """Run every cell of ``options`` on the environment ``env`` (a TestEnvironment)."""
     import redis
@@ -412,7 +497,6 @@ def run_benchmark(options: Options, env: Any) -> list[Cell]:
     say(f"{len(clusters)} apiservers, Redis, PostgreSQL up; creating namespaces")
     fleet = prepare_fleet(clusters, max(options.sizes), workdir / "kubeconfigs")
     cells: list[Cell] = []
-    kubectl_done: dict[int, tuple[float, dict[str, int]]] = {}
     with pipeline(database_url, redis_server.url, workdir, extra_env=PRODUCTION_ENV) as pipe:
         bench_transactions = Counter[str]()
         event.listen(pipe.runtime.engine, "commit", lambda _: bench_transactions.update(["x"]))
@@ -424,72 +508,22 @@ def run_benchmark(options: Options, env: Any) -> list[Cell]:
             bench_transactions=lambda: bench_transactions["x"],
         )
         driver = PipelineDriver(pipe, fleet)
+        context = Context(options, workdir, fleet, pipe, driver, probes, kubectl)
         for w in options.workers:
             say(f"starting {w} worker process(es), concurrency {options.concurrency} each")
             for index in range(w):
                 pipe.start_worker(name=f"w{w}-{index + 1}", concurrency=options.concurrency)
+            say(f"N=16 W={w}: warm-up run (not measured)")
+            warm = make_chain(cn=f"warm-w{w}.bench.example")
+            driver.run(driver.distribution(min(16, max(options.sizes)), f"warm-w{w}", warm))
             for n in options.sizes:
-                cell = Cell(n=n, w=w)
-                chain = make_chain(cn=f"n{n}-w{w}.bench.example")
-                cert, key = _write_pem(workdir / f"pem-n{n}-w{w}", chain)
-                distribution_id = driver.distribution(n, w, chain)
-
-                say(f"N={n} W={w}: bare client, {w * options.concurrency} threads")
-                with measured(probes) as moved:
-                    bare = _bare(fleet, n, f"bare-n{n}-w{w}", w * options.concurrency, cert, key)
-                cell.bare_s = bare["wall_seconds"]
-                cell.bare_p50_ms = metrics.percentile(bare["latencies_ms"], 0.5)
-                cell.bare_api_requests = moved["api"]
-
-                say(f"N={n} W={w}: pipeline")
-                with measured(probes) as moved, profiled(pipe, options.profile_dir, f"n{n}-w{w}"):
-                    cell.pipeline_s, (report, enqueued) = driver.run(distribution_id)
-                cell.counts = report.counts()
-                cell.api_requests = moved["api"]
-                cell.db_transactions = moved["pg"]
-                cell.broker_calls = moved["redis"]
-                latencies = _latencies(report)
-                cell.p50_ms = metrics.percentile(latencies, 0.5)
-                cell.p95_ms = metrics.percentile(latencies, 0.95)
-                reach = _reach_seconds(report, enqueued, _finished_moments(pipe, report.id))
-                cell.reach_p95_s = metrics.percentile(reach, 0.95)
-                stats = _worker_stats(pipe)
-                cell.rss_mb_max = max(s.rss_mb for s in stats)
-                cell.rss_mb_pool = sorted(round(s.rss_mb, 1) for s in stats)
-                cell.threads = sum(s.threads for s in stats)
-
-                say(f"N={n} W={w}: unchanged re-run")
-                with measured(probes) as moved:
-                    cell.rerun_s, (rerun, _) = driver.run(distribution_id)
-                cell.rerun_counts = rerun.counts()
-                cell.rerun_api_requests = moved["api"]
-
-                if kubectl is not None and n <= options.kubectl_max:
-                    if n not in kubectl_done:
-                        say(f"N={n}: kubectl loop")
-                        targets = [
-                            (
-                                str(fleet.kubeconfig_files[fleet.clusters[c].name]),
-                                ns,
-                                f"kubectl-n{n}",
-                            )
-                            for c, ns in fleet.placement(n)
-                        ]
-                        with measured(probes) as moved:
-                            seconds = kubectl_loop(
-                                kubectl,
-                                targets,
-                                cert_file=cert,
-                                key_file=key,
-                                workdir=workdir / "kubectl-home",
-                            )
-                        kubectl_done[n] = (seconds, moved["api"])
-                    cell.kubectl_s, cell.kubectl_api_requests = kubectl_done[n]
+                cells.append(measure_cell(context, n, w))
+                cell = cells[-1]
                 say(
-                    f"N={n} W={w}: pipeline {cell.pipeline_s:.2f}s, bare {cell.bare_s:.2f}s, "
+                    f"N={n} W={w}: pipeline {cell.pipeline_s:.2f}s (runs {cell.pipeline_runs}), "
+                    f"bare {cell.bare_s:.2f}s (runs {cell.bare_runs}), "
                     f"re-run {cell.rerun_s:.2f}s, counts {cell.counts}"
                 )
-                cells.append(cell)
             for worker in pipe.workers:
                 worker.stop()
             pipe.workers.clear()
