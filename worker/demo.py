@@ -52,7 +52,7 @@ from rich.table import Table
 from worker.bundle import describe_certificate
 from worker.output import follow_run, make_console, print_report
 
-__all__ = ["DemoFailed", "run_demo"]
+__all__ = ["DemoFailed", "DemoInputError", "run_demo"]
 
 TENANTS = ("shop", "blog")
 """One namespace per tenant in every cluster: ``<tenant>-edge``."""
@@ -67,6 +67,10 @@ WORKER_START_TIMEOUT = 90.0
 
 class DemoFailed(RuntimeError):
     """A demo step did not produce what it should; the message says which and where to look."""
+
+
+class DemoInputError(DemoFailed):
+    """What the user gave the demo cannot be used (exit code 2)."""
 
 
 # ----------------------------------------------------------------------------- certificates
@@ -331,11 +335,20 @@ class _Demo:
 
         from worker.service import read_file
 
-        for path in self.kubeconfigs:
+        for index, path in enumerate(self.kubeconfigs, start=1):
             text = read_file(path).decode("utf-8", errors="replace")
-            document = yaml.safe_load(text)
-            name = str((document or {}).get("current-context") or path.stem)
-            admin = config.new_client_from_config_dict(document)  # type: ignore[no-untyped-call]
+            try:
+                document = yaml.safe_load(text)
+                admin = config.new_client_from_config_dict(document)  # type: ignore[no-untyped-call]
+            except (yaml.YAMLError, config.ConfigException, TypeError, AttributeError) as exc:
+                # The library's message names the missing field; the file is not echoed.
+                raise DemoInputError(
+                    f"{path} is not a usable kubeconfig ({type(exc).__name__}: "
+                    f"{str(exc).splitlines()[0] if str(exc) else 'unreadable'})"
+                ) from None
+            name = str(document.get("current-context") or path.stem)
+            if any(cluster.name == name for cluster in self.clusters):
+                name = f"{name}-{index}"  # two files may use the same context name
 
             def same_kubeconfig(_namespace: str, text: str = text) -> str:
                 return text
@@ -416,10 +429,14 @@ class _Demo:
         self.say(
             "  As the cluster admin, the demo creates each namespace and puts in it the Secret "
             f'"{self.secret_name}" someone deployed by hand: serial {old.serial}, expiring in 10 '
-            "days. (CertAutoPilot never creates namespaces.)\n"
-            "  For each namespace it creates a ServiceAccount bound to the spec's minimum Role "
-            "(secrets: get, create, update, patch; namespaces: get) and stores that account's "
-            "kubeconfig as an encrypted credential."
+            "days. (CertAutoPilot never creates namespaces.)"
+        )
+        self.say(
+            "  Each target's credential is the kubeconfig you gave, stored encrypted."
+            if self.kubeconfigs
+            else "  For each namespace it creates a ServiceAccount bound to the spec's minimum "
+            "Role (secrets: get, create, update, patch; namespaces: get) and stores that "
+            "account's kubeconfig as an encrypted credential."
         )
         table = Table("cluster", "namespace", "existing Secret", "credential")
         for cluster in self.clusters:
@@ -649,7 +666,7 @@ class _Demo:
 
 
 def run_demo(kubeconfigs: Sequence[Path] = (), *, console: Console | None = None) -> int:
-    """Run the demo; returns the exit code (0 done, 1 a step failed, 130 interrupted)."""
+    """Run the demo; returns the exit code (0 done, 1 a step failed, 2 bad input, 130 Ctrl-C)."""
     console = console or make_console()
     started = time.monotonic()
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
@@ -662,7 +679,7 @@ def run_demo(kubeconfigs: Sequence[Path] = (), *, console: Console | None = None
         code = 130
     except DemoFailed as exc:
         console.print(f"[bold red]demo failed:[/] {exc}", highlight=False)
-        code = 1
+        code = 2 if isinstance(exc, DemoInputError) else 1
     finally:
         try:
             demo.close()

@@ -108,6 +108,15 @@ def test_demo_runs_the_main_job_end_to_end_on_a_fresh_machine(tmp_path: Path) ->
     print(f"demo took {elapsed:.1f}s")
 
 
+def test_demo_refuses_an_unusable_kubeconfig_and_leaves_nothing_behind(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("clusters: [\n")
+    result = certautopilot(clean_env(TMPDIR=str(tmp_path)), "demo", "--kubeconfig", str(bad))
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"{bad} is not a usable kubeconfig" in result.stdout
+    assert not list(tmp_path.glob("certautopilot-demo-*"))
+
+
 # ------------------------------------------------------------------------ CLI + real worker
 
 
@@ -165,6 +174,22 @@ def operator(tmp_path: Path) -> Iterator[Callable[..., subprocess.CompletedProce
         worker.stop()
 
 
+def test_worker_exits_promptly_when_only_its_main_process_gets_sigterm(tmp_path: Path) -> None:
+    # Kubernetes signals PID 1 only; the pool children learn about it from the main process.
+    env = clean_env(CAP_DATA_DIR=str(tmp_path / "data"))
+    for attempt in range(2):
+        worker = Worker(env, tmp_path / f"worker-{attempt}.log")
+        try:
+            worker.wait_ready(tmp_path / "data" / "worker-heartbeat")
+            time.sleep(1)  # let the pool children settle into waiting for jobs
+            worker.process.send_signal(signal.SIGTERM)
+            worker.process.wait(timeout=20)
+            assert worker.process.returncode == 0, worker.log.read_text()[-3000:]
+        finally:
+            worker.stop()
+        (tmp_path / "data" / "worker-heartbeat").unlink()
+
+
 def _live_secret(api: Any, namespace: str, name: str) -> Any:
     try:
         return k8s.CoreV1Api(api).read_namespaced_secret(name, namespace)
@@ -186,7 +211,11 @@ def test_cli_dry_run_shows_the_diff_and_execute_creates_the_secret(
     admin = testenv_admin_api(cluster)
     chain = make_chain(cn="shop.example.com", intermediates=1)
     files = {}
-    for name, data in (("leaf", chain.leaf_pem), ("chain", chain.chain_pem), ("key", chain.key_pem)):
+    for name, data in (
+        ("leaf", chain.leaf_pem),
+        ("chain", chain.chain_pem),
+        ("key", chain.key_pem),
+    ):
         files[name] = tmp_path / f"{name}.pem"
         files[name].write_bytes(data)
 
