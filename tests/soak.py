@@ -141,8 +141,8 @@ def soak(args: argparse.Namespace) -> int:
             )
 
         workdir = Path(tempfile.mkdtemp(prefix="cap-soak-"))
-        env = {**FAST_RECOVERY, "CAP_TASK_TIME_LIMIT": "60", "CAP_TASK_SOFT_TIME_LIMIT": "50"}
-        with pipeline(database_url, redis_url, workdir, env) as pipe:
+        # FAST_RECOVERY: a 20 s hard limit, so a killed worker's claims expire after 25 s.
+        with pipeline(database_url, redis_url, workdir, FAST_RECOVERY) as pipe:
             fleet = build_fleet(
                 pipe,
                 clusters,

@@ -34,13 +34,13 @@ from sqlalchemy import select
 from models.base import Base
 from models.enums import ConnectionMode
 from tests.certfactory import Chain, cert_to_der, make_chain, make_csr_pem
+from tests.support.faults import managed_secret
 from tests.support.pipeline import Pipeline, pipeline, read_secret
 from tests.testenv import SPEC_MINIMUM_RULES
 from tests.testenv.pki import CertificateAuthority
 from worker import service
-from worker.bundle import MAX_INPUT_BYTES, build_bundle
+from worker.bundle import MAX_INPUT_BYTES
 from worker.kube.errors import KubeError
-from worker.kube.secret import desired_secret
 
 # --------------------------------------------------------------------------- the context
 
@@ -622,16 +622,7 @@ def _put_secret(ctx: Ctx, namespace: str, body: dict[str, Any]) -> None:
 
 def _our_older_secret(ctx: Ctx, namespace: str, name: str) -> dict[str, Any]:
     old = make_chain(cn="catalog.example.com", fresh_leaf_key=True)
-    bundle = build_bundle(old.leaf_pem, old.key_pem, old.chain_pem, now=dt.datetime.now(dt.UTC))
-    return desired_secret(
-        name=name,
-        namespace=namespace,
-        tls_crt=bundle.tls_crt(),
-        tls_key=bundle.tls_key(),
-        ca_crt=None,
-        leaf=bundle.leaf,
-        distribution_id="an-earlier-distribution",
-    )
+    return managed_secret(name, namespace, old, "an-earlier-distribution")
 
 
 def _spec(ctx: Ctx, name: str, namespace: str, credential: str, **kw: Any) -> service.TargetSpec:

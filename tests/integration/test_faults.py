@@ -19,7 +19,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -30,13 +30,17 @@ from kubernetes import client as k8s
 
 from models import queries
 from tasks.distribution import dispatcher
-from tests.certfactory import Chain, make_chain
-from tests.support.faults import FaultyApiProxy, TcpGate, gated_kubeconfig, proxied_kubeconfig
+from tests.certfactory import Chain
+from tests.support.faults import (
+    FaultyApiProxy,
+    TcpGate,
+    gated_kubeconfig,
+    proxied_kubeconfig,
+    seed_previous_secrets,
+)
 from tests.support.pipeline import Fleet, Pipeline, build_fleet, pipeline, read_secret
 from worker import service
 from worker.app import app, configure
-from worker.bundle import build_bundle
-from worker.kube.secret import desired_secret
 from worker.pipeline import DATABASE_OUTAGE_ERRORS
 from worker.runtime import set_runtime
 
@@ -102,6 +106,66 @@ def proxies(clusters: list[Any]) -> Iterator[Callable[[Any], FaultyApiProxy]]:
         proxy.close()
 
 
+@dataclass
+class Scene:
+    """A fleet whose Secrets hold an older key, maybe behind a fault proxy."""
+
+    pipe: Pipeline
+    fleet: Fleet
+    previous: Chain
+    proxy: FaultyApiProxy | None
+    admin_api: Any
+
+    def truthful(self, report: service.RunReport) -> dict[str, int]:
+        """:func:`_assert_truthful` for this scene; returns the run's counts."""
+        return _assert_truthful(self.pipe, report, self.fleet, self.admin_api, self.previous)
+
+
+Stage = Callable[..., Scene]
+
+
+@pytest.fixture
+def stage(
+    pipe: Pipeline,
+    clusters: list[Any],
+    make_service_account: Any,
+    testenv_admin_api: Any,
+    proxies: Callable[[Any], FaultyApiProxy],
+) -> Stage:
+    """Factory: ``stage(prefix, targets=N, clusters=1, proxy=True, latency=0.0, gate=None,
+    **fleet_options)``; the proxy and the gate stand in front of the first cluster."""
+
+    def make(
+        prefix: str,
+        *,
+        targets: int,
+        clusters: int = 1,
+        proxy: bool = True,
+        latency: float = 0.0,
+        gate: TcpGate | None = None,
+        **options: Any,
+    ) -> Scene:
+        used = all_clusters[:clusters]
+        faulty = proxies(used[0]) if proxy else None
+        if faulty is not None:
+            faulty.latency = latency
+        fleet = _fleet(
+            pipe,
+            used,
+            make_service_account,
+            prefix,
+            targets=targets,
+            proxy_for={used[0].name: faulty} if faulty is not None else None,
+            gate_for={used[0].name: gate} if gate is not None else None,
+            **options,
+        )
+        previous = _seed_previous(fleet, testenv_admin_api)
+        return Scene(pipe, fleet, previous, faulty, testenv_admin_api)
+
+    all_clusters = clusters
+    return make
+
+
 # ------------------------------------------------------------------------------ helpers
 
 
@@ -143,25 +207,8 @@ def _fleet(
 
 
 def _seed_previous(fleet: Fleet, admin_api: Any) -> Chain:
-    """Create every target's Secret with an older certificate this distribution wrote."""
-    old = make_chain(cn="shop.example.com", fresh_leaf_key=True)
-    bundle = build_bundle(old.leaf_pem, old.key_pem, old.chain_pem, old.root_pem, now=_now())
-    for cluster, namespace, name in fleet.placement.values():
-        body = desired_secret(
-            name=name,
-            namespace=namespace,
-            tls_crt=bundle.tls_crt(),
-            tls_key=bundle.tls_key(),
-            ca_crt=None,
-            leaf=bundle.leaf,
-            distribution_id=fleet.distribution_id,
-        )
-        k8s.CoreV1Api(admin_api(cluster)).create_namespaced_secret(namespace, body)
-    return old
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
+    """Every target's Secret exists already, written by this distribution with an older key."""
+    return seed_previous_secrets(admin_api, fleet.placement.values(), fleet.distribution_id)
 
 
 def _report(pipe: Pipeline, run_id: str) -> service.RunReport | None:
@@ -245,23 +292,11 @@ def _assert_truthful(
 
 
 def test_sigterm_lets_tasks_in_flight_finish_and_another_worker_completes_the_run(
-    pipe: Pipeline,
-    clusters: list[Any],
-    make_service_account: Any,
-    testenv_admin_api: Any,
-    proxies: Callable[[Any], FaultyApiProxy],
+    pipe: Pipeline, stage: Stage
 ) -> None:
-    proxy = proxies(clusters[0])
-    proxy.latency = 0.4  # each target takes ~1 s: tasks are surely in flight at SIGTERM
-    fleet = _fleet(
-        pipe,
-        clusters[:1],
-        make_service_account,
-        "term",
-        targets=12,
-        proxy_for={clusters[0].name: proxy},
-    )
-    previous = _seed_previous(fleet, testenv_admin_api)
+    # Each target takes ~1 s behind the slowed proxy: tasks are surely in flight at SIGTERM.
+    scene = stage("term", targets=12, latency=0.4)
+    fleet = scene.fleet
     leaving = pipe.start_worker("leaving", concurrency=3)
     run_id = pipe.enqueue(fleet.distribution_id, "execute")
     _wait_done(pipe, run_id, 2)
@@ -276,28 +311,14 @@ def test_sigterm_lets_tasks_in_flight_finish_and_another_worker_completes_the_ru
     pipe.start_worker("successor", concurrency=3)
     report = _wait_final(pipe, run_id)
     assert report.state == "succeeded", report.reason
-    assert _assert_truthful(pipe, report, fleet, testenv_admin_api, previous) == {"updated": 12}
+    assert scene.truthful(report) == {"updated": 12}
 
 
 def test_a_worker_restarted_twice_in_one_run_loses_and_duplicates_nothing(
-    pipe: Pipeline,
-    clusters: list[Any],
-    make_service_account: Any,
-    testenv_admin_api: Any,
-    proxies: Callable[[Any], FaultyApiProxy],
+    pipe: Pipeline, stage: Stage
 ) -> None:
-    proxy = proxies(clusters[1])
-    proxy.latency = 0.3
-    fleet = _fleet(
-        pipe,
-        clusters[:2],
-        make_service_account,
-        "twice",
-        targets=16,
-        proxy_for={clusters[1].name: proxy},
-        batch_size=[2, "50%"],
-    )
-    previous = _seed_previous(fleet, testenv_admin_api)
+    scene = stage("twice", targets=16, clusters=2, latency=0.3, batch_size=[2, "50%"])
+    fleet = scene.fleet
     run_id = pipe.enqueue(fleet.distribution_id, "execute")
     for life, done in (("first", 3), ("second", 8)):
         worker = pipe.start_worker(life, concurrency=2)
@@ -308,7 +329,7 @@ def test_a_worker_restarted_twice_in_one_run_loses_and_duplicates_nothing(
     report = _wait_final(pipe, run_id, timeout=150)
 
     assert report.state == "succeeded", report.reason
-    counts = _assert_truthful(pipe, report, fleet, testenv_admin_api, previous)
+    counts = scene.truthful(report)
     assert set(counts) <= {"updated", "unchanged"} and sum(counts.values()) == 16, counts
     assert "reaper resumed this run" in (report.reason or ""), report.reason
 
@@ -317,26 +338,11 @@ def test_a_worker_restarted_twice_in_one_run_loses_and_duplicates_nothing(
 
 
 def test_postgres_unavailable_mid_run_tasks_retry_and_results_are_neither_lost_nor_doubled(
-    pipe: Pipeline,
-    gated_postgres: tuple[str, TcpGate],
-    clusters: list[Any],
-    make_service_account: Any,
-    testenv_admin_api: Any,
-    proxies: Callable[[Any], FaultyApiProxy],
+    pipe: Pipeline, stage: Stage, gated_postgres: tuple[str, TcpGate]
 ) -> None:
     _, gate = gated_postgres
-    proxy = proxies(clusters[0])
-    proxy.latency = 0.3
-    fleet = _fleet(
-        pipe,
-        clusters[:1],
-        make_service_account,
-        "pgdown",
-        targets=12,
-        proxy_for={clusters[0].name: proxy},
-        batch_size=4,
-    )
-    previous = _seed_previous(fleet, testenv_admin_api)
+    scene = stage("pgdown", targets=12, latency=0.3, batch_size=4)
+    fleet = scene.fleet
     worker = pipe.start_worker("pg", concurrency=4)
     run_id = pipe.enqueue(fleet.distribution_id, "execute")
     _wait_done(pipe, run_id, 2)
@@ -347,7 +353,7 @@ def test_postgres_unavailable_mid_run_tasks_retry_and_results_are_neither_lost_n
 
     report = _wait_final(pipe, run_id, timeout=150)
     assert report.state == "succeeded", report.reason
-    counts = _assert_truthful(pipe, report, fleet, testenv_admin_api, previous)
+    counts = scene.truthful(report)
     assert counts == {"updated": 12}, counts
     assert all(r.attempts == 1 for r in report.results), [r.attempts for r in report.results]
     log = worker.log_text()
@@ -429,24 +435,20 @@ def _redis_keys(client: redis.Redis) -> set[bytes]:
 
 
 def test_one_apiserver_stopped_mid_run_fails_only_its_targets_and_leaves_them_untouched(
-    pipe: Pipeline,
-    clusters: list[Any],
-    make_service_account: Any,
-    testenv_admin_api: Any,
+    pipe: Pipeline, stage: Stage, clusters: list[Any]
 ) -> None:
-    gate = TcpGate("127.0.0.1", clusters[1].port)
+    gate = TcpGate("127.0.0.1", clusters[0].port)
     try:
-        fleet = _fleet(
-            pipe,
-            clusters[:2],
-            make_service_account,
+        scene = stage(
             "apidown",
             targets=12,
-            gate_for={clusters[1].name: gate},
+            clusters=2,
+            proxy=False,
+            gate=gate,
             batch_size=[4, 8],
             failure_threshold="100%",
         )
-        previous = _seed_previous(fleet, testenv_admin_api)
+        fleet = scene.fleet
         pipe.start_worker("apidown", concurrency=4)
         run_id = pipe.enqueue(fleet.distribution_id, "execute")
         _wait_done(pipe, run_id, 4)
@@ -454,72 +456,49 @@ def test_one_apiserver_stopped_mid_run_fails_only_its_targets_and_leaves_them_un
 
         report = _wait_final(pipe, run_id)
 
-        counts = _assert_truthful(pipe, report, fleet, testenv_admin_api, previous)
+        counts = scene.truthful(report)
         assert report.state == "failed", report.reason
         failed = [r for r in report.results if r.status == "failed"]
         assert failed and all(r.error_reason == "unreachable" for r in failed), failed
-        assert all(fleet.placement[r.target_name][0] is clusters[1] for r in failed)
+        assert all(fleet.placement[r.target_name][0] is clusters[0] for r in failed)
         assert counts.get("updated", 0) >= 8, counts  # every target of the live cluster
 
         gate.restore()
         again = _wait_final(pipe, pipe.enqueue(fleet.distribution_id, "execute"))
         assert again.state == "succeeded", again.reason
         assert again.counts().get("updated") == len(failed)
-        _assert_truthful(pipe, again, fleet, testenv_admin_api, previous)
+        scene.truthful(again)
     finally:
         gate.close()
 
 
 def test_an_apiserver_throttling_briefly_is_ridden_out_by_retries(
-    pipe: Pipeline,
-    clusters: list[Any],
-    make_service_account: Any,
-    testenv_admin_api: Any,
-    proxies: Callable[[Any], FaultyApiProxy],
+    pipe: Pipeline, stage: Stage
 ) -> None:
-    proxy = proxies(clusters[0])
-    fleet = _fleet(
-        pipe,
-        clusters[:1],
-        make_service_account,
-        "throttle",
-        targets=6,
-        proxy_for={clusters[0].name: proxy},
-    )
-    previous = _seed_previous(fleet, testenv_admin_api)
+    scene = stage("throttle", targets=6)
+    fleet, proxy = scene.fleet, scene.proxy
+    assert proxy is not None
     pipe.start_worker("throttle", concurrency=3)
     proxy.inject(429, count=4, retry_after=1)
     report = _wait_final(pipe, pipe.enqueue(fleet.distribution_id, "execute"))
     assert proxy.injected() == 4
     assert report.state == "succeeded", report.reason
-    assert _assert_truthful(pipe, report, fleet, testenv_admin_api, previous) == {"updated": 6}
+    assert scene.truthful(report) == {"updated": 6}
 
 
 def test_an_apiserver_failing_longer_than_the_retry_budget_fails_targets_truthfully(
-    pipe: Pipeline,
-    clusters: list[Any],
-    make_service_account: Any,
-    testenv_admin_api: Any,
-    proxies: Callable[[Any], FaultyApiProxy],
+    pipe: Pipeline, stage: Stage
 ) -> None:
-    proxy = proxies(clusters[0])
-    fleet = _fleet(
-        pipe,
-        clusters[:2],
-        make_service_account,
-        "fivexx",
-        targets=8,
-        proxy_for={clusters[0].name: proxy},
-        failure_threshold="100%",
-    )
-    previous = _seed_previous(fleet, testenv_admin_api)
+    scene = stage("fivexx", targets=8, clusters=2, failure_threshold="100%")
+    fleet, proxy = scene.fleet, scene.proxy
+    assert proxy is not None
     pipe.start_worker("fivexx", concurrency=4)
     # Only writes fail: reads succeed, so each failure happens after a real decision to write.
     proxy.inject(500, seconds=30, matches=lambda method, path: method in ("PUT", "POST"))
     report = _wait_final(pipe, pipe.enqueue(fleet.distribution_id, "execute"))
     proxy.heal()
 
-    counts = _assert_truthful(pipe, report, fleet, testenv_admin_api, previous)
+    counts = scene.truthful(report)
     assert report.state == "failed", report.reason
     assert counts == {"updated": 4, "failed": 4}, counts
     failed = [r for r in report.results if r.status == "failed"]
@@ -529,22 +508,11 @@ def test_an_apiserver_failing_longer_than_the_retry_budget_fails_targets_truthfu
 
 
 def test_a_conflicting_writer_between_our_read_and_write_costs_a_retry_not_correctness(
-    pipe: Pipeline,
-    clusters: list[Any],
-    make_service_account: Any,
-    testenv_admin_api: Any,
-    proxies: Callable[[Any], FaultyApiProxy],
+    pipe: Pipeline, stage: Stage, clusters: list[Any], testenv_admin_api: Any
 ) -> None:
-    proxy = proxies(clusters[0])
-    fleet = _fleet(
-        pipe,
-        clusters[:1],
-        make_service_account,
-        "rival",
-        targets=6,
-        proxy_for={clusters[0].name: proxy},
-    )
-    previous = _seed_previous(fleet, testenv_admin_api)
+    scene = stage("rival", targets=6)
+    fleet, proxy = scene.fleet, scene.proxy
+    assert proxy is not None
     api = k8s.CoreV1Api(testenv_admin_api(clusters[0]))
     stamped: set[str] = set()
     lock = threading.Lock()
@@ -569,7 +537,7 @@ def test_a_conflicting_writer_between_our_read_and_write_costs_a_retry_not_corre
     conflicts = sum(1 for method, _, status, _ in proxy.log if method == "PUT" and status == 409)
     assert conflicts == 6, f"expected one 409 per Secret, saw {conflicts}"
     assert report.state == "succeeded", report.reason
-    assert _assert_truthful(pipe, report, fleet, testenv_admin_api, previous) == {"updated": 6}
+    assert scene.truthful(report) == {"updated": 6}
     for _, namespace, name in fleet.placement.values():
         labels = api.read_namespaced_secret(name, namespace).metadata.labels
         assert labels.get("rival.example.com/stamp") == "1", "the rival's label was dropped"
@@ -579,10 +547,10 @@ def test_a_conflicting_writer_between_our_read_and_write_costs_a_retry_not_corre
 
 
 def test_two_runs_of_one_distribution_at_once_write_each_secret_exactly_once(
-    pipe: Pipeline, clusters: list[Any], make_service_account: Any, testenv_admin_api: Any
+    pipe: Pipeline, stage: Stage
 ) -> None:
-    fleet = _fleet(pipe, clusters[:2], make_service_account, "twin", targets=10)
-    previous = _seed_previous(fleet, testenv_admin_api)
+    scene = stage("twin", targets=10, clusters=2, proxy=False)
+    fleet = scene.fleet
     pipe.start_worker("twin", concurrency=4)
     first = pipe.enqueue(fleet.distribution_id, "execute")
     second = pipe.enqueue(fleet.distribution_id, "execute")
@@ -591,17 +559,17 @@ def test_two_runs_of_one_distribution_at_once_write_each_secret_exactly_once(
 
     for report in reports:
         assert report.state == "succeeded", report.reason
-        _assert_truthful(pipe, report, fleet, testenv_admin_api, previous)
+        scene.truthful(report)
     for name in fleet.placement:
         statuses = sorted(r.status for rep in reports for r in rep.results if r.target_name == name)
         assert statuses == ["unchanged", "updated"], f"{name}: {statuses}"
 
 
 def test_the_same_run_enqueued_twice_processes_each_target_once(
-    pipe: Pipeline, clusters: list[Any], make_service_account: Any, testenv_admin_api: Any
+    pipe: Pipeline, stage: Stage
 ) -> None:
-    fleet = _fleet(pipe, clusters[:2], make_service_account, "again", targets=10)
-    previous = _seed_previous(fleet, testenv_admin_api)
+    scene = stage("again", targets=10, clusters=2, proxy=False)
+    fleet = scene.fleet
     pipe.start_worker("again", concurrency=4)
     run_id = pipe.enqueue(fleet.distribution_id, "execute")
     dispatcher.start(run_id)  # the scheduler retried its enqueue
@@ -619,5 +587,5 @@ def test_the_same_run_enqueued_twice_processes_each_target_once(
         report.finished_at,
     )
     assert report.state == "succeeded", report.reason
-    assert _assert_truthful(pipe, again, fleet, testenv_admin_api, previous) == {"updated": 10}
+    assert scene.truthful(again) == {"updated": 10}
     assert all(r.attempts == 1 for r in again.results)

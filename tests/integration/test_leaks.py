@@ -38,12 +38,11 @@ from sqlalchemy import LargeBinary, select
 from models.base import Base
 from tasks.distribution import dispatcher
 from tests.certfactory import make_chain
+from tests.support.faults import seed_previous_secrets
 from tests.support.pipeline import Fleet, Pipeline, build_fleet, pipeline
 from tests.testenv import SPEC_MINIMUM_RULES
 from tests.testenv.environment import WORKDIR_PREFIX
 from worker import service
-from worker.bundle import build_bundle
-from worker.kube.secret import desired_secret
 
 CLI = str(Path(sys.executable).parent / "certautopilot")
 FLOWER_AUTH = "ops:leak-check-flower-pw"
@@ -179,27 +178,8 @@ def _cli(env: dict[str, str], *args: str, stdin: bytes | None = None) -> tuple[i
 
 def _seed(fleet: Fleet, admin_api: Any, names: list[str]) -> bytes:
     """Existing managed Secrets with an older certificate (so snapshots hold real content)."""
-    old = make_chain(cn="shop.example.com", fresh_leaf_key=True)
-    bundle = build_bundle(old.leaf_pem, old.key_pem, old.chain_pem, now=_utcnow())
-    for name in names:
-        cluster, namespace, secret_name = fleet.placement[name]
-        body = desired_secret(
-            name=secret_name,
-            namespace=namespace,
-            tls_crt=bundle.tls_crt(),
-            tls_key=bundle.tls_key(),
-            ca_crt=None,
-            leaf=bundle.leaf,
-            distribution_id=fleet.distribution_id,
-        )
-        k8s.CoreV1Api(admin_api(cluster)).create_namespaced_secret(namespace, body)
-    return old.key_pem
-
-
-def _utcnow() -> Any:
-    import datetime as dt
-
-    return dt.datetime.now(dt.UTC)
+    placements = [fleet.placement[name] for name in names]
+    return seed_previous_secrets(admin_api, placements, fleet.distribution_id).key_pem
 
 
 def _dead_server() -> str:

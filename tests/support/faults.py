@@ -9,6 +9,9 @@
   of forwarding, for a number of requests or for a while. A worker reaches it through
   :func:`proxied_kubeconfig`, a token kubeconfig whose server and CA are the proxy's. (A TCP
   relay cannot inject HTTP status codes into TLS, hence the termination.)
+* :func:`seed_previous_secrets` creates the Secrets a run finds already there, written
+  earlier with another certificate: the content a failed target must keep and a rollback
+  snapshot must hold.
 """
 
 from __future__ import annotations
@@ -21,14 +24,18 @@ import ssl
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from tests.certfactory import Chain, make_chain
 from tests.testenv.pki import CertificateAuthority
+from worker.bundle import build_bundle
+from worker.kube.secret import desired_secret
 
 # Hop-by-hop headers a proxy must not forward (RFC 9110 section 7.6.1).
 _HOP_BY_HOP = frozenset(
@@ -331,3 +338,33 @@ def gated_kubeconfig(kubeconfig: str, gate: TcpGate) -> str:
     for entry in config["clusters"]:
         entry["cluster"]["server"] = f"https://127.0.0.1:{gate.port}"
     return yaml.safe_dump(config, sort_keys=False)
+
+
+def managed_secret(name: str, namespace: str, chain: Chain, distribution_id: str) -> dict[str, Any]:
+    """The Secret CertAutoPilot would write for ``chain`` (an earlier write, for test setup)."""
+    bundle = build_bundle(chain.leaf_pem, chain.key_pem, chain.chain_pem, now=datetime.now(UTC))
+    return desired_secret(
+        name=name,
+        namespace=namespace,
+        tls_crt=bundle.tls_crt(),
+        tls_key=bundle.tls_key(),
+        ca_crt=None,
+        leaf=bundle.leaf,
+        distribution_id=distribution_id,
+    )
+
+
+def seed_previous_secrets(
+    admin_api: Callable[[Any], Any],
+    placements: Iterable[tuple[Any, str, str]],
+    distribution_id: str,
+) -> Chain:
+    """Create each (cluster, namespace, name) Secret with an older certificate written by
+    ``distribution_id``: the previous content a run must replace, snapshot or leave alone."""
+    from kubernetes import client as k8s
+
+    old = make_chain(cn="shop.example.com", fresh_leaf_key=True)
+    for cluster, namespace, name in placements:
+        body = managed_secret(name, namespace, old, distribution_id)
+        k8s.CoreV1Api(admin_api(cluster)).create_namespaced_secret(namespace, body)
+    return old
