@@ -37,7 +37,7 @@ from tests.testenv import binaries as binaries_module
 from tests.testenv.binaries import ETCD_VERSION, K8S_VERSION, BinariesError, find_binaries
 from tests.testenv.cluster import ApiServer
 from tests.testenv.pki import CertificateAuthority
-from tests.testenv.services import RedisServer
+from tests.testenv.services import PostgresServer, RedisServer
 
 AdminApi = Callable[[Cluster], client.ApiClient]
 MakeServiceAccount = Callable[..., ServiceAccountAccess]
@@ -444,6 +444,25 @@ def test_api_server_that_cannot_start_fails_with_its_own_output(tmp_path: Path) 
     message = str(raised.value)
     assert "kube-apiserver broken exited" in message
     assert "unknown flag: --no-such-flag" in message
+
+
+def test_postgres_that_cannot_initialise_fails_with_initdb_output(
+    testenv: TestEnvironment,
+) -> None:
+    # Under the environment's folder: as root, postgres tools run as the postgres user.
+    bindir = testenv.workdir / f"fake-pg-{uuid.uuid4().hex[:6]}"
+    bindir.mkdir(mode=0o755)
+    for tool, body in (("initdb", 'echo "initdb: error: disk is full" >&2; exit 1'),
+                       ("postgres", "exit 1")):
+        (bindir / tool).write_text(f"#!/bin/sh\n{body}\n")
+        (bindir / tool).chmod(0o755)
+    server = PostgresServer(bindir / "data", testenv.logs, bindir=bindir)
+
+    with pytest.raises(StartupError) as raised:
+        server.start()
+
+    assert "initdb" in str(raised.value)
+    assert "disk is full" in str(raised.value)
 
 
 def test_missing_redis_binary_names_the_package_to_install(tmp_path: Path) -> None:

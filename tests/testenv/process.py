@@ -217,28 +217,6 @@ def stop_all(grace: float = 5.0) -> None:
             process.stop(grace=grace)
 
 
-def run_checked(argv: Sequence[str], what: str, **kwargs: object) -> str:
-    """Run a short command to completion; raise StartupError with its output if it fails."""
-    try:
-        done = subprocess.run(
-            list(argv),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            check=False,
-            **kwargs,  # type: ignore[call-overload]
-        )
-    except OSError as exc:
-        raise StartupError(f"could not {what}: {argv[0]}: {exc}") from exc
-    if done.returncode != 0:
-        raise StartupError(
-            f"could not {what} (exit {done.returncode}).\nCommand: {' '.join(argv)}\n"
-            f"Output:\n{done.stdout.strip()}"
-        )
-    return str(done.stdout)
-
-
 def stream_checked(
     argv: Sequence[str],
     what: str,
@@ -246,8 +224,10 @@ def stream_checked(
     env: Mapping[str, str],
     progress: TextIO,
     error: type[Exception] = StartupError,
+    cwd: Path | None = None,
+    user: str | None = None,
 ) -> None:
-    """Run a long command, echoing its output to `progress`; raise `error` with its last lines."""
+    """Run a command, echoing its output to `progress`; on failure raise `error` with its tail."""
     tail: deque[str] = deque(maxlen=60)
     try:
         with subprocess.Popen(
@@ -257,6 +237,9 @@ def stream_checked(
             stderr=subprocess.STDOUT,
             env=dict(env),
             text=True,
+            cwd=cwd,
+            user=user,
+            group=None if user is None else _uid_gid(user)[1],
         ) as command:
             assert command.stdout is not None
             for line in command.stdout:

@@ -6,6 +6,7 @@ the component fails with a message naming the apt package to install.
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import secrets
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import psycopg
 
-from tests.testenv.process import ManagedProcess, StartupError, free_port, run_checked
+from tests.testenv.process import ManagedProcess, StartupError, free_port, stream_checked
 
 REDIS_START_TIMEOUT = 30.0
 POSTGRES_START_TIMEOUT = 60.0
@@ -191,7 +192,7 @@ class PostgresServer:
             for path in (self._workdir, self._sockets, password_file):
                 os.chown(path, entry.pw_uid, entry.pw_gid)
         try:
-            run_checked(
+            stream_checked(
                 [
                     str(self._bindir / "initdb"),
                     f"--pgdata={self._data}",
@@ -205,6 +206,8 @@ class PostgresServer:
                     "--no-instructions",
                 ],
                 "initialise a PostgreSQL cluster with initdb",
+                env=os.environ,
+                progress=io.StringIO(),  # only shown, as the error's tail, if initdb fails
                 user=self._run_as,
                 cwd=self._workdir,
             )
