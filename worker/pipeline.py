@@ -129,27 +129,32 @@ def start_run(rt: Runtime, dispatch: Dispatcher, run_id: str) -> None:
     now = utcnow()
     first_batch: list[str] = []
     webhook = False
-    with rt.session() as session:
-        run = session.get(Run, run_id)
-        if run is None:
-            log.warning("run %s does not exist; nothing to start", run_id)
-            return
-        if run.state is not RunState.QUEUED:
-            return  # a duplicate or late start message: the run already went on
-        distribution = queries.get_distribution(session, run.distribution_id)
-        if distribution.kind is DistributionKind.WEBHOOK:
-            queries.start_run(session, run_id, batch_plan=[], now=now)
-            webhook = True
-        else:
-            try:
-                plan = _plan(rt, session, distribution)
-            except FanoutConfigError as exc:
-                queries.finish_run(
-                    session, run_id, RunState.FAILED, now=now, reason=f"cannot plan: {exc}"
-                )
+    try:
+        with rt.session() as session:
+            run = session.get(Run, run_id)
+            if run is None:
+                log.warning("run %s does not exist; nothing to start", run_id)
                 return
-            queries.start_run(session, run_id, batch_plan=plan, now=now)
-            first_batch = plan[0]
+            if run.state is not RunState.QUEUED:
+                return  # a duplicate or late start message: the run already went on
+            distribution = queries.get_distribution(session, run.distribution_id)
+            if distribution.kind is DistributionKind.WEBHOOK:
+                queries.start_run(session, run_id, batch_plan=[], now=now)
+                webhook = True
+            else:
+                try:
+                    plan = _plan(rt, session, distribution)
+                except FanoutConfigError as exc:
+                    queries.finish_run(
+                        session, run_id, RunState.FAILED, now=now, reason=f"cannot plan: {exc}"
+                    )
+                    return
+                queries.start_run(session, run_id, batch_plan=plan, now=now)
+                first_batch = plan[0]
+    except queries.RunStateError:
+        # A duplicate start delivered at the same moment read "queued" too, then lost the
+        # compare-and-set (the row lock) to this one's twin: the run is already going on.
+        return
     if webhook:
         _run_webhook(rt, dispatch, run_id)
     else:

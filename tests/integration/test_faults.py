@@ -570,7 +570,7 @@ def test_the_same_run_enqueued_twice_processes_each_target_once(
 ) -> None:
     scene = stage("again", targets=10, clusters=2, proxy=False)
     fleet = scene.fleet
-    pipe.start_worker("again", concurrency=4)
+    worker = pipe.start_worker("again", concurrency=4)
     run_id = pipe.enqueue(fleet.distribution_id, "execute")
     dispatcher.start(run_id)  # the scheduler retried its enqueue
     report = _wait_final(pipe, run_id)
@@ -589,3 +589,4 @@ def test_the_same_run_enqueued_twice_processes_each_target_once(
     assert report.state == "succeeded", report.reason
     assert scene.truthful(again) == {"updated": 10}
     assert all(r.attempts == 1 for r in again.results)
+    assert "raised unexpected" not in worker.log_text(), "a duplicate message failed a task"
