@@ -21,7 +21,7 @@ from worker.app import app
 from worker.pipeline import (
     DATABASE_OUTAGE_ERRORS,
     advance_run,
-    process_target,
+    process_targets,
     reap,
     start_run,
 )
@@ -109,13 +109,11 @@ def process_target_task(run_id: str, *target_ids: str) -> None:
     rest go back to the queue in a new message.
     """
     rt = get_runtime()
-    latest_start = time.monotonic() + rt.settings.tasks.soft_time_limit
-    latest_start -= worst_target_seconds(rt.settings)
-    for index, target_id in enumerate(target_ids):
-        if index and time.monotonic() > latest_start:
-            dispatcher.process_targets(run_id, target_ids[index:])
-            return
-        process_target(rt, dispatcher, run_id, target_id)
+    start_before = time.monotonic() + rt.settings.tasks.soft_time_limit
+    start_before -= worst_target_seconds(rt.settings)
+    left = process_targets(rt, dispatcher, run_id, target_ids, start_before=start_before)
+    if left:
+        dispatcher.process_targets(run_id, left)
 
 
 @app.task(name=ADVANCE_RUN, **DATABASE_RETRY)

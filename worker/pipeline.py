@@ -7,14 +7,17 @@ message delivered twice, late, or never is harmless:
 
 * ``start_run`` moves a queued run to running with compare-and-set and creates
   one pending result per target; a duplicate start finds the run running.
-* ``process_target`` claims the target's result row with compare-and-set (a lease
-  as long as the task's hard time limit), does the work outside any transaction,
-  and records the outcome only if it still holds the claim. It never raises for a
-  target's failure: the failure is recorded and the batch goes on.
-* The target that finishes its batch last (as the database sees it) asks for
-  ``advance_run``; the advance compares-and-sets the batch index, so of several
-  concurrent advances exactly one acts. This replaces a chord counter, which
-  would live only in the result backend and would double-count redeliveries.
+* ``process_targets`` takes the targets of one message in turn: it claims each
+  target's result row with compare-and-set (a lease as long as the task's hard time
+  limit), does the work outside any transaction, and records the outcome only if it
+  still holds the claim. It never raises for a target's failure: the failure is
+  recorded and the batch goes on.
+* After its last record, each message checks (in a new transaction) whether its
+  batch has an open row left; the one that finishes the batch last, as the
+  database sees it, asks for ``advance_run``; the advance compares-and-sets the
+  batch index, so of several concurrent advances exactly one acts. This replaces a
+  chord counter, which would live only in the result backend and would
+  double-count redeliveries.
 * ``reap`` finds runs that made no progress for ``stale_after`` seconds (a worker
   was SIGKILLed, a message was lost with a Redis restart) and re-sends what they
   need; it writes on the run that it did so.
@@ -29,6 +32,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Any, Protocol, TypeVar
 
 from sqlalchemy import and_, func, or_, select, update
@@ -210,12 +214,43 @@ class TargetOutcome:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def process_target(rt: Runtime, dispatch: Dispatcher, run_id: str, target_id: str) -> None:
-    """Claim, process and record one target of a run, then ask for the batch to advance."""
+def process_targets(
+    rt: Runtime,
+    dispatch: Dispatcher,
+    run_id: str,
+    target_ids: Sequence[str],
+    *,
+    start_before: float | None = None,
+) -> list[str]:
+    """Process targets of one batch in turn, then ask for the batch to advance if it is done.
+
+    A target after the first starts only while ``time.monotonic()`` is below
+    ``start_before``; the ids not started are returned for the caller to re-queue.
+    """
+    recorded: set[int] = set()
+    left: list[str] = []
+    for index, target_id in enumerate(target_ids):
+        if index and start_before is not None and time.monotonic() > start_before:
+            left = list(target_ids[index:])
+            break
+        batch_index = _process_one(rt, run_id, target_id)
+        if batch_index is not None:
+            recorded.add(batch_index)
+    # One check after this message's last record is enough: whoever records a batch's
+    # last open row checks after that commit and sees every earlier one. Checking after
+    # each target would cost a transaction per target and find a later target still open.
+    for batch_index in sorted(recorded):
+        if _through_outage(rt, partial(_batch_is_done, rt, run_id, batch_index)):
+            dispatch.advance(run_id, batch_index)
+    return left
+
+
+def _process_one(rt: Runtime, run_id: str, target_id: str) -> int | None:
+    """Claim, process and record one target; its batch index when this delivery recorded it."""
     # A database outage in _claim rolls the claim back and propagates: the task retries.
     job = _claim(rt, run_id, target_id)
     if job is None:
-        return
+        return None
     started = time.monotonic()
     # Once claimed, no other delivery may take the target before the lease expires, so this
     # delivery rides out a database outage itself instead of leaving the claim stranded.
@@ -228,10 +263,9 @@ def process_target(rt: Runtime, dispatch: Dispatcher, run_id: str, target_id: st
         f" [{outcome.error_reason}]" if outcome.error_reason else "",
         (time.monotonic() - started) * 1000,
     )
-    if _through_outage(
-        rt, lambda: _record(rt, job, outcome) and _batch_is_done(rt, run_id, job.batch_index)
-    ):
-        dispatch.advance(run_id, job.batch_index)
+    if _through_outage(rt, lambda: _record(rt, job, outcome)):
+        return job.batch_index
+    return None
 
 
 def _through_outage(rt: Runtime, step: Callable[[], T]) -> T:
