@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import json
+import resource
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -82,8 +83,10 @@ def run(plan: dict[str, Any]) -> dict[str, Any]:
         outcomes = list(pool.map(one, plan["targets"]))
     wall = time.monotonic() - started
     errors = [error for _, error in outcomes if error]
+    usage = resource.getrusage(resource.RUSAGE_SELF)
     return {
         "wall_seconds": wall,
+        "cpu_seconds": usage.ru_utime + usage.ru_stime,
         "latencies_ms": [latency for latency, _ in outcomes],
         "errors": len(errors),
         "first_error": errors[0] if errors else None,

@@ -86,6 +86,12 @@ class Cell:
     broker_calls: dict[str, int] = field(default_factory=dict)
     bare_s: float = 0.0
     bare_runs: list[float] = field(default_factory=list)
+    bare_cpu_s: float = 0.0
+    """CPU seconds of the bare client process (last run)."""
+    cpu_s: dict[str, float] = field(default_factory=dict)
+    """CPU seconds per component during the pipeline phase (last run)."""
+    bare_phase_cpu_s: dict[str, float] = field(default_factory=dict)
+    """CPU seconds per component during the bare phase (last run)."""
     bare_p50_ms: float = 0.0
     bare_api_requests: dict[str, int] = field(default_factory=dict)
     kubectl_s: float | None = None
@@ -184,6 +190,8 @@ class Probes:
     pg_conninfo: str
     redis_url: str
     bench_transactions: Callable[[], int]
+    processes: Callable[[], dict[str, list[int]]]
+    """Process ids by component (workers, postgres, redis, kube = apiservers + etcd)."""
 
     def snapshot(self) -> dict[str, Any]:
         """Current counters (after letting PostgreSQL publish its statistics)."""
@@ -192,6 +200,7 @@ class Probes:
             "api": metrics.scrape_secret_requests(self.admin),
             "pg": metrics.pg_transactions(self.pg_conninfo) - self.bench_transactions(),
             "redis": metrics.redis_command_calls(self.redis_url),
+            "cpu": {name: metrics.cpu_seconds(pids) for name, pids in self.processes().items()},
         }
 
     @staticmethod
@@ -201,6 +210,12 @@ class Probes:
             "api": dict(metrics.counter_delta(after["api"], before["api"])),
             "pg": after["pg"] - before["pg"] - metrics.PG_PROBE_TRANSACTIONS,
             "redis": dict(metrics.counter_delta(after["redis"], before["redis"])),
+            # Only processes alive at both ends count; a pool process replaced meanwhile
+            # would make this smaller, never larger.
+            "cpu": {
+                name: round(after["cpu"][name] - before["cpu"].get(name, 0.0), 3)
+                for name in after["cpu"]
+            },
         }
 
 
@@ -388,6 +403,19 @@ def _bare(fleet: Fleet, n: int, secret_name: str, threads: int, cert: Path, key:
     return json.loads(done.stdout)
 
 
+def _component_pids(env: Any, pipe: Any) -> dict[str, list[int]]:
+    def tree(process: Any) -> list[int]:
+        return metrics.process_tree(process.pid) if process and process.pid else []
+
+    kube = [pid for process in env.cluster_set.processes() for pid in tree(process)]
+    return {
+        "workers": [pid for w in pipe.workers for pid in metrics.process_tree(w.process.pid)],
+        "postgres": tree(env.postgres().process),
+        "redis": tree(env.redis().process),
+        "kube": kube,
+    }
+
+
 def _libpq_url(sqlalchemy_url: str) -> str:
     from sqlalchemy.engine import make_url
 
@@ -432,6 +460,8 @@ def measure_cell(ctx: Context, n: int, w: int) -> Cell:
         cell.bare_runs.append(round(bare["wall_seconds"], 3))
         cell.bare_p50_ms = metrics.percentile(bare["latencies_ms"], 0.5)
         cell.bare_api_requests = moved["api"]
+        cell.bare_cpu_s = round(bare["cpu_seconds"], 3)
+        cell.bare_phase_cpu_s = moved["cpu"]
 
         say(f"N={n} W={w}: pipeline")
         with measured(probes) as moved, profiled(ctx.pipe, options.profile_dir, tag):
@@ -441,6 +471,7 @@ def measure_cell(ctx: Context, n: int, w: int) -> Cell:
         cell.api_requests = moved["api"]
         cell.db_transactions = moved["pg"]
         cell.broker_calls = moved["redis"]
+        cell.cpu_s = moved["cpu"]
     cell.pipeline_s = statistics.median(cell.pipeline_runs)
     cell.bare_s = statistics.median(cell.bare_runs)
     latencies = _latencies(report)
@@ -506,6 +537,7 @@ def run_benchmark(options: Options, env: Any) -> list[Cell]:
             pg_conninfo=_libpq_url(database_url),
             redis_url=redis_server.url,
             bench_transactions=lambda: bench_transactions["x"],
+            processes=lambda: _component_pids(env, pipe),
         )
         driver = PipelineDriver(pipe, fleet)
         context = Context(options, workdir, fleet, pipe, driver, probes, kubectl)

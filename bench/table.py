@@ -23,6 +23,9 @@ COLUMNS = (
     "DB xact/target",
     "LPUSH/target",
     "Redis cmds/target",
+    "CPU ms/target workers+PG+Redis",
+    "CPU ms/target bare",
+    "CPU ms/target kube pipe|bare",
     "max RSS MB",
     "threads/procs",
     "re-run s",
@@ -34,6 +37,11 @@ def _num(value: float | None, digits: int = 2) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     return f"{value:.{digits}f}"
+
+
+def _own_cpu(cell: Cell) -> float:
+    """CPU seconds the pipeline itself cost: workers, PostgreSQL and Redis."""
+    return sum(cell.cpu_s.get(name, 0.0) for name in ("workers", "postgres", "redis"))
 
 
 def row(cell: Cell) -> list[str]:
@@ -55,6 +63,10 @@ def row(cell: Cell) -> list[str]:
         _num(cell.per_target(cell.db_transactions), 1),
         _num(cell.per_target(cell.broker_calls.get("lpush", 0))),
         _num(cell.per_target(sum(cell.broker_calls.values())), 1),
+        _num(cell.per_target(1000 * _own_cpu(cell))),
+        _num(cell.per_target(1000 * cell.bare_cpu_s)),
+        f"{_num(cell.per_target(1000 * cell.cpu_s.get('kube', 0.0)), 1)}"
+        f"|{_num(cell.per_target(1000 * cell.bare_phase_cpu_s.get('kube', 0.0)), 1)}",
         _num(cell.rss_mb_max, 0),
         f"{cell.threads}/{len(cell.rss_mb_pool)}",
         _num(cell.rerun_s),
