@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import signal
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -41,8 +42,14 @@ def machine() -> str:
     )
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    # SIGTERM unwinds like Ctrl-C, so workers and servers are stopped on the way out.
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line, run the benchmark, print the table."""
+    signal.signal(signal.SIGTERM, _interrupt)
     parser = argparse.ArgumentParser(
         prog="python -m bench",
         description=__doc__,
