@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from enum import Enum, StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -31,7 +31,9 @@ from worker.kube.secret import (
     SecretDiff,
     render_diff,
 )
-from worker.service import RunReport, TargetResultView
+
+if TYPE_CHECKING:  # the service layer (SQLAlchemy, kubernetes) is not needed for `--help`
+    from worker.service import RunReport, TargetResultView
 
 __all__ = [
     "OutputFormat",

@@ -12,9 +12,12 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -23,10 +26,12 @@ from typing import Any
 import pytest
 from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
+from typer.testing import CliRunner
 
 from models.rollback import STORE_CONTENT_OFF
 from tests.certfactory import make_chain
 from tests.testenv import Cluster, ServiceAccountAccess
+from worker.cli import app
 
 pytestmark = pytest.mark.integration
 
@@ -77,7 +82,7 @@ def test_demo_runs_the_main_job_end_to_end_on_a_fresh_machine(tmp_path: Path) ->
         "batch 1: cluster-1-shop",
         "$ certautopilot distributions attach",
         "Dry-run: batch 3/3: 4/4 target(s) done",
-        'would update (live resourceVersion',
+        "would update (live resourceVersion",
         "succeeded: 4 would_update",
         "(nothing was written)",
         "Execute: batch 3/3: 4/4 target(s) done",
@@ -153,22 +158,35 @@ class Worker:
 
 @pytest.fixture
 def operator(tmp_path: Path) -> Iterator[Callable[..., subprocess.CompletedProcess[str]]]:
-    """`certautopilot ...` on a fresh embedded default, with a worker running on it."""
+    """`certautopilot ...` on a fresh embedded default, with a worker process running on it.
+
+    The commands run in this process (typer's CliRunner, settings from the invocation's
+    environment): a fresh interpreter per command costs seconds of imports, and the console
+    script itself is exercised by the demo, worker and Flower tests.
+    """
     data = tmp_path / "data"
-    env = clean_env(
+    env: dict[str, str | None] = {k: None for k in os.environ if k.startswith("CAP_")}
+    env.update(
         CAP_DATA_DIR=str(data),
         CAP_REAPER_INTERVAL="2",
         CAP_KUBE_RETRY_ATTEMPTS="2",
         CAP_KUBE_RETRY_MAX_SECONDS="3",
     )
-    assert "-> 0001" in certautopilot(env, "migrate").stdout
-    worker = Worker(env, tmp_path / "worker.log")
+    runner = CliRunner()
+
+    def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+        result = runner.invoke(app, list(args), env=env, input=stdin)
+        if result.exception is not None and not isinstance(result.exception, SystemExit):
+            raise result.exception
+        return subprocess.CompletedProcess(
+            ["certautopilot", *args], result.exit_code, result.stdout, result.stderr
+        )
+
+    assert "-> 0001" in run("migrate").stdout
+    worker_env = {k: v for k, v in {**os.environ, **env}.items() if v is not None}
+    worker = Worker(worker_env, tmp_path / "worker.log")
     try:
         worker.wait_ready(data / "worker-heartbeat")
-
-        def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-            return certautopilot(env, *args, stdin=stdin)
-
         yield run
     finally:
         worker.stop()
@@ -190,6 +208,50 @@ def test_worker_exits_promptly_when_only_its_main_process_gets_sigterm(tmp_path:
         (tmp_path / "data" / "worker-heartbeat").unlink()
 
 
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_flower_starts_on_the_same_broker_behind_basic_auth(tmp_path: Path) -> None:
+    port = _free_port()
+    env = clean_env(CAP_DATA_DIR=str(tmp_path / "data"), FLOWER_BASIC_AUTH="ops:long-password")
+    log = tmp_path / "flower.log"
+    with log.open("wb") as handle:
+        flower = subprocess.Popen(
+            [CLI, "flower", "--port", str(port)],
+            env=env,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    url = f"http://127.0.0.1:{port}/api/workers"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(url, timeout=2)
+            except urllib.error.HTTPError as exc:
+                assert exc.code == 401
+                break
+            except OSError:
+                assert flower.poll() is None, log.read_text()
+                assert time.monotonic() < deadline, log.read_text()
+                time.sleep(0.3)
+        request = urllib.request.Request(url)
+        token = base64.b64encode(b"ops:long-password").decode()
+        request.add_header("Authorization", f"Basic {token}")
+        with urllib.request.urlopen(request, timeout=5) as response:  # noqa: S310 (http://127.0.0.1)
+            assert response.status == 200
+        text = log.read_text()
+        assert f"sqla+sqlite:///{tmp_path / 'data'}/broker.db" in text
+        assert "long-password" not in text
+    finally:
+        os.killpg(flower.pid, signal.SIGTERM)
+        flower.wait(timeout=20)
+
+
 def _live_secret(api: Any, namespace: str, name: str) -> Any:
     try:
         return k8s.CoreV1Api(api).read_namespaced_secret(name, namespace)
@@ -199,36 +261,42 @@ def _live_secret(api: Any, namespace: str, name: str) -> Any:
         raise
 
 
-def test_cli_dry_run_shows_the_diff_and_execute_creates_the_secret(
+def _write_pems(folder: Path, cn: str) -> tuple[Any, dict[str, str]]:
+    chain = make_chain(cn=cn, intermediates=1)
+    files = {}
+    for name, data in (
+        ("cert", chain.leaf_pem),
+        ("chain", chain.chain_pem),
+        ("key", chain.key_pem),
+    ):
+        files[name] = str(folder / f"{cn}-{name}.pem")
+        Path(files[name]).write_bytes(data)
+    return chain, files
+
+
+def test_cli_dry_run_writes_nothing_execute_creates_the_secret_and_a_failure_exits_1(
     operator: Callable[..., subprocess.CompletedProcess[str]],
     cluster: Cluster,
     make_service_account: Callable[..., ServiceAccountAccess],
     testenv_admin_api: Callable[[Cluster], Any],
     tmp_path: Path,
 ) -> None:
+    # One flow, one worker process, one cluster; the cases build on each other.
     namespace = f"cli-{uuid.uuid4().hex[:8]}"
     access = make_service_account(cluster, namespace)
     admin = testenv_admin_api(cluster)
-    chain = make_chain(cn="shop.example.com", intermediates=1)
-    files = {}
-    for name, data in (
-        ("leaf", chain.leaf_pem),
-        ("chain", chain.chain_pem),
-        ("key", chain.key_pem),
-    ):
-        files[name] = tmp_path / f"{name}.pem"
-        files[name].write_bytes(data)
+    chain, pems = _write_pems(tmp_path, "shop.example.com")
 
     def ok(*args: str, stdin: str | None = None) -> str:
         result = operator(*args, stdin=stdin)
         assert result.returncode == 0, (args, result.stdout, result.stderr)
         return result.stdout
 
-    ok("credentials", "add-kubeconfig", "c1", "--stdin", stdin=access.kubeconfig)
-    assert access.token not in ok("credentials", "list")
+    added_credential = ok("credentials", "add-kubeconfig", "c1", "--stdin", stdin=access.kubeconfig)
+    assert access.token not in added_credential
     cert = json.loads(
-        ok("certs", "import", "--cert", str(files["leaf"]), "--key", str(files["key"]),
-           "--chain", str(files["chain"]), "--output", "json")
+        ok("certs", "import", "--cert", pems["cert"], "--key", pems["key"],
+           "--chain", pems["chain"], "--output", "json")
     )  # fmt: skip
     added = ok("targets", "add", "t1", "--namespace", namespace, "--kubeconfig-credential", "c1")
     assert "health: healthy" in added
@@ -238,7 +306,6 @@ def test_cli_dry_run_shows_the_diff_and_execute_creates_the_secret(
 
     dry = ok("run", distribution["id"], "--dry-run")
     assert f'Secret "{namespace}/shop-example-com-tls": would create' in dry
-    assert "would_create" in dry
     assert "succeeded: 1 would_create" in dry
     assert _live_secret(admin, namespace, "shop-example-com-tls") is None
 
@@ -249,40 +316,34 @@ def test_cli_dry_run_shows_the_diff_and_execute_creates_the_secret(
     assert secret.type == "kubernetes.io/tls"
     assert base64.b64decode(secret.data["tls.crt"]) == chain.fullchain_pem
 
+    queued = json.loads(ok("run", distribution["id"], "--dry-run", "--no-wait", "-o", "json"))
     runs = json.loads(ok("runs", "list", "--output", "json"))
-    assert [(r["action"], r["state"]) for r in runs] == [
+    assert (runs[0]["id"], runs[0]["action"]) == (queued["run_id"], "dry_run")
+    assert [(r["action"], r["state"]) for r in runs[1:]] == [
         ("execute", "succeeded"),
         ("dry_run", "succeeded"),
     ]
-    shown = ok("runs", "show", runs[1]["id"], "--diff")
+    shown = ok("runs", "show", runs[2]["id"], "--diff")
     assert "would create (it does not exist yet)" in shown
     refused = operator("rollback", distribution["id"])
     assert refused.returncode == 2
     assert STORE_CONTENT_OFF in refused.stderr
 
-
-def test_cli_run_that_fails_exits_1_and_names_the_cause(
-    operator: Callable[..., subprocess.CompletedProcess[str]],
-    cluster: Cluster,
-    tmp_path: Path,
-) -> None:
-    chain = make_chain(cn="gone.example.com", intermediates=0)
-    leaf, key = tmp_path / "leaf.pem", tmp_path / "key.pem"
-    leaf.write_bytes(chain.leaf_pem)
-    key.write_bytes(chain.key_pem)
-    operator("credentials", "add-kubeconfig", "admin", "--stdin", stdin=cluster.admin_kubeconfig)
-    cert = json.loads(
-        operator("certs", "import", "--cert", str(leaf), "--key", str(key), "-o", "json").stdout
+    # A target whose namespace does not exist: saved (unhealthy), and its run exits 1.
+    _, other = _write_pems(tmp_path, "gone.example.com")
+    ok("credentials", "add-kubeconfig", "admin", "--stdin", stdin=cluster.admin_kubeconfig)
+    other_cert = json.loads(
+        ok("certs", "import", "--cert", other["cert"], "--key", other["key"], "-o", "json")
     )
-    saved = operator(
+    saved = ok(
         "targets", "add", "missing", "--namespace", "no-such-namespace",
         "--kubeconfig-credential", "admin",
     )  # fmt: skip
-    assert saved.returncode == 0 and "health: unhealthy" in saved.stdout
-    distribution = json.loads(
-        operator("distributions", "attach", cert["id"], "--target", "missing", "-o", "json").stdout
+    assert "health: unhealthy" in saved
+    failing = json.loads(
+        ok("distributions", "attach", other_cert["id"], "--target", "missing", "-o", "json")
     )
-    failed = operator("run", distribution["id"], "--execute", "--output", "json")
+    failed = operator("run", failing["id"], "--execute", "--output", "json")
     assert failed.returncode == 1, failed.stderr
     report = json.loads(failed.stdout)["run"]
     assert report["state"] == "failed"

@@ -339,6 +339,24 @@ def test_rollback_with_store_content_off_explains_the_greyed_out_button(
     assert cli.json("runs", "list") == []
 
 
+def test_webhook_is_stacked_after_the_kubernetes_distribution(
+    cli: Cli, setup: dict[str, str]
+) -> None:
+    cli.ok("credentials", "add-webhook-secret", "hook", "--stdin", stdin="x" * 32 + "\n")
+    assert_refused(
+        cli("distributions", "attach-webhook", setup["cert"], "--url", "ftp://example.test"),
+        "https://",
+    )
+    webhook = cli.json(
+        "distributions", "attach-webhook", setup["cert"],
+        "--url", "https://hooks.example.test/rollout", "--secret", "hook",
+    )  # fmt: skip
+    assert (webhook["kind"], webhook["position"]) == ("webhook", 1)
+    listed = cli.json("distributions", "list", "--cert", setup["cert"])
+    assert [d["kind"] for d in listed] == ["kubernetes", "webhook"]
+    assert_refused(cli("run", webhook["id"], "--dry-run"), "can only be executed")
+
+
 def test_short_webhook_secret_is_refused(cli: Cli) -> None:
     result = cli("credentials", "add-webhook-secret", "hook", "--stdin", stdin="short\n")
     assert_refused(result, "at least 16")
