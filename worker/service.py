@@ -39,6 +39,7 @@ from worker.kube.errors import InClusterUnavailable, KubeError
 from worker.pipeline import Dispatcher, utcnow
 from worker.runtime import Runtime
 from worker.templating import (
+    CERTIFICATE_VARIABLES,
     DEFAULT_SECRET_NAME_TEMPLATE,
     TemplateError,
     check_variable_name,
@@ -145,26 +146,13 @@ class TargetSpec:
     variables: Mapping[str, Any] = field(default_factory=dict)
 
 
-_CERT_VARIABLES = (
-    "cn",
-    "cn_raw",
-    "sans",
-    "serial",
-    "issuer",
-    "not_after",
-    "not_before",
-    "fingerprint",
-    "sha256_fingerprint",
-)
-
-
 def create_target(
     rt: Runtime, spec: TargetSpec, *, check: bool = True
 ) -> tuple[str, HealthResult | None]:
     """Validate and save a target, then (like the UI's Save) run its health check."""
     for variable in spec.variables:
         check_variable_name(variable)
-    known = [*_CERT_VARIABLES, *spec.variables]
+    known = [*CERTIFICATE_VARIABLES, *spec.variables]
     validate_template(spec.namespace, "namespace", known)
     validate_template(spec.secret_name, "secret name", known)
     mode = ConnectionMode(spec.connection_mode)
