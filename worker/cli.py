@@ -1120,6 +1120,14 @@ def worker_command(
     loglevel: Annotated[
         LogLevel | None, typer.Option("--loglevel", help="Default CAP_LOG_LEVEL.")
     ] = None,
+    hostname: Annotated[
+        str,
+        typer.Option(
+            "--hostname",
+            help="Node name in Flower and remote control; must be unique per worker "
+            "(%h = host name, the pod name on Kubernetes).",
+        ),
+    ] = "certautopilot@%h",
 ) -> None:
     """Run a Celery worker consuming the Kubernetes and control queues (with events for Flower)."""
     from worker.app import CONTROL_QUEUE
@@ -1134,7 +1142,7 @@ def worker_command(
         "--task-events",
         f"--concurrency={concurrency or settings.tasks.worker_concurrency}",
         f"--loglevel={(loglevel or settings.tasks.log_level)}",
-        "--hostname=certautopilot@%h",
+        f"--hostname={hostname}",
         # Nothing here uses worker-to-worker gossip or start-up state sync; without them a
         # worker starts faster and sends fewer broker messages (remote control stays on).
         "--without-mingle",

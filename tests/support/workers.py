@@ -23,29 +23,17 @@ class WorkerProcess:
         log_dir: Path,
         *,
         concurrency: int = 4,
-        queues: str = "kubernetes,control",
     ) -> None:
         self.name = name
         self.log_path = log_dir / f"worker-{name}.log"
         self._log = self.log_path.open("ab")
+        # The product's own entry point, exactly as a pod runs it.
         command = [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "worker.app:app",
+            str(Path(sys.executable).with_name("certautopilot")),
             "worker",
-            "-Q",
-            queues,
-            "-c",
-            str(concurrency),
-            "-E",
-            "-n",
-            f"{name}@%h",
-            "--loglevel",
-            "INFO",
-            "--without-mingle",
-            "--without-gossip",
+            f"--concurrency={concurrency}",
+            "--loglevel=INFO",
+            f"--hostname={name}@%h",
         ]
         self.process = subprocess.Popen(
             command,
