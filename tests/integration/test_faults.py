@@ -244,9 +244,16 @@ def _wait_done(pipe: Pipeline, run_id: str, at_least: int, timeout: float = 60.0
     raise AssertionError(f"run {run_id}: fewer than {at_least} targets done after {timeout}s")
 
 
-def _running(pipe: Pipeline, run_id: str) -> set[str]:
-    report = service.run_report(pipe.runtime, run_id)
-    return {r.target_id for r in report.results if r.status == "running"}
+def _wait_in_flight(pipe: Pipeline, run_id: str, timeout: float = 30.0) -> set[str]:
+    """Block until some targets of the run are being processed; return their ids."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        report = service.run_report(pipe.runtime, run_id)
+        running = {r.target_id for r in report.results if r.status == "running"}
+        if running:
+            return running
+        time.sleep(0.02)
+    raise AssertionError(f"no target of run {run_id} was in flight within {timeout}s")
 
 
 def _key_of(secret: Any) -> bytes | None:
@@ -299,9 +306,8 @@ def test_sigterm_lets_tasks_in_flight_finish_and_another_worker_completes_the_ru
     fleet = scene.fleet
     leaving = pipe.start_worker("leaving", concurrency=3)
     run_id = pipe.enqueue(fleet.distribution_id, "execute")
-    _wait_done(pipe, run_id, 2)
-    in_flight = _running(pipe, run_id)
-    assert in_flight, "no task was in flight when SIGTERM was sent"
+    _wait_done(pipe, run_id, 1)
+    in_flight = _wait_in_flight(pipe, run_id)
 
     os.kill(leaving.process.pid, signal.SIGTERM)  # what kubelet sends to the pod's PID 1
     assert leaving.process.wait(timeout=30) == 0, leaving.log_text()[-3000:]
