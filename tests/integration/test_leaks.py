@@ -40,6 +40,7 @@ from tasks.distribution import dispatcher
 from tests.certfactory import make_chain
 from tests.support.faults import seed_previous_secrets
 from tests.support.pipeline import Fleet, Pipeline, build_fleet, pipeline
+from tests.support.receiver import WebhookReceiver
 from tests.testenv import SPEC_MINIMUM_RULES
 from tests.testenv.environment import WORKDIR_PREFIX
 from worker import service
@@ -306,8 +307,8 @@ def suite(
 
             hmac_secret = os.urandom(24).hex().encode()
             needles.add_value("webhook HMAC secret", hmac_secret)
-            received: list[bytes] = []
-            hook_url = _webhook_receiver(received)
+            receiver = WebhookReceiver()
+            hook_url = receiver.url
             service.add_webhook_secret(pipe.runtime, "hook-hmac", hmac_secret)
             hook = service.attach_webhook(
                 pipe.runtime, fleet.certificate_id, hook_url, secret="hook-hmac"
@@ -322,7 +323,8 @@ def suite(
             runs["execute"] = pipe.wait(pipe.enqueue(distribution, "execute"))
             # The execute run fails partially (by design), so the stacked webhook is run alone.
             runs["webhook"] = pipe.wait(pipe.enqueue(hook, "execute"))
-            assert received, "the webhook never arrived"
+            assert receiver.requests, "the webhook never arrived"
+            receiver.close()
             renewed = make_chain(cn="shop.example.com", fresh_leaf_key=True)
             needles.add_pem("renewed key", renewed.key_pem)
             files = tmp / "operator-files"
@@ -418,23 +420,6 @@ def _wait_for(condition: Any, timeout: float, what: str) -> None:
             return
         time.sleep(0.2)
     raise AssertionError(f"timed out waiting for {what}")
-
-
-def _webhook_receiver(received: list[bytes]) -> str:
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-    class Receiver(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            received.append(self.rfile.read(int(self.headers["Content-Length"])))
-            self.send_response(204)
-            self.end_headers()
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return f"http://127.0.0.1:{server.server_address[1]}/hook"
 
 
 def _flower_pages(port: int) -> dict[str, bytes]:

@@ -230,26 +230,12 @@ def test_webhook_stacked_after_group_fires_once_on_success_and_never_on_halt(
     import hashlib
     import hmac
     import json
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+    from tests.support.receiver import WebhookReceiver
     from worker import service
 
-    received: list[tuple[dict[str, str], bytes]] = []
-
-    class Receiver(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            body = self.rfile.read(int(self.headers["Content-Length"]))
-            received.append((dict(self.headers), body))
-            self.send_response(204)
-            self.end_headers()
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}/hooks/rollout"
+    receiver = WebhookReceiver()
+    received, url = receiver.requests, receiver.url
     try:
         pipe.start_worker(concurrency=4)
         secret = b"s" * 32
@@ -294,7 +280,7 @@ def test_webhook_stacked_after_group_fires_once_on_success_and_never_on_halt(
         assert service.stacked_runs(pipe.runtime, halted.id) == []
         assert len(received) == 1
     finally:
-        server.shutdown()
+        receiver.close()
 
 
 def test_flower_lists_the_run_tasks_with_ids_only_and_no_secret_material(
