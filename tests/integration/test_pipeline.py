@@ -148,12 +148,8 @@ def test_worker_killed_mid_batch_run_still_finishes_and_snapshots_hold_previous_
 ) -> None:
     import time
 
-    from kubernetes import client as k8s
-
     from models import queries
-    from tests.certfactory import make_chain
-    from worker.bundle import build_bundle
-    from worker.kube.secret import desired_secret
+    from tests.support.faults import seed_previous_secrets
 
     namespace = _namespace("kill")
     fleet = build_fleet(
@@ -166,25 +162,7 @@ def test_worker_killed_mid_batch_run_still_finishes_and_snapshots_hold_previous_
         failure_threshold="0",
     )
     # Every Secret exists already with an older certificate that we manage.
-    old = make_chain(cn="shop.example.com", fresh_leaf_key=True)
-    old_bundle = build_bundle(
-        old.leaf_pem,
-        old.key_pem,
-        old.chain_pem,
-        old.root_pem,
-        now=__import__("datetime").datetime.now(__import__("datetime").UTC),
-    )
-    for cluster, ns, secret_name in fleet.placement.values():
-        body = desired_secret(
-            name=secret_name,
-            namespace=ns,
-            tls_crt=old_bundle.tls_crt(),
-            tls_key=old_bundle.tls_key(),
-            ca_crt=None,
-            leaf=old_bundle.leaf,
-            distribution_id=fleet.distribution_id,
-        )
-        k8s.CoreV1Api(testenv_admin_api(cluster)).create_namespaced_secret(ns, body)
+    old = seed_previous_secrets(testenv_admin_api, fleet.placement.values(), fleet.distribution_id)
 
     doomed = pipe.start_worker("doomed", concurrency=2)
     run_id = pipe.enqueue(fleet.distribution_id, "execute")
