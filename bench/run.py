@@ -98,6 +98,8 @@ class Cell:
     kubectl_api_requests: dict[str, int] = field(default_factory=dict)
     rss_mb_max: float = 0.0
     rss_mb_pool: list[float] = field(default_factory=list)
+    rss_mb_runs: list[float] = field(default_factory=list)
+    """Largest worker RSS after each pipeline run of the cell (flat when nothing leaks)."""
     threads: int = 0
     rerun_s: float = 0.0
     rerun_counts: dict[str, int] = field(default_factory=dict)
@@ -472,6 +474,7 @@ def measure_cell(ctx: Context, n: int, w: int) -> Cell:
         cell.db_transactions = moved["pg"]
         cell.broker_calls = moved["redis"]
         cell.cpu_s = moved["cpu"]
+        cell.rss_mb_runs.append(round(max(s.rss_mb for s in _worker_stats(ctx.pipe)), 1))
     cell.pipeline_s = statistics.median(cell.pipeline_runs)
     cell.bare_s = statistics.median(cell.bare_runs)
     latencies = _latencies(report)
