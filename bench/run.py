@@ -99,6 +99,8 @@ class Cell:
     rss_mb_max: float = 0.0
     rss_mb_pool: list[float] = field(default_factory=list)
     rss_mb_runs: list[float] = field(default_factory=list)
+    rss_mb_main: list[float] = field(default_factory=list)
+    """RSS of each worker's main (consumer) process; the rest are its pool processes."""
     """Largest worker RSS after each pipeline run of the cell (flat when nothing leaks)."""
     threads: int = 0
     rerun_s: float = 0.0
@@ -485,6 +487,8 @@ def measure_cell(ctx: Context, n: int, w: int) -> Cell:
     stats = _worker_stats(ctx.pipe)
     cell.rss_mb_max = max(s.rss_mb for s in stats)
     cell.rss_mb_pool = sorted(round(s.rss_mb, 1) for s in stats)
+    mains = {worker.process.pid for worker in ctx.pipe.workers}
+    cell.rss_mb_main = [round(s.rss_mb, 1) for s in stats if s.pid in mains]
     cell.threads = sum(s.threads for s in stats)
 
     say(f"N={n} W={w}: unchanged re-run")
