@@ -141,7 +141,7 @@ def prepare_fleet(clusters: list[Any], max_n: int, folder: Path) -> Fleet:
     from kubernetes import client as k8s
 
     from tests.testenv import SPEC_MINIMUM_RULES, admin_api_client, create_service_account
-    from tests.testenv.access import ensure_namespace
+    from tests.testenv.access import _create_or_keep, ensure_namespace
 
     admin = [admin_api_client(cluster) for cluster in clusters]
     fleet = Fleet(clusters=clusters, admin=admin)
@@ -171,16 +171,6 @@ def prepare_fleet(clusters: list[Any], max_n: int, folder: Path) -> Fleet:
     with ThreadPoolExecutor(max_workers=8) as pool:
         list(pool.map(lambda slot: ensure_namespace(admin[slot[0]], slot[1]), fleet.slots))
     return fleet
-
-
-def _create_or_keep(create: Callable[[], object]) -> None:
-    from kubernetes.client.exceptions import ApiException
-
-    try:
-        create()
-    except ApiException as exc:
-        if exc.status != 409:
-            raise
 
 
 # ------------------------------------------------------------------------- measuring
