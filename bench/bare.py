@@ -32,7 +32,9 @@ def _api(kubeconfig_path: str, threads: int) -> client.CoreV1Api:
     loaded = yaml.safe_load(Path(kubeconfig_path).read_text())
     configuration = client.Configuration()
     # Loads into this Configuration only; the library's process-wide default is untouched.
-    config.load_kube_config_from_dict(loaded, client_configuration=configuration)
+    config.load_kube_config_from_dict(  # type: ignore[no-untyped-call]
+        loaded, client_configuration=configuration
+    )
     # As many pooled connections as threads, like the pipeline's per-process pool.
     configuration.connection_pool_maxsize = max(threads, 1)
     return client.CoreV1Api(client.ApiClient(configuration))
@@ -73,6 +75,7 @@ def run(plan: dict[str, Any]) -> dict[str, Any]:
             if live is None:
                 api.create_namespaced_secret(namespace, body)
             else:
+                assert body.metadata is not None and live.metadata is not None
                 body.metadata.resource_version = live.metadata.resource_version
                 api.replace_namespaced_secret(name, namespace, body)
         except ApiException as exc:

@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -150,8 +151,9 @@ def prepare_fleet(clusters: list[Any], max_n: int, folder: Path) -> Fleet:
         access = create_service_account(api, cluster, BENCH_SA, rules=None, name=BENCH_SA)
         rbac = k8s.RbacAuthorizationV1Api(api)
         # The spec's minimum Role, granted in every namespace: each target is a namespace.
-        role = {"metadata": {"name": BENCH_SA}, "rules": SPEC_MINIMUM_RULES}
-        binding = {
+        # Plain dicts: the client serialises them like its models.
+        role: Any = {"metadata": {"name": BENCH_SA}, "rules": SPEC_MINIMUM_RULES}
+        binding: Any = {
             "metadata": {"name": BENCH_SA},
             "roleRef": {
                 "apiGroup": "rbac.authorization.k8s.io",
@@ -160,8 +162,8 @@ def prepare_fleet(clusters: list[Any], max_n: int, folder: Path) -> Fleet:
             },
             "subjects": [{"kind": "ServiceAccount", "name": BENCH_SA, "namespace": BENCH_SA}],
         }
-        _create_or_keep(lambda r=rbac, body=role: r.create_cluster_role(body))
-        _create_or_keep(lambda r=rbac, body=binding: r.create_cluster_role_binding(body))
+        _create_or_keep(partial(rbac.create_cluster_role, role))
+        _create_or_keep(partial(rbac.create_cluster_role_binding, binding))
         fleet.kubeconfigs[cluster.name] = access.kubeconfig
         path = folder / f"{cluster.name}.kubeconfig"
         path.touch(mode=0o600)
