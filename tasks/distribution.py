@@ -50,6 +50,12 @@ def targets_per_message(count: int) -> int:
     return max(1, min(MOST_PER_MESSAGE, math.ceil(count / SPREAD)))
 
 
+def message_chunks(target_ids: Sequence[str]) -> list[list[str]]:
+    """Split a dispatch into the target lists of its messages (order kept, each target once)."""
+    size = targets_per_message(len(target_ids))
+    return [list(target_ids[start : start + size]) for start in range(0, len(target_ids), size)]
+
+
 def worst_target_seconds(settings: Settings) -> float:
     """How long one target may take at worst: the retry budget plus one last attempt."""
     kube = settings.kube
@@ -66,10 +72,8 @@ class CeleryDispatcher:
     def process_targets(self, run_id: str, target_ids: Sequence[str]) -> None:
         """Queue the targets in messages of a few each; workers take them in parallel."""
         if target_ids:
-            size = targets_per_message(len(target_ids))
             group(
-                process_target_task.si(run_id, *target_ids[start : start + size])
-                for start in range(0, len(target_ids), size)
+                process_target_task.si(run_id, *chunk) for chunk in message_chunks(target_ids)
             ).apply_async()
 
     def advance(self, run_id: str, batch_index: int) -> None:

@@ -73,3 +73,26 @@ def test_every_task_has_a_stable_explicit_name() -> None:
         "cap.run.reap",
         "cap.kube.health_check",
     }
+
+
+@pytest.mark.parametrize(
+    ("targets", "per_message"), [(1, 1), (16, 1), (17, 2), (32, 2), (100, 7), (128, 8), (1000, 8)]
+)
+def test_small_dispatches_spread_one_target_per_message_and_large_ones_share_up_to_eight(
+    targets: int, per_message: int
+) -> None:
+    from tasks.distribution import targets_per_message
+
+    assert targets_per_message(targets) == per_message
+
+
+def test_a_dispatch_sends_every_target_exactly_once_in_order() -> None:
+    from tasks.distribution import MOST_PER_MESSAGE, SPREAD, message_chunks
+
+    for count in range(1, 300):
+        ids = [f"t{i}" for i in range(count)]
+        chunks = message_chunks(ids)
+        assert [t for chunk in chunks for t in chunk] == ids
+        assert max(len(chunk) for chunk in chunks) <= MOST_PER_MESSAGE
+        if count <= SPREAD:
+            assert len(chunks) == count  # small dispatches: one target per message
