@@ -460,6 +460,11 @@ def _perform(rt: Runtime, job: TargetJob) -> TargetOutcome:
         outcome.resource_version = deployed.resource_version
     except KubeError as exc:
         outcome.error_reason, outcome.error_message = exc.reason, str(exc)
+        # A refusal (unmanaged, other type, immutable, drift) carries the diff that
+        # explains it; keep it on the result so `runs show --diff` can show why.
+        refused_diff = exc.details.get("diff")
+        if isinstance(refused_diff, dict):
+            outcome.diff = refused_diff
     except TemplateError as exc:
         outcome.error_reason, outcome.error_message = "template_invalid", str(exc)
     except BundleError as exc:

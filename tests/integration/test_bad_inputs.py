@@ -858,3 +858,18 @@ def test_a_role_without_patch_is_named_by_the_health_check(catalog: Ctx) -> None
     _, health = service.create_target(catalog.rt, _spec(catalog, "no-patch", namespace, credential))
     assert health is not None and health.status == "unhealthy", health
     assert "patch" in health.message and "RoleBinding" in health.message, health.message
+
+
+@pytest.mark.parametrize(
+    "name", ["secret of another type", "immutable secret", "secret not managed by us"]
+)
+def test_a_refused_secret_keeps_the_diff_that_explains_the_refusal(
+    name: str, runtime_outcome: RuntimeOutcome
+) -> None:
+    spec = runtime_outcome.specs[name]
+    result = next(r for r in runtime_outcome.report.results if r.target_name == spec.name)
+
+    assert result.status == "failed"
+    assert result.diff is not None, f"{name}: the refusal lost its diff"
+    assert result.diff["action"] == "update"
+    assert "PRIVATE KEY" not in str(result.diff)
