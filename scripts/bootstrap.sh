@@ -51,8 +51,15 @@ install_project() {
     echo "project already installed in .venv (pyproject.toml unchanged)"
     return 0
   fi
-  PIP_DISABLE_PIP_VERSION_CHECK=1 .venv/bin/python -m pip install -q --upgrade pip || return $?
-  PIP_DISABLE_PIP_VERSION_CHECK=1 .venv/bin/python -m pip install -q -e '.[dev]' || return $?
+  echo "installing the project into .venv (log: .venv/pip-install.log)"
+  # pip's build chatter (setuptools' editable-install notice) goes to the log; on a failure
+  # its tail is shown.
+  if ! { PIP_DISABLE_PIP_VERSION_CHECK=1 .venv/bin/python -m pip install -q --upgrade pip \
+      && PIP_DISABLE_PIP_VERSION_CHECK=1 .venv/bin/python -m pip install -q -e '.[dev]'; } \
+      > .venv/pip-install.log 2>&1; then
+    tail -n 40 .venv/pip-install.log >&2
+    return 1
+  fi
   sha256sum pyproject.toml > "$stamp"
 }
 
