@@ -15,6 +15,8 @@ import base64
 import binascii
 import copy
 import hashlib
+import threading
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC
@@ -384,10 +386,36 @@ class SecretDiff:
 
 def _summary(key: str, value: bytes) -> Summary:
     if key in _CERT_KEYS:
-        return CertificateSummary.of(value)
+        return _summary_by_digest(CertificateSummary, hashlib.sha256(value).digest(), value)
     if key in _KEY_KEYS:
-        return KeySummary.of(value)
+        return _summary_by_digest(KeySummary, hashlib.sha256(value).digest(), value)
     return OpaqueSummary(len(value))
+
+
+#: Summaries of the certificates and keys diffed lately, by (kind, SHA-256 of the PEM).
+_SUMMARIES: OrderedDict[tuple[str, bytes], Summary] = OrderedDict()
+_SUMMARIES_KEPT = 64
+_SUMMARIES_LOCK = threading.Lock()
+
+
+def _summary_by_digest(
+    kind: type[CertificateSummary] | type[KeySummary], digest: bytes, value: bytes
+) -> Summary:
+    # Every target of a run diffs the same certificate and key: parsing them again (loading
+    # a private key validates it) was ~5% of a worker's CPU per target (bench/). Keyed by
+    # the digest, so no key material stays in the cache; summaries are immutable.
+    cache_key = (kind.__name__, digest)
+    with _SUMMARIES_LOCK:
+        cached = _SUMMARIES.get(cache_key)
+        if cached is not None:
+            _SUMMARIES.move_to_end(cache_key)
+            return cached
+    summary = kind.of(value)
+    with _SUMMARIES_LOCK:
+        _SUMMARIES[cache_key] = summary
+        while len(_SUMMARIES) > _SUMMARIES_KEPT:
+            _SUMMARIES.popitem(last=False)
+    return summary
 
 
 def _data_entries(old: Mapping[str, bytes], new: Mapping[str, bytes]) -> tuple[DataEntry, ...]:
