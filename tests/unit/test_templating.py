@@ -550,3 +550,23 @@ def test_go_and_jinja_spellings_of_a_function_agree(value: str, old: str, n: int
             except TemplateError as error:
                 outcomes.append(("error", error.value or ""))
         assert outcomes[0] == outcomes[1]
+
+
+def _outcome(render: object, template: str) -> tuple[str, str, str | None]:
+    try:
+        return ("ok", render(template, {}), None)  # type: ignore[operator]
+    except TemplateError as error:
+        return ("error", error.problem, error.value)
+
+
+@PROPERTY
+@given(
+    template=st.text(
+        alphabet=st.sampled_from(string.ascii_letters + string.digits + " -._*/é\t"), max_size=70
+    )
+)
+def test_a_fixed_name_renders_and_fails_exactly_as_through_jinja(template: str) -> None:
+    # Plain names skip Jinja (a fleet has one literal namespace per target); the shortcut
+    # must not change a result or an error message. "{{ '' }}" forces the Jinja path.
+    for render in (render_namespace, render_secret_name):
+        assert _outcome(render, template) == _outcome(render, template + "{{ '' }}")
