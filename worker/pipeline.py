@@ -7,11 +7,11 @@ message delivered twice, late, or never is harmless:
 
 * ``start_run`` moves a queued run to running with compare-and-set and creates
   one pending result per target; a duplicate start finds the run running.
-* ``process_targets`` takes the targets of one message in turn: it claims each
-  target's result row with compare-and-set (a lease as long as the task's hard time
-  limit), does the work outside any transaction, and records the outcome only if it
-  still holds the claim. It never raises for a target's failure: the failure is
-  recorded and the batch goes on.
+* ``process_targets`` claims the result rows of one message's targets with
+  compare-and-set (a lease as long as the task's hard time limit), does each target's
+  work in turn outside any transaction, and records each outcome only if it still holds
+  that claim (one transaction for the claims, one for the records). It never raises for
+  a target's failure: the failure is recorded and the batch goes on.
 * After its last record, each message checks (in a new transaction) whether its
   batch has an open row left; the one that finishes the batch last, as the
   database sees it, asks for ``advance_run``; the advance compares-and-sets the
@@ -204,7 +204,9 @@ class TargetOutcome:
     resource_version: str | None = None
     secret_name: str | None = None
     namespace: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    finished_at: datetime | None = None
+    duration_ms: int = 0
+    """The target's own processing time (targets of a message are processed in turn)."""
 
 
 def process_targets(
@@ -215,50 +217,52 @@ def process_targets(
     *,
     start_before: float | None = None,
 ) -> list[str]:
-    """Process targets of one batch in turn, then ask for the batch to advance if it is done.
+    """Process the targets of one message, then ask for the batch to advance if it is done.
 
-    A target after the first starts only while ``time.monotonic()`` is below
-    ``start_before``; the ids not started are returned for the caller to re-queue.
+    The targets are claimed together (one transaction), processed in turn outside any
+    transaction, and recorded together (one transaction): per-target transactions were
+    half of a worker's CPU per target (bench/). A target after the first starts only while
+    ``time.monotonic()`` is below ``start_before``; the claims of those not started are
+    released and their ids returned for the caller to re-queue.
     """
-    recorded: set[int] = set()
-    left: list[str] = []
-    for index, target_id in enumerate(target_ids):
+    # A database outage while claiming rolls the claims back and propagates: the task retries.
+    jobs = _claim(rt, run_id, target_ids)
+    finished: list[tuple[TargetJob, TargetOutcome]] = []
+    not_started: list[TargetJob] = []
+    for index, job in enumerate(jobs):
         if index and start_before is not None and time.monotonic() > start_before:
-            left = list(target_ids[index:])
+            not_started = jobs[index:]
             break
-        batch_index = _process_one(rt, run_id, target_id)
-        if batch_index is not None:
-            recorded.add(batch_index)
-    # One check after this message's last record is enough: whoever records a batch's
-    # last open row checks after that commit and sees every earlier one. Checking after
-    # each target would cost a transaction per target and find a later target still open.
-    for batch_index in sorted(recorded):
+        finished.append((job, _process_one(rt, job)))
+    # Once claimed, no other delivery may take these targets before the lease expires, so
+    # this delivery rides out a database outage itself instead of leaving claims stranded.
+    if not_started:
+        _through_outage(rt, partial(_release, rt, not_started))
+    if finished:
+        _through_outage(rt, partial(_record, rt, finished))
+    # One check per batch after the record committed is enough: whoever records a batch's
+    # last open row checks after that commit and sees every earlier one.
+    for batch_index in sorted({job.batch_index for job, _ in finished}):
         if _through_outage(rt, partial(_batch_is_done, rt, run_id, batch_index)):
             dispatch.advance(run_id, batch_index)
-    return left
+    return [job.target.id for job in not_started]
 
 
-def _process_one(rt: Runtime, run_id: str, target_id: str) -> int | None:
-    """Claim, process and record one target; its batch index when this delivery recorded it."""
-    # A database outage in _claim rolls the claim back and propagates: the task retries.
-    job = _claim(rt, run_id, target_id)
-    if job is None:
-        return None
+def _process_one(rt: Runtime, job: TargetJob) -> TargetOutcome:
+    """Deploy, dry-run or roll back one claimed target; its outcome is recorded later."""
     started = time.monotonic()
-    # Once claimed, no other delivery may take the target before the lease expires, so this
-    # delivery rides out a database outage itself instead of leaving the claim stranded.
     outcome = _through_outage(rt, lambda: _perform(rt, job))
+    outcome.duration_ms = round((time.monotonic() - started) * 1000)
+    outcome.finished_at = utcnow()
     log.info(
-        "run %s target %s: %s%s (%.0f ms)",
-        run_id,
-        target_id,
+        "run %s target %s: %s%s (%d ms)",
+        job.run_id,
+        job.target.id,
         outcome.status.value,
         f" [{outcome.error_reason}]" if outcome.error_reason else "",
-        (time.monotonic() - started) * 1000,
+        outcome.duration_ms,
     )
-    if _through_outage(rt, lambda: _record(rt, job, outcome)):
-        return job.batch_index
-    return None
+    return outcome
 
 
 def _through_outage(rt: Runtime, step: Callable[[], T]) -> T:
@@ -311,7 +315,7 @@ _CLAIM = (
     update(_results)
     .where(
         _results.c.run_id == bindparam("b_run_id"),
-        _results.c.target_id == bindparam("b_target_id"),
+        _results.c.target_id.in_(bindparam("b_target_ids", expanding=True)),
         or_(
             _results.c.status == ResultStatus.PENDING,
             and_(
@@ -325,32 +329,33 @@ _CLAIM = (
         started_at=_param("now", _results.c.started_at),
         attempts=_results.c.attempts + 1,
     )
-    .returning(_results.c.batch_index, _results.c.attempts)
+    .returning(_results.c.target_id, _results.c.batch_index, _results.c.attempts)
 )
-#: The target, its sealed credential, and whether a rollback snapshot exists.
-_LOAD_TARGET = (
+#: The targets, their sealed credentials, and whether a rollback snapshot exists for each.
+_LOAD_TARGETS = (
     select(
         Target,
         Credential.secret,
         select(RollbackSnapshot.id)
         .where(
             RollbackSnapshot.distribution_id == bindparam("distribution_id"),
-            RollbackSnapshot.target_id == bindparam("target_id"),
+            RollbackSnapshot.target_id == Target.id,
         )
         .exists(),
     )
     .outerjoin(Credential, Credential.id == Target.credential_id)
-    .where(Target.id == bindparam("target_id"))
+    .where(Target.id.in_(bindparam("target_ids", expanding=True)))
 )
 #: Compare-and-set on (running, attempt): a delivery whose lease was taken over writes nothing.
+_HELD = and_(
+    _results.c.run_id == bindparam("b_run_id"),
+    _results.c.target_id == bindparam("b_target_id"),
+    _results.c.status == ResultStatus.RUNNING,
+    _results.c.attempts == bindparam("attempt"),
+)
 _RECORD = (
     update(_results)
-    .where(
-        _results.c.run_id == bindparam("b_run_id"),
-        _results.c.target_id == bindparam("b_target_id"),
-        _results.c.status == ResultStatus.RUNNING,
-        _results.c.attempts == bindparam("attempt"),
-    )
+    .where(_HELD)
     .values(
         {
             column: _param(f"new_{column}", _results.c[column])
@@ -367,6 +372,12 @@ _RECORD = (
             )
         }
     )
+)
+#: A claim given back untouched: pending again, as if this delivery never took it.
+_RELEASE = (
+    update(_results)
+    .where(_HELD)
+    .values(status=ResultStatus.PENDING, started_at=None, attempts=_results.c.attempts - 1)
 )
 #: The heartbeat, written only when older than ``beat_before``.
 _HEARTBEAT = (
@@ -392,44 +403,59 @@ _OPEN_ROW = (
 )
 
 
-def _claim(rt: Runtime, run_id: str, target_id: str) -> TargetJob | None:
-    # Three statements in one transaction: every round trip here is paid once per target,
-    # and the database, not the Kubernetes API, dominated a target's time (py-spy, bench/).
+def _claim(rt: Runtime, run_id: str, target_ids: Sequence[str]) -> list[TargetJob]:
+    """Claim whichever of ``target_ids`` are free, in one transaction; their jobs, in order."""
+    # Three statements for the whole message: every round trip here used to be paid once
+    # per target, and the database, not the Kubernetes API, dominated (py-spy, bench/).
     now = utcnow()
     with rt.session() as session:
         loaded = session.execute(_LOAD_RUN, {"run_id": run_id}).one_or_none()
         if loaded is None or loaded[0].state is not RunState.RUNNING:
-            return None
+            return []
         run, distribution, certificate, variables = loaded
-        claimed = session.execute(
-            _CLAIM,
-            {
-                "b_run_id": run_id,
-                "b_target_id": target_id,
-                "expired": now - claim_lease(rt),
-                "now": now,
-            },
-        ).one_or_none()
-        if claimed is None:
-            return None  # already final, or another delivery holds the claim
-        target, envelope, has_snapshot = session.execute(
-            _LOAD_TARGET, {"target_id": target_id, "distribution_id": distribution.id}
-        ).one()
-        return TargetJob(
-            run_id=run_id,
-            action=run.action,
-            options=dict(run.options or {}),
-            distribution_id=distribution.id,
-            store_content=distribution.store_content,
-            target=target,
-            certificate=certificate,
-            group_variables=dict(variables or {}),
-            batch_index=claimed.batch_index,
-            attempt=claimed.attempts,
-            claimed_at=now,
-            credential_envelope=envelope,
-            snapshot_exists=bool(has_snapshot),
+        claimed = {
+            row.target_id: row
+            for row in session.execute(
+                _CLAIM,
+                {
+                    "b_run_id": run_id,
+                    "b_target_ids": list(target_ids),
+                    "expired": now - claim_lease(rt),
+                    "now": now,
+                },
+            )
+        }
+        if not claimed:
+            return []  # all final already, or held by other deliveries
+        loaded_targets = {
+            target.id: (target, envelope, bool(has_snapshot))
+            for target, envelope, has_snapshot in session.execute(
+                _LOAD_TARGETS, {"target_ids": list(claimed), "distribution_id": distribution.id}
+            )
+        }
+    jobs = []
+    for target_id in dict.fromkeys(target_ids):  # message order, each target once
+        if target_id not in claimed:
+            continue
+        target, envelope, has_snapshot = loaded_targets[target_id]
+        jobs.append(
+            TargetJob(
+                run_id=run_id,
+                action=run.action,
+                options=dict(run.options or {}),
+                distribution_id=distribution.id,
+                store_content=distribution.store_content,
+                target=target,
+                certificate=certificate,
+                group_variables=dict(variables or {}),
+                batch_index=claimed[target_id].batch_index,
+                attempt=claimed[target_id].attempts,
+                claimed_at=now,
+                credential_envelope=envelope,
+                snapshot_exists=has_snapshot,
+            )
         )
+    return jobs
 
 
 def _perform(rt: Runtime, job: TargetJob) -> TargetOutcome:
@@ -637,36 +663,54 @@ def _rollback(
     )
 
 
-def _record(rt: Runtime, job: TargetJob, outcome: TargetOutcome) -> bool:
-    """Write the outcome if this delivery still holds the claim; True when written."""
+def _record(rt: Runtime, finished: Sequence[tuple[TargetJob, TargetOutcome]]) -> None:
+    """Write the outcomes whose claims this delivery still holds, in one transaction."""
     now = utcnow()
+    rows = [
+        {
+            "b_run_id": job.run_id,
+            "b_target_id": job.target.id,
+            "attempt": job.attempt,
+            "new_status": outcome.status,
+            "new_diff": outcome.diff,
+            "new_error_reason": outcome.error_reason,
+            "new_error_message": outcome.error_message,
+            "new_finished_at": outcome.finished_at or now,
+            "new_duration_ms": outcome.duration_ms,
+            "new_resource_version": outcome.resource_version,
+            "new_secret_name": outcome.secret_name,
+            "new_namespace": outcome.namespace,
+        }
+        for job, outcome in finished
+    ]
     with rt.session() as session:
-        recorded = session.execute(
-            _RECORD,
-            {
-                "b_run_id": job.run_id,
-                "b_target_id": job.target.id,
-                "attempt": job.attempt,
-                "new_status": outcome.status,
-                "new_diff": outcome.diff,
-                "new_error_reason": outcome.error_reason,
-                "new_error_message": outcome.error_message,
-                "new_finished_at": now,
-                "new_duration_ms": max(0, round((now - job.claimed_at).total_seconds() * 1000)),
-                "new_resource_version": outcome.resource_version,
-                "new_secret_name": outcome.secret_name,
-                "new_namespace": outcome.namespace,
-            },
-        )
-        if recorded.rowcount != 1:  # type: ignore[attr-defined]
-            return False  # the lease expired and another delivery records its own outcome
+        written = session.execute(_RECORD, rows).rowcount  # type: ignore[attr-defined]
         # The heartbeat only tells the reaper the run is alive; writing it at most every
-        # HEARTBEAT_EVERY keeps concurrent targets from queueing on the run row's lock.
+        # HEARTBEAT_EVERY keeps concurrent messages from queueing on the run row's lock.
         every = timedelta(seconds=min(HEARTBEAT_EVERY, rt.settings.tasks.stale_after / 10))
-        session.execute(
-            _HEARTBEAT, {"b_run_id": job.run_id, "beat_before": now - every, "now": now}
+        run_id = finished[0][0].run_id
+        session.execute(_HEARTBEAT, {"b_run_id": run_id, "beat_before": now - every, "now": now})
+    if 0 <= written < len(rows):
+        # A lease expired (the message outlived it) and another delivery took those
+        # targets over: it records its own outcomes.
+        log.warning(
+            "run %s: %d of %d outcomes not recorded; their claims were taken over",
+            run_id,
+            len(rows) - written,
+            len(rows),
         )
-    return True
+
+
+def _release(rt: Runtime, jobs: Sequence[TargetJob]) -> None:
+    """Give back claims this delivery will not start (re-queued by the caller)."""
+    with rt.session() as session:
+        session.execute(
+            _RELEASE,
+            [
+                {"b_run_id": job.run_id, "b_target_id": job.target.id, "attempt": job.attempt}
+                for job in jobs
+            ],
+        )
 
 
 def _batch_is_done(rt: Runtime, run_id: str, batch_index: int) -> bool:
