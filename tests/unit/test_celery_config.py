@@ -76,9 +76,10 @@ def test_every_task_has_a_stable_explicit_name() -> None:
 
 
 @pytest.mark.parametrize(
-    ("targets", "per_message"), [(1, 1), (16, 1), (17, 2), (32, 2), (100, 7), (128, 8), (1000, 8)]
+    ("targets", "per_message"),
+    [(1, 1), (16, 1), (17, 2), (32, 2), (100, 7), (128, 8), (500, 32), (512, 32), (1000, 32)],
 )
-def test_small_dispatches_spread_one_target_per_message_and_large_ones_share_up_to_eight(
+def test_small_dispatches_spread_one_target_per_message_and_large_ones_share_up_to_32(
     targets: int, per_message: int
 ) -> None:
     from tasks.distribution import targets_per_message
@@ -89,7 +90,7 @@ def test_small_dispatches_spread_one_target_per_message_and_large_ones_share_up_
 def test_a_dispatch_sends_every_target_exactly_once_in_order() -> None:
     from tasks.distribution import MOST_PER_MESSAGE, SPREAD, message_chunks
 
-    for count in range(1, 300):
+    for count in range(1, 700):
         ids = [f"t{i}" for i in range(count)]
         chunks = message_chunks(ids)
         assert [t for chunk in chunks for t in chunk] == ids
