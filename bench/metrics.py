@@ -6,8 +6,10 @@ test counting itself:
 * API requests: each apiserver's own ``apiserver_request_total`` (scraped from
   ``/metrics`` as cluster admin), for ``resource="secrets"`` only: the benchmark touches
   nothing else, and the apiserver's own background loops (leases, endpoints) never do.
-* Database: ``pg_stat_database.xact_commit + xact_rollback`` of the benchmark database,
-  i.e. transactions (round-trip groups), minus the ones the benchmark itself caused.
+* Database: the statements ``pg_stat_statements`` counted in the benchmark database
+  (SELECT/INSERT/UPDATE/DELETE, each row of an executemany; SQLAlchemy's pre-ping is an
+  empty query, which it does not count), minus the ones the benchmark itself caused; also
+  ``pg_stat_database.xact_commit + xact_rollback`` (in the JSON only: a lower bound).
 * Broker: Redis ``INFO commandstats`` call counts (LPUSH = messages published to a queue).
 * Processes: RSS and thread count from ``/proc`` (no psutil needed).
 """
@@ -84,8 +86,33 @@ def pg_transactions(conninfo: str) -> int:
     return int(row[0]) if row else 0
 
 
-#: Transactions one pg_transactions() call adds to the count it reads next time.
-PG_PROBE_TRANSACTIONS = 2
+#: Transactions one snapshot's probes add to the count read next time (measured: two
+#: snapshots of an idle database differ by six). A backend that goes idle publishes its
+#: last second of counters only up to ten seconds later, so this count is a lower bound;
+#: the table shows statements (pg_stat_statements, counted synchronously) instead.
+PG_PROBE_TRANSACTIONS = 6
+
+
+def pg_statements(conninfo: str) -> int | None:
+    """Statements executed in the database ``conninfo`` names (pg_stat_statements), or None
+    when the server was started without the module."""
+    import psycopg
+
+    with psycopg.connect(conninfo, autocommit=True) as connection:
+        try:
+            connection.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+            row = connection.execute(
+                "SELECT coalesce(sum(calls), 0) FROM pg_stat_statements "
+                "WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())"
+            ).fetchone()
+        except psycopg.errors.ObjectNotInPrerequisiteState:  # not in shared_preload_libraries
+            return None
+    return int(row[0]) if row else 0
+
+
+#: Statements one snapshot's probes (pg_transactions, pg_statements) add to the next count
+#: (measured: two snapshots of an idle database differ by exactly this).
+PG_PROBE_STATEMENTS = 3
 
 
 def redis_command_calls(url: str) -> Counter[str]:

@@ -84,6 +84,8 @@ class Cell:
     counts: dict[str, int] = field(default_factory=dict)
     api_requests: dict[str, int] = field(default_factory=dict)
     db_transactions: int = 0
+    db_statements: int | None = None
+    """None when PostgreSQL runs without pg_stat_statements."""
     broker_calls: dict[str, int] = field(default_factory=dict)
     bare_s: float = 0.0
     bare_runs: list[float] = field(default_factory=list)
@@ -186,6 +188,7 @@ class Probes:
     pg_conninfo: str
     redis_url: str
     bench_transactions: Callable[[], int]
+    bench_statements: Callable[[], int]
     processes: Callable[[], dict[str, list[int]]]
     """Process ids by component (workers, postgres, redis, kube = apiservers + etcd)."""
 
@@ -195,6 +198,9 @@ class Probes:
         return {
             "api": metrics.scrape_secret_requests(self.admin),
             "pg": metrics.pg_transactions(self.pg_conninfo) - self.bench_transactions(),
+            "pg_statements": _minus(
+                metrics.pg_statements(self.pg_conninfo), self.bench_statements()
+            ),
             "redis": metrics.redis_command_calls(self.redis_url),
             "cpu": {name: metrics.cpu_seconds(pids) for name, pids in self.processes().items()},
         }
@@ -205,6 +211,10 @@ class Probes:
         return {
             "api": dict(metrics.counter_delta(after["api"], before["api"])),
             "pg": after["pg"] - before["pg"] - metrics.PG_PROBE_TRANSACTIONS,
+            "pg_statements": _minus(
+                _minus(after["pg_statements"], before["pg_statements"]),
+                metrics.PG_PROBE_STATEMENTS,
+            ),
             "redis": dict(metrics.counter_delta(after["redis"], before["redis"])),
             # Only processes alive at both ends count; a pool process replaced meanwhile
             # would make this smaller, never larger.
@@ -213,6 +223,10 @@ class Probes:
                 for name in after["cpu"]
             },
         }
+
+
+def _minus(value: int | None, other: int) -> int | None:
+    return None if value is None else value - other
 
 
 @contextmanager
@@ -466,6 +480,7 @@ def measure_cell(ctx: Context, n: int, w: int) -> Cell:
         cell.counts = report.counts()
         cell.api_requests = moved["api"]
         cell.db_transactions = moved["pg"]
+        cell.db_statements = moved["pg_statements"]
         cell.broker_calls = moved["redis"]
         cell.cpu_s = moved["cpu"]
         cell.rss_mb_runs.append(round(max(s.rss_mb for s in _worker_stats(ctx.pipe)), 1))
@@ -528,14 +543,20 @@ def run_benchmark(options: Options, env: Any) -> list[Cell]:
     fleet = prepare_fleet(clusters, max(options.sizes), workdir / "kubeconfigs")
     cells: list[Cell] = []
     with pipeline(database_url, redis_server.url, workdir, extra_env=PRODUCTION_ENV) as pipe:
-        bench_transactions = Counter[str]()
-        event.listen(pipe.runtime.engine, "commit", lambda _: bench_transactions.update(["x"]))
-        event.listen(pipe.runtime.engine, "rollback", lambda _: bench_transactions.update(["x"]))
+        # The benchmark's own polling goes through this engine: count what it costs the
+        # database so it can be taken out. (The pool's pre-ping sends an empty query, which
+        # pg_stat_statements does not count.)
+        own = Counter[str]()
+        engine = pipe.runtime.engine
+        event.listen(engine, "commit", lambda _: own.update(["xact"]))
+        event.listen(engine, "rollback", lambda _: own.update(["xact"]))
+        event.listen(engine, "before_cursor_execute", lambda *_: own.update(["statement"]))
         probes = Probes(
             admin=fleet.admin,
             pg_conninfo=_libpq_url(database_url),
             redis_url=redis_server.url,
-            bench_transactions=lambda: bench_transactions["x"],
+            bench_transactions=lambda: own["xact"],
+            bench_statements=lambda: own["statement"],
             processes=lambda: _component_pids(env, pipe),
         )
         driver = PipelineDriver(pipe, fleet)
@@ -544,9 +565,15 @@ def run_benchmark(options: Options, env: Any) -> list[Cell]:
             say(f"starting {w} worker process(es), concurrency {options.concurrency} each")
             for index in range(w):
                 pipe.start_worker(name=f"w{w}-{index + 1}", concurrency=options.concurrency)
-            say(f"N=16 W={w}: warm-up run (not measured)")
+            # The workers are a long-running service: measure them warm. SPREAD messages of
+            # one target per cluster each (placement is round-robin) let every pool process
+            # build its client for, and connect to, every cluster before a measured run.
+            from tasks.distribution import SPREAD
+
+            warm_n = min(SPREAD * len(fleet.clusters), max(options.sizes))
+            say(f"N={warm_n} W={w}: warm-up run (not measured)")
             warm = make_chain(cn=f"warm-w{w}.bench.example")
-            driver.run(driver.distribution(min(16, max(options.sizes)), f"warm-w{w}", warm))
+            driver.run(driver.distribution(warm_n, f"warm-w{w}", warm))
             for n in options.sizes:
                 cells.append(measure_cell(context, n, w))
                 cell = cells[-1]

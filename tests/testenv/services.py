@@ -226,6 +226,7 @@ class PostgresServer:
                 "-c", "synchronous_commit=off",
                 "-c", "full_page_writes=off",
                 "-c", "max_connections=300",
+                *self._statement_stats_options(),
             ],
             self._logs / "postgres.log",
             cwd=self._workdir,
@@ -235,6 +236,21 @@ class PostgresServer:
         )
         self.process.start()
         self.process.wait_until_ready(self._accepts_logins, POSTGRES_START_TIMEOUT, "ready")
+
+    @property
+    def counts_statements(self) -> bool:
+        """Whether pg_stat_statements is loaded (bench/ counts statements per target)."""
+        return (self._bindir.parent / "lib" / "pg_stat_statements.so").exists()
+
+    def _statement_stats_options(self) -> list[str]:
+        # Debian's server package ships the module; without it the server still starts.
+        if not self.counts_statements:
+            return []
+        return [
+            "-c", "shared_preload_libraries=pg_stat_statements",
+            # SELECT/INSERT/UPDATE/DELETE only: BEGIN and COMMIT are in the transaction count.
+            "-c", "pg_stat_statements.track_utility=off",
+        ]  # fmt: skip
 
     def _accepts_logins(self) -> bool:
         try:
