@@ -530,7 +530,7 @@ def _bundle(rt: Runtime, certificate: Certificate) -> TlsBundle:
         certificate.ca_pem.encode("ascii") if certificate.ca_pem else None,
         now=utcnow(),
     )
-    rt.bundles[key] = bundle
+    rt.bundles.put(key, bundle)
     return bundle
 
 

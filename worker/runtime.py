@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import os
 import threading
-from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from hashlib import sha256
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
@@ -23,7 +22,11 @@ from sqlalchemy.orm import Session, sessionmaker
 from worker.crypto import Keyring
 from worker.db import dispose_after_fork, make_engine, make_session_factory, session_scope
 from worker.kube.connect import ClientCache
+from worker.lru import LruCache
 from worker.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from worker.bundle import TlsBundle
 
 
 @dataclass
@@ -38,7 +41,7 @@ class Runtime:
     environ: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
     """The process environment, read once (in-cluster detection needs KUBERNETES_SERVICE_*)."""
     pid: int = field(default_factory=os.getpid)
-    bundles: _Lru = field(default_factory=lambda: _Lru(256))
+    bundles: LruCache[tuple[str, str], TlsBundle] = field(default_factory=lambda: LruCache(256))
     """Parsed certificate bundles by (certificate id, fingerprint): parse once per process."""
     _client_versions: dict[str, tuple[str, Any]] = field(default_factory=dict)
 
@@ -69,26 +72,6 @@ class Runtime:
 
 def _version(envelope: bytes, allow_insecure: bool) -> str:
     return sha256(envelope + (b"\1" if allow_insecure else b"\0")).hexdigest()
-
-
-class _Lru(OrderedDict):  # type: ignore[type-arg]
-    """A small least-recently-used map."""
-
-    def __init__(self, capacity: int) -> None:
-        super().__init__()
-        self.capacity = capacity
-
-    def get(self, key: Any, default: Any = None) -> Any:
-        if key in self:
-            self.move_to_end(key)
-            return self[key]
-        return default
-
-    def __setitem__(self, key: Any, value: Any) -> None:
-        super().__setitem__(key, value)
-        self.move_to_end(key)
-        while len(self) > self.capacity:
-            self.popitem(last=False)
 
 
 def build_runtime(settings: Settings) -> Runtime:

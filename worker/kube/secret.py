@@ -15,8 +15,6 @@ import base64
 import binascii
 import copy
 import hashlib
-import threading
-from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC
@@ -29,6 +27,7 @@ from worker.bundle import (
     public_key_fingerprint_of_private_key,
 )
 from worker.kube.errors import SecretTooLarge
+from worker.lru import LruCache
 
 __all__ = [
     "ANNOTATION_PREFIX",
@@ -386,35 +385,25 @@ class SecretDiff:
 
 def _summary(key: str, value: bytes) -> Summary:
     if key in _CERT_KEYS:
-        return _summary_by_digest(CertificateSummary, hashlib.sha256(value).digest(), value)
+        return _cached_summary(CertificateSummary, value)
     if key in _KEY_KEYS:
-        return _summary_by_digest(KeySummary, hashlib.sha256(value).digest(), value)
+        return _cached_summary(KeySummary, value)
     return OpaqueSummary(len(value))
 
 
 #: Summaries of the certificates and keys diffed lately, by (kind, SHA-256 of the PEM).
-_SUMMARIES: OrderedDict[tuple[str, bytes], Summary] = OrderedDict()
-_SUMMARIES_KEPT = 64
-_SUMMARIES_LOCK = threading.Lock()
+_SUMMARIES: LruCache[tuple[str, bytes], Summary] = LruCache(64)
 
 
-def _summary_by_digest(
-    kind: type[CertificateSummary] | type[KeySummary], digest: bytes, value: bytes
-) -> Summary:
+def _cached_summary(kind: type[CertificateSummary] | type[KeySummary], value: bytes) -> Summary:
     # Every target of a run diffs the same certificate and key: parsing them again (loading
     # a private key validates it) was ~5% of a worker's CPU per target (bench/). Keyed by
     # the digest, so no key material stays in the cache; summaries are immutable.
-    cache_key = (kind.__name__, digest)
-    with _SUMMARIES_LOCK:
-        cached = _SUMMARIES.get(cache_key)
-        if cached is not None:
-            _SUMMARIES.move_to_end(cache_key)
-            return cached
-    summary = kind.of(value)
-    with _SUMMARIES_LOCK:
-        _SUMMARIES[cache_key] = summary
-        while len(_SUMMARIES) > _SUMMARIES_KEPT:
-            _SUMMARIES.popitem(last=False)
+    cache_key = (kind.__name__, hashlib.sha256(value).digest())
+    summary = _SUMMARIES.get(cache_key)
+    if summary is None:
+        summary = kind.of(value)
+        _SUMMARIES.put(cache_key, summary)
     return summary
 
 
