@@ -81,6 +81,7 @@ __all__ = [
     "get_target",
     "get_target_by_name",
     "get_target_result",
+    "group_target_ids",
     "group_targets",
     "list_certificates",
     "list_credentials",
@@ -589,20 +590,25 @@ def next_distribution(session: Session, distribution: Distribution) -> Distribut
     return session.scalars(query).first()
 
 
+def group_target_ids(session: Session, group_id: str) -> list[str]:
+    """The ids of the group's targets in fan-out order."""
+    get_group(session, group_id)
+    # Ids only: planning a large fleet must not build an ORM object per target (a process
+    # keeps the memory high-water mark; bench/ saw +16 MB at 1000 targets).
+    query = (
+        select(TargetGroupMember.target_id)
+        .where(TargetGroupMember.group_id == group_id)
+        .order_by(TargetGroupMember.position)
+    )
+    return list(session.scalars(query))
+
+
 def distribution_target_ids(session: Session, distribution: Distribution) -> list[str]:
     """The target ids a Kubernetes distribution writes to, in fan-out order."""
     if distribution.target_id is not None:
         return [distribution.target_id]
     if distribution.group_id is not None:
-        get_group(session, distribution.group_id)
-        # Ids only: planning a large fleet must not build an ORM object per target (a
-        # process keeps the memory high-water mark; bench/ saw +16 MB at 1000 targets).
-        query = (
-            select(TargetGroupMember.target_id)
-            .where(TargetGroupMember.group_id == distribution.group_id)
-            .order_by(TargetGroupMember.position)
-        )
-        return list(session.scalars(query))
+        return group_target_ids(session, distribution.group_id)
     return []
 
 

@@ -299,7 +299,7 @@ def attach(
         group_id = None
         if group is not None:
             group_id = _group_id(session, group)
-            if not queries.group_targets(session, group_id):
+            if not queries.group_target_ids(session, group_id):
                 raise ServiceError(
                     f"group {group!r} has no targets; add targets before attaching a distribution"
                 )
@@ -709,7 +709,7 @@ def add_group_targets(rt: Runtime, group: str, target_names: Sequence[str]) -> G
     """Append targets (names or ids) to a group's fan-out order; returns the updated group."""
     with rt.session() as session:
         group_id = _group_id(session, group)
-        current = [target.id for target in queries.group_targets(session, group_id)]
+        current = queries.group_target_ids(session, group_id)
         added = [_target_id(session, item) for item in target_names]
         pairs = zip(target_names, added, strict=True)
         already = sorted(name for name, target_id in pairs if target_id in current)
