@@ -38,7 +38,7 @@ from bench.kubectl import find_kubectl, kubectl_loop
 REPO = Path(__file__).resolve().parents[1]
 
 #: Production settings (the tests' short recovery limits would make the reaper run every
-#: second); identical to the defaults in worker/settings.py, spelled out for the record.
+#: second); identical to the defaults in worker/platform/settings.py, spelled out for the record.
 PRODUCTION_ENV = {
     "CAP_TASK_TIME_LIMIT": "300",
     "CAP_TASK_SOFT_TIME_LIMIT": "240",
@@ -245,7 +245,7 @@ class PipelineDriver:
     """Targets, certificates and runs through the backend API; runs timed from the DB."""
 
     def __init__(self, pipe: Any, fleet: Fleet) -> None:
-        from worker import service
+        from worker.app import service
 
         self.pipe = pipe
         self.fleet = fleet
@@ -259,7 +259,7 @@ class PipelineDriver:
 
     def distribution(self, n: int, tag: str, chain: Any) -> str:
         """N targets (one namespace each), a group, the certificate, attached."""
-        from worker import service
+        from worker.app import service
 
         rt = self.pipe.runtime
         names = []
@@ -287,7 +287,7 @@ class PipelineDriver:
     def run(self, distribution_id: str, timeout: float = 1800.0) -> tuple[float, Any]:
         """Enqueue an execute run; return (seconds from enqueue to finished_at, report)."""
         from models.entities import Run
-        from worker import service
+        from worker.app import service
 
         rt = self.pipe.runtime
         enqueued = datetime.now(UTC)

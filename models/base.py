@@ -73,7 +73,7 @@ class UTCDateTime(TypeDecorator[datetime]):
 # JSONB on PostgreSQL (indexable, compact); plain JSON text on SQLite.
 JsonValue = JSON().with_variant(JSONB(), "postgresql")
 
-# Sealed envelopes (worker.crypto) are opaque bytes.
+# Sealed envelopes (worker.core.crypto) are opaque bytes.
 Envelope = LargeBinary().with_variant(BYTEA(), "postgresql")
 
 

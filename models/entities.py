@@ -1,7 +1,7 @@
 """The tables: certificates, credentials, targets, groups, distributions, runs, results, snapshots.
 
 Conventions: UUID4 string primary keys generated client-side; timezone-aware UTC timestamps;
-secrets only as sealed envelopes (worker.crypto) in ``bytes`` columns, never in reprs;
+secrets only as sealed envelopes (worker.core.crypto) in ``bytes`` columns, never in reprs;
 relationships ``lazy="raise"`` so nothing is loaded behind the caller's back (load what you
 need with ``selectinload``/``joinedload`` or a query function from :mod:`models.queries`).
 """
@@ -37,7 +37,7 @@ from models.enums import (
     RunState,
     TargetModule,
 )
-from worker.templating import DEFAULT_SECRET_NAME_TEMPLATE
+from worker.core.names import DEFAULT_SECRET_NAME_TEMPLATE
 
 __all__ = [
     "DEFAULT_SECRET_NAME_TEMPLATE",

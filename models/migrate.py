@@ -5,7 +5,7 @@ runs in one transaction on its own engine:
 
 * PostgreSQL: DDL is transactional, and a transaction-scoped advisory lock makes concurrent
   ``migrate`` runs (several pods starting at once) queue instead of racing.
-* SQLite: ``BEGIN IMMEDIATE`` (worker.db) already serialises writers. Foreign keys are
+* SQLite: ``BEGIN IMMEDIATE`` (worker.platform.db) already serialises writers. Foreign keys are
   switched off for the duration, because batch mode recreates tables and dropping a
   referenced table with foreign keys on would cascade or fail; integrity is checked with
   ``PRAGMA foreign_key_check`` before committing.
@@ -23,7 +23,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, text
 
-from worker.db import make_engine
+from worker.platform.db import make_engine
 
 __all__ = ["MigrationError", "current", "downgrade", "head", "upgrade"]
 

@@ -3,7 +3,7 @@
 Every function takes the session and never commits: the caller owns the transaction
 (``worker.db.session_scope``). Functions may flush so constraint violations surface at the
 call that caused them. Secrets go in and out only through the ``store_*`` / ``reveal_*``
-functions, which seal and unseal with :mod:`worker.crypto` bound to the row (table, id,
+functions, which seal and unseal with :mod:`worker.core.crypto` bound to the row (table, id,
 purpose), so a sealed value copied to another row does not decrypt.
 """
 
@@ -42,7 +42,7 @@ from models.enums import (
     RunAction,
     RunState,
 )
-from worker.crypto import (
+from worker.core.crypto import (
     Keyring,
     SealContext,
     UnknownKeyError,
@@ -51,7 +51,7 @@ from worker.crypto import (
     seal,
     unseal,
 )
-from worker.fanout import FanoutConfigError, parse_batch_size, parse_failure_threshold
+from worker.core.fanout import FanoutConfigError, parse_batch_size, parse_failure_threshold
 
 __all__ = [
     "ENVELOPE_COLUMNS",
@@ -344,7 +344,7 @@ def create_target(
     adopt_unmanaged: bool = False,
     variables: Mapping[str, Any] | None = None,
 ) -> Target:
-    """Insert a Kubernetes target (templates are validated by the caller, worker.templating)."""
+    """Insert a Kubernetes target (templates are validated by the caller, worker.core.names)."""
     _ensure_unique_name(session, Target, name, "target")
     mode = ConnectionMode(connection_mode)
     if mode is ConnectionMode.KUBECONFIG:

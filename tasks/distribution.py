@@ -2,7 +2,7 @@
 
 Every argument is an id: certificate, key and kubeconfig bytes are read from the
 database and decrypted inside the task, so nothing secret sits in the broker, the
-result backend or Flower. Every task is idempotent (see worker/pipeline.py), which
+result backend or Flower. Every task is idempotent (see worker/app/runs.py), which
 is what makes ``acks_late`` + ``reject_on_worker_lost`` safe.
 """
 
@@ -17,16 +17,16 @@ from typing import Any
 
 from celery import group, signals
 
-from worker.app import app
-from worker.pipeline import (
+from worker.app.runs import (
     DATABASE_OUTAGE_ERRORS,
     advance_run,
     process_targets,
     reap,
     start_run,
 )
-from worker.runtime import get_runtime
-from worker.settings import Settings
+from worker.platform.celery_app import app
+from worker.platform.runtime import get_runtime
+from worker.platform.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +142,7 @@ def reap_task() -> dict[str, Any]:
 @app.task(name=HEALTH_CHECK)
 def health_check_task(target_id: str) -> str:
     """Check a target's namespace and RBAC and store the result on the target."""
-    from worker.service import check_target_health
+    from worker.app.service import check_target_health
 
     return check_target_health(get_runtime(), target_id).status
 

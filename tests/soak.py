@@ -35,7 +35,7 @@ from tests.support.pipeline import FAST_RECOVERY, Pipeline, build_fleet, pipelin
 from tests.support.workers import WorkerProcess
 from tests.testenv import SPEC_MINIMUM_RULES, admin_api_client, create_service_account
 from tests.testenv.environment import TestEnvironment
-from worker import service
+from worker.app import service
 
 
 @dataclass

@@ -38,8 +38,8 @@ from tests.support.faults import managed_secret
 from tests.support.pipeline import Pipeline, pipeline, read_secret
 from tests.testenv import SPEC_MINIMUM_RULES
 from tests.testenv.pki import CertificateAuthority
-from worker import service
-from worker.bundle import MAX_INPUT_BYTES
+from worker.app import service
+from worker.core.bundle import MAX_INPUT_BYTES
 from worker.kube.errors import KubeError
 
 # --------------------------------------------------------------------------- the context

@@ -1,6 +1,6 @@
 """A message's targets are claimed together and recorded together: the claim rules still hold.
 
-These drive ``worker.pipeline`` directly, against real PostgreSQL and real apiservers, to
+These drive ``worker.app.runs`` directly, against real PostgreSQL and real apiservers, to
 reach interleavings a live worker only meets by bad luck: a message that runs out of time
 before its last targets (their claims must be given back untouched), and a delivery whose
 lease expired while it worked (its late record must not overwrite the delivery that took
@@ -23,8 +23,8 @@ from sqlalchemy import update
 
 from models.entities import TargetResult
 from tests.support.pipeline import Pipeline, build_fleet, pipeline
-from worker import pipeline as flow
-from worker import service
+from worker.app import runs as flow
+from worker.app import service
 
 
 class RecordingDispatcher:

@@ -31,7 +31,7 @@ from typer.testing import CliRunner
 from models.rollback import STORE_CONTENT_OFF
 from tests.certfactory import make_chain
 from tests.testenv import Cluster, ServiceAccountAccess
-from worker.cli import app
+from worker.cli.main import app
 
 pytestmark = pytest.mark.integration
 

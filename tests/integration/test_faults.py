@@ -39,10 +39,10 @@ from tests.support.faults import (
     seed_previous_secrets,
 )
 from tests.support.pipeline import Fleet, Pipeline, build_fleet, pipeline, read_secret
-from worker import service
-from worker.app import app, configure
-from worker.pipeline import DATABASE_OUTAGE_ERRORS
-from worker.runtime import set_runtime
+from worker.app import service
+from worker.app.runs import DATABASE_OUTAGE_ERRORS
+from worker.platform.celery_app import app, configure
+from worker.platform.runtime import set_runtime
 
 WRITTEN = {"created", "updated", "unchanged"}
 

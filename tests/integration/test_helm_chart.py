@@ -32,12 +32,12 @@ from kubernetes.dynamic import DynamicClient
 from tests.certfactory import make_chain, utcnow
 from tests.testenv import SPEC_MINIMUM_RULES, Cluster, InClusterEnv, request_token
 from tests.testenv.helm import HELM_VERSION, HelmError, find_helm, helm_cache_path
-from worker.bundle import build_bundle
+from worker.core.bundle import build_bundle
+from worker.core.secret import desired_secret
 from worker.kube.client import KubeClient, RetryPolicy
 from worker.kube.connect import build_api_client, in_cluster_spec
 from worker.kube.deploy import deploy_secret, health_check
-from worker.kube.secret import desired_secret
-from worker.settings import load_settings
+from worker.platform.settings import load_settings
 
 pytestmark = pytest.mark.integration
 

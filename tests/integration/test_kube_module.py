@@ -21,12 +21,18 @@ from kubernetes.client.exceptions import ApiException
 from tests.certfactory import make_chain, utcnow
 from tests.testenv import SPEC_MINIMUM_RULES, Cluster, InClusterEnv, ServiceAccountAccess
 from tests.testenv.access import request_token, token_kubeconfig
-from worker.bundle import TlsBundle, build_bundle
+from worker.core.bundle import TlsBundle, build_bundle
+from worker.core.secret import (
+    ANN_CONTENT_SHA256,
+    MANAGED_BY_LABEL,
+    decoded_data,
+    desired_secret,
+)
+from worker.core.snapshot import PreviousSecret
 from worker.kube.client import KubeClient, RetryPolicy
 from worker.kube.connect import ClientCache, build_api_client, vet_kubeconfig
 from worker.kube.deploy import (
     DeployOutcome,
-    PreviousSecret,
     deploy_secret,
     health_check,
     rollback_secret,
@@ -44,12 +50,6 @@ from worker.kube.errors import (
     Unauthorized,
     UnmanagedSecret,
     Unreachable,
-)
-from worker.kube.secret import (
-    ANN_CONTENT_SHA256,
-    MANAGED_BY_LABEL,
-    decoded_data,
-    desired_secret,
 )
 
 pytestmark = pytest.mark.integration

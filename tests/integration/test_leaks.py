@@ -43,7 +43,7 @@ from tests.support.pipeline import Fleet, Pipeline, build_fleet, pipeline
 from tests.support.receiver import WebhookReceiver
 from tests.testenv import SPEC_MINIMUM_RULES
 from tests.testenv.environment import WORKDIR_PREFIX
-from worker import service
+from worker.app import service
 
 CLI = str(Path(sys.executable).parent / "certautopilot")
 FLOWER_AUTH = "ops:leak-check-flower-pw"

@@ -83,9 +83,9 @@ from tests.unit.test_models_sqlite import (  # noqa: F401 - fixtures and shared 
     test_upgrade_creates_every_table_and_matches_the_models,
     test_upgrade_twice_is_a_no_op,
 )
-from worker.bundle import TlsBundle
-from worker.crypto import Keyring
-from worker.db import make_engine, make_session_factory, session_scope
+from worker.core.bundle import TlsBundle
+from worker.core.crypto import Keyring
+from worker.platform.db import make_engine, make_session_factory, session_scope
 
 pytestmark = pytest.mark.integration
 

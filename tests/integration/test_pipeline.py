@@ -168,7 +168,7 @@ def test_worker_killed_mid_batch_run_still_finishes_and_snapshots_hold_previous_
     run_id = pipe.enqueue(fleet.distribution_id, "execute")
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        from worker import service
+        from worker.app import service
 
         done = sum(
             1
@@ -210,7 +210,7 @@ def test_webhook_stacked_after_group_fires_once_on_success_and_never_on_halt(
     import json
 
     from tests.support.receiver import WebhookReceiver
-    from worker import service
+    from worker.app import service
 
     receiver = WebhookReceiver()
     received, url = receiver.requests, receiver.url
@@ -283,7 +283,7 @@ def test_flower_lists_the_run_tasks_with_ids_only_and_no_secret_material(
             "-m",
             "celery",
             "-A",
-            "worker.app:app",
+            "worker.platform.celery_app:app",
             "flower",
             "--address=127.0.0.1",
             f"--port={port}",

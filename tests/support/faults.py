@@ -34,8 +34,8 @@ import yaml
 
 from tests.certfactory import Chain, make_chain
 from tests.testenv.pki import CertificateAuthority
-from worker.bundle import build_bundle
-from worker.kube.secret import desired_secret
+from worker.core.bundle import build_bundle
+from worker.core.secret import desired_secret
 
 # Hop-by-hop headers a proxy must not forward (RFC 9110 section 7.6.1).
 _HOP_BY_HOP = frozenset(

@@ -15,11 +15,11 @@ from kubernetes import client as k8s
 from models.migrate import upgrade
 from tests.certfactory import Chain, make_chain
 from tests.support.workers import WorkerProcess
-from worker import service
-from worker.app import app, configure
-from worker.crypto import generate_kek
-from worker.runtime import Runtime, build_runtime, set_runtime
-from worker.settings import Settings, load_settings
+from worker.app import service
+from worker.core.crypto import generate_kek
+from worker.platform.celery_app import app, configure
+from worker.platform.runtime import Runtime, build_runtime, set_runtime
+from worker.platform.settings import Settings, load_settings
 
 #: Short limits so recovery paths (leases, reaper) run within a test's time.
 FAST_RECOVERY = {

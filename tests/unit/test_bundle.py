@@ -30,7 +30,7 @@ from tests.certfactory import (
     make_self_signed,
     public_key_pem,
 )
-from worker.bundle import (
+from worker.core.bundle import (
     MAX_INPUT_BYTES,
     BundleError,
     TlsBundle,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from worker.app import CONTROL_QUEUE, celery_config
-from worker.settings import load_settings
+from worker.platform.celery_app import CONTROL_QUEUE, celery_config
+from worker.platform.settings import load_settings
 
 
 def _settings(**env: str):  # type: ignore[no-untyped-def]

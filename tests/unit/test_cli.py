@@ -24,9 +24,10 @@ from typer.testing import CliRunner
 
 from models.rollback import STORE_CONTENT_OFF
 from tests.certfactory import make_chain
-from worker.cli import app
-from worker.crypto import generate_kek
-from worker.kube.secret import (
+from worker.cli.main import app
+from worker.cli.output import diff_from_dict, diff_summary, render_diff_dict
+from worker.core.crypto import generate_kek
+from worker.core.secret import (
     CertificateSummary,
     DataEntry,
     KeySummary,
@@ -35,8 +36,7 @@ from worker.kube.secret import (
     SecretDiff,
     render_diff,
 )
-from worker.output import diff_from_dict, diff_summary, render_diff_dict
-from worker.settings import load_settings
+from worker.platform.settings import load_settings
 
 TOKEN = "tok-CLI-TEST-do-not-print-0123456789"
 KEK_1 = base64.b64encode(bytes(range(32))).decode()

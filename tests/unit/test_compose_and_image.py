@@ -22,7 +22,7 @@ import pytest
 import typer.main
 import yaml
 
-from worker.settings import ENV_VARS, load_settings
+from worker.platform.settings import ENV_VARS, load_settings
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE = yaml.safe_load((REPO / "docker-compose.yml").read_text())
@@ -218,7 +218,7 @@ def cli_command_path(args: list[str]) -> list[str]:
     Raises CliUsageError for an unknown command, option or argument, as the CLI would.
     Typer ships its own copy of click, so groups are recognised by what they can do.
     """
-    from worker.cli import app
+    from worker.cli.main import app
 
     command: Any = typer.main.get_command(app)
     ctx = typer.Context(command, info_name="certautopilot")

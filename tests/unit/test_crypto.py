@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from worker.crypto import (
+from worker.core.crypto import (
     KEK_BYTES,
     CryptoError,
     DecryptionError,

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from worker.fanout import (
+from worker.core.fanout import (
     BatchDecision,
     BatchSize,
     FailureThreshold,

@@ -681,7 +681,7 @@ def test_errors_module_imports_without_the_client_library() -> None:
     import sys
 
     code = (
-        "import sys, worker.kube.errors, worker.kube.secret; "
+        "import sys, worker.kube.errors, worker.core.secret; "
         "bad = [m for m in sys.modules if m.split('.')[0] in "
         "('kubernetes', 'celery', 'sqlalchemy', 'urllib3')]; "
         "assert not bad, bad"

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from worker.lru import LruCache
+from worker.core.lru import LruCache
 
 
 def test_the_least_recently_used_entry_goes_first() -> None:

@@ -56,9 +56,9 @@ from models.rollback import (
     STORE_CONTENT_OFF,
 )
 from tests.certfactory import make_chain
-from worker.bundle import TlsBundle, build_bundle
-from worker.crypto import DecryptionError, Keyring, UnknownKeyError, envelope_key_id
-from worker.db import (
+from worker.core.bundle import TlsBundle, build_bundle
+from worker.core.crypto import DecryptionError, Keyring, UnknownKeyError, envelope_key_id
+from worker.platform.db import (
     DatabaseUrlError,
     dispose_after_fork,
     make_engine,

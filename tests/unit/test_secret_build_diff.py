@@ -12,9 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.certfactory import make_chain, utcnow
-from worker.bundle import TlsBundle, build_bundle
-from worker.kube.errors import SecretTooLarge
-from worker.kube.secret import (
+from worker.core.bundle import TlsBundle, build_bundle
+from worker.core.secret import (
     ANN_CERTIFICATE_SHA256,
     ANN_CONTENT_SHA256,
     ANN_DISTRIBUTION_ID,
@@ -23,6 +22,7 @@ from worker.kube.secret import (
     MANAGED_BY_LABEL,
     MAX_SECRET_DATA_BYTES,
     content_sha256,
+    data_size,
     decoded_data,
     desired_secret,
     diff_secrets,
@@ -31,6 +31,8 @@ from worker.kube.secret import (
     render_diff,
     secret_content_equal,
 )
+from worker.kube.deploy import refuse_oversized
+from worker.kube.errors import SecretTooLarge
 
 DISTRIBUTION = "6f1c2d3e-4b5a-4c6d-8e7f-9a0b1c2d3e4f"
 
@@ -130,11 +132,14 @@ def test_a_secret_over_one_mebibyte_is_refused(extra: int, refused: bool) -> Non
     key = b"k" * 100
     crt_size = MAX_SECRET_DATA_BYTES - len("tls.crt") - len("tls.key") - len(key) + extra
     args: dict[str, Any] = {"tls_crt": b"c" * crt_size, "tls_key": key}
+    manifest = desired(**args)
+    assert data_size(manifest) == MAX_SECRET_DATA_BYTES + extra
     if refused:
         with pytest.raises(SecretTooLarge, match="1 MiB"):
-            desired(**args)
+            refuse_oversized(manifest)
     else:
-        assert len(decoded_data(desired(**args))["tls.crt"]) == crt_size
+        refuse_oversized(manifest)
+        assert len(decoded_data(manifest)["tls.crt"]) == crt_size
 
 
 # --- prepare_update -----------------------------------------------------------------------

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from worker.crypto import Keyring
-from worker.settings import (
+from worker.core.crypto import Keyring
+from worker.platform.settings import (
     ENV_VARS,
     GENERATED_KEK_ID,
     Settings,

@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.certfactory import make_chain
-from worker.bundle import CertificateInfo, describe_certificate
-from worker.templating import (
+from worker.core.bundle import CertificateInfo, describe_certificate
+from worker.core.names import (
     CERTIFICATE_VARIABLES,
     DEFAULT_SECRET_NAME_TEMPLATE,
     MAX_RENDERED_LENGTH,

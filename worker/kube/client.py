@@ -46,7 +46,7 @@ from worker.kube.errors import (
 )
 
 if TYPE_CHECKING:
-    from worker.settings import KubeSettings
+    from worker.platform.settings import KubeSettings
 
 __all__ = ["FIELD_MANAGER", "AccessReview", "KubeClient", "RetryPolicy"]
 

@@ -22,9 +22,22 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
+from worker.core.secret import (
+    ANN_CERTIFICATE_SHA256,
+    ANN_CONTENT_SHA256,
+    ANN_DISTRIBUTION_ID,
+    MAX_SECRET_DATA_BYTES,
+    SecretDiff,
+    content_sha256,
+    data_size,
+    decoded_data,
+    diff_secrets,
+    prepare_update,
+)
+from worker.core.snapshot import PreviousSecret
 from worker.kube.client import KubeClient
 from worker.kube.errors import (
     Conflict,
@@ -33,22 +46,12 @@ from worker.kube.errors import (
     KubeError,
     NamespaceNotFound,
     NothingToRestore,
+    SecretTooLarge,
     SecretTypeConflict,
     SnapshotDrifted,
     UnmanagedSecret,
     forbidden_fix,
     forbidden_message,
-)
-from worker.kube.secret import (
-    ANN_CERTIFICATE_SHA256,
-    ANN_CONTENT_SHA256,
-    ANN_DISTRIBUTION_ID,
-    SecretDiff,
-    content_sha256,
-    decoded_data,
-    diff_secrets,
-    prepare_update,
-    secret_manifest,
 )
 
 __all__ = [
@@ -59,6 +62,7 @@ __all__ = [
     "SnapshotStore",
     "deploy_secret",
     "health_check",
+    "refuse_oversized",
     "rollback_secret",
 ]
 
@@ -68,71 +72,6 @@ REQUIRED_SECRET_VERBS = ("get", "create", "update", "patch")
 Action = Literal[
     "created", "updated", "unchanged", "would_create", "would_update", "would_be_unchanged"
 ]
-
-
-@dataclass(frozen=True)
-class PreviousSecret:
-    """The Secret as it was before our first write (``existed=False``: there was none)."""
-
-    existed: bool
-    type: str | None = None
-    #: base64 values exactly as the API returned them (holds the old private key).
-    data: dict[str, str] = field(default_factory=dict, repr=False)
-    labels: dict[str, str] = field(default_factory=dict)
-    annotations: dict[str, str] = field(default_factory=dict)
-    resource_version: str | None = None
-
-    @classmethod
-    def absent(cls) -> PreviousSecret:
-        """Return the snapshot of "there was no Secret"."""
-        return cls(existed=False)
-
-    @classmethod
-    def from_live(cls, live: Mapping[str, Any]) -> PreviousSecret:
-        """Return the snapshot of a live Secret."""
-        meta = live.get("metadata") or {}
-        return cls(
-            existed=True,
-            type=str(live.get("type") or "Opaque"),
-            data=dict(live.get("data") or {}),
-            labels=dict(meta.get("labels") or {}),
-            annotations=dict(meta.get("annotations") or {}),
-            resource_version=meta.get("resourceVersion"),
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        """Return the JSON form the store seals ({existed, type, data, labels, ...})."""
-        return {
-            "existed": self.existed,
-            "type": self.type,
-            "data": dict(self.data),
-            "labels": dict(self.labels),
-            "annotations": dict(self.annotations),
-            "resourceVersion": self.resource_version,
-        }
-
-    @classmethod
-    def from_dict(cls, raw: Mapping[str, Any]) -> PreviousSecret:
-        """Return the snapshot from :meth:`to_dict` output."""
-        return cls(
-            existed=bool(raw.get("existed", True)),
-            type=raw.get("type"),
-            data=dict(raw.get("data") or {}),
-            labels=dict(raw.get("labels") or {}),
-            annotations=dict(raw.get("annotations") or {}),
-            resource_version=raw.get("resourceVersion"),
-        )
-
-    def manifest(self, namespace: str, name: str) -> dict[str, Any]:
-        """Return the Secret manifest this snapshot describes."""
-        return secret_manifest(
-            name=name,
-            namespace=namespace,
-            secret_type=self.type or "Opaque",
-            data=self.data,
-            labels=self.labels,
-            annotations=self.annotations,
-        )
 
 
 class SnapshotStore(Protocol):
@@ -268,6 +207,17 @@ def _conflicts_exhausted(where: str, attempts: int, last: Conflict, diff: Secret
     )
 
 
+def refuse_oversized(desired: Mapping[str, Any]) -> None:
+    """Raise :class:`SecretTooLarge` for a Secret the API server would refuse (over 1 MiB)."""
+    size = data_size(desired)
+    if size > MAX_SECRET_DATA_BYTES:
+        meta = _meta(desired)
+        raise SecretTooLarge(
+            f'too large: Secret "{meta.get("namespace")}/{meta.get("name")}" would hold {size} '
+            f"bytes of data; the API server accepts at most {MAX_SECRET_DATA_BYTES} bytes (1 MiB)"
+        )
+
+
 def deploy_secret(
     client: KubeClient,
     desired: dict[str, Any],
@@ -281,6 +231,7 @@ def deploy_secret(
     """Make the live Secret equal ``desired`` (or, in a dry run, say what that would do)."""
     meta = _meta(desired)
     namespace, name = str(meta["namespace"]), str(meta["name"])
+    refuse_oversized(desired)
     fingerprint = _annotation(desired, ANN_CERTIFICATE_SHA256)
     start = client.requests_made
     last: Conflict | None = None

@@ -13,7 +13,7 @@ from typing import Any
 from celery import Celery
 from kombu import Exchange, Queue  # type: ignore[attr-defined]
 
-from worker.settings import Settings, load_settings
+from worker.platform.settings import Settings, load_settings
 
 #: Queue for work that talks to the Kubernetes API (one message per target).
 #: Separated from control work so an operator can scale or drain the two apart.

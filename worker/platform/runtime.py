@@ -19,14 +19,14 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from worker.crypto import Keyring
-from worker.db import dispose_after_fork, make_engine, make_session_factory, session_scope
+from worker.core.crypto import Keyring
+from worker.core.lru import LruCache
 from worker.kube.connect import ClientCache
-from worker.lru import LruCache
-from worker.settings import Settings, load_settings
+from worker.platform.db import dispose_after_fork, make_engine, make_session_factory, session_scope
+from worker.platform.settings import Settings, load_settings
 
 if TYPE_CHECKING:
-    from worker.bundle import TlsBundle
+    from worker.core.bundle import TlsBundle
 
 
 @dataclass

@@ -49,8 +49,8 @@ from rich.console import Console
 from rich.rule import Rule
 from rich.table import Table
 
-from worker.bundle import describe_certificate
-from worker.output import follow_run, make_console, print_report
+from worker.cli.output import follow_run, make_console, print_report
+from worker.core.bundle import describe_certificate
 
 __all__ = ["DemoFailed", "DemoInputError", "run_demo"]
 
@@ -135,7 +135,7 @@ class _DemoAuthority:
             .sign(self._key, hashes.SHA256())
         )
         pem = cert.public_bytes(serialization.Encoding.PEM)
-        # The serial as the product prints it (worker.bundle's formatting), for comparisons.
+        # The serial as the product prints it (worker.core.bundle's formatting), for comparisons.
         return _Issued(pem, _private_key_pem(key), describe_certificate(pem).serial_hex)
 
 
@@ -277,9 +277,9 @@ class _Demo:
         self.rollback(distribution_id)
 
     def prepare_data_dir(self) -> None:
-        from worker.cli import celery_dispatcher, ensure_schema
-        from worker.runtime import build_runtime, set_runtime
-        from worker.settings import load_settings
+        from worker.cli.main import celery_dispatcher, ensure_schema
+        from worker.platform.runtime import build_runtime, set_runtime
+        from worker.platform.settings import load_settings
 
         self.step("A throw-away data folder (the embedded default)")
         for name in self.saved_environ:
@@ -333,7 +333,7 @@ class _Demo:
     def use_own_clusters(self) -> None:
         from kubernetes import config
 
-        from worker.service import read_file
+        from worker.app.service import read_file
 
         for index, path in enumerate(self.kubeconfigs, start=1):
             text = read_file(path).decode("utf-8", errors="replace")
@@ -362,7 +362,7 @@ class _Demo:
         heartbeat = self.rt.settings.tasks.heartbeat_file
         with self.worker_log.open("wb") as log:
             self.worker = subprocess.Popen(
-                [sys.executable, "-m", "worker.cli", "worker", "--concurrency", "2"],
+                [sys.executable, "-m", "worker.cli.main", "worker", "--concurrency", "2"],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -383,7 +383,7 @@ class _Demo:
         )
 
     def import_certificate(self) -> tuple[str, _DemoAuthority]:
-        from worker.service import get_certificate, import_certificate
+        from worker.app.service import get_certificate, import_certificate
 
         self.step("A certificate to distribute")
         ca = _DemoAuthority()
@@ -410,8 +410,8 @@ class _Demo:
         return cert_id, ca
 
     def prepare_namespaces(self, ca: _DemoAuthority) -> None:
-        from worker.service import add_kubeconfig_credential
-        from worker.templating import (
+        from worker.app.service import add_kubeconfig_credential
+        from worker.core.names import (
             DEFAULT_SECRET_NAME_TEMPLATE,
             certificate_variables,
             render_secret_name,
@@ -469,7 +469,7 @@ class _Demo:
         return f"{prefix}{tenant}-edge"
 
     def create_targets(self) -> None:
-        from worker.service import TargetSpec, create_target
+        from worker.app.service import TargetSpec, create_target
 
         self.step("Targets: one per cluster and namespace (saving runs the health check)")
         namespace = self.namespace_template
@@ -498,7 +498,7 @@ class _Demo:
         )
 
     def create_group_and_attach(self, cert_id: str) -> str:
-        from worker.service import attach, create_group, get_group
+        from worker.app.service import attach, create_group, get_group
 
         self.step("A group, and the certificate attached to it")
         names = [name for _, _, name in self.places]
@@ -529,7 +529,7 @@ class _Demo:
     # ------------------------------------------------------------------------------ runs
 
     def follow(self, distribution_id: str, action: str) -> Any:
-        from worker.service import enqueue_run, run_report
+        from worker.app.service import enqueue_run, run_report
 
         words = {"dry_run": "--dry-run", "execute": "--execute"}
         self.command(
@@ -584,7 +584,7 @@ class _Demo:
         )
 
     def renew(self, cert_id: str, ca: _DemoAuthority, distribution_id: str) -> None:
-        from worker.service import get_certificate, renew_certificate
+        from worker.app.service import get_certificate, renew_certificate
 
         self.step("Renewal: a new certificate under the same id")
         now = datetime.now(UTC)
@@ -603,7 +603,7 @@ class _Demo:
 
     def rollback(self, distribution_id: str) -> None:
         from models.rollback import STORE_CONTENT_OFF
-        from worker.service import get_distribution
+        from worker.app.service import get_distribution
 
         self.step("Rollback: back to the Secrets as they were before CertAutoPilot")
         view = get_distribution(self.rt, distribution_id)
@@ -652,7 +652,7 @@ class _Demo:
         for cluster in self.clusters:
             cluster.admin.close()
         if self.rt is not None:
-            from worker.runtime import set_runtime
+            from worker.platform.runtime import set_runtime
 
             set_runtime(None)
             self.rt.close()

@@ -29,16 +29,11 @@ from models.entities import (
 )
 from models.enums import ConnectionMode, CredentialKind, DistributionKind, RunAction, RunState
 from models.rollback import Availability, rollback_availability
-from worker.bundle import TlsBundle, build_bundle
-from worker.crypto import envelope_key_id
-from worker.fanout import parse_batch_size, parse_failure_threshold, plan_batches
-from worker.kube.client import KubeClient, RetryPolicy
-from worker.kube.connect import in_cluster_available, vet_kubeconfig
-from worker.kube.deploy import HealthReport, health_check
-from worker.kube.errors import InClusterUnavailable, KubeError
-from worker.pipeline import Dispatcher, utcnow
-from worker.runtime import Runtime
-from worker.templating import (
+from worker.app.runs import Dispatcher, utcnow
+from worker.core.bundle import TlsBundle, build_bundle
+from worker.core.crypto import envelope_key_id
+from worker.core.fanout import parse_batch_size, parse_failure_threshold, plan_batches
+from worker.core.names import (
     CERTIFICATE_VARIABLES,
     DEFAULT_SECRET_NAME_TEMPLATE,
     TemplateError,
@@ -46,6 +41,11 @@ from worker.templating import (
     render_namespace,
     validate_template,
 )
+from worker.kube.client import KubeClient, RetryPolicy
+from worker.kube.connect import in_cluster_available, vet_kubeconfig
+from worker.kube.deploy import HealthReport, health_check
+from worker.kube.errors import InClusterUnavailable, KubeError
+from worker.platform.runtime import Runtime
 
 
 class ServiceError(ValueError):
@@ -217,7 +217,7 @@ class HealthResult:
 
 def check_target_health(rt: Runtime, target_id: str) -> HealthResult:
     """Read the namespace and review the secret verbs; store the outcome on the target."""
-    from worker.pipeline import _api_client  # one place builds clients for targets
+    from worker.app.runs import _api_client  # one place builds clients for targets
 
     with rt.session() as session:
         target = queries.get_target(session, target_id)

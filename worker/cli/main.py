@@ -2,7 +2,7 @@
 
 The CLI is a composition root: it reads the settings from the environment once
 (:func:`worker.settings.load_settings`), builds the process runtime and calls
-:mod:`worker.service`. Every error a user can cause is printed as ``error: <message>``
+:mod:`worker.app.service`. Every error a user can cause is printed as ``error: <message>``
 on stderr with exit code 2 (bad input: nothing was written) or 1 (a run failed, a
 service is unreachable). Secret material (kubeconfigs, keys, tokens) is never printed.
 
@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn, ParamSpec, TypeVar
 import typer
 from rich.table import Table
 
-from worker.output import (
+from worker.cli.output import (
     OutputFormat,
     emit_json,
     follow_run,
@@ -39,9 +39,9 @@ from worker.output import (
 )
 
 if TYPE_CHECKING:
-    from worker.pipeline import Dispatcher
-    from worker.runtime import Runtime
-    from worker.settings import Settings
+    from worker.app.runs import Dispatcher
+    from worker.platform.runtime import Runtime
+    from worker.platform.settings import Settings
 
 __all__ = ["CliError", "app", "main"]
 
@@ -111,13 +111,13 @@ def _classify(exc: Exception) -> tuple[str, int] | None:
 
     from models.migrate import MigrationError
     from models.queries import AlreadyExistsError, InvalidRecordError, NotFoundError
-    from worker.bundle import BundleError
-    from worker.crypto import CryptoError, UnknownKeyError
-    from worker.db import DatabaseUrlError
-    from worker.fanout import FanoutConfigError
+    from worker.core.bundle import BundleError
+    from worker.core.crypto import CryptoError, UnknownKeyError
+    from worker.core.fanout import FanoutConfigError
+    from worker.core.names import TemplateError
     from worker.kube.errors import KubeError
-    from worker.settings import SettingsError
-    from worker.templating import TemplateError
+    from worker.platform.db import DatabaseUrlError
+    from worker.platform.settings import SettingsError
 
     if isinstance(exc, CliError):
         return str(exc), exc.exit_code
@@ -137,7 +137,7 @@ def _classify(exc: Exception) -> tuple[str, int] | None:
     )
     if isinstance(exc, bad_input):
         return str(exc), EXIT_BAD_INPUT
-    from worker.service import ServiceError
+    from worker.app.service import ServiceError
 
     if isinstance(exc, ServiceError):
         return str(exc), EXIT_BAD_INPUT
@@ -186,7 +186,7 @@ def _handled(func: Callable[P, R]) -> Callable[P, R]:
 
 
 def _settings() -> Settings:
-    from worker.settings import load_settings
+    from worker.platform.settings import load_settings
 
     settings = load_settings(os.environ)
     if settings.ignored_variables:
@@ -201,7 +201,7 @@ def _settings() -> Settings:
 def ensure_schema(settings: Settings) -> None:
     """Create/upgrade the embedded default's schema; refuse other databases that lag behind."""
     from models import migrate
-    from worker.settings import redact_url
+    from worker.platform.settings import redact_url
 
     current, head = migrate.current(settings.database.url), migrate.head()
     if current == head:
@@ -222,7 +222,7 @@ def ensure_schema(settings: Settings) -> None:
 @contextmanager
 def _runtime() -> Iterator[Runtime]:
     """The process runtime for one command (schema checked), closed afterwards."""
-    from worker.runtime import build_runtime, set_runtime
+    from worker.platform.runtime import build_runtime, set_runtime
 
     settings = _settings()
     ensure_schema(settings)
@@ -238,12 +238,12 @@ def _runtime() -> Iterator[Runtime]:
 def celery_dispatcher(settings: Settings) -> Dispatcher:
     """The Celery dispatcher, publishing to the broker named by ``settings``."""
     from tasks.distribution import dispatcher
-    from worker.app import app as celery_app
-    from worker.app import configure
+    from worker.platform.celery_app import app as celery_app
+    from worker.platform.celery_app import configure
 
     if celery_app.conf.broker_url != settings.broker.url:
-        # worker.app configured itself from the environment at import time; a caller that
-        # built other settings (tests, the demo) must publish where its workers listen.
+        # The Celery app configured itself from the environment at import time; a caller
+        # that built other settings (tests, the demo) must publish where its workers listen.
         configure(celery_app, settings)
     return dispatcher
 
@@ -257,7 +257,7 @@ OutputOption = Annotated[
 
 def _read_input(path: Path | None, stdin: bool, what: str) -> bytes:
     """Bytes from exactly one of --file PATH and --stdin."""
-    from worker.service import read_file
+    from worker.app.service import read_file
 
     if (path is None) == (not stdin):
         raise CliError(f"give the {what} with exactly one of --file PATH or --stdin")
@@ -319,7 +319,7 @@ def credentials_add_kubeconfig(
     stdin: Annotated[bool, typer.Option("--stdin", help="Read the kubeconfig from stdin.")] = False,
 ) -> None:
     """Store a kubeconfig (encrypted). exec, auth-provider and file paths are refused."""
-    from worker.service import add_kubeconfig_credential
+    from worker.app.service import add_kubeconfig_credential
 
     kubeconfig = _read_input(file, stdin, "kubeconfig")
     with _runtime() as rt:
@@ -336,7 +336,7 @@ def credentials_add_webhook_secret(
     stdin: Annotated[bool, typer.Option("--stdin", help="Read the secret from stdin.")] = False,
 ) -> None:
     """Store an HMAC secret for signing webhook notifications (trailing newline dropped)."""
-    from worker.service import add_webhook_secret
+    from worker.app.service import add_webhook_secret
 
     secret = _read_input(file, stdin, "webhook secret").rstrip(b"\r\n")
     with _runtime() as rt:
@@ -348,7 +348,7 @@ def credentials_add_webhook_secret(
 @_handled
 def credentials_list(output: OutputOption = OutputFormat.TEXT) -> None:
     """List credentials (names and kinds only; contents are never shown)."""
-    from worker.service import list_credentials
+    from worker.app.service import list_credentials
 
     _list(
         output,
@@ -362,7 +362,7 @@ def credentials_list(output: OutputOption = OutputFormat.TEXT) -> None:
 
 
 def _read_pem(path: Path | None) -> bytes | None:
-    from worker.service import read_file
+    from worker.app.service import read_file
 
     return None if path is None else read_file(path)
 
@@ -382,7 +382,7 @@ def certs_import(
     output: OutputOption = OutputFormat.TEXT,
 ) -> None:
     """Import a certificate with its key (the key is stored encrypted)."""
-    from worker.service import get_certificate, import_certificate, read_file
+    from worker.app.service import get_certificate, import_certificate, read_file
 
     cert_pem, key_pem = read_file(cert), read_file(key)
     with _runtime() as rt:
@@ -418,7 +418,7 @@ def _days_left_text(days: int) -> str:
 @_handled
 def certs_list(output: OutputOption = OutputFormat.TEXT) -> None:
     """List certificates with their expiry."""
-    from worker.service import list_certificates
+    from worker.app.service import list_certificates
 
     now = _now()
     _list(
@@ -447,7 +447,7 @@ def certs_renew(
     output: OutputOption = OutputFormat.TEXT,
 ) -> None:
     """Replace a certificate with its renewal; its distributions deliver the new one."""
-    from worker.service import get_certificate, list_distributions, read_file, renew_certificate
+    from worker.app.service import get_certificate, list_distributions, read_file, renew_certificate
 
     pems = {"cert": read_file(cert), "key": read_file(key)}
     for name, path in (("chain", chain), ("ca", ca)):
@@ -515,8 +515,8 @@ def targets_add(
 ) -> None:
     """Save a Kubernetes target, then run its health check (reads the namespace)."""
     from models.enums import ConnectionMode
-    from worker.service import TargetSpec, create_target, get_target
-    from worker.templating import DEFAULT_SECRET_NAME_TEMPLATE
+    from worker.app.service import TargetSpec, create_target, get_target
+    from worker.core.names import DEFAULT_SECRET_NAME_TEMPLATE
 
     if (kubeconfig_credential is None) == (not in_cluster):
         raise CliError(
@@ -557,7 +557,7 @@ def _print_health(status: str, message: str | None, name: str) -> None:
 @_handled
 def targets_list(output: OutputOption = OutputFormat.TEXT) -> None:
     """List targets with their connection and last health check."""
-    from worker.service import list_targets
+    from worker.app.service import list_targets
 
     _list(
         output,
@@ -581,7 +581,7 @@ def targets_show(
     output: OutputOption = OutputFormat.TEXT,
 ) -> None:
     """Show one target."""
-    from worker.service import get_target
+    from worker.app.service import get_target
 
     with _runtime() as rt:
         view = get_target(rt, name)
@@ -615,7 +615,7 @@ def targets_check(
     output: OutputOption = OutputFormat.TEXT,
 ) -> None:
     """Run the health check: namespace readable, get/create/update/patch on secrets allowed."""
-    from worker.service import check_target_health, get_target
+    from worker.app.service import check_target_health, get_target
 
     with _runtime() as rt:
         target = get_target(rt, name)
@@ -641,7 +641,7 @@ def targets_check(
 
 def _fanout_values(batch_size: str | None, failure_threshold: str | None) -> tuple[Any, Any]:
     """Validate and normalise --batch-size and --failure-threshold (None = settings default)."""
-    from worker.fanout import parse_batch_size, parse_failure_threshold
+    from worker.core.fanout import parse_batch_size, parse_failure_threshold
 
     batch = parse_batch_size(batch_size).as_config() if batch_size is not None else None
     threshold = (
@@ -687,7 +687,7 @@ def groups_create(
     output: OutputOption = OutputFormat.TEXT,
 ) -> None:
     """Create a group of targets with its batch size and failure threshold."""
-    from worker.service import create_group, get_group
+    from worker.app.service import create_group, get_group
 
     batch, threshold = _fanout_values(batch_size, failure_threshold)
     with _runtime() as rt:
@@ -711,7 +711,7 @@ def groups_add_targets(
     output: OutputOption = OutputFormat.TEXT,
 ) -> None:
     """Append targets to a group (they run after the current members)."""
-    from worker.service import add_group_targets
+    from worker.app.service import add_group_targets
 
     with _runtime() as rt:
         view = add_group_targets(rt, group, target)
@@ -722,7 +722,7 @@ def groups_add_targets(
 @_handled
 def groups_list(output: OutputOption = OutputFormat.TEXT) -> None:
     """List groups."""
-    from worker.service import list_groups
+    from worker.app.service import list_groups
 
     _list(
         output,
@@ -745,7 +745,7 @@ def groups_show(
     output: OutputOption = OutputFormat.TEXT,
 ) -> None:
     """Show a group: members and the batches a run would use."""
-    from worker.service import get_group
+    from worker.app.service import get_group
 
     with _runtime() as rt:
         view = get_group(rt, name)
@@ -771,7 +771,7 @@ def distributions_attach(
     output: OutputOption = OutputFormat.TEXT,
 ) -> None:
     """Attach a certificate to a target or a group (a Kubernetes distribution)."""
-    from worker.service import attach, get_distribution
+    from worker.app.service import attach, get_distribution
 
     if (target is None) == (group is None):
         raise CliError("attach to exactly one of --target NAME or --group NAME")
@@ -801,7 +801,7 @@ def distributions_attach_webhook(
     output: OutputOption = OutputFormat.TEXT,
 ) -> None:
     """Stack a webhook after the certificate's distributions (fires after they succeed)."""
-    from worker.service import attach_webhook, get_distribution
+    from worker.app.service import attach_webhook, get_distribution
 
     with _runtime() as rt:
         distribution_id = attach_webhook(rt, certificate_id, url, secret=secret)
@@ -822,7 +822,7 @@ def distributions_list(
     output: OutputOption = OutputFormat.TEXT,
 ) -> None:
     """List distributions in stacking order, with the rollback button's state."""
-    from worker.service import list_distributions
+    from worker.app.service import list_distributions
 
     _list(
         output,
@@ -853,7 +853,7 @@ def _follow_and_report(
 ) -> int:
     """Follow a run (and the stacked runs it starts) to the end; print it; return the exit code."""
     from models.enums import RunState
-    from worker.service import run_report, stacked_runs
+    from worker.app.service import run_report, stacked_runs
 
     console = make_console()
     quiet = output is OutputFormat.JSON
@@ -909,7 +909,7 @@ def _start_run(
     timeout: float,
     output: OutputFormat,
 ) -> None:
-    from worker.service import enqueue_run, get_distribution
+    from worker.app.service import enqueue_run, get_distribution
 
     with _runtime() as rt:
         distribution = get_distribution(rt, distribution_id)
@@ -996,7 +996,7 @@ def runs_list(
     output: OutputOption = OutputFormat.TEXT,
 ) -> None:
     """List recent runs, newest first."""
-    from worker.service import list_runs
+    from worker.app.service import list_runs
 
     _list(
         output,
@@ -1021,7 +1021,7 @@ def runs_show(
     output: OutputOption = OutputFormat.TEXT,
 ) -> None:
     """Show a run: state, timing and the per-target table with a diff summary."""
-    from worker.service import run_report
+    from worker.app.service import run_report
 
     with _runtime() as rt:
         report = run_report(rt, run_id)
@@ -1049,7 +1049,7 @@ def keys_generate(
     ] = None,
 ) -> None:
     """Print a fresh KEK line ``id:base64`` for CAP_KEK or CAP_KEK_FILE."""
-    from worker.crypto import generate_kek, is_valid_key_id
+    from worker.core.crypto import generate_kek, is_valid_key_id
 
     chosen = key_id or f"k{_now():%Y%m%d}"
     if not is_valid_key_id(chosen):
@@ -1085,7 +1085,7 @@ def keys_rotate(
 def migrate_command() -> None:
     """Create or upgrade the database schema (run once per release, before the workers)."""
     from models import migrate
-    from worker.settings import redact_url
+    from worker.platform.settings import redact_url
 
     settings = _settings()
     before = migrate.current(settings.database.url)
@@ -1130,8 +1130,8 @@ def worker_command(
     ] = "certautopilot@%h",
 ) -> None:
     """Run a Celery worker consuming the Kubernetes and control queues (with events for Flower)."""
-    from worker.app import CONTROL_QUEUE
-    from worker.app import app as celery_app
+    from worker.platform.celery_app import CONTROL_QUEUE
+    from worker.platform.celery_app import app as celery_app
 
     settings = _settings()
     ensure_schema(settings)
@@ -1169,7 +1169,7 @@ def flower_command(
     ] = False,
 ) -> None:
     """Start Flower against the workers' broker (basic auth from FLOWER_BASIC_AUTH)."""
-    from worker.app import app as celery_app
+    from worker.platform.celery_app import app as celery_app
 
     if not no_auth and not os.environ.get("FLOWER_BASIC_AUTH"):
         raise CliError(
@@ -1220,8 +1220,8 @@ def _database_problem(settings: Settings) -> str | None:
     from sqlalchemy.exc import SQLAlchemyError
 
     from models import migrate
-    from worker.db import DatabaseUrlError, make_engine
-    from worker.settings import redact_url
+    from worker.platform.db import DatabaseUrlError, make_engine
+    from worker.platform.settings import redact_url
 
     try:
         engine = make_engine(settings.database.url)
@@ -1246,7 +1246,7 @@ def _broker_problem(settings: Settings, timeout: float) -> str | None:
     from kombu.connection import Connection
     from kombu.exceptions import KombuError
 
-    from worker.settings import redact_url
+    from worker.platform.settings import redact_url
 
     broker = Connection(  # type: ignore[no-untyped-call]
         settings.broker.url,
@@ -1275,7 +1275,7 @@ def demo_command(
     ] = None,
 ) -> None:
     """Show the whole job end to end on throw-away local clusters (or your own)."""
-    from worker.demo import run_demo
+    from worker.cli.demo import run_demo
 
     code = run_demo(kubeconfigs=list(kubeconfig or []))
     if code:

@@ -33,8 +33,8 @@ from urllib.parse import urlsplit, urlunsplit
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
-from worker.crypto import KEK_BYTES, generate_kek, is_valid_key_id
-from worker.fanout import FanoutConfigError, parse_batch_size, parse_failure_threshold
+from worker.core.crypto import KEK_BYTES, generate_kek, is_valid_key_id
+from worker.core.fanout import FanoutConfigError, parse_batch_size, parse_failure_threshold
 
 __all__ = [
     "ENV_VARS",
@@ -550,7 +550,7 @@ def _crypto(environ: Mapping[str, str], data_dir: Path, embedded: bool) -> Crypt
 
 
 def _step(raw: str) -> int | str:
-    # Digits become counts; anything else stays text for worker.fanout to judge.
+    # Digits become counts; anything else stays text for worker.core.fanout to judge.
     text = raw.strip()
     return int(text) if text.isdigit() else text
 

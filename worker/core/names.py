@@ -51,7 +51,7 @@ from jinja2 import meta, nodes
 from jinja2.exceptions import SecurityError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from worker.bundle import CertificateInfo
+from worker.core.bundle import CertificateInfo
 
 DEFAULT_SECRET_NAME_TEMPLATE: Final = '{{ .cn | replaceAll "." "-" }}-tls'  # noqa: S105 - a name
 

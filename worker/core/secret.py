@@ -20,14 +20,13 @@ from dataclasses import dataclass
 from datetime import UTC
 from typing import Any, Literal
 
-from worker.bundle import (
+from worker.core.bundle import (
     BundleError,
     CertificateInfo,
     describe_certificates,
     public_key_fingerprint_of_private_key,
 )
-from worker.kube.errors import SecretTooLarge
-from worker.lru import LruCache
+from worker.core.lru import LruCache
 
 __all__ = [
     "ANNOTATION_PREFIX",
@@ -100,16 +99,10 @@ def desired_secret(
     leaf: CertificateInfo,
     distribution_id: str,
 ) -> dict[str, Any]:
-    """Return the manifest (JSON-able dict) of the Secret we want; refuse one over 1 MiB."""
+    """Return the manifest (JSON-able dict) of the Secret we want (see :func:`data_size`)."""
     data = {"tls.crt": tls_crt, "tls.key": tls_key}
     if ca_crt is not None:
         data["ca.crt"] = ca_crt
-    size = sum(len(key) + len(value) for key, value in data.items())
-    if size > MAX_SECRET_DATA_BYTES:
-        raise SecretTooLarge(
-            f'too large: Secret "{namespace}/{name}" would hold {size} bytes of data; the API '
-            f"server accepts at most {MAX_SECRET_DATA_BYTES} bytes (1 MiB)"
-        )
     return secret_manifest(
         name=name,
         namespace=namespace,
@@ -124,6 +117,11 @@ def desired_secret(
             ANN_CONTENT_SHA256: content_sha256(data),
         },
     )
+
+
+def data_size(secret: Mapping[str, Any]) -> int:
+    """Bytes of a Secret's data as the API server counts them (keys + decoded values)."""
+    return sum(len(key) + len(value) for key, value in decoded_data(secret).items())
 
 
 def secret_manifest(

@@ -59,27 +59,28 @@ from models.entities import (
     TargetResult,
 )
 from models.enums import ConnectionMode, DistributionKind, ResultStatus, RunAction, RunState
-from worker.bundle import BundleError, TlsBundle, build_bundle
-from worker.crypto import CryptoError
-from worker.fanout import (
+from worker.app.webhook import WebhookError, deliver_webhook, webhook_payload
+from worker.core.bundle import BundleError, TlsBundle, build_bundle
+from worker.core.crypto import CryptoError
+from worker.core.fanout import (
     FanoutConfigError,
     decide_after_batch,
     parse_batch_size,
     parse_failure_threshold,
     plan_batches,
 )
-from worker.kube.client import KubeClient, RetryPolicy
-from worker.kube.deploy import DeployOutcome, PreviousSecret, deploy_secret, rollback_secret
-from worker.kube.errors import KubeError
-from worker.kube.secret import desired_secret
-from worker.runtime import Runtime
-from worker.templating import (
+from worker.core.names import (
     TemplateError,
     render_namespace,
     render_secret_name,
     template_variables,
 )
-from worker.webhook import WebhookError, deliver_webhook, webhook_payload
+from worker.core.secret import desired_secret
+from worker.core.snapshot import PreviousSecret
+from worker.kube.client import KubeClient, RetryPolicy
+from worker.kube.deploy import DeployOutcome, deploy_secret, rollback_secret
+from worker.kube.errors import KubeError
+from worker.platform.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -535,7 +536,7 @@ def _bundle(rt: Runtime, certificate: Certificate) -> TlsBundle:
 
 
 def _api_client(rt: Runtime, job: TargetJob | Target) -> Any:
-    # worker.service's health check hands in a bare Target (no claim, so no envelope with it).
+    # worker.app.service's health check hands in a bare Target (no claim, so no envelope with it).
     if isinstance(job, TargetJob):
         target, envelope = job.target, job.credential_envelope
     else:

@@ -1,7 +1,7 @@
 """How the CLI and the demo show things: rich tables, JSON, Secret diffs and a run in progress.
 
 Nothing here prints secret material: the values shown come from the operator views in
-:mod:`worker.service` and from stored diffs (``SecretDiff.to_dict()``), which hold
+:mod:`worker.app.service` and from stored diffs (``SecretDiff.to_dict()``), which hold
 certificate facts and public-key hashes only.
 """
 
@@ -22,7 +22,7 @@ from rich.table import Table
 from rich.text import Text
 
 from models.enums import ResultStatus, RunState
-from worker.kube.secret import (
+from worker.core.secret import (
     CertificateSummary,
     DataEntry,
     KeySummary,
@@ -33,7 +33,7 @@ from worker.kube.secret import (
 )
 
 if TYPE_CHECKING:  # the service layer (SQLAlchemy, kubernetes) is not needed for `--help`
-    from worker.service import RunReport, TargetResultView
+    from worker.app.service import RunReport, TargetResultView
 
 __all__ = [
     "OutputFormat",
