@@ -333,7 +333,7 @@ class _Demo:
     def use_own_clusters(self) -> None:
         from kubernetes import config
 
-        from worker.app.service import read_file
+        from worker.cli.files import read_file
 
         for index, path in enumerate(self.kubeconfigs, start=1):
             text = read_file(path).decode("utf-8", errors="replace")

@@ -257,7 +257,7 @@ OutputOption = Annotated[
 
 def _read_input(path: Path | None, stdin: bool, what: str) -> bytes:
     """Bytes from exactly one of --file PATH and --stdin."""
-    from worker.app.service import read_file
+    from worker.cli.files import read_file
 
     if (path is None) == (not stdin):
         raise CliError(f"give the {what} with exactly one of --file PATH or --stdin")
@@ -362,7 +362,7 @@ def credentials_list(output: OutputOption = OutputFormat.TEXT) -> None:
 
 
 def _read_pem(path: Path | None) -> bytes | None:
-    from worker.app.service import read_file
+    from worker.cli.files import read_file
 
     return None if path is None else read_file(path)
 
@@ -382,7 +382,8 @@ def certs_import(
     output: OutputOption = OutputFormat.TEXT,
 ) -> None:
     """Import a certificate with its key (the key is stored encrypted)."""
-    from worker.app.service import get_certificate, import_certificate, read_file
+    from worker.app.service import get_certificate, import_certificate
+    from worker.cli.files import read_file
 
     cert_pem, key_pem = read_file(cert), read_file(key)
     with _runtime() as rt:
@@ -447,7 +448,8 @@ def certs_renew(
     output: OutputOption = OutputFormat.TEXT,
 ) -> None:
     """Replace a certificate with its renewal; its distributions deliver the new one."""
-    from worker.app.service import get_certificate, list_distributions, read_file, renew_certificate
+    from worker.app.service import get_certificate, list_distributions, renew_certificate
+    from worker.cli.files import read_file
 
     pems = {"cert": read_file(cert), "key": read_file(key)}
     for name, path in (("chain", chain), ("ca", ca)):

@@ -1,0 +1,345 @@
+"""Commands: what the scheduler and the CLI ask the backend to do (store, create, attach,
+enqueue). Bad input raises :class:`ServiceError` (or a more specific domain error) *before*
+anything is written: the transaction is rolled back and no cluster is touched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from models import queries
+from models.enums import ConnectionMode, CredentialKind, DistributionKind, RunAction
+from worker.app.runs import Dispatcher, utcnow
+from worker.app.views import (
+    GroupView,
+    distribution_rollback_availability,
+    group_view,
+    resolve_credential,
+    resolve_group,
+    resolve_target,
+)
+from worker.core.bundle import TlsBundle, build_bundle
+from worker.core.fanout import parse_batch_size, parse_failure_threshold
+from worker.core.names import (
+    CERTIFICATE_VARIABLES,
+    DEFAULT_SECRET_NAME_TEMPLATE,
+    TemplateError,
+    check_variable_name,
+    render_namespace,
+    validate_template,
+)
+from worker.kube.client import KubeClient, RetryPolicy
+from worker.kube.connect import in_cluster_available, vet_kubeconfig
+from worker.kube.deploy import HealthReport, health_check
+from worker.kube.errors import InClusterUnavailable, KubeError
+from worker.platform.runtime import Runtime
+
+
+class ServiceError(ValueError):
+    """A request the backend refuses; the message names the problem and the fix."""
+
+
+class RollbackUnavailable(ServiceError):
+    """Rollback cannot run for this distribution; the message is the greyed-out tooltip."""
+
+
+# --------------------------------------------------------------------------- credentials
+
+
+def add_kubeconfig_credential(rt: Runtime, name: str, kubeconfig: bytes) -> str:
+    """Vet and store a kubeconfig credential (sealed); returns its id."""
+    # Vetting first: a kubeconfig that would run programs or read files never gets stored.
+    vet_kubeconfig(kubeconfig, allow_insecure=True)
+    with rt.session() as session:
+        credential = queries.store_credential(
+            session, rt.keyring, name, CredentialKind.KUBECONFIG, kubeconfig
+        )
+        return credential.id
+
+
+def add_webhook_secret(rt: Runtime, name: str, secret: bytes) -> str:
+    """Store an HMAC secret for signing webhook notifications; returns its id."""
+    if len(secret) < 16:
+        raise ServiceError(
+            f"webhook secret {name!r} is {len(secret)} bytes; use at least 16 random bytes "
+            "(e.g. `openssl rand -hex 32`)"
+        )
+    with rt.session() as session:
+        credential = queries.store_credential(
+            session, rt.keyring, name, CredentialKind.WEBHOOK_HMAC, secret
+        )
+        return credential.id
+
+
+# --------------------------------------------------------------------------- certificates
+
+
+def import_certificate(
+    rt: Runtime,
+    cert_pem: bytes,
+    key_pem: bytes,
+    chain_pem: bytes = b"",
+    ca_pem: bytes | None = None,
+    *,
+    allow_expired: bool = False,
+    passphrase: bytes | None = None,
+) -> str:
+    """Validate a certificate bundle and store it (key sealed); returns its id."""
+    bundle = build_bundle(
+        cert_pem,
+        key_pem,
+        chain_pem,
+        ca_pem,
+        now=utcnow(),
+        allow_expired=allow_expired,
+        passphrase=passphrase,
+    )
+    with rt.session() as session:
+        return queries.store_certificate(session, rt.keyring, bundle).id
+
+
+def renew_certificate(
+    rt: Runtime, certificate_id: str, bundle_pems: Mapping[str, bytes]
+) -> TlsBundle:
+    """Replace a certificate's content with a renewed bundle (same id, so distributions follow)."""
+    bundle = build_bundle(
+        bundle_pems["cert"],
+        bundle_pems["key"],
+        bundle_pems.get("chain", b""),
+        bundle_pems.get("ca"),
+        now=utcnow(),
+    )
+    with rt.session() as session:
+        queries.replace_certificate(session, rt.keyring, certificate_id, bundle)
+    return bundle
+
+
+# ------------------------------------------------------------------------------- targets
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """What an operator fills in on Settings → Distribution → Targets → New."""
+
+    name: str
+    namespace: str
+    connection_mode: ConnectionMode = ConnectionMode.KUBECONFIG
+    credential: str | None = None
+    """Credential name or id (kubeconfig mode)."""
+    secret_name: str = DEFAULT_SECRET_NAME_TEMPLATE
+    include_ca: bool = False
+    allow_insecure: bool = False
+    adopt_unmanaged: bool = False
+    variables: Mapping[str, Any] = field(default_factory=dict)
+
+
+def create_target(
+    rt: Runtime, spec: TargetSpec, *, check: bool = True
+) -> tuple[str, HealthResult | None]:
+    """Validate and save a target, then (like the UI's Save) run its health check."""
+    for variable in spec.variables:
+        check_variable_name(variable)
+    known = [*CERTIFICATE_VARIABLES, *spec.variables]
+    validate_template(spec.namespace, "namespace", known)
+    validate_template(spec.secret_name, "secret name", known)
+    mode = ConnectionMode(spec.connection_mode)
+    if mode is ConnectionMode.IN_CLUSTER and not in_cluster_available(
+        rt.settings.kube.serviceaccount_dir, rt.environ
+    ):
+        raise InClusterUnavailable(
+            "in-cluster connection mode is available only when CertAutoPilot runs inside "
+            f"Kubernetes: no service-account token in {rt.settings.kube.serviceaccount_dir} "
+            "or KUBERNETES_SERVICE_HOST is not set"
+        )
+    with rt.session() as session:
+        credential_id: str | None = None
+        if spec.credential is not None:
+            credential_id = resolve_credential(session, spec.credential)
+            if mode is ConnectionMode.KUBECONFIG:
+                # Refuse a kubeconfig the connection code would refuse, at save time.
+                kubeconfig = queries.reveal_credential(session, rt.keyring, credential_id)
+                vet_kubeconfig(kubeconfig, allow_insecure=spec.allow_insecure)
+        target = queries.create_target(
+            session,
+            name=spec.name,
+            connection_mode=mode,
+            namespace_template=spec.namespace,
+            credential_id=credential_id,
+            secret_name_template=spec.secret_name,
+            include_ca=spec.include_ca,
+            allow_insecure=spec.allow_insecure,
+            adopt_unmanaged=spec.adopt_unmanaged,
+            variables=dict(spec.variables),
+        )
+        target_id = target.id
+    report = check_target_health(rt, target_id) if check else None
+    return target_id, report
+
+
+@dataclass(frozen=True)
+class HealthResult:
+    """A stored health-check outcome."""
+
+    target_id: str
+    status: str
+    message: str
+    report: HealthReport | None
+
+
+def check_target_health(rt: Runtime, target_id: str) -> HealthResult:
+    """Read the namespace and review the secret verbs; store the outcome on the target."""
+    from worker.app.runs import _api_client  # one place builds clients for targets
+
+    with rt.session() as session:
+        target = queries.get_target(session, target_id)
+    report: HealthReport | None = None
+    try:
+        namespace = render_namespace(target.namespace_template, dict(target.variables))
+    except TemplateError as exc:
+        healthy, message = (
+            False,
+            (
+                f"namespace template needs certificate variables and is checked at distribution "
+                f"time ({exc})"
+            ),
+        )
+    else:
+        try:
+            client = KubeClient(
+                _api_client(rt, target), retry=RetryPolicy.from_settings(rt.settings.kube)
+            )
+            report = health_check(client, namespace)
+            healthy, message = report.healthy, report.message
+        except KubeError as exc:
+            healthy, message = False, str(exc)
+    with rt.session() as session:
+        stored = queries.record_health(session, target_id, healthy=healthy, message=message)
+        return HealthResult(target_id, stored.health_status.value, message, report)
+
+
+# -------------------------------------------------------------------------------- groups
+
+
+def create_group(
+    rt: Runtime,
+    name: str,
+    target_names: Sequence[str],
+    *,
+    batch_size: Any = None,
+    failure_threshold: Any = None,
+    variables: Mapping[str, Any] | None = None,
+) -> str:
+    """Create a target group with its fan-out settings; returns its id."""
+    if batch_size is not None:
+        parse_batch_size(batch_size)
+    if failure_threshold is not None:
+        parse_failure_threshold(failure_threshold)
+    with rt.session() as session:
+        target_ids = [resolve_target(session, item) for item in target_names]
+        group = queries.create_group(
+            session,
+            name=name,
+            target_ids=target_ids,
+            batch_size=batch_size,
+            failure_threshold=failure_threshold,
+            variables=dict(variables or {}),
+        )
+        return group.id
+
+
+# ------------------------------------------------------------------------- distributions
+
+
+def attach(
+    rt: Runtime,
+    certificate_id: str,
+    *,
+    target: str | None = None,
+    group: str | None = None,
+    store_content: bool = False,
+) -> str:
+    """Attach a certificate to a target or a group (a Kubernetes distribution); returns its id."""
+    with rt.session() as session:
+        target_id = resolve_target(session, target) if target is not None else None
+        group_id = None
+        if group is not None:
+            group_id = resolve_group(session, group)
+            if not queries.group_target_ids(session, group_id):
+                raise ServiceError(
+                    f"group {group!r} has no targets; add targets before attaching a distribution"
+                )
+        return queries.create_distribution(
+            session,
+            certificate_id=certificate_id,
+            target_id=target_id,
+            group_id=group_id,
+            store_content=store_content,
+        ).id
+
+
+def attach_webhook(rt: Runtime, certificate_id: str, url: str, *, secret: str | None) -> str:
+    """Stack a webhook distribution after the certificate's existing ones; returns its id."""
+    if not url.startswith(("https://", "http://")):
+        raise ServiceError(f"webhook URL {url!r} must start with https:// (or http://)")
+    with rt.session() as session:
+        credential_id = resolve_credential(session, secret) if secret is not None else None
+        return queries.create_distribution(
+            session,
+            certificate_id=certificate_id,
+            kind=DistributionKind.WEBHOOK,
+            webhook_url=url,
+            webhook_credential_id=credential_id,
+        ).id
+
+
+# ----------------------------------------------------------------------------------- runs
+
+
+def enqueue_run(
+    rt: Runtime,
+    dispatch: Dispatcher,
+    distribution_id: str,
+    action: RunAction | str,
+    *,
+    force: bool = False,
+    cascade: bool = True,
+) -> str:
+    """Queue a dry-run, execute or rollback of a distribution; returns the run id."""
+    run_action = RunAction(action)
+    with rt.session() as session:
+        distribution = queries.get_distribution(session, distribution_id)
+        if run_action is RunAction.ROLLBACK:
+            availability = distribution_rollback_availability(session, distribution)
+            if not availability.available:
+                raise RollbackUnavailable(availability.reason)
+        if distribution.kind is DistributionKind.WEBHOOK and run_action is not RunAction.EXECUTE:
+            raise ServiceError("a webhook distribution can only be executed")
+        run = queries.create_run(
+            session,
+            distribution_id=distribution_id,
+            action=run_action,
+            options={"force": True} if force else {},
+            cascade=cascade and run_action is RunAction.EXECUTE,
+        )
+        run_id = run.id
+    dispatch.start(run_id)
+    return run_id
+
+
+def add_group_targets(rt: Runtime, group: str, target_names: Sequence[str]) -> GroupView:
+    """Append targets (names or ids) to a group's fan-out order; returns the updated group."""
+    with rt.session() as session:
+        group_id = resolve_group(session, group)
+        current = queries.group_target_ids(session, group_id)
+        added = [resolve_target(session, item) for item in target_names]
+        pairs = zip(target_names, added, strict=True)
+        already = sorted(name for name, target_id in pairs if target_id in current)
+        if already:
+            raise ServiceError(
+                f"group {group!r} already contains {', '.join(repr(n) for n in already)}; "
+                "list only targets that are not members yet"
+            )
+        queries.set_group_members(session, group_id, [*current, *added])
+        return group_view(rt, session, queries.get_group(session, group_id))

@@ -1,0 +1,451 @@
+"""Read views: what the CLI and the scheduler show (runs with their per-target results,
+certificates, targets, groups, distributions), as frozen dataclasses with names resolved and
+never any secret material; plus the name-or-id lookups commands share.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select
+
+from models import queries
+from models.entities import (
+    Certificate,
+    Distribution,
+    Run,
+    Target,
+    TargetGroup,
+    TargetGroupMember,
+    TargetResult,
+)
+from models.enums import RunState
+from models.rollback import Availability, rollback_availability
+from worker.core.crypto import envelope_key_id
+from worker.core.fanout import parse_batch_size, parse_failure_threshold, plan_batches
+from worker.platform.runtime import Runtime
+
+
+def distribution_rollback_availability(session: Any, distribution: Distribution) -> Availability:
+    """Whether the Rollback button is enabled for a distribution (any target with a snapshot)."""
+    snapshots = [
+        queries.get_snapshot(session, distribution.id, target_id)
+        for target_id in queries.distribution_target_ids(session, distribution)
+    ]
+    present = [snapshot for snapshot in snapshots if snapshot is not None]
+    existed = [snapshot for snapshot in present if snapshot.existed]
+    chosen = (existed or present)[0] if present else None
+    return rollback_availability(distribution, chosen)
+
+
+@dataclass(frozen=True)
+class TargetResultView:
+    """One target's line in a run report."""
+
+    target_id: str
+    target_name: str
+    batch_index: int
+    status: str
+    namespace: str | None
+    secret_name: str | None
+    error_reason: str | None
+    error_message: str | None
+    diff: Mapping[str, Any] | None
+    attempts: int
+    duration_ms: int | None
+    resource_version: str | None
+
+
+@dataclass(frozen=True)
+class RunReport:
+    """A run's state and its per-target results (what `runs show` prints)."""
+
+    id: str
+    distribution_id: str
+    action: str
+    state: str
+    reason: str | None
+    current_batch: int
+    batches: int
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    results: tuple[TargetResultView, ...]
+
+    @property
+    def finished(self) -> bool:
+        """True once the run reached succeeded, failed or halted."""
+        return RunState(self.state).is_terminal
+
+    def counts(self) -> dict[str, int]:
+        """How many targets are in each status."""
+        totals: dict[str, int] = {}
+        for result in self.results:
+            totals[result.status] = totals.get(result.status, 0) + 1
+        return totals
+
+
+def run_report(rt: Runtime, run_id: str) -> RunReport:
+    """The run's state and per-target results."""
+    with rt.session() as session:
+        run = queries.get_run(session, run_id)
+        return _report(session, run)
+
+
+def _report(session: Any, run: Run) -> RunReport:
+    rows = session.execute(
+        select(TargetResult, Target.name)
+        .join(Target, Target.id == TargetResult.target_id)
+        .where(TargetResult.run_id == run.id)
+        .order_by(TargetResult.batch_index, Target.name)
+    ).all()
+    return RunReport(
+        id=run.id,
+        distribution_id=run.distribution_id,
+        action=run.action.value,
+        state=run.state.value,
+        reason=run.reason,
+        current_batch=run.current_batch,
+        batches=len(run.batch_plan or []),
+        created_at=run.created_at,
+        started_at=run.started_at,
+        finished_at=run.finished_at,
+        results=tuple(
+            TargetResultView(
+                target_id=result.target_id,
+                target_name=name,
+                batch_index=result.batch_index,
+                status=result.status.value,
+                namespace=result.namespace,
+                secret_name=result.secret_name,
+                error_reason=result.error_reason,
+                error_message=result.error_message,
+                diff=result.diff,
+                attempts=result.attempts,
+                duration_ms=result.duration_ms,
+                resource_version=result.resource_version,
+            )
+            for result, name in rows
+        ),
+    )
+
+
+def list_runs(
+    rt: Runtime, *, distribution_id: str | None = None, limit: int = 50
+) -> list[RunReport]:
+    """Recent runs, newest first."""
+    with rt.session() as session:
+        return [
+            _report(session, run)
+            for run in queries.list_runs(session, distribution_id=distribution_id, limit=limit)
+        ]
+
+
+def stacked_runs(rt: Runtime, run_id: str) -> list[str]:
+    """Ids of the runs started by cascading from ``run_id`` (stacked distributions), in order."""
+    chain: list[str] = []
+    current = run_id
+    with rt.session() as session:
+        while True:
+            child = session.scalars(select(Run.id).where(Run.parent_run_id == current)).first()
+            if child is None:
+                return chain
+            chain.append(child)
+            current = child
+
+
+@dataclass(frozen=True)
+class CredentialView:
+    """A stored credential as an operator sees it: name and kind, never its contents."""
+
+    id: str
+    name: str
+    kind: str
+    key_id: str
+    """Id of the KEK that wraps the credential (what `keys rotate` changes)."""
+    created_at: datetime
+
+
+def list_credentials(rt: Runtime) -> list[CredentialView]:
+    """All credentials by name (the sealed secrets are neither decrypted nor returned)."""
+    with rt.session() as session:
+        return [
+            CredentialView(
+                id=row.id,
+                name=row.name,
+                kind=row.kind.value,
+                key_id=envelope_key_id(row.secret),
+                created_at=row.created_at,
+            )
+            for row in queries.list_credentials(session)
+        ]
+
+
+@dataclass(frozen=True)
+class CertificateView:
+    """A stored certificate's public facts (the private key stays sealed)."""
+
+    id: str
+    common_name: str | None
+    sans: tuple[str, ...]
+    serial: str
+    issuer: str
+    not_before: datetime
+    not_after: datetime
+    sha256_fingerprint: str
+    intermediates: int
+    has_ca: bool
+    created_at: datetime
+
+    def days_left(self, now: datetime) -> int:
+        """Whole days until expiry (negative once expired)."""
+        return (self.not_after - now).days
+
+
+def _certificate_view(row: Certificate) -> CertificateView:
+    return CertificateView(
+        id=row.id,
+        common_name=row.common_name,
+        sans=tuple(str(name) for name in row.sans),
+        serial=row.serial_hex,
+        issuer=row.issuer,
+        not_before=row.not_before,
+        not_after=row.not_after,
+        sha256_fingerprint=row.sha256_fingerprint,
+        intermediates=row.chain_pem.count("-----BEGIN CERTIFICATE-----"),
+        has_ca=row.ca_pem is not None,
+        created_at=row.created_at,
+    )
+
+
+def list_certificates(rt: Runtime) -> list[CertificateView]:
+    """All certificates, oldest first."""
+    with rt.session() as session:
+        return [_certificate_view(row) for row in queries.list_certificates(session)]
+
+
+def get_certificate(rt: Runtime, certificate_id: str) -> CertificateView:
+    """One certificate's public facts, or NotFoundError."""
+    with rt.session() as session:
+        return _certificate_view(queries.get_certificate(session, certificate_id))
+
+
+@dataclass(frozen=True)
+class TargetView:
+    """A target with its credential and groups named, and its last health check."""
+
+    id: str
+    name: str
+    connection_mode: str
+    credential: str | None
+    namespace: str
+    secret_name: str
+    include_ca: bool
+    allow_insecure: bool
+    adopt_unmanaged: bool
+    variables: Mapping[str, Any]
+    health_status: str
+    health_message: str | None
+    health_checked_at: datetime | None
+    groups: tuple[str, ...]
+
+
+def _target_view(session: Any, row: Target) -> TargetView:
+    credential = (
+        queries.get_credential(session, row.credential_id).name
+        if row.credential_id is not None
+        else None
+    )
+    groups = session.scalars(
+        select(TargetGroup.name)
+        .join(TargetGroupMember, TargetGroupMember.group_id == TargetGroup.id)
+        .where(TargetGroupMember.target_id == row.id)
+        .order_by(TargetGroup.name)
+    ).all()
+    return TargetView(
+        id=row.id,
+        name=row.name,
+        connection_mode=row.connection_mode.value,
+        credential=credential,
+        namespace=row.namespace_template,
+        secret_name=row.secret_name_template,
+        include_ca=row.include_ca,
+        allow_insecure=row.allow_insecure,
+        adopt_unmanaged=row.adopt_unmanaged,
+        variables=dict(row.variables),
+        health_status=row.health_status.value,
+        health_message=row.health_message,
+        health_checked_at=row.health_checked_at,
+        groups=tuple(groups),
+    )
+
+
+def list_targets(rt: Runtime) -> list[TargetView]:
+    """All targets by name."""
+    with rt.session() as session:
+        return [_target_view(session, row) for row in queries.list_targets(session)]
+
+
+def get_target(rt: Runtime, name_or_id: str) -> TargetView:
+    """One target by name or id, or NotFoundError."""
+    with rt.session() as session:
+        return _target_view(
+            session, queries.get_target(session, resolve_target(session, name_or_id))
+        )
+
+
+@dataclass(frozen=True)
+class GroupView:
+    """A group with its members in fan-out order and the batches a run would use today."""
+
+    id: str
+    name: str
+    batch_size: str
+    """As configured, or the settings default (marked "(default)")."""
+    failure_threshold: str
+    variables: Mapping[str, Any]
+    targets: tuple[str, ...]
+    """Member target names in fan-out order."""
+    batches: tuple[tuple[str, ...], ...]
+    """Target names per batch, as a run started now would plan them."""
+
+
+def group_view(rt: Runtime, session: Any, row: TargetGroup) -> GroupView:
+    members = queries.group_targets(session, row.id)
+    names = {target.id: target.name for target in members}
+    batch_value: Any = row.batch_size
+    batch_text = str(parse_batch_size(batch_value)) if batch_value is not None else ""
+    if batch_value is None:
+        batch_value = rt.settings.fanout.default_batch_size
+        batch_text = f"{parse_batch_size(batch_value)} (default)"
+    threshold_value = row.failure_threshold
+    threshold_text = (
+        str(parse_failure_threshold(threshold_value))
+        if threshold_value is not None
+        else f"{parse_failure_threshold(rt.settings.fanout.default_failure_threshold)} (default)"
+    )
+    plan = (
+        plan_batches([target.id for target in members], parse_batch_size(batch_value))
+        if members
+        else []
+    )
+    return GroupView(
+        id=row.id,
+        name=row.name,
+        batch_size=batch_text,
+        failure_threshold=threshold_text,
+        variables=dict(row.variables),
+        targets=tuple(target.name for target in members),
+        batches=tuple(tuple(names[target_id] for target_id in batch) for batch in plan),
+    )
+
+
+def list_groups(rt: Runtime) -> list[GroupView]:
+    """All groups by name."""
+    with rt.session() as session:
+        return [group_view(rt, session, row) for row in queries.list_groups(session)]
+
+
+def get_group(rt: Runtime, name_or_id: str) -> GroupView:
+    """One group by name or id, or NotFoundError."""
+    with rt.session() as session:
+        return group_view(
+            rt, session, queries.get_group(session, resolve_group(session, name_or_id))
+        )
+
+
+@dataclass(frozen=True)
+class DistributionView:
+    """A distribution with its certificate, destination and rollback button state."""
+
+    id: str
+    certificate_id: str
+    certificate_cn: str | None
+    kind: str
+    position: int
+    target: str | None
+    group: str | None
+    webhook_url: str | None
+    store_content: bool
+    target_count: int
+    rollback_available: bool
+    rollback_reason: str
+    """Why Rollback is enabled or greyed out (the tooltip)."""
+
+    @property
+    def destination(self) -> str:
+        """Where it distributes to, in words: "target X", "group Y" or the webhook URL."""
+        if self.target is not None:
+            return f"target {self.target}"
+        if self.group is not None:
+            return f"group {self.group}"
+        return f"webhook {self.webhook_url}"
+
+
+def _distribution_view(session: Any, row: Distribution) -> DistributionView:
+    certificate = queries.get_certificate(session, row.certificate_id)
+    availability = distribution_rollback_availability(session, row)
+    return DistributionView(
+        id=row.id,
+        certificate_id=row.certificate_id,
+        certificate_cn=certificate.common_name,
+        kind=row.kind.value,
+        position=row.position,
+        target=queries.get_target(session, row.target_id).name if row.target_id else None,
+        group=queries.get_group(session, row.group_id).name if row.group_id else None,
+        webhook_url=row.webhook_url,
+        store_content=row.store_content,
+        target_count=len(queries.distribution_target_ids(session, row)),
+        rollback_available=availability.available,
+        rollback_reason=availability.reason,
+    )
+
+
+def list_distributions(rt: Runtime, certificate_id: str | None = None) -> list[DistributionView]:
+    """Distributions (of one certificate, or all) in stacking order."""
+    with rt.session() as session:
+        if certificate_id is not None:
+            queries.get_certificate(session, certificate_id)  # NotFoundError for a typo
+        return [
+            _distribution_view(session, row)
+            for row in queries.list_distributions(session, certificate_id)
+        ]
+
+
+def get_distribution(rt: Runtime, distribution_id: str) -> DistributionView:
+    """One distribution, or NotFoundError."""
+    with rt.session() as session:
+        return _distribution_view(session, queries.get_distribution(session, distribution_id))
+
+
+def resolve_by_name_or_id(
+    session: Any, entity: str, name_or_id: str, by_name: Any, by_id: Any
+) -> str:
+    """The id of the row named ``name_or_id``, else of the row with that id."""
+    for lookup in (by_name, by_id):
+        try:
+            return str(lookup(session, name_or_id).id)
+        except queries.NotFoundError:
+            continue
+    raise queries.NotFoundError(entity, name_or_id, by="name or id")
+
+
+def resolve_credential(session: Any, name_or_id: str) -> str:
+    return resolve_by_name_or_id(
+        session, "credential", name_or_id, queries.get_credential_by_name, queries.get_credential
+    )
+
+
+def resolve_target(session: Any, name_or_id: str) -> str:
+    return resolve_by_name_or_id(
+        session, "target", name_or_id, queries.get_target_by_name, queries.get_target
+    )
+
+
+def resolve_group(session: Any, name_or_id: str) -> str:
+    return resolve_by_name_or_id(
+        session, "group", name_or_id, queries.get_group_by_name, queries.get_group
+    )
