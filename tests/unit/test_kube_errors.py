@@ -273,6 +273,13 @@ def test_throttled_carries_the_retry_after_delay() -> None:
     assert isinstance(err, Throttled) and err.retry_after == 7.0
 
 
+@pytest.mark.parametrize("status", [500, 503, 504])
+def test_a_server_error_carries_the_retry_after_delay(status: int) -> None:
+    err = error_from_response(status, b"", {"Retry-After": "3"}, UPDATE_OP)
+    assert isinstance(err, ServerError) and err.retry_after == 3.0
+    assert error_from_response(status, b"", None, UPDATE_OP).retry_after is None  # type: ignore[attr-defined]
+
+
 @pytest.mark.parametrize(
     ("header", "expected"),
     [
@@ -612,10 +619,17 @@ def test_transient_failures_are_retried_then_succeed() -> None:
     assert (client.requests_made, client.retries_made, len(sleeps)) == (3, 2, 2)
 
 
-def test_retry_after_is_honoured_over_a_shorter_backoff() -> None:
-    client, _, sleeps = fake_client([(429, b"", {"Retry-After": "9"}), OK], initial_backoff=0.1)
+@pytest.mark.parametrize("status", [429, 503])
+def test_retry_after_is_honoured_over_a_shorter_backoff(status: int) -> None:
+    client, _, sleeps = fake_client([(status, b"", {"Retry-After": "9"}), OK], initial_backoff=0.1)
     client.read_secret("ingress", "web-tls")
     assert sleeps == [9.0]
+
+
+def test_a_server_error_without_retry_after_uses_the_backoff_alone() -> None:
+    client, _, sleeps = fake_client([(503, b"", None), OK], initial_backoff=0.5, jitter=0)
+    client.read_secret("ingress", "web-tls")
+    assert sleeps == [0.5]
 
 
 def test_backoff_grows_exponentially_and_is_capped() -> None:

@@ -7,7 +7,7 @@ the pure code anyway). Every failure leaves as a :class:`~worker.kube.errors.Kub
 library and network exceptions go through :func:`~worker.kube.errors.translate`, HTTP error
 answers through :func:`~worker.kube.errors.error_from_response`.
 
-Transient failures (429 honouring Retry-After, 5xx, timeouts, connection errors) are retried
+Transient failures (429 and 5xx honouring Retry-After, timeouts, connection errors) are retried
 with exponential backoff and jitter, bounded by attempts and by total time. Permanent ones
 (400/401/403/404/409/422) are not: a 409 is the caller's cue to re-read and decide again.
 Retrying a write is safe because every update carries the resourceVersion that was read
@@ -37,9 +37,9 @@ from tenacity import (
 )
 
 from worker.kube.errors import (
+    KubeApiError,
     KubeError,
     Operation,
-    Throttled,
     UnexpectedResponse,
     error_from_response,
     translate,
@@ -99,7 +99,7 @@ def _retryable(exc: BaseException) -> bool:
 
 
 class _Wait:
-    """Exponential backoff with jitter, but never shorter than a 429's Retry-After."""
+    """Exponential backoff with jitter, but never shorter than the server's Retry-After."""
 
     def __init__(self, policy: RetryPolicy) -> None:
         self._backoff = wait_exponential_jitter(
@@ -109,7 +109,7 @@ class _Wait:
     def __call__(self, state: RetryCallState) -> float:
         delay = float(self._backoff(state))
         exc = state.outcome.exception() if state.outcome is not None else None
-        if isinstance(exc, Throttled) and exc.retry_after is not None:
+        if isinstance(exc, KubeApiError) and exc.retry_after is not None:
             delay = max(delay, exc.retry_after)
         return delay
 

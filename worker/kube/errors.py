@@ -198,6 +198,12 @@ class KubeApiError(KubeError):
 
     reason = "api_error"
 
+    def __init__(self, message: str, *, retry_after: float | None = None, **kwargs: Any) -> None:
+        #: Seconds the server asked us to wait before repeating (its Retry-After header, or
+        #: the Status object's retryAfterSeconds); honoured by the client's backoff.
+        self.retry_after = retry_after
+        super().__init__(message, **kwargs)
+
 
 class Unauthorized(KubeApiError):
     """401: the credential was not accepted (expired, revoked or invalid)."""
@@ -286,13 +292,9 @@ class Throttled(KubeApiError):
         "retried after the delay it asks for; reduce the batch size if it persists."
     )
 
-    def __init__(self, message: str, *, retry_after: float | None = None, **kwargs: Any) -> None:
-        self.retry_after = retry_after
-        super().__init__(message, **kwargs)
-
 
 class ServerError(KubeApiError):
-    """5xx: the API server (or etcd behind it) failed."""
+    """5xx: the API server (or etcd behind it) failed (a 503's Retry-After is honoured)."""
 
     reason = "server_error"
     default_retryable = True
@@ -593,17 +595,23 @@ def error_from_response(
         return _invalid(api_message, causes, what, status)
     if status == 413:
         return SecretTooLarge(f"too large: the API server refused {what}{said}", status=status)
+    # 429 and 503 carry Retry-After (RFC 9110 §10.2.3); the API server also puts the delay
+    # in the Status object. Any 5xx that sends one gets it honoured.
+    retry_after = parse_retry_after(_header(headers, "Retry-After"))
+    if retry_after is None and isinstance(details.get("retryAfterSeconds"), int):
+        retry_after = float(details["retryAfterSeconds"])
     if status == 429:
-        retry_after = parse_retry_after(_header(headers, "Retry-After"))
-        if retry_after is None and isinstance(details.get("retryAfterSeconds"), int):
-            retry_after = float(details["retryAfterSeconds"])
         return Throttled(
             f"throttled: too many requests for {what}{said}", retry_after=retry_after, status=status
         )
     if status == 504 or api_reason == "Timeout":
-        return ServerError(f"server timeout ({status}) on {what}{said}", status=status)
+        return ServerError(
+            f"server timeout ({status}) on {what}{said}", retry_after=retry_after, status=status
+        )
     if 500 <= status <= 599:
-        return ServerError(f"server error ({status}) on {what}{said}", status=status)
+        return ServerError(
+            f"server error ({status}) on {what}{said}", retry_after=retry_after, status=status
+        )
     return UnexpectedResponse(f"unexpected HTTP {status} on {what}{said}", status=status)
 
 
