@@ -231,6 +231,20 @@ def _wait_final(pipe: Pipeline, run_id: str, timeout: float = 120.0) -> service.
     raise AssertionError(f"run {run_id} not final after {timeout}s: {report}\n{tail}")
 
 
+def _wait_tasks_succeeded(worker: Any, task_ids: list[str], timeout: float = 60.0) -> None:
+    """Block until the worker logged every task as succeeded (Celery's trace line at INFO)."""
+    deadline = time.monotonic() + timeout
+    missing = list(task_ids)
+    while time.monotonic() < deadline:
+        log = worker.log_text()
+        missing = [task_id for task_id in task_ids if f"[{task_id}] succeeded" not in log]
+        if not missing:
+            return
+        time.sleep(0.1)
+    tail = worker.log_text()[-3000:]
+    raise AssertionError(f"tasks {missing} did not succeed in {timeout}s:\n{tail}")
+
+
 def _wait_done(pipe: Pipeline, run_id: str, at_least: int, timeout: float = 60.0) -> None:
     """Block until ``at_least`` targets of the run reached a final status."""
     deadline = time.monotonic() + timeout
@@ -580,11 +594,14 @@ def test_the_same_run_enqueued_twice_processes_each_target_once(
     run_id = pipe.enqueue(fleet.distribution_id, "execute")
     dispatcher.start(run_id)  # the scheduler retried its enqueue
     report = _wait_final(pipe, run_id)
-    # Late duplicates of every target message and of every batch callback.
-    dispatcher.process_targets(run_id, [r.target_id for r in report.results])
-    for batch in range(report.batches):
-        dispatcher.advance(run_id, batch)
-    time.sleep(2)
+    # Late duplicates of every target message and of every batch callback, sent by task
+    # name (the contract with the scheduler) so their task ids are known.
+    duplicates = [
+        app.send_task("cap.kube.target", args=(run_id, *(r.target_id for r in report.results)))
+    ] + [app.send_task("cap.run.advance", args=(run_id, batch)) for batch in range(report.batches)]
+    # Assert only once the worker has really run every duplicate: a sleep would pass as well
+    # if they had not been delivered yet.
+    _wait_tasks_succeeded(worker, [duplicate.id for duplicate in duplicates])
 
     again = service.run_report(pipe.runtime, run_id)
     assert (again.state, again.reason, again.finished_at) == (
