@@ -1,0 +1,220 @@
+"""Failure paths that lose data or break the run's promises (issue 17), on the real environment.
+
+Each test states the promise as the product should keep it. The ones marked
+``xfail(strict=True)`` reproduce a defect that is not fixed yet: they fail today, and the
+strict marker turns the day they pass into a failure, so the marker is removed together with
+the fix.
+"""
+
+from __future__ import annotations
+
+import base64
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kubernetes import client as k8s
+
+from tests.certfactory import make_chain
+from tests.support.faults import seed_previous_secrets
+from tests.support.pipeline import Pipeline, build_fleet, pipeline, read_secret
+from worker.app import service
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def pipe(
+    postgres_url: str, redis_url: str, redis_server: Any, tmp_path: Path
+) -> Iterator[Pipeline]:
+    import redis
+
+    redis.Redis.from_url(redis_url).flushdb()
+    with pipeline(postgres_url, redis_url, tmp_path) as made:
+        yield made
+
+
+def _namespace(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:6]}"
+
+
+def _core(admin_api: Any, cluster: Any) -> k8s.CoreV1Api:
+    return k8s.CoreV1Api(admin_api(cluster))
+
+
+def _tls_secret(name: str, namespace: str, key_pem: bytes, crt_pem: bytes) -> k8s.V1Secret:
+    return k8s.V1Secret(
+        metadata=k8s.V1ObjectMeta(name=name, namespace=namespace, labels={"team": "edge"}),
+        type="kubernetes.io/tls",
+        data={
+            "tls.crt": base64.b64encode(crt_pem).decode(),
+            "tls.key": base64.b64encode(key_pem).decode(),
+        },
+    )
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 17 §2: a snapshot taken before a write that did not land is kept for good",
+)
+def test_a_snapshot_from_a_failed_first_attempt_is_replaced_by_what_is_live_at_the_next(
+    pipe: Pipeline, clusters: list[Any], testenv_admin_api: Any
+) -> None:
+    # A broad credential (cluster admin) and a target that adopts unmanaged Secrets: the
+    # namespace is missing at the first execute, so the GET answers 404 ("no Secret") and the
+    # create fails with namespace_not_found. Nothing of ours landed.
+    cluster = clusters[0]
+    namespace = _namespace("snapa")
+    rt = pipe.runtime
+    credential = service.add_kubeconfig_credential(
+        rt, f"{namespace}-admin", cluster.admin_kubeconfig.encode()
+    )
+    service.create_target(
+        rt,
+        service.TargetSpec(
+            name=f"{namespace}-t",
+            namespace=namespace,
+            credential=credential,
+            secret_name="web-tls",
+            adopt_unmanaged=True,
+        ),
+        check=False,
+    )
+    chain = make_chain(cn="shop.example.com", fresh_leaf_key=True)
+    certificate_id = service.import_certificate(
+        rt, chain.leaf_pem, chain.key_pem, chain.chain_pem, chain.root_pem
+    )
+    distribution_id = service.attach(
+        rt, certificate_id, target=f"{namespace}-t", store_content=True
+    )
+    pipe.start_worker(concurrency=2)
+
+    first = pipe.wait(pipe.enqueue(distribution_id, "execute"))
+    assert first.state != "succeeded"
+    assert first.results[0].error_reason == "namespace_not_found", first.results[0]
+
+    # The team creates the namespace and puts its own Secret Y there.
+    core = _core(testenv_admin_api, cluster)
+    core.create_namespace(k8s.V1Namespace(metadata=k8s.V1ObjectMeta(name=namespace)))
+    theirs = make_chain(cn="shop.example.com", fresh_leaf_key=True)
+    core.create_namespaced_secret(
+        namespace, _tls_secret("web-tls", namespace, theirs.key_pem, theirs.leaf_pem)
+    )
+
+    second = pipe.wait(pipe.enqueue(distribution_id, "execute"))
+    assert second.state == "succeeded", second.reason
+    assert second.counts() == {"updated": 1}
+
+    rolled = pipe.wait(pipe.enqueue(distribution_id, "rollback"))
+    assert rolled.state == "succeeded", (rolled.reason, rolled.results)
+    restored = read_secret(testenv_admin_api, cluster, namespace, "web-tls")
+    assert restored is not None
+    assert base64.b64decode(restored.data["tls.key"]) == theirs.key_pem
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 17 §4: every message reloads the certificate; a run does not pin a revision",
+)
+def test_a_run_deploys_the_certificate_revision_it_was_enqueued_with(
+    pipe: Pipeline, clusters: list[Any], make_service_account: Any, testenv_admin_api: Any
+) -> None:
+    fleet = build_fleet(
+        pipe,
+        clusters[:2],
+        make_service_account,
+        targets=4,
+        namespace=_namespace("pin"),
+        batch_size=[1, "100%"],
+    )
+    run_id = pipe.enqueue(fleet.distribution_id, "execute")
+    # Renewed after the run was enqueued and before any worker took it: the run was
+    # canaried (or approved) with the first revision and must deploy exactly that one.
+    renewed = make_chain(cn="shop.example.com", fresh_leaf_key=True)
+    service.renew_certificate(
+        pipe.runtime,
+        fleet.certificate_id,
+        {"cert": renewed.leaf_pem, "key": renewed.key_pem, "chain": renewed.chain_pem},
+    )
+    pipe.start_worker(concurrency=2)
+
+    report = pipe.wait(run_id)
+
+    assert report.state == "succeeded", report.reason
+    for name, (cluster, namespace, secret_name) in fleet.placement.items():
+        secret = read_secret(testenv_admin_api, cluster, namespace, secret_name)
+        assert secret is not None, name
+        assert base64.b64decode(secret.data["tls.key"]) == fleet.chain.key_pem, name
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 17 §5: nothing stops a rollback enqueued while an execute is active",
+)
+def test_a_rollback_is_refused_while_an_execute_of_the_distribution_is_active(
+    pipe: Pipeline, clusters: list[Any], make_service_account: Any, testenv_admin_api: Any
+) -> None:
+    fleet = build_fleet(
+        pipe, clusters[:1], make_service_account, targets=2, namespace=_namespace("mutex")
+    )
+    # Secrets exist before our first write, so the execute stores snapshots to roll back to.
+    seed_previous_secrets(testenv_admin_api, fleet.placement.values(), fleet.distribution_id)
+    worker = pipe.start_worker(concurrency=2)
+    done = pipe.wait(pipe.enqueue(fleet.distribution_id, "execute"))
+    assert done.state == "succeeded", done.reason
+    worker.stop()
+
+    # No worker runs now: this execute stays queued, i.e. active.
+    active = pipe.enqueue(fleet.distribution_id, "execute")
+    with pytest.raises(service.ServiceError, match=active):
+        pipe.enqueue(fleet.distribution_id, "rollback")
+    with pytest.raises(service.ServiceError, match=active):
+        pipe.enqueue(fleet.distribution_id, "execute")
+    # A dry-run writes nothing and may run alongside.
+    pipe.enqueue(fleet.distribution_id, "dry_run")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 17 §8: a breach on the last batch ends 'failed' with another wording",
+)
+def test_a_threshold_breach_on_the_only_batch_halts_and_says_so(
+    pipe: Pipeline, clusters: list[Any], make_service_account: Any
+) -> None:
+    import socket
+
+    cluster = clusters[0]
+    namespace = _namespace("breach")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        dead_port = probe.getsockname()[1]
+    live = make_service_account(cluster, namespace).kubeconfig
+    dead = live.replace(cluster.server, f"https://127.0.0.1:{dead_port}")
+    rt = pipe.runtime
+    names = []
+    for label, kubeconfig in (("live", live), ("dead", dead)):
+        credential = service.add_kubeconfig_credential(
+            rt, f"{namespace}-{label}", kubeconfig.encode()
+        )
+        service.create_target(
+            rt,
+            service.TargetSpec(
+                name=f"{namespace}-{label}", namespace=namespace, credential=credential
+            ),
+            check=False,
+        )
+        names.append(f"{namespace}-{label}")
+    chain = make_chain(cn="shop.example.com", fresh_leaf_key=True)
+    certificate_id = service.import_certificate(
+        rt, chain.leaf_pem, chain.key_pem, chain.chain_pem, chain.root_pem
+    )
+    service.create_group(rt, f"{namespace}-g", names, batch_size="100%", failure_threshold=0)
+    distribution_id = service.attach(rt, certificate_id, group=f"{namespace}-g")
+    pipe.start_worker(concurrency=2)
+
+    report = pipe.wait(pipe.enqueue(distribution_id, "execute"))
+
+    assert report.state == "halted", report.reason
+    assert "failure threshold exceeded (1 of 2 failed, threshold 0)" in (report.reason or "")
