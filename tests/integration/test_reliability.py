@@ -218,3 +218,37 @@ def test_a_threshold_breach_on_the_only_batch_halts_and_says_so(
 
     assert report.state == "halted", report.reason
     assert "failure threshold exceeded (1 of 2 failed, threshold 0)" in (report.reason or "")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 17 §1: a webhook run whose worker dies during the POST stays running forever",
+)
+def test_a_webhook_run_whose_worker_died_mid_delivery_is_delivered_again_and_ends(
+    pipe: Pipeline, clusters: list[Any], make_service_account: Any
+) -> None:
+    from tests.support.receiver import WebhookReceiver
+
+    with WebhookReceiver(hold=1) as receiver:
+        fleet = build_fleet(
+            pipe, clusters[:1], make_service_account, targets=2, namespace=_namespace("hookd")
+        )
+        service.add_webhook_secret(pipe.runtime, "hookd-hmac", b"h" * 32)
+        service.attach_webhook(
+            pipe.runtime, fleet.certificate_id, receiver.url, secret="hookd-hmac"
+        )
+        first = pipe.start_worker("first", concurrency=2)
+        report = pipe.wait(pipe.enqueue(fleet.distribution_id, "execute"))
+        assert report.state == "succeeded", report.reason
+        (webhook_run,) = service.stacked_runs(pipe.runtime, report.id)
+        assert receiver.holding.wait(timeout=60), "the webhook was never sent"
+        first.kill()  # SIGKILL during the POST, as an OOM kill would
+        receiver.release()
+        pipe.start_worker("second", concurrency=2)
+
+        final = pipe.wait(webhook_run, timeout=60)
+
+        assert final.state == "succeeded", final.reason
+        deliveries = {headers.get("X-CertAutoPilot-Delivery") for headers, _ in receiver.requests}
+        assert len(receiver.requests) >= 2, "the interrupted delivery was not sent again"
+        assert len(deliveries) == 1 and None not in deliveries, deliveries

@@ -1,4 +1,8 @@
-"""A local webhook receiver: records every POST (headers and body) and answers 204."""
+"""A local webhook receiver: records every POST (headers and body) and answers 204.
+
+``hold=N`` makes it keep the first N requests waiting (recorded, not answered) until
+:meth:`WebhookReceiver.release`, so a test can kill the sender in the middle of a delivery.
+"""
 
 from __future__ import annotations
 
@@ -11,14 +15,21 @@ from typing import Any
 class WebhookReceiver:
     """An HTTP server on a free loopback port; use as a context manager."""
 
-    def __init__(self, path: str = "/hooks/rollout") -> None:
+    def __init__(self, path: str = "/hooks/rollout", *, hold: int = 0) -> None:
         self.requests: list[tuple[dict[str, str], bytes]] = []
+        self.holding = threading.Event()
+        """Set once a request is being held."""
+        self._released = threading.Event()
         received = self.requests
+        receiver = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 received.append((dict(self.headers), body))
+                if len(received) <= hold:
+                    receiver.holding.set()
+                    receiver._released.wait(timeout=120)
                 self.send_response(204)
                 self.end_headers()
 
@@ -34,8 +45,13 @@ class WebhookReceiver:
         """The bodies received so far, in order."""
         return [body for _, body in self.requests]
 
+    def release(self) -> None:
+        """Answer the held requests (and every later one) at once."""
+        self._released.set()
+
     def close(self) -> None:
         """Stop serving and release the port."""
+        self.release()
         self._server.shutdown()
         self._server.server_close()
 
