@@ -64,6 +64,7 @@ from tests.unit.test_models_sqlite import (  # noqa: F401 - fixtures and shared 
     test_distributions_stack_in_position_order,
     test_downgrade_to_base_removes_everything_and_upgrade_restores_it,
     test_group_keeps_its_targets_in_order_and_can_reorder_them,
+    test_group_rollback_availability_is_one_query_and_prefers_an_existing_secret,
     test_json_columns_keep_types,
     test_naive_datetimes_are_refused,
     test_one_result_per_run_and_target,

@@ -23,7 +23,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import Engine, inspect, select, text, update
+from sqlalchemy import Engine, event, inspect, select, text, update
 from sqlalchemy.exc import IntegrityError, InvalidRequestError, StatementError
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
@@ -57,12 +57,14 @@ from models.rollback import (
 )
 from models.sealing import Sealer
 from tests.certfactory import make_chain
-from worker.app import commands
+from worker.app import commands, views
+from worker.app.clients import kube_client
 from worker.core.bundle import TlsBundle, build_bundle
 from worker.core.crypto import DecryptionError, Keyring, UnknownKeyError, envelope_key_id
 from worker.core.fanout import FanoutConfigError
 from worker.core.names import DEFAULT_SECRET_NAME_TEMPLATE
 from worker.core.snapshot import PreviousSecret
+from worker.kube.connect import ClientCache
 from worker.platform.db import (
     DatabaseUrlError,
     dispose_after_fork,
@@ -1400,3 +1402,123 @@ def test_json_columns_keep_types(session: Session, sealer: Sealer) -> None:
     session.flush()
     session.expire_all()
     assert queries.get_target(session, target.id).variables == json.loads(json.dumps(variables))
+
+
+# ------------------------------------------------------- application: the one client cache
+
+VALID_KUBECONFIG = b"""apiVersion: v1
+kind: Config
+current-context: c
+contexts: [{name: c, context: {cluster: k, user: u}}]
+clusters: [{name: k, cluster: {server: "https://127.0.0.1:6443"}}]
+users: [{name: u, user: {token: first-t0ken}}]
+"""
+
+
+def test_target_client_is_rebuilt_only_when_its_sealed_credential_changes(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    built: list[Any] = []
+    closed: list[Any] = []
+
+    class FakeApi:
+        def __init__(self, spec: Any) -> None:
+            self.spec = spec
+            self.server = spec.server
+
+        def close(self) -> None:
+            closed.append(self)
+
+    def builder(spec: Any, **_: Any) -> FakeApi:
+        built.append(FakeApi(spec))
+        return built[-1]
+
+    runtime.clients = ClientCache(connect_timeout=1, read_timeout=1, builder=builder)
+    decrypts: list[str] = []
+    unseal = queries.unseal_credential
+
+    def counting_unseal(sealer: Sealer, credential_id: str, sealed: bytes) -> bytes:
+        decrypts.append(credential_id)
+        return unseal(sealer, credential_id, sealed)
+
+    monkeypatch.setattr(queries, "unseal_credential", counting_unseal)
+    credential_id = commands.add_kubeconfig_credential(runtime, "c", VALID_KUBECONFIG)
+    with runtime.session() as session:
+        target = queries.create_target(
+            session,
+            name="t",
+            connection_mode="kubeconfig",
+            credential_id=credential_id,
+            namespace_template="ns",
+            secret_name_template="app-tls",
+        )
+        insecure = queries.create_target(
+            session,
+            name="t-insecure",
+            connection_mode="kubeconfig",
+            credential_id=credential_id,
+            namespace_template="ns",
+            secret_name_template="app-tls",
+            allow_insecure=True,
+        )
+
+    kube_client(runtime, target)
+    kube_client(runtime, target)  # the same sealed bytes: the cached client, no decrypt
+    assert (len(built), decrypts) == (1, [credential_id])
+    kube_client(runtime, insecure)  # allow_insecure has its own slot ...
+    kube_client(runtime, target)  # ... and does not evict the other one
+    assert len(built) == 2 and closed == []
+
+    with runtime.session() as session:
+        queries.replace_credential_secret(
+            session, runtime.sealer, credential_id, VALID_KUBECONFIG.replace(b"first", b"next")
+        )
+    kube_client(runtime, target)
+    assert len(built) == 3 and built[-1].spec.token == "next-t0ken"
+    assert closed == [built[0]]  # the rotated credential's old client is dropped
+    assert decrypts == [credential_id] * 3
+
+
+def test_group_rollback_availability_is_one_query_and_prefers_an_existing_secret(
+    engine: Engine, session: Session, sealer: Sealer, bundle: TlsBundle
+) -> None:
+    distribution, first = _distribution(session, sealer, bundle)
+    others = [_target(session, sealer, f"t{n}") for n in range(3)]
+    group = queries.create_group(
+        session, name="g", target_ids=[first.id, *(target.id for target in others)]
+    )
+    grouped = queries.create_distribution(
+        session, certificate_id=distribution.certificate_id, group_id=group.id, store_content=True
+    )
+    statements: list[str] = []
+
+    def count(*args: Any) -> None:
+        statements.append(args[2])
+
+    def availability() -> Any:
+        statements.clear()
+        event.listen(engine, "before_cursor_execute", count)
+        try:
+            return views.distribution_rollback_availability(session, grouped)
+        finally:
+            event.remove(engine, "before_cursor_execute", count)
+
+    assert availability().reason == NOTHING_DEPLOYED_YET
+    assert len(statements) == 1
+    earlier, later = NOW, NOW + timedelta(hours=1)
+    ids = {"distribution_id": grouped.id}
+    queries.save_snapshot_if_absent(
+        session, sealer, previous={"existed": False}, target_id=first.id, taken_at=earlier, **ids
+    )
+    assert availability().reason == PREVIOUSLY_ABSENT
+    for target, taken in ((others[2], earlier), (others[1], later)):
+        _save(session, sealer, PREVIOUS, target_id=target.id, **ids)
+        session.execute(
+            update(RollbackSnapshot)
+            .where(RollbackSnapshot.target_id == target.id)
+            .values(taken_at=taken)
+        )
+    # The first target in fan-out order whose Secret existed decides (others[1], not [2]).
+    answer = availability()
+    assert answer.available and f"({later:%Y-%m-%d %H:%M:%S} UTC)" in answer.reason
+    assert len(statements) == 1
