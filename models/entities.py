@@ -344,7 +344,8 @@ class RollbackSnapshot(_ReprMixin, Base):
     target_id: Mapped[str] = mapped_column(ForeignKey("targets.id"), index=True)
     existed: Mapped[bool] = mapped_column(Boolean)
     previous: Mapped[bytes | None] = mapped_column()
-    """Sealed JSON {type, data, labels, annotations, resourceVersion}; None if it did not exist."""
+    """Sealed JSON of the application's PreviousSecret.to_dict() (models.queries.snapshots);
+    None if the Secret did not exist."""
     taken_at: Mapped[datetime] = mapped_column(default=utcnow)
     written_fingerprint: Mapped[str | None] = mapped_column(String(64))
     """SHA-256 fingerprint of the certificate we last wrote (drift detection)."""
