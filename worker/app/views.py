@@ -291,6 +291,10 @@ class GroupView:
     """Target names per batch, as a run started now would plan them."""
 
 
+def _shown(setting: object, *, default: bool) -> str:
+    return f"{setting} (default)" if default else str(setting)
+
+
 def group_view(rt: Runtime, session: Session, row: TargetGroup) -> GroupView:
     """A group as shown to an operator, with the batches a run started now would use."""
     members = queries.group_targets(session, row.id)
@@ -300,10 +304,8 @@ def group_view(rt: Runtime, session: Session, row: TargetGroup) -> GroupView:
     return GroupView(
         id=row.id,
         name=row.name,
-        batch_size=f"{fanout.batch_size}{' (default)' if fanout.batch_size_is_default else ''}",
-        failure_threshold=(
-            f"{fanout.threshold}{' (default)' if fanout.threshold_is_default else ''}"
-        ),
+        batch_size=_shown(fanout.batch_size, default=fanout.batch_size_is_default),
+        failure_threshold=_shown(fanout.threshold, default=fanout.threshold_is_default),
         variables=dict(row.variables),
         targets=tuple(target.name for target in members),
         batches=tuple(tuple(names[target_id] for target_id in batch) for batch in plan),
