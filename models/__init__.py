@@ -1,12 +1,13 @@
 """SQLAlchemy models, query functions and migrations of the CertAutoPilot Kubernetes worker.
 
-Import models from here; query/command functions live in :mod:`models.queries`, migrations
-are run with :mod:`models.migrate` (``certautopilot migrate``).
+Import models from here; query/command functions live in :mod:`models.queries` (one module per
+aggregate), migrations are run with :mod:`models.migrate` (``certautopilot migrate``). The
+models import nothing from ``worker``: secrets are sealed through the caller's
+:class:`models.sealing.Sealer`, and fan-out values are validated by the application.
 """
 
 from models.base import Base, new_id, utcnow
 from models.entities import (
-    DEFAULT_SECRET_NAME_TEMPLATE,
     Certificate,
     Credential,
     Distribution,
@@ -25,12 +26,12 @@ from models.enums import (
     ResultStatus,
     RunAction,
     RunState,
-    TargetModule,
 )
+from models.errors import DATABASE_OUTAGE_ERRORS
 from models.rollback import Availability, rollback_availability
 
 __all__ = [
-    "DEFAULT_SECRET_NAME_TEMPLATE",
+    "DATABASE_OUTAGE_ERRORS",
     "Availability",
     "Base",
     "Certificate",
@@ -48,7 +49,6 @@ __all__ = [
     "Target",
     "TargetGroup",
     "TargetGroupMember",
-    "TargetModule",
     "TargetResult",
     "new_id",
     "rollback_availability",

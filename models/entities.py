@@ -1,7 +1,7 @@
 """The tables: certificates, credentials, targets, groups, distributions, runs, results, snapshots.
 
 Conventions: UUID4 string primary keys generated client-side; timezone-aware UTC timestamps;
-secrets only as sealed envelopes (worker.core.crypto) in ``bytes`` columns, never in reprs;
+secrets only as sealed envelopes (see models.sealing) in ``bytes`` columns, never in reprs;
 relationships ``lazy="raise"`` so nothing is loaded behind the caller's back (load what you
 need with ``selectinload``/``joinedload`` or a query function from :mod:`models.queries`).
 """
@@ -35,12 +35,9 @@ from models.enums import (
     ResultStatus,
     RunAction,
     RunState,
-    TargetModule,
 )
-from worker.core.names import DEFAULT_SECRET_NAME_TEMPLATE
 
 __all__ = [
-    "DEFAULT_SECRET_NAME_TEMPLATE",
     "Certificate",
     "Credential",
     "Distribution",
@@ -128,20 +125,22 @@ class Target(_ReprMixin, Base):
             " OR (connection_mode = 'in_cluster' AND credential_id IS NULL)",
             name="credential_iff_kubeconfig",
         ),
+        CheckConstraint("module IN ('kubernetes')", name="target_module"),
     )
     _repr_fields = ("id", "name", "connection_mode", "namespace_template")
 
     id: Mapped[str] = id_column()
     name: Mapped[str] = mapped_column(String(_NAME_LENGTH), unique=True)
-    module: Mapped[TargetModule] = mapped_column(
-        _enum(TargetModule, "target_module"), default=TargetModule.KUBERNETES
-    )
+    module: Mapped[str] = mapped_column(String(32), default="kubernetes")
+    """Always "kubernetes" (this worker implements one module); the column and its CHECK
+    stay as the scheduler's schema has them."""
     connection_mode: Mapped[ConnectionMode] = mapped_column(
         _enum(ConnectionMode, "connection_mode")
     )
     credential_id: Mapped[str | None] = mapped_column(ForeignKey("credentials.id"), index=True)
     namespace_template: Mapped[str] = mapped_column(Text)
-    secret_name_template: Mapped[str] = mapped_column(Text, default=DEFAULT_SECRET_NAME_TEMPLATE)
+    secret_name_template: Mapped[str] = mapped_column(Text)
+    """Jinja/Go-style template; the application's default is worker.core.names'."""
     include_ca: Mapped[bool] = mapped_column(default=False, server_default=false())
     allow_insecure: Mapped[bool] = mapped_column(default=False, server_default=false())
     adopt_unmanaged: Mapped[bool] = mapped_column(default=False, server_default=false())
@@ -247,7 +246,7 @@ class Distribution(_ReprMixin, Base):
 
 
 class Run(_ReprMixin, Base):
-    """One execution of a distribution: dry-run, execute, rollback or health check."""
+    """One execution of a distribution: dry-run, execute or rollback."""
 
     __tablename__ = "runs"
     __table_args__ = (
@@ -345,7 +344,8 @@ class RollbackSnapshot(_ReprMixin, Base):
     target_id: Mapped[str] = mapped_column(ForeignKey("targets.id"), index=True)
     existed: Mapped[bool] = mapped_column(Boolean)
     previous: Mapped[bytes | None] = mapped_column()
-    """Sealed JSON {type, data, labels, annotations, resourceVersion}; None if it did not exist."""
+    """Sealed JSON of the application's PreviousSecret.to_dict() (models.queries.snapshots);
+    None if the Secret did not exist."""
     taken_at: Mapped[datetime] = mapped_column(default=utcnow)
     written_fingerprint: Mapped[str | None] = mapped_column(String(64))
     """SHA-256 fingerprint of the certificate we last wrote (drift detection)."""

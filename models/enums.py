@@ -12,7 +12,6 @@ __all__ = [
     "ResultStatus",
     "RunAction",
     "RunState",
-    "TargetModule",
 ]
 
 
@@ -21,12 +20,6 @@ class CredentialKind(StrEnum):
 
     KUBECONFIG = "kubeconfig"
     WEBHOOK_HMAC = "webhook_hmac"
-
-
-class TargetModule(StrEnum):
-    """Distribution module of a target (this worker implements Kubernetes only)."""
-
-    KUBERNETES = "kubernetes"
 
 
 class ConnectionMode(StrEnum):
@@ -57,6 +50,8 @@ class RunAction(StrEnum):
     DRY_RUN = "dry_run"
     EXECUTE = "execute"
     ROLLBACK = "rollback"
+    # Never created by this worker (health checks are not runs). Kept because the stored
+    # schema's run_action CHECK lists it, and the models must match the schema.
     HEALTH_CHECK = "health_check"
 
 

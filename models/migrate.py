@@ -1,14 +1,15 @@
 """Run Alembic migrations programmatically (``certautopilot migrate``), on SQLite and PostgreSQL.
 
-The migration environment lives in ``models/migrations``; there is no alembic.ini. Each call
-runs in one transaction on its own engine:
+The migration environment lives in ``models/migrations``; there is no alembic.ini. The caller
+hands in the engine (``worker.platform.db.make_engine(url, sqlite_foreign_keys=False)``); each
+call runs in one transaction on it:
 
 * PostgreSQL: DDL is transactional, and a transaction-scoped advisory lock makes concurrent
   ``migrate`` runs (several pods starting at once) queue instead of racing.
-* SQLite: ``BEGIN IMMEDIATE`` (worker.platform.db) already serialises writers. Foreign keys are
-  switched off for the duration, because batch mode recreates tables and dropping a
-  referenced table with foreign keys on would cascade or fail; integrity is checked with
-  ``PRAGMA foreign_key_check`` before committing.
+* SQLite: the engine's ``BEGIN IMMEDIATE`` serialises writers. Its connections must have
+  foreign keys off, because batch mode recreates tables and dropping a referenced table with
+  foreign keys on would cascade or fail (checked: a migration refuses such an engine);
+  integrity is checked with ``PRAGMA foreign_key_check`` before committing.
 """
 
 from __future__ import annotations
@@ -21,9 +22,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, text
-
-from worker.platform.db import make_engine
+from sqlalchemy import Connection, Engine, text
 
 __all__ = ["MigrationError", "current", "downgrade", "head", "upgrade"]
 
@@ -44,45 +43,43 @@ def _config(connection: Connection | None = None) -> Config:
 
 
 @contextmanager
-def _migration_connection(url: str) -> Iterator[Connection]:
-    engine = make_engine(url, sqlite_foreign_keys=False)
-    try:
-        with engine.begin() as connection:
-            if connection.dialect.name == "postgresql":
-                lock = text("SELECT pg_advisory_xact_lock(:key)")
-                connection.execute(lock, {"key": _PG_LOCK_KEY})
-            yield connection
-            if connection.dialect.name == "sqlite":
-                problems = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
-                if problems:
-                    raise MigrationError(
-                        f"migration left {len(problems)} rows violating foreign keys "
-                        f"(first: table {problems[0][0]!r}); nothing was committed"
-                    )
-    finally:
-        engine.dispose()
+def _migration_connection(engine: Engine) -> Iterator[Connection]:
+    with engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            lock = text("SELECT pg_advisory_xact_lock(:key)")
+            connection.execute(lock, {"key": _PG_LOCK_KEY})
+        if connection.dialect.name == "sqlite":
+            if connection.exec_driver_sql("PRAGMA foreign_keys").scalar():
+                raise MigrationError(
+                    "SQLite migrations need an engine with foreign keys off "
+                    "(worker.platform.db.make_engine(url, sqlite_foreign_keys=False))"
+                )
+        yield connection
+        if connection.dialect.name == "sqlite":
+            problems = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+            if problems:
+                raise MigrationError(
+                    f"migration left {len(problems)} rows violating foreign keys "
+                    f"(first: table {problems[0][0]!r}); nothing was committed"
+                )
 
 
-def upgrade(url: str, rev: str = "head") -> None:
-    """Migrate the database at ``url`` up to ``rev`` (default: the newest revision)."""
-    with _migration_connection(url) as connection:
+def upgrade(engine: Engine, rev: str = "head") -> None:
+    """Migrate the database behind ``engine`` up to ``rev`` (default: the newest revision)."""
+    with _migration_connection(engine) as connection:
         command.upgrade(_config(connection), rev)
 
 
-def downgrade(url: str, rev: str) -> None:
-    """Migrate the database at ``url`` down to ``rev`` ("base" removes every table)."""
-    with _migration_connection(url) as connection:
+def downgrade(engine: Engine, rev: str) -> None:
+    """Migrate the database behind ``engine`` down to ``rev`` ("base" removes every table)."""
+    with _migration_connection(engine) as connection:
         command.downgrade(_config(connection), rev)
 
 
-def current(url: str) -> str | None:
-    """The revision the database at ``url`` is at (None when never migrated)."""
-    engine = make_engine(url)
-    try:
-        with engine.connect() as connection:
-            return MigrationContext.configure(connection).get_current_revision()
-    finally:
-        engine.dispose()
+def current(engine: Engine) -> str | None:
+    """The revision the database behind ``engine`` is at (None when never migrated)."""
+    with engine.connect() as connection:
+        return MigrationContext.configure(connection).get_current_revision()
 
 
 def head() -> str:

@@ -1,6 +1,6 @@
 """Alembic environment: runs on the connection handed in by models.migrate.
 
-Run migrations with ``certautopilot migrate`` or ``models.migrate.upgrade(url)``; the
+Run migrations with ``certautopilot migrate`` or ``models.migrate.upgrade(engine)``; the
 ``alembic`` command line is not wired up, so there is exactly one way in.
 """
 

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 from sqlalchemy import update
 
+from models.base import utcnow
 from models.entities import TargetResult
 from tests.support.pipeline import Pipeline, build_fleet, pipeline
 from worker.app import runs as flow
@@ -115,7 +116,7 @@ def test_a_delivery_whose_lease_was_taken_over_records_nothing(
         session.execute(
             update(TargetResult)
             .where(TargetResult.run_id == run_id)
-            .values(started_at=flow.utcnow() - flow.claim_lease(rt) - timedelta(seconds=1))
+            .values(started_at=utcnow() - flow.claim_lease(rt) - timedelta(seconds=1))
         )
     assert flow.process_targets(rt, sent, run_id, target_ids) == []
     taken_over = _results(pipe, run_id)

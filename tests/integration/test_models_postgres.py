@@ -22,6 +22,7 @@ from models import (
     Certificate,
     Credential,
     Distribution,
+    ResultStatus,
     RollbackSnapshot,
     Run,
     Target,
@@ -37,13 +38,19 @@ from tests.unit.test_models_sqlite import (  # noqa: F401 - fixtures and shared 
     KUBECONFIG,
     PREVIOUS,
     TABLES,
+    _reveal,
+    _save,
     bundle,
+    current,
+    downgrade,
     engine,
     factory,
-    keyring,
+    ring,
+    sealer,
     session,
     test_certificate_round_trips_with_a_sealed_private_key,
     test_child_process_after_fork_uses_its_own_connections,
+    test_claims_are_exclusive_until_released_or_expired,
     test_concurrent_snapshot_saves_store_exactly_one,
     test_counts_and_skipping_drive_batch_decisions,
     test_credential_in_use_cannot_be_deleted,
@@ -57,6 +64,7 @@ from tests.unit.test_models_sqlite import (  # noqa: F401 - fixtures and shared 
     test_distributions_stack_in_position_order,
     test_downgrade_to_base_removes_everything_and_upgrade_restores_it,
     test_group_keeps_its_targets_in_order_and_can_reorder_them,
+    test_group_rollback_availability_is_one_query_and_prefers_an_existing_secret,
     test_json_columns_keep_types,
     test_naive_datetimes_are_refused,
     test_one_result_per_run_and_target,
@@ -75,6 +83,7 @@ from tests.unit.test_models_sqlite import (  # noqa: F401 - fixtures and shared 
     test_snapshot_is_saved_once_and_never_overwritten,
     test_snapshot_of_an_absent_secret_stores_no_content,
     test_snapshot_records_what_we_wrote_for_drift_detection,
+    test_snapshots_sealed_before_the_one_snapshot_type_still_read_back,
     test_stale_runs_are_running_runs_with_an_old_heartbeat,
     test_target_result_records_outcome_and_duration,
     test_target_round_trips_every_field,
@@ -82,10 +91,12 @@ from tests.unit.test_models_sqlite import (  # noqa: F401 - fixtures and shared 
     test_unknown_enum_values_are_refused,
     test_upgrade_creates_every_table_and_matches_the_models,
     test_upgrade_twice_is_a_no_op,
+    upgrade,
 )
 from worker.core.bundle import TlsBundle
-from worker.core.crypto import Keyring
+from worker.core.names import DEFAULT_SECRET_NAME_TEMPLATE
 from worker.platform.db import make_engine, make_session_factory, session_scope
+from worker.platform.runtime import KeyringSealer
 
 pytestmark = pytest.mark.integration
 
@@ -93,7 +104,7 @@ pytestmark = pytest.mark.integration
 @pytest.fixture
 def db_url(postgres_url: str) -> str:
     """A fresh PostgreSQL database, migrated to head (overrides the SQLite fixture)."""
-    migrate.upgrade(postgres_url)
+    upgrade(postgres_url)
     return postgres_url
 
 
@@ -119,7 +130,7 @@ def test_concurrent_migrations_queue_instead_of_racing(postgres_url: str) -> Non
 
     def run() -> None:
         try:
-            migrate.upgrade(postgres_url)
+            upgrade(postgres_url)
         except BaseException as exc:
             errors.append(exc)
 
@@ -129,22 +140,23 @@ def test_concurrent_migrations_queue_instead_of_racing(postgres_url: str) -> Non
     for thread in threads:
         thread.join(60)
     assert errors == []
-    assert migrate.current(postgres_url) == migrate.head()
+    assert current(postgres_url) == migrate.head()
 
 
 def _populate_every_model(
-    sessions: sessionmaker[Session], ring: Keyring, tls: TlsBundle
+    sessions: sessionmaker[Session], keys: KeyringSealer, tls: TlsBundle
 ) -> dict[str, Any]:
     now = datetime.now(UTC)
     with session_scope(sessions) as db:
-        certificate = queries.store_certificate(db, ring, tls)
-        credential = queries.store_credential(db, ring, "cluster-a", "kubeconfig", KUBECONFIG)
+        certificate = queries.store_certificate(db, keys, tls)
+        credential = queries.store_credential(db, keys, "cluster-a", "kubeconfig", KUBECONFIG)
         target = queries.create_target(
             db,
             name="cluster-a",
             connection_mode="kubeconfig",
             credential_id=credential.id,
             namespace_template="{{ .tenant }}-edge",
+            secret_name_template=DEFAULT_SECRET_NAME_TEMPLATE,
             variables={"tenant": "acme"},
         )
         group = queries.create_group(db, name="edge", target_ids=[target.id], batch_size=[1, "20%"])
@@ -153,15 +165,21 @@ def _populate_every_model(
         )
         run = queries.create_run(db, distribution_id=distribution.id, action="execute")
         queries.start_run(db, run.id, batch_plan=[[target.id]], now=now)
-        queries.record_target_result(db, run.id, target.id, status="created", resource_version="17")
-        queries.save_snapshot_if_absent(
-            db,
-            ring,
-            distribution_id=distribution.id,
-            target_id=target.id,
-            existed=True,
-            **PREVIOUS,
+        claims = queries.claim_results(db, run.id, [target.id], now=now, expired=now)
+        record = queries.ResultRecord(
+            claim=queries.HeldClaim(run.id, target.id, claims[target.id].attempts),
+            status=ResultStatus.CREATED,
+            diff=None,
+            error_reason=None,
+            error_message=None,
+            finished_at=now,
+            duration_ms=5,
+            resource_version="17",
+            secret_name=None,
+            namespace=None,
         )
+        assert queries.record_results(db, [record]) == 1
+        _save(db, keys, PREVIOUS, distribution_id=distribution.id, target_id=target.id)
         return {
             "certificate": certificate.id,
             "credential": credential.id,
@@ -173,11 +191,11 @@ def _populate_every_model(
 
 
 def test_upgrade_round_trip_downgrade_and_upgrade_again(db_url: str, bundle: TlsBundle) -> None:  # noqa: F811
-    ring = Keyring({"k1": KEK1})
+    k1 = ring({"k1": KEK1})
     pg_engine = make_engine(db_url)
     sessions = make_session_factory(pg_engine)
     try:
-        ids = _populate_every_model(sessions, ring, bundle)
+        ids = _populate_every_model(sessions, k1, bundle)
         with session_scope(sessions) as db:
             counts = {
                 model.__tablename__: len(db.scalars(select(model)).all())
@@ -194,20 +212,20 @@ def test_upgrade_round_trip_downgrade_and_upgrade_again(db_url: str, bundle: Tls
                 )
             }
             assert counts == dict.fromkeys(TABLES, 1)
-            assert queries.reveal_credential(db, ring, ids["credential"]) == KUBECONFIG
-            assert queries.reveal_private_key(db, ring, ids["certificate"]) == (bundle.key_pem)
+            assert queries.reveal_credential(db, k1, ids["credential"]) == KUBECONFIG
+            assert queries.reveal_private_key(db, k1, ids["certificate"]) == (bundle.key_pem)
             group = queries.get_group(db, ids["group"])
             assert group.batch_size == [1, "20%"]
-            content = queries.reveal_snapshot(db, ring, ids["distribution"], ids["target"])
-            assert content.data == PREVIOUS["data"]
+            content = _reveal(db, k1, distribution_id=ids["distribution"], target_id=ids["target"])
+            assert content.data == PREVIOUS.data
         pg_engine.dispose()
 
-        migrate.downgrade(db_url, "base")
-        assert migrate.current(db_url) is None
+        downgrade(db_url, "base")
+        assert current(db_url) is None
         assert set(inspect(pg_engine).get_table_names()) == {"alembic_version"}
 
-        migrate.upgrade(db_url)
-        assert migrate.current(db_url) == migrate.head()
+        upgrade(db_url)
+        assert current(db_url) == migrate.head()
         with session_scope(sessions) as db:
             assert queries.list_certificates(db) == []
         assert set(Base.metadata.tables) <= set(inspect(pg_engine).get_table_names())
@@ -217,30 +235,32 @@ def test_upgrade_round_trip_downgrade_and_upgrade_again(db_url: str, bundle: Tls
 
 def test_kek_rotation_end_to_end(db_url: str, bundle: TlsBundle) -> None:  # noqa: F811
     """Write under KEK1, rotate to KEK2, read with only KEK2 loaded (fresh pg_engine each step)."""
-    kek1 = Keyring({"kek1": KEK1})
+    kek1 = ring({"kek1": KEK1})
     pg_engine = make_engine(db_url)
     try:
         ids = _populate_every_model(make_session_factory(pg_engine), kek1, bundle)
     finally:
         pg_engine.dispose()
 
-    both = Keyring({"kek1": KEK1, "kek2": KEK2}, current_key_id="kek2")
+    both = ring({"kek1": KEK1, "kek2": KEK2}, current_key_id="kek2")
     pg_engine = make_engine(db_url)
     try:
         with session_scope(make_session_factory(pg_engine)) as db:
-            assert queries.envelope_key_usage(db) == {"kek1": 3}
-            assert queries.rotate_keys(db, both) == 3
+            assert queries.envelope_key_usage(db, both) == {"kek1": 3}
+            assert queries.rotate_keys(db, both, "kek2") == 3
     finally:
         pg_engine.dispose()
 
-    only_kek2 = Keyring({"kek2": KEK2})
+    only_kek2 = ring({"kek2": KEK2})
     pg_engine = make_engine(db_url)
     try:
         with session_scope(make_session_factory(pg_engine)) as db:
-            assert queries.envelope_key_usage(db) == {"kek2": 3}
+            assert queries.envelope_key_usage(db, only_kek2) == {"kek2": 3}
             assert queries.reveal_credential(db, only_kek2, ids["credential"]) == KUBECONFIG
             assert queries.reveal_private_key(db, only_kek2, ids["certificate"]) == bundle.key_pem
-            snapshot = queries.reveal_snapshot(db, only_kek2, ids["distribution"], ids["target"])
-            assert snapshot.data == PREVIOUS["data"]
+            snapshot = _reveal(
+                db, only_kek2, distribution_id=ids["distribution"], target_id=ids["target"]
+            )
+            assert snapshot.data == PREVIOUS.data
     finally:
         pg_engine.dispose()

@@ -150,6 +150,7 @@ def test_worker_killed_mid_batch_run_still_finishes_and_snapshots_hold_previous_
 
     from models import queries
     from tests.support.faults import seed_previous_secrets
+    from worker.core.snapshot import PreviousSecret
 
     namespace = _namespace("kill")
     fleet = build_fleet(
@@ -193,9 +194,10 @@ def test_worker_killed_mid_batch_run_still_finishes_and_snapshots_hold_previous_
             secret = read_secret(testenv_admin_api, cluster, ns, secret_name)
             assert base64.b64decode(secret.data["tls.key"]) == fleet.chain.key_pem, name
             target = queries.get_target_by_name(session, name)
-            snapshot = queries.reveal_snapshot(
-                session, pipe.runtime.keyring, fleet.distribution_id, target.id
+            _, content = queries.reveal_snapshot(
+                session, pipe.runtime.sealer, fleet.distribution_id, target.id
             )
+            snapshot = PreviousSecret.from_dict(content)
             assert snapshot.existed
             assert base64.b64decode(snapshot.data["tls.key"]) == old.key_pem, (
                 f"{name}: the rollback snapshot holds our own new content"

@@ -12,13 +12,13 @@ from typing import Any
 
 from kubernetes import client as k8s
 
-from models.migrate import upgrade
+from models import migrate
 from tests.certfactory import Chain, make_chain
 from tests.support.workers import WorkerProcess
 from worker.app import service
 from worker.core.crypto import generate_kek
 from worker.platform.celery_app import app, configure
-from worker.platform.runtime import Runtime, build_runtime, set_runtime
+from worker.platform.runtime import Runtime, build_runtime, migration_engine, set_runtime
 from worker.platform.settings import Settings, load_settings
 
 #: Short limits so recovery paths (leases, reaper) run within a test's time.
@@ -103,7 +103,8 @@ def pipeline(
         **(extra_env or {}),
     }
     settings = load_settings(env)
-    upgrade(settings.database.url)
+    with migration_engine(settings.database.url) as engine:
+        migrate.upgrade(engine)
     configure(app, settings)
     runtime = build_runtime(settings)
     set_runtime(runtime)

@@ -13,6 +13,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -22,12 +23,11 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import Engine, inspect, select, text, update
+from sqlalchemy import Engine, event, inspect, select, text, update
 from sqlalchemy.exc import IntegrityError, InvalidRequestError, StatementError
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
 from models import (
-    DEFAULT_SECRET_NAME_TEMPLATE,
     Base,
     Certificate,
     ConnectionMode,
@@ -55,9 +55,16 @@ from models.rollback import (
     PREVIOUSLY_ABSENT,
     STORE_CONTENT_OFF,
 )
+from models.sealing import Sealer
 from tests.certfactory import make_chain
+from worker.app import commands, views
+from worker.app.clients import kube_client
 from worker.core.bundle import TlsBundle, build_bundle
 from worker.core.crypto import DecryptionError, Keyring, UnknownKeyError, envelope_key_id
+from worker.core.fanout import FanoutConfigError
+from worker.core.names import DEFAULT_SECRET_NAME_TEMPLATE
+from worker.core.snapshot import PreviousSecret
+from worker.kube.connect import ClientCache
 from worker.platform.db import (
     DatabaseUrlError,
     dispose_after_fork,
@@ -65,6 +72,13 @@ from worker.platform.db import (
     make_session_factory,
     session_scope,
 )
+from worker.platform.runtime import (
+    KeyringSealer,
+    Runtime,
+    build_runtime,
+    migration_engine,
+)
+from worker.platform.settings import load_settings
 
 KEK1 = bytes(range(32))
 KEK2 = bytes(range(64, 96))
@@ -83,6 +97,29 @@ TABLES = {
 }
 
 
+# ---------------------------------------------------------------------------------- helpers
+
+
+def ring(keys: dict[str, bytes], current_key_id: str | None = None) -> KeyringSealer:
+    """A sealer over a keyring of these KEKs (what a process's Runtime.sealer is)."""
+    return KeyringSealer(Keyring(keys, current_key_id))
+
+
+def upgrade(url: str, rev: str = "head") -> None:
+    with migration_engine(url) as engine:
+        migrate.upgrade(engine, rev)
+
+
+def downgrade(url: str, rev: str) -> None:
+    with migration_engine(url) as engine:
+        migrate.downgrade(engine, rev)
+
+
+def current(url: str) -> str | None:
+    with migration_engine(url) as engine:
+        return migrate.current(engine)
+
+
 # ---------------------------------------------------------------------------------- fixtures
 
 
@@ -90,7 +127,7 @@ TABLES = {
 def db_url(tmp_path: Path) -> str:
     """A freshly migrated SQLite database file (PostgreSQL tests override this)."""
     url = f"sqlite:///{tmp_path / 'cap.db'}"
-    migrate.upgrade(url)
+    upgrade(url)
     return url
 
 
@@ -113,8 +150,24 @@ def session(factory: sessionmaker[Session]) -> Iterator[Session]:
 
 
 @pytest.fixture
-def keyring() -> Keyring:
-    return Keyring({"k1": KEK1})
+def sealer() -> Keyring:
+    return ring({"k1": KEK1})
+
+
+@pytest.fixture
+def runtime(db_url: str, tmp_path: Path) -> Iterator[Runtime]:
+    """The application's runtime on this database (KEK k1), for checks that moved to commands."""
+    settings = load_settings(
+        {
+            "HOME": str(tmp_path),
+            "CAP_DATA_DIR": str(tmp_path / "data"),
+            "CAP_DATABASE_URL": db_url,
+            "CAP_KEK": "k1:" + base64.b64encode(KEK1).decode(),
+        }
+    )
+    rt = build_runtime(settings)
+    yield rt
+    rt.close()
 
 
 @pytest.fixture(scope="module")
@@ -125,12 +178,13 @@ def bundle() -> TlsBundle:
     )
 
 
-def _credential(session: Session, keyring: Keyring, name: str = "cluster-a") -> Credential:
-    return queries.store_credential(session, keyring, name, "kubeconfig", KUBECONFIG)
+def _credential(session: Session, sealer: Sealer, name: str = "cluster-a") -> Credential:
+    return queries.store_credential(session, sealer, name, "kubeconfig", KUBECONFIG)
 
 
-def _target(session: Session, keyring: Keyring, name: str = "edge-a", **kwargs: Any) -> Target:
-    credential = _credential(session, keyring, f"{name}-kubeconfig")
+def _target(session: Session, sealer: Sealer, name: str = "edge-a", **kwargs: Any) -> Target:
+    credential = _credential(session, sealer, f"{name}-kubeconfig")
+    kwargs.setdefault("secret_name_template", DEFAULT_SECRET_NAME_TEMPLATE)
     return queries.create_target(
         session,
         name=name,
@@ -142,10 +196,10 @@ def _target(session: Session, keyring: Keyring, name: str = "edge-a", **kwargs: 
 
 
 def _distribution(
-    session: Session, keyring: Keyring, bundle: TlsBundle, *, store_content: bool = True
+    session: Session, sealer: Sealer, bundle: TlsBundle, *, store_content: bool = True
 ) -> tuple[Distribution, Target]:
-    certificate = queries.store_certificate(session, keyring, bundle)
-    target = _target(session, keyring)
+    certificate = queries.store_certificate(session, sealer, bundle)
+    target = _target(session, sealer)
     distribution = queries.create_distribution(
         session, certificate_id=certificate.id, target_id=target.id, store_content=store_content
     )
@@ -161,7 +215,7 @@ def _started_run(session: Session, distribution: Distribution, plan: list[list[s
 
 
 def test_upgrade_creates_every_table_and_matches_the_models(engine: Engine, db_url: str) -> None:
-    assert migrate.current(db_url) == migrate.head()
+    assert current(db_url) == migrate.head()
     assert TABLES <= set(inspect(engine).get_table_names())
     with engine.connect() as connection:
         differences = compare_metadata(MigrationContext.configure(connection), Base.metadata)
@@ -169,31 +223,31 @@ def test_upgrade_creates_every_table_and_matches_the_models(engine: Engine, db_u
 
 
 def test_downgrade_to_base_removes_everything_and_upgrade_restores_it(db_url: str) -> None:
-    migrate.downgrade(db_url, "base")
-    assert migrate.current(db_url) is None
+    downgrade(db_url, "base")
+    assert current(db_url) is None
     check = make_engine(db_url)
     try:
         assert set(inspect(check).get_table_names()) & TABLES == set()
-        migrate.upgrade(db_url)
+        upgrade(db_url)
         assert TABLES <= set(inspect(check).get_table_names())
     finally:
         check.dispose()
-    assert migrate.current(db_url) == migrate.head()
+    assert current(db_url) == migrate.head()
 
 
 def test_upgrade_twice_is_a_no_op(db_url: str) -> None:
-    migrate.upgrade(db_url)
-    assert migrate.current(db_url) == migrate.head()
+    upgrade(db_url)
+    assert current(db_url) == migrate.head()
 
 
 def test_data_survives_a_second_upgrade(
-    factory: sessionmaker[Session], keyring: Keyring, db_url: str
+    factory: sessionmaker[Session], sealer: Sealer, db_url: str
 ) -> None:
     with session_scope(factory) as session:
-        credential_id = _credential(session, keyring).id
-    migrate.upgrade(db_url)
+        credential_id = _credential(session, sealer).id
+    upgrade(db_url)
     with session_scope(factory) as session:
-        assert queries.reveal_credential(session, keyring, credential_id) == KUBECONFIG
+        assert queries.reveal_credential(session, sealer, credential_id) == KUBECONFIG
 
 
 # ------------------------------------------------------------------------------ engine / db
@@ -211,7 +265,7 @@ def test_in_memory_sqlite_is_shared_between_sessions() -> None:
     Base.metadata.create_all(memory)
     factory = make_session_factory(memory)
     with session_scope(factory) as session:
-        queries.store_credential(session, Keyring({"k1": KEK1}), "c", "kubeconfig", b"x")
+        queries.store_credential(session, ring({"k1": KEK1}), "c", "kubeconfig", b"x")
     with session_scope(factory) as session:
         assert [c.name for c in queries.list_credentials(session)] == ["c"]
     memory.dispose()
@@ -235,37 +289,37 @@ def test_bare_postgresql_urls_get_the_psycopg_driver() -> None:
 
 
 def test_session_scope_commits_on_success_and_rolls_back_on_error(
-    factory: sessionmaker[Session], keyring: Keyring
+    factory: sessionmaker[Session], sealer: Sealer
 ) -> None:
     with session_scope(factory) as session:
-        _credential(session, keyring, "kept")
+        _credential(session, sealer, "kept")
     with pytest.raises(RuntimeError), session_scope(factory) as session:
-        _credential(session, keyring, "discarded")
+        _credential(session, sealer, "discarded")
         raise RuntimeError("boom")
     with session_scope(factory) as session:
         assert [c.name for c in queries.list_credentials(session)] == ["kept"]
 
 
 def test_objects_stay_readable_after_the_scope_commits(
-    factory: sessionmaker[Session], keyring: Keyring
+    factory: sessionmaker[Session], sealer: Sealer
 ) -> None:
     with session_scope(factory) as session:
-        credential = _credential(session, keyring)
+        credential = _credential(session, sealer)
     assert credential.name == "cluster-a"
 
 
 def test_child_process_after_fork_uses_its_own_connections(
-    factory: sessionmaker[Session], engine: Engine, keyring: Keyring
+    factory: sessionmaker[Session], engine: Engine, sealer: Sealer
 ) -> None:
     with session_scope(factory) as session:
-        _credential(session, keyring, "before-fork")
+        _credential(session, sealer, "before-fork")
     pid = os.fork()
     if pid == 0:  # child: must not reuse the parent's pooled connection
         code = 1
         try:
             dispose_after_fork(engine)
             with session_scope(factory) as session:
-                _credential(session, keyring, "from-child")
+                _credential(session, sealer, "from-child")
             code = 0
         finally:
             os._exit(code)
@@ -280,11 +334,11 @@ def test_child_process_after_fork_uses_its_own_connections(
 
 
 def test_timestamps_come_back_timezone_aware_in_utc(
-    factory: sessionmaker[Session], keyring: Keyring
+    factory: sessionmaker[Session], sealer: Sealer
 ) -> None:
     moment = datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC) + timedelta(hours=0)
     with session_scope(factory) as session:
-        target = _target(session, keyring)
+        target = _target(session, sealer)
         queries.record_health(session, target.id, healthy=True, message="ok", checked_at=moment)
     with session_scope(factory) as session:
         loaded = queries.get_target(session, target.id)
@@ -294,17 +348,17 @@ def test_timestamps_come_back_timezone_aware_in_utc(
         assert loaded.created_at.tzinfo is not None
 
 
-def test_naive_datetimes_are_refused(session: Session, keyring: Keyring) -> None:
-    target = _target(session, keyring)
+def test_naive_datetimes_are_refused(session: Session, sealer: Sealer) -> None:
+    target = _target(session, sealer)
     target.health_checked_at = datetime(2025, 1, 1)  # naive on purpose
     with pytest.raises(StatementError, match="naive datetime"):
         session.flush()
 
 
-def test_unknown_enum_values_are_refused(session: Session, keyring: Keyring) -> None:
+def test_unknown_enum_values_are_refused(session: Session, sealer: Sealer) -> None:
     with pytest.raises(ValueError):
-        queries.store_credential(session, keyring, "c", "password", b"x")
-    target = _target(session, keyring)
+        queries.store_credential(session, sealer, "c", "password", b"x")
+    target = _target(session, sealer)
     target.health_status = "sick"  # type: ignore[assignment]
     with pytest.raises(StatementError):
         session.flush()
@@ -314,10 +368,10 @@ def test_unknown_enum_values_are_refused(session: Session, keyring: Keyring) -> 
 
 
 def test_certificate_round_trips_with_a_sealed_private_key(
-    factory: sessionmaker[Session], keyring: Keyring, bundle: TlsBundle
+    factory: sessionmaker[Session], sealer: Sealer, bundle: TlsBundle
 ) -> None:
     with session_scope(factory) as session:
-        certificate_id = queries.store_certificate(session, keyring, bundle).id
+        certificate_id = queries.store_certificate(session, sealer, bundle).id
     with session_scope(factory) as session:
         stored = queries.get_certificate(session, certificate_id)
         assert stored.common_name == "app.example.com"
@@ -331,12 +385,12 @@ def test_certificate_round_trips_with_a_sealed_private_key(
         assert stored.chain_pem.encode() == b"".join(bundle.chain_pems)
         assert stored.ca_pem is not None and stored.ca_pem.encode() == bundle.ca_pem
         assert bundle.key_pem not in stored.private_key
-        assert queries.reveal_private_key(session, keyring, certificate_id) == bundle.key_pem
+        assert queries.reveal_private_key(session, sealer, certificate_id) == bundle.key_pem
         assert [c.id for c in queries.list_certificates(session)] == [certificate_id]
 
 
 def test_renewed_certificate_replaces_content_and_keeps_its_id(
-    factory: sessionmaker[Session], keyring: Keyring, bundle: TlsBundle
+    factory: sessionmaker[Session], sealer: Sealer, bundle: TlsBundle
 ) -> None:
     renewed_chain = make_chain(cn="app.example.com", key_type="rsa2048", intermediates=0)
     renewed = build_bundle(
@@ -347,21 +401,21 @@ def test_renewed_certificate_replaces_content_and_keeps_its_id(
         now=datetime.now(UTC),
     )
     with session_scope(factory) as session:
-        certificate_id = queries.store_certificate(session, keyring, bundle).id
+        certificate_id = queries.store_certificate(session, sealer, bundle).id
     with session_scope(factory) as session:
-        queries.replace_certificate(session, keyring, certificate_id, renewed)
+        queries.replace_certificate(session, sealer, certificate_id, renewed)
     with session_scope(factory) as session:
         stored = queries.get_certificate(session, certificate_id)
         assert stored.sha256_fingerprint == renewed.leaf.sha256_fingerprint
         assert stored.chain_pem == ""
-        assert queries.reveal_private_key(session, keyring, certificate_id) == renewed.key_pem
+        assert queries.reveal_private_key(session, sealer, certificate_id) == renewed.key_pem
         assert len(queries.list_certificates(session)) == 1
 
 
 def test_certificate_repr_never_shows_the_key(
-    session: Session, keyring: Keyring, bundle: TlsBundle
+    session: Session, sealer: Sealer, bundle: TlsBundle
 ) -> None:
-    certificate = queries.store_certificate(session, keyring, bundle)
+    certificate = queries.store_certificate(session, sealer, bundle)
     text_repr = repr(certificate)
     assert "app.example.com" in text_repr
     assert "PRIVATE KEY" not in text_repr and "private_key" not in text_repr
@@ -378,10 +432,10 @@ def test_missing_rows_raise_not_found_with_the_id(session: Session) -> None:
 
 
 def test_credential_secret_is_sealed_and_revealed_only_on_request(
-    factory: sessionmaker[Session], keyring: Keyring
+    factory: sessionmaker[Session], sealer: Sealer
 ) -> None:
     with session_scope(factory) as session:
-        credential_id = _credential(session, keyring).id
+        credential_id = _credential(session, sealer).id
     with session_scope(factory) as session:
         credential = queries.get_credential_by_name(session, "cluster-a")
         assert credential.id == credential_id
@@ -389,46 +443,46 @@ def test_credential_secret_is_sealed_and_revealed_only_on_request(
         assert b"t0ken-s3cret" not in credential.secret
         assert envelope_key_id(credential.secret) == "k1"
         assert "t0ken" not in repr(credential) and "secret=" not in repr(credential)
-        assert queries.reveal_credential(session, keyring, credential_id) == KUBECONFIG
+        assert queries.reveal_credential(session, sealer, credential_id) == KUBECONFIG
 
 
-def test_credential_names_are_unique_with_a_clear_error(session: Session, keyring: Keyring) -> None:
-    _credential(session, keyring)
+def test_credential_names_are_unique_with_a_clear_error(session: Session, sealer: Sealer) -> None:
+    _credential(session, sealer)
     with pytest.raises(queries.AlreadyExistsError, match="credential named 'cluster-a' already"):
-        _credential(session, keyring)
+        _credential(session, sealer)
 
 
-def test_empty_credential_secret_is_refused(session: Session, keyring: Keyring) -> None:
+def test_empty_credential_secret_is_refused(session: Session, sealer: Sealer) -> None:
     with pytest.raises(queries.InvalidRecordError, match="secret is empty"):
-        queries.store_credential(session, keyring, "c", "kubeconfig", b"")
+        queries.store_credential(session, sealer, "c", "kubeconfig", b"")
 
 
-def test_replaced_credential_secret_is_readable(session: Session, keyring: Keyring) -> None:
-    credential = _credential(session, keyring)
-    queries.replace_credential_secret(session, keyring, credential.id, b"new kubeconfig")
-    assert queries.reveal_credential(session, keyring, credential.id) == b"new kubeconfig"
+def test_replaced_credential_secret_is_readable(session: Session, sealer: Sealer) -> None:
+    credential = _credential(session, sealer)
+    queries.replace_credential_secret(session, sealer, credential.id, b"new kubeconfig")
+    assert queries.reveal_credential(session, sealer, credential.id) == b"new kubeconfig"
 
 
-def test_secret_copied_into_another_row_does_not_decrypt(
-    session: Session, keyring: Keyring
-) -> None:
-    first = _credential(session, keyring, "first")
-    second = queries.store_credential(session, keyring, "second", "kubeconfig", b"other")
+def test_secret_copied_into_another_row_does_not_decrypt(session: Session, sealer: Sealer) -> None:
+    first = _credential(session, sealer, "first")
+    second = queries.store_credential(session, sealer, "second", "kubeconfig", b"other")
     session.execute(
         update(Credential).where(Credential.id == second.id).values(secret=first.secret)
     )
     session.expire_all()
     with pytest.raises(DecryptionError, match=second.id):
-        queries.reveal_credential(session, keyring, second.id)
+        queries.reveal_credential(session, sealer, second.id)
 
 
 # ----------------------------------------------------------------------------------- targets
 
 
-def test_target_defaults_follow_the_spec(session: Session, keyring: Keyring) -> None:
-    target = _target(session, keyring)
+def test_target_defaults_follow_the_spec(session: Session, sealer: Sealer) -> None:
+    target = _target(session, sealer)
     session.expire_all()
     loaded = queries.get_target(session, target.id)
+    # The default template is the application's (a new target's form starts with it).
+    assert commands.TargetSpec(name="t", namespace="n").secret_name == DEFAULT_SECRET_NAME_TEMPLATE
     assert loaded.secret_name_template == DEFAULT_SECRET_NAME_TEMPLATE
     assert DEFAULT_SECRET_NAME_TEMPLATE == '{{ .cn | replaceAll "." "-" }}-tls'
     assert (loaded.include_ca, loaded.allow_insecure, loaded.adopt_unmanaged) == (
@@ -441,11 +495,11 @@ def test_target_defaults_follow_the_spec(session: Session, keyring: Keyring) -> 
     assert loaded.variables == {}
 
 
-def test_target_round_trips_every_field(factory: sessionmaker[Session], keyring: Keyring) -> None:
+def test_target_round_trips_every_field(factory: sessionmaker[Session], sealer: Sealer) -> None:
     with session_scope(factory) as session:
         target_id = _target(
             session,
-            keyring,
+            sealer,
             secret_name_template="ingress-nginx-tls",
             include_ca=True,
             allow_insecure=True,
@@ -472,7 +526,11 @@ def test_target_round_trips_every_field(factory: sessionmaker[Session], keyring:
 
 def test_in_cluster_target_needs_no_credential(session: Session) -> None:
     target = queries.create_target(
-        session, name="local", connection_mode="in_cluster", namespace_template="ingress"
+        session,
+        name="local",
+        connection_mode="in_cluster",
+        namespace_template="ingress",
+        secret_name_template="app-tls",
     )
     assert target.credential_id is None
 
@@ -487,7 +545,7 @@ def test_in_cluster_target_needs_no_credential(session: Session) -> None:
 )
 def test_target_credential_rules_are_explained(
     session: Session,
-    keyring: Keyring,
+    sealer: Sealer,
     mode: str,
     with_credential: bool,
     credential_kind: str | None,
@@ -496,7 +554,7 @@ def test_target_credential_rules_are_explained(
     credential_id = None
     if with_credential:
         assert credential_kind is not None
-        credential_id = queries.store_credential(session, keyring, "cred", credential_kind, b"x").id
+        credential_id = queries.store_credential(session, sealer, "cred", credential_kind, b"x").id
     with pytest.raises(queries.InvalidRecordError, match=expected):
         queries.create_target(
             session,
@@ -504,15 +562,16 @@ def test_target_credential_rules_are_explained(
             connection_mode=mode,
             credential_id=credential_id,
             namespace_template="ns",
+            secret_name_template="app-tls",
         )
 
 
 @pytest.mark.parametrize(("mode", "with_credential"), [("kubeconfig", False), ("in_cluster", True)])
 def test_database_enforces_credential_iff_kubeconfig(
-    factory: sessionmaker[Session], keyring: Keyring, mode: str, with_credential: bool
+    factory: sessionmaker[Session], sealer: Sealer, mode: str, with_credential: bool
 ) -> None:
     with session_scope(factory) as session:
-        credential_id = _credential(session, keyring).id
+        credential_id = _credential(session, sealer).id
     with pytest.raises(IntegrityError, match=r"credential_iff_kubeconfig|check constraint"):
         with session_scope(factory) as session:
             session.add(
@@ -521,13 +580,14 @@ def test_database_enforces_credential_iff_kubeconfig(
                     connection_mode=ConnectionMode(mode),
                     credential_id=credential_id if with_credential else None,
                     namespace_template="ns",
+                    secret_name_template="app-tls",
                 )
             )
 
 
-def test_relationships_never_lazy_load(factory: sessionmaker[Session], keyring: Keyring) -> None:
+def test_relationships_never_lazy_load(factory: sessionmaker[Session], sealer: Sealer) -> None:
     with session_scope(factory) as session:
-        target_id = _target(session, keyring).id
+        target_id = _target(session, sealer).id
     with session_scope(factory) as session:
         target = queries.get_target(session, target_id)
         with pytest.raises(InvalidRequestError, match="lazy='raise'"):
@@ -539,10 +599,10 @@ def test_relationships_never_lazy_load(factory: sessionmaker[Session], keyring: 
 
 
 def test_credential_in_use_cannot_be_deleted(
-    factory: sessionmaker[Session], keyring: Keyring
+    factory: sessionmaker[Session], sealer: Sealer
 ) -> None:
     with session_scope(factory) as session:
-        credential_id = _target(session, keyring).credential_id
+        credential_id = _target(session, sealer).credential_id
     with pytest.raises(IntegrityError), session_scope(factory) as session:
         session.execute(text("DELETE FROM credentials WHERE id = :id"), {"id": credential_id})
 
@@ -551,10 +611,10 @@ def test_credential_in_use_cannot_be_deleted(
 
 
 def test_group_keeps_its_targets_in_order_and_can_reorder_them(
-    factory: sessionmaker[Session], keyring: Keyring
+    factory: sessionmaker[Session], sealer: Sealer
 ) -> None:
     with session_scope(factory) as session:
-        ids = [_target(session, keyring, f"cluster-{n}").id for n in range(3)]
+        ids = [_target(session, sealer, f"cluster-{n}").id for n in range(3)]
         group = queries.create_group(
             session,
             name="edge",
@@ -581,8 +641,8 @@ def test_group_keeps_its_targets_in_order_and_can_reorder_them(
         assert [g.name for g in queries.list_groups(session)] == ["edge"]
 
 
-def test_group_fanout_defaults_to_the_settings(session: Session, keyring: Keyring) -> None:
-    group = queries.create_group(session, name="g", target_ids=[_target(session, keyring).id])
+def test_group_fanout_defaults_to_the_settings(session: Session, sealer: Sealer) -> None:
+    group = queries.create_group(session, name="g", target_ids=[_target(session, sealer).id])
     assert group.batch_size is None and group.failure_threshold is None
 
 
@@ -591,23 +651,34 @@ def test_group_fanout_defaults_to_the_settings(session: Session, keyring: Keyrin
     [(0, None), ("150%", None), ([], None), (None, -1), (None, "101%")],
 )
 def test_group_fanout_values_are_validated(
-    session: Session, keyring: Keyring, batch_size: Any, threshold: Any
+    runtime: Runtime, sealer: Sealer, batch_size: Any, threshold: Any
 ) -> None:
-    target = _target(session, keyring)
-    with pytest.raises(queries.InvalidRecordError, match="group 'g'"):
-        queries.create_group(
-            session,
-            name="g",
-            target_ids=[target.id],
-            batch_size=batch_size,
-            failure_threshold=threshold,
+    # Validation is the application's (commands.create_group); the models store what it parsed.
+    with runtime.session() as session:
+        target_name = _target(session, sealer).name
+    with pytest.raises(FanoutConfigError, match="group 'g'"):
+        commands.create_group(
+            runtime, "g", [target_name], batch_size=batch_size, failure_threshold=threshold
         )
+    with runtime.session() as session:
+        assert queries.list_groups(session) == []
 
 
-def test_group_members_must_be_distinct_existing_targets(
-    session: Session, keyring: Keyring
+def test_group_fanout_values_are_stored_in_their_canonical_form(
+    runtime: Runtime, sealer: Sealer
 ) -> None:
-    target = _target(session, keyring)
+    with runtime.session() as session:
+        target_name = _target(session, sealer).name
+    group_id = commands.create_group(
+        runtime, "g", [target_name], batch_size="1, 5,20 %", failure_threshold=" 10% "
+    )
+    with runtime.session() as session:
+        group = queries.get_group(session, group_id)
+        assert (group.batch_size, group.failure_threshold) == ([1, 5, "20%"], "10%")
+
+
+def test_group_members_must_be_distinct_existing_targets(session: Session, sealer: Sealer) -> None:
+    target = _target(session, sealer)
     with pytest.raises(queries.InvalidRecordError, match="more than once"):
         queries.create_group(session, name="g", target_ids=[target.id, target.id])
     with pytest.raises(queries.NotFoundError, match="target with id 'missing'"):
@@ -615,10 +686,10 @@ def test_group_members_must_be_distinct_existing_targets(
 
 
 def test_deleting_a_group_removes_its_memberships(
-    factory: sessionmaker[Session], keyring: Keyring
+    factory: sessionmaker[Session], sealer: Sealer
 ) -> None:
     with session_scope(factory) as session:
-        target_id = _target(session, keyring).id
+        target_id = _target(session, sealer).id
         group_id = queries.create_group(session, name="g", target_ids=[target_id]).id
     with session_scope(factory) as session:
         session.delete(queries.get_group(session, group_id))
@@ -631,9 +702,9 @@ def test_deleting_a_group_removes_its_memberships(
 
 
 def test_distributions_stack_in_position_order(
-    session: Session, keyring: Keyring, bundle: TlsBundle
+    session: Session, sealer: Sealer, bundle: TlsBundle
 ) -> None:
-    distribution, target = _distribution(session, keyring, bundle)
+    distribution, target = _distribution(session, sealer, bundle)
     group = queries.create_group(session, name="g", target_ids=[target.id])
     grouped = queries.create_distribution(
         session, certificate_id=distribution.certificate_id, group_id=group.id
@@ -657,10 +728,10 @@ def test_distributions_stack_in_position_order(
 
 
 def test_position_is_unique_per_certificate(
-    factory: sessionmaker[Session], keyring: Keyring, bundle: TlsBundle
+    factory: sessionmaker[Session], sealer: Sealer, bundle: TlsBundle
 ) -> None:
     with session_scope(factory) as session:
-        distribution, target = _distribution(session, keyring, bundle)
+        distribution, target = _distribution(session, sealer, bundle)
         certificate_id = distribution.certificate_id
     with pytest.raises(IntegrityError), session_scope(factory) as session:
         queries.create_distribution(
@@ -680,12 +751,12 @@ def test_position_is_unique_per_certificate(
 )
 def test_distribution_destination_rules_are_explained(
     session: Session,
-    keyring: Keyring,
+    sealer: Sealer,
     bundle: TlsBundle,
     arguments: dict[str, Any],
     expected: str,
 ) -> None:
-    distribution, target = _distribution(session, keyring, bundle)
+    distribution, target = _distribution(session, sealer, bundle)
     group = queries.create_group(session, name="g", target_ids=[target.id])
     with pytest.raises(queries.InvalidRecordError, match=expected):
         queries.create_distribution(
@@ -711,7 +782,7 @@ def test_distribution_destination_rules_are_explained(
 )
 def test_database_enforces_the_destination_xor(
     factory: sessionmaker[Session],
-    keyring: Keyring,
+    sealer: Sealer,
     bundle: TlsBundle,
     kind: str,
     target: bool,
@@ -719,7 +790,7 @@ def test_database_enforces_the_destination_xor(
     webhook_url: str | None,
 ) -> None:
     with session_scope(factory) as session:
-        distribution, existing_target = _distribution(session, keyring, bundle)
+        distribution, existing_target = _distribution(session, sealer, bundle)
         group_id = queries.create_group(session, name="g", target_ids=[existing_target.id]).id
         certificate_id, target_id = distribution.certificate_id, existing_target.id
     with pytest.raises(IntegrityError), session_scope(factory) as session:
@@ -739,11 +810,11 @@ def test_database_enforces_the_destination_xor(
 
 
 def test_run_lifecycle_records_plan_results_and_timestamps(
-    factory: sessionmaker[Session], keyring: Keyring, bundle: TlsBundle
+    factory: sessionmaker[Session], sealer: Sealer, bundle: TlsBundle
 ) -> None:
     with session_scope(factory) as session:
-        distribution, first = _distribution(session, keyring, bundle)
-        second = _target(session, keyring, "edge-b")
+        distribution, first = _distribution(session, sealer, bundle)
+        second = _target(session, sealer, "edge-b")
         run = queries.create_run(
             session,
             distribution_id=distribution.id,
@@ -766,7 +837,8 @@ def test_run_lifecycle_records_plan_results_and_timestamps(
             (second_id, 1, ResultStatus.PENDING),
         ]
         later = NOW + timedelta(seconds=3)
-        queries.touch_run(session, run_id, now=later, current_batch=1)
+        assert queries.advance_batch(session, run_id, from_batch=0, now=later)
+        assert not queries.advance_batch(session, run_id, from_batch=0, now=later)  # once only
         queries.finish_run(session, run_id, "succeeded", now=later, reason="2 of 2 targets ok")
     with session_scope(factory) as session:
         run = queries.get_run(session, run_id)
@@ -790,9 +862,9 @@ def test_run_lifecycle_records_plan_results_and_timestamps(
     ],
 )
 def test_run_transitions_are_guarded(
-    session: Session, keyring: Keyring, bundle: TlsBundle, steps: list[str], expected: str
+    session: Session, sealer: Sealer, bundle: TlsBundle, steps: list[str], expected: str
 ) -> None:
-    distribution, _ = _distribution(session, keyring, bundle)
+    distribution, _ = _distribution(session, sealer, bundle)
     run = queries.create_run(session, distribution_id=distribution.id, action="execute")
 
     def step(name: str) -> None:
@@ -808,9 +880,9 @@ def test_run_transitions_are_guarded(
 
 
 def test_queued_run_cannot_succeed_without_running(
-    session: Session, keyring: Keyring, bundle: TlsBundle
+    session: Session, sealer: Sealer, bundle: TlsBundle
 ) -> None:
-    distribution, _ = _distribution(session, keyring, bundle)
+    distribution, _ = _distribution(session, sealer, bundle)
     run = queries.create_run(session, distribution_id=distribution.id, action="execute")
     with pytest.raises(queries.RunStateError, match="is queued; it cannot become succeeded"):
         queries.finish_run(session, run.id, RunState.SUCCEEDED, now=NOW, reason=None)
@@ -821,22 +893,23 @@ def test_queued_run_cannot_succeed_without_running(
 
 
 def test_stale_runs_are_running_runs_with_an_old_heartbeat(
-    session: Session, keyring: Keyring, bundle: TlsBundle
+    session: Session, sealer: Sealer, bundle: TlsBundle
 ) -> None:
-    distribution, target = _distribution(session, keyring, bundle)
+    distribution, target = _distribution(session, sealer, bundle)
     stale = _started_run(session, distribution, [[target.id]])
     fresh = _started_run(session, distribution, [[target.id]])
-    queries.touch_run(session, fresh.id, now=NOW + timedelta(minutes=5))
+    beat = NOW + timedelta(minutes=5)
+    queries.heartbeat(session, fresh.id, now=beat, unless_since=beat)
     queries.create_run(session, distribution_id=distribution.id, action="execute")  # queued
     found = queries.stale_runs(session, heartbeat_before=NOW + timedelta(minutes=1))
     assert [run.id for run in found] == [stale.id]
 
 
 def test_run_parent_link_survives_and_is_cleared_on_parent_delete(
-    factory: sessionmaker[Session], keyring: Keyring, bundle: TlsBundle
+    factory: sessionmaker[Session], sealer: Sealer, bundle: TlsBundle
 ) -> None:
     with session_scope(factory) as session:
-        distribution, _ = _distribution(session, keyring, bundle)
+        distribution, _ = _distribution(session, sealer, bundle)
         parent = queries.create_run(session, distribution_id=distribution.id, action="execute")
         child = queries.create_run(
             session, distribution_id=distribution.id, action="execute", parent_run_id=parent.id
@@ -852,31 +925,64 @@ def test_run_parent_link_survives_and_is_cleared_on_parent_delete(
 # ---------------------------------------------------------------------------- target results
 
 
+def _result(session: Session, run_id: str, target_id: str) -> TargetResult:
+    (row,) = [r for r in queries.list_target_results(session, run_id) if r.target_id == target_id]
+    return row
+
+
+def _record(
+    session: Session, run_id: str, claims: dict[str, queries.Claim], status: str, **fields: Any
+) -> int:
+    """Record ``status`` on each claimed target (the path worker.app.runs takes)."""
+    values: dict[str, Any] = {
+        "diff": None,
+        "error_reason": None,
+        "error_message": None,
+        "finished_at": NOW,
+        "duration_ms": 0,
+        "resource_version": None,
+        "secret_name": None,
+        "namespace": None,
+    }
+    values.update(fields)
+    records = [
+        queries.ResultRecord(
+            claim=queries.HeldClaim(run_id, claim.target_id, claim.attempts),
+            status=ResultStatus(status),
+            **values,
+        )
+        for claim in claims.values()
+    ]
+    return queries.record_results(session, records)
+
+
 def test_target_result_records_outcome_and_duration(
-    factory: sessionmaker[Session], keyring: Keyring, bundle: TlsBundle
+    factory: sessionmaker[Session], sealer: Sealer, bundle: TlsBundle
 ) -> None:
     with session_scope(factory) as session:
-        distribution, target = _distribution(session, keyring, bundle)
+        distribution, target = _distribution(session, sealer, bundle)
         run_id = _started_run(session, distribution, [[target.id]]).id
         target_id = target.id
-        queries.record_target_result(
-            session, run_id, target_id, status="running", attempts=1, started_at=NOW
-        )
-        queries.record_target_result(
+        claims = queries.claim_results(session, run_id, [target_id], now=NOW, expired=NOW)
+        assert claims == {target_id: queries.Claim(target_id, 0, 1)}
+        written = _record(
             session,
             run_id,
-            target_id,
-            status=ResultStatus.UPDATED,
+            claims,
+            ResultStatus.UPDATED,
             diff={"action": "update", "entries": [{"key": "tls.crt", "serial": ["01", "02"]}]},
             finished_at=NOW + timedelta(milliseconds=1234),
+            duration_ms=1234,
             resource_version="4711",
             secret_name="app-example-com-tls",
             namespace="acme-edge",
         )
+        assert written == 1
     with session_scope(factory) as session:
-        result = queries.get_target_result(session, run_id, target_id)
+        result = _result(session, run_id, target_id)
         assert result.status is ResultStatus.UPDATED
         assert result.attempts == 1
+        assert result.started_at == NOW
         assert result.duration_ms == 1234
         assert result.diff == {
             "action": "update",
@@ -888,36 +994,61 @@ def test_target_result_records_outcome_and_duration(
             "acme-edge",
         )
         assert result.error_reason is None
-        queries.record_target_result(
-            session,
-            run_id,
-            target_id,
-            status="failed",
-            error_reason="forbidden",
-            error_message="forbidden: secrets cannot be updated",
-        )
-        assert result.secret_name == "app-example-com-tls"  # untouched fields keep values
+        # The claim is spent: a late second record of the same delivery writes nothing.
+        late = _record(session, run_id, claims, "failed", error_reason="forbidden")
+        assert late == 0
+        session.expire_all()
+        assert _result(session, run_id, target_id).secret_name == "app-example-com-tls"
+
+
+def test_claims_are_exclusive_until_released_or_expired(
+    session: Session, sealer: Sealer, bundle: TlsBundle
+) -> None:
+    distribution, target = _distribution(session, sealer, bundle)
+    run_id = _started_run(session, distribution, [[target.id]]).id
+    first = queries.claim_results(session, run_id, [target.id], now=NOW, expired=NOW)
+    assert queries.claim_results(session, run_id, [target.id], now=NOW, expired=NOW) == {}
+    assert queries.batch_has_open_row(session, run_id, 0)
+    queries.release_claims(
+        session, [queries.HeldClaim(run_id, target.id, first[target.id].attempts)]
+    )
+    session.expire_all()
+    released = _result(session, run_id, target.id)
+    assert (released.status, released.attempts, released.started_at) == (
+        ResultStatus.PENDING,
+        0,
+        None,
+    )
+    again = queries.claim_results(session, run_id, [target.id], now=NOW, expired=NOW)
+    later = NOW + timedelta(minutes=1)
+    taken_over = queries.claim_results(session, run_id, [target.id], now=later, expired=later)
+    assert (again[target.id].attempts, taken_over[target.id].attempts) == (1, 2)
+    assert _record(session, run_id, again, "created") == 0  # the lease was taken over
+    assert _record(session, run_id, taken_over, "created") == 1
+    assert not queries.batch_has_open_row(session, run_id, 0)
 
 
 def test_one_result_per_run_and_target(
-    factory: sessionmaker[Session], keyring: Keyring, bundle: TlsBundle
+    factory: sessionmaker[Session], sealer: Sealer, bundle: TlsBundle
 ) -> None:
     with session_scope(factory) as session:
-        distribution, target = _distribution(session, keyring, bundle)
+        distribution, target = _distribution(session, sealer, bundle)
         run_id, target_id = _started_run(session, distribution, [[target.id]]).id, target.id
     with pytest.raises(IntegrityError), session_scope(factory) as session:
         session.add(TargetResult(run_id=run_id, target_id=target_id, batch_index=0))
 
 
 def test_counts_and_skipping_drive_batch_decisions(
-    session: Session, keyring: Keyring, bundle: TlsBundle
+    session: Session, sealer: Sealer, bundle: TlsBundle
 ) -> None:
-    distribution, first = _distribution(session, keyring, bundle)
-    others = [_target(session, keyring, f"t{n}") for n in range(3)]
+    distribution, first = _distribution(session, sealer, bundle)
+    others = [_target(session, sealer, f"t{n}") for n in range(3)]
     plan = [[first.id, others[0].id], [others[1].id], [others[2].id]]
     run = _started_run(session, distribution, plan)
-    queries.record_target_result(session, run.id, first.id, status="failed")
-    queries.record_target_result(session, run.id, others[0].id, status="created")
+    first_claim = queries.claim_results(session, run.id, [first.id], now=NOW, expired=NOW)
+    other_claim = queries.claim_results(session, run.id, [others[0].id], now=NOW, expired=NOW)
+    _record(session, run.id, first_claim, "failed")
+    _record(session, run.id, other_claim, "created")
     assert queries.count_results(session, run.id, batch_index=0) == {
         ResultStatus.FAILED: 1,
         ResultStatus.CREATED: 1,
@@ -928,7 +1059,8 @@ def test_counts_and_skipping_drive_batch_decisions(
     assert skipped == 2
     counts = queries.count_results(session, run.id)
     assert counts[ResultStatus.SKIPPED] == 2 and counts[ResultStatus.PENDING] == 0
-    skipped_row = queries.get_target_result(session, run.id, others[2].id)
+    session.expire_all()
+    skipped_row = _result(session, run.id, others[2].id)
     assert skipped_row.status is ResultStatus.SKIPPED
     assert skipped_row.error_message == "halted: threshold exceeded"
     assert len(queries.list_target_results(session, run.id, batch_index=1)) == 1
@@ -936,30 +1068,40 @@ def test_counts_and_skipping_drive_batch_decisions(
 
 # ------------------------------------------------------------------------ rollback snapshots
 
-PREVIOUS: dict[str, Any] = {
-    "secret_type": "kubernetes.io/tls",
-    "data": {"tls.crt": base64.b64encode(b"old cert").decode(), "tls.key": "b2xkIGtleQ=="},
-    "labels": {"team": "edge"},
-    "annotations": {"owner": "someone-else"},
-    "resource_version": "812",
-}
+PREVIOUS = PreviousSecret(
+    existed=True,
+    type="kubernetes.io/tls",
+    data={"tls.crt": base64.b64encode(b"old cert").decode(), "tls.key": "b2xkIGtleQ=="},
+    labels={"team": "edge"},
+    annotations={"owner": "someone-else"},
+    resource_version="812",
+)
+
+
+def _save(session: Session, sealer: Sealer, previous: PreviousSecret, **ids: Any) -> bool:
+    return queries.save_snapshot_if_absent(session, sealer, previous=previous.to_dict(), **ids)
+
+
+def _reveal(session: Session, sealer: Sealer, **ids: Any) -> PreviousSecret:
+    _, content = queries.reveal_snapshot(session, sealer, **ids)
+    return PreviousSecret.from_dict(content)
 
 
 def test_snapshot_is_saved_once_and_never_overwritten(
-    factory: sessionmaker[Session], keyring: Keyring, bundle: TlsBundle
+    factory: sessionmaker[Session], sealer: Sealer, bundle: TlsBundle
 ) -> None:
     with session_scope(factory) as session:
-        distribution, target = _distribution(session, keyring, bundle)
+        distribution, target = _distribution(session, sealer, bundle)
         ids: dict[str, Any] = {"distribution_id": distribution.id, "target_id": target.id}
-        assert queries.save_snapshot_if_absent(session, keyring, existed=True, **ids, **PREVIOUS)
+        assert _save(session, sealer, PREVIOUS, **ids)
     with session_scope(factory) as session:
-        ours = dict(PREVIOUS, data={"tls.crt": "b3Vycw==", "tls.key": "b3Vycw=="})
-        assert not queries.save_snapshot_if_absent(session, keyring, existed=True, **ids, **ours)
+        ours = replace(PREVIOUS, data={"tls.crt": "b3Vycw==", "tls.key": "b3Vycw=="})
+        assert not _save(session, sealer, ours, **ids)
     with session_scope(factory) as session:
-        content = queries.reveal_snapshot(session, keyring, **ids)
+        content = _reveal(session, sealer, **ids)
         assert content.existed is True
         assert content.type == "kubernetes.io/tls"
-        assert content.data == PREVIOUS["data"]
+        assert content.data == PREVIOUS.data
         assert content.labels == {"team": "edge"}
         assert content.annotations == {"owner": "someone-else"}
         assert content.resource_version == "812"
@@ -970,58 +1112,93 @@ def test_snapshot_is_saved_once_and_never_overwritten(
 
 
 def test_snapshot_of_an_absent_secret_stores_no_content(
-    session: Session, keyring: Keyring, bundle: TlsBundle
+    session: Session, sealer: Sealer, bundle: TlsBundle
 ) -> None:
-    distribution, target = _distribution(session, keyring, bundle)
+    distribution, target = _distribution(session, sealer, bundle)
     ids: dict[str, Any] = {"distribution_id": distribution.id, "target_id": target.id}
-    assert queries.save_snapshot_if_absent(session, keyring, existed=False, **ids)
+    assert _save(session, sealer, PreviousSecret.absent(), **ids)
     row = queries.get_snapshot(session, **ids)
     assert row is not None and row.previous is None
-    content = queries.reveal_snapshot(session, keyring, **ids)
+    content = _reveal(session, sealer, **ids)
     assert (content.existed, content.type, dict(content.data)) == (False, None, {})
 
 
-def test_snapshot_records_what_we_wrote_for_drift_detection(
-    session: Session, keyring: Keyring, bundle: TlsBundle
+def test_snapshots_sealed_before_the_one_snapshot_type_still_read_back(
+    session: Session, sealer: Sealer, bundle: TlsBundle
 ) -> None:
-    distribution, target = _distribution(session, keyring, bundle)
+    # What save_snapshot_if_absent sealed before PreviousSecret.to_dict() was the stored
+    # form: the same keys without "existed" (only existing Secrets had content).
+    distribution, target = _distribution(session, sealer, bundle)
+    row_id = "00000000-0000-4000-8000-000000000001"
+    legacy = {
+        "type": PREVIOUS.type,
+        "data": PREVIOUS.data,
+        "labels": PREVIOUS.labels,
+        "annotations": PREVIOUS.annotations,
+        "resourceVersion": PREVIOUS.resource_version,
+    }
+    sealed = sealer.seal(
+        json.dumps(legacy, sort_keys=True).encode(),
+        table="rollback_snapshots",
+        row_id=row_id,
+        purpose="previous",
+    )
+    session.add(
+        RollbackSnapshot(
+            id=row_id,
+            distribution_id=distribution.id,
+            target_id=target.id,
+            existed=True,
+            previous=sealed,
+        )
+    )
+    session.flush()
+    assert _reveal(session, sealer, distribution_id=distribution.id, target_id=target.id) == (
+        PREVIOUS
+    )
+
+
+def test_snapshot_records_what_we_wrote_for_drift_detection(
+    session: Session, sealer: Sealer, bundle: TlsBundle
+) -> None:
+    distribution, target = _distribution(session, sealer, bundle)
     ids: dict[str, Any] = {"distribution_id": distribution.id, "target_id": target.id}
     assert not queries.record_snapshot_write(session, **ids, fingerprint="ab", resource_version="1")
-    queries.save_snapshot_if_absent(session, keyring, existed=True, **ids, **PREVIOUS)
+    _save(session, sealer, PREVIOUS, **ids)
     assert queries.record_snapshot_write(
         session, **ids, fingerprint="ab" * 32, resource_version="900", written_at=NOW
     )
-    content = queries.reveal_snapshot(session, keyring, **ids)
-    assert (content.written_fingerprint, content.written_resource_version) == ("ab" * 32, "900")
-    assert content.written_at == NOW
-    assert content.resource_version == "812"  # the previous Secret is untouched
+    row, content = queries.reveal_snapshot(session, sealer, **ids)
+    assert (row.written_fingerprint, row.written_resource_version) == ("ab" * 32, "900")
+    assert row.written_at == NOW
+    assert content["resourceVersion"] == "812"  # the previous Secret is untouched
 
 
-def test_reveal_of_a_missing_snapshot_is_not_found(session: Session, keyring: Keyring) -> None:
+def test_reveal_of_a_missing_snapshot_is_not_found(session: Session, sealer: Sealer) -> None:
     with pytest.raises(queries.NotFoundError, match="rollback snapshot"):
-        queries.reveal_snapshot(session, keyring, "d", "t")
+        queries.reveal_snapshot(session, sealer, "d", "t")
 
 
 @pytest.mark.parametrize(("existed", "previous"), [(True, None), (False, b"CAPE")])
 def test_database_enforces_previous_iff_existed(
     factory: sessionmaker[Session],
-    keyring: Keyring,
+    sealer: Sealer,
     bundle: TlsBundle,
     existed: bool,
     previous: bytes | None,
 ) -> None:
     with session_scope(factory) as session:
-        distribution, target = _distribution(session, keyring, bundle)
+        distribution, target = _distribution(session, sealer, bundle)
         ids: dict[str, Any] = {"distribution_id": distribution.id, "target_id": target.id}
     with pytest.raises(IntegrityError), session_scope(factory) as session:
         session.add(RollbackSnapshot(existed=existed, previous=previous, **ids))
 
 
 def test_concurrent_snapshot_saves_store_exactly_one(
-    factory: sessionmaker[Session], keyring: Keyring, bundle: TlsBundle
+    factory: sessionmaker[Session], sealer: Sealer, bundle: TlsBundle
 ) -> None:
     with session_scope(factory) as session:
-        distribution, target = _distribution(session, keyring, bundle)
+        distribution, target = _distribution(session, sealer, bundle)
         ids: dict[str, Any] = {"distribution_id": distribution.id, "target_id": target.id}
     first_inserted = threading.Event()
     outcomes: dict[str, bool] = {}
@@ -1030,9 +1207,7 @@ def test_concurrent_snapshot_saves_store_exactly_one(
     def first() -> None:
         try:
             with session_scope(factory) as session:
-                outcomes["first"] = queries.save_snapshot_if_absent(
-                    session, keyring, existed=True, **ids, **PREVIOUS
-                )
+                outcomes["first"] = _save(session, sealer, PREVIOUS, **ids)
                 first_inserted.set()
                 time.sleep(0.3)  # hold the transaction open while the second one tries
         except BaseException as exc:
@@ -1043,8 +1218,8 @@ def test_concurrent_snapshot_saves_store_exactly_one(
         first_inserted.wait(10)
         try:
             with session_scope(factory) as session:
-                outcomes["second"] = queries.save_snapshot_if_absent(
-                    session, keyring, existed=True, **ids, **dict(PREVIOUS, resource_version="9")
+                outcomes["second"] = _save(
+                    session, sealer, replace(PREVIOUS, resource_version="9"), **ids
                 )
         except BaseException as exc:
             errors.append(exc)
@@ -1057,7 +1232,7 @@ def test_concurrent_snapshot_saves_store_exactly_one(
     assert errors == []
     assert outcomes == {"first": True, "second": False}
     with session_scope(factory) as session:
-        assert queries.reveal_snapshot(session, keyring, **ids).resource_version == "812"
+        assert _reveal(session, sealer, **ids).resource_version == "812"
 
 
 snapshot_maps = st.dictionaries(st.text(min_size=1, max_size=20), st.text(max_size=40), max_size=5)
@@ -1069,26 +1244,20 @@ snapshot_maps = st.dictionaries(st.text(min_size=1, max_size=20), st.text(max_si
 )
 def test_snapshot_content_round_trips_any_maps(
     factory: sessionmaker[Session],
-    keyring: Keyring,
+    sealer: Sealer,
     bundle: TlsBundle,
     data: dict[str, str],
     labels: dict[str, str],
     annotations: dict[str, str],
 ) -> None:
     with factory() as session:
-        distribution, target = _distribution(session, keyring, bundle)
+        distribution, target = _distribution(session, sealer, bundle)
         ids: dict[str, Any] = {"distribution_id": distribution.id, "target_id": target.id}
-        queries.save_snapshot_if_absent(
-            session,
-            keyring,
-            existed=True,
-            secret_type="Opaque",
-            data=data,
-            labels=labels,
-            annotations=annotations,
-            **ids,
+        previous = PreviousSecret(
+            existed=True, type="Opaque", data=data, labels=labels, annotations=annotations
         )
-        content = queries.reveal_snapshot(session, keyring, **ids)
+        _save(session, sealer, previous, **ids)
+        content = _reveal(session, sealer, **ids)
         assert (content.data, content.labels, content.annotations) == (data, labels, annotations)
         session.rollback()
 
@@ -1109,22 +1278,18 @@ def test_snapshot_content_round_trips_any_maps(
 )
 def test_rollback_availability_explains_the_greyed_out_button(
     session: Session,
-    keyring: Keyring,
+    sealer: Sealer,
     bundle: TlsBundle,
     store_content: bool,
     snapshot: str | None,
     available: bool,
     reason: str,
 ) -> None:
-    distribution, target = _distribution(session, keyring, bundle, store_content=store_content)
+    distribution, target = _distribution(session, sealer, bundle, store_content=store_content)
     ids: dict[str, Any] = {"distribution_id": distribution.id, "target_id": target.id}
     if snapshot is not None:
-        queries.save_snapshot_if_absent(
-            session,
-            keyring,
-            existed=snapshot == "existed",
-            **ids,
-            **(PREVIOUS if snapshot == "existed" else {}),
+        _save(
+            session, sealer, PREVIOUS if snapshot == "existed" else PreviousSecret.absent(), **ids
         )
     answer = rollback_availability(distribution, queries.get_snapshot(session, **ids))
     assert answer.available is available
@@ -1139,9 +1304,9 @@ def test_store_content_off_tooltip_is_the_documented_text() -> None:
 
 
 def test_webhook_distributions_cannot_roll_back(
-    session: Session, keyring: Keyring, bundle: TlsBundle
+    session: Session, sealer: Sealer, bundle: TlsBundle
 ) -> None:
-    certificate = queries.store_certificate(session, keyring, bundle)
+    certificate = queries.store_certificate(session, sealer, bundle)
     webhook = queries.create_distribution(
         session,
         certificate_id=certificate.id,
@@ -1158,32 +1323,32 @@ def test_webhook_distributions_cannot_roll_back(
 def test_rotation_rewraps_every_envelope_and_old_kek_can_be_dropped(
     factory: sessionmaker[Session], bundle: TlsBundle
 ) -> None:
-    old_ring = Keyring({"k1": KEK1})
+    old_ring = ring({"k1": KEK1})
     with session_scope(factory) as session:
         distribution, target = _distribution(session, old_ring, bundle)
         ids: dict[str, Any] = {"distribution_id": distribution.id, "target_id": target.id}
-        queries.save_snapshot_if_absent(session, old_ring, existed=True, **ids, **PREVIOUS)
+        _save(session, old_ring, PREVIOUS, **ids)
         certificate_id = distribution.certificate_id
         credential_id = target.credential_id
         assert credential_id is not None
         before = {row.id: row.private_key for row in session.scalars(select(Certificate))}
-        assert queries.envelope_key_usage(session) == {"k1": 3}
+        assert queries.envelope_key_usage(session, old_ring) == {"k1": 3}
 
-    both = Keyring({"k1": KEK1, "k2": KEK2}, current_key_id="k2")
+    both = ring({"k1": KEK1, "k2": KEK2}, current_key_id="k2")
     with session_scope(factory) as session:
         assert queries.rotate_keys(session, both, "k2") == 3
     with session_scope(factory) as session:
-        assert queries.envelope_key_usage(session) == {"k2": 3}
+        assert queries.envelope_key_usage(session, both) == {"k2": 3}
         assert queries.rotate_keys(session, both, "k2") == 0  # idempotent / resumable
         after = queries.get_certificate(session, certificate_id).private_key
         tail = len(bundle.key_pem) + 12 + 16
         assert after[-tail:] == before[certificate_id][-tail:]  # payload untouched
 
-    only_new = Keyring({"k2": KEK2})
+    only_new = ring({"k2": KEK2})
     with session_scope(factory) as session:
         assert queries.reveal_private_key(session, only_new, certificate_id) == bundle.key_pem
         assert queries.reveal_credential(session, only_new, credential_id) == KUBECONFIG
-        assert queries.reveal_snapshot(session, only_new, **ids).data == PREVIOUS["data"]
+        assert _reveal(session, only_new, **ids).data == PREVIOUS.data
         with pytest.raises(UnknownKeyError, match="no KEK 'k2' loaded"):
             queries.reveal_credential(session, old_ring, credential_id)
 
@@ -1191,30 +1356,33 @@ def test_rotation_rewraps_every_envelope_and_old_kek_can_be_dropped(
 def test_rows_under_the_old_kek_stay_readable_until_rotated(
     session: Session, bundle: TlsBundle
 ) -> None:
-    old = queries.store_credential(session, Keyring({"k1": KEK1}), "old", "kubeconfig", b"a")
-    both = Keyring({"k1": KEK1, "k2": KEK2}, current_key_id="k2")
+    old = queries.store_credential(session, ring({"k1": KEK1}), "old", "kubeconfig", b"a")
+    both = ring({"k1": KEK1, "k2": KEK2}, current_key_id="k2")
     new = queries.store_credential(session, both, "new", "kubeconfig", b"b")
     assert envelope_key_id(new.secret) == "k2"
     assert queries.reveal_credential(session, both, old.id) == b"a"
     assert queries.reveal_credential(session, both, new.id) == b"b"
 
 
-def test_rotation_to_an_unloaded_kek_is_refused(session: Session, keyring: Keyring) -> None:
-    _credential(session, keyring)
+def test_rotation_to_an_unloaded_kek_is_refused(runtime: Runtime) -> None:
+    with runtime.session() as session:
+        _credential(session, runtime.sealer)
     with pytest.raises(UnknownKeyError, match="cannot rotate to KEK 'k9'"):
-        queries.rotate_keys(session, keyring, "k9")
+        commands.rotate_keys(runtime, "k9")
+    with runtime.session() as session:
+        assert queries.envelope_key_usage(session, runtime.sealer) == {"k1": 1}
 
 
 def test_rotation_stops_at_a_row_it_cannot_authenticate(session: Session) -> None:
-    ring = Keyring({"k1": KEK1, "k2": KEK2})
-    credential = queries.store_credential(session, ring, "c", "kubeconfig", b"x")
+    both = ring({"k1": KEK1, "k2": KEK2})
+    credential = queries.store_credential(session, both, "c", "kubeconfig", b"x")
     tampered = bytearray(credential.secret)
     tampered[20] ^= 1
     session.execute(
         update(Credential).where(Credential.id == credential.id).values(secret=bytes(tampered))
     )
     with pytest.raises(DecryptionError, match=credential.id):
-        queries.rotate_keys(session, ring, "k2")
+        queries.rotate_keys(session, both, "k2")
 
 
 def test_every_envelope_column_is_covered_by_rotation() -> None:
@@ -1228,9 +1396,129 @@ def test_every_envelope_column_is_covered_by_rotation() -> None:
     assert binary_columns == covered
 
 
-def test_json_columns_keep_types(session: Session, keyring: Keyring) -> None:
+def test_json_columns_keep_types(session: Session, sealer: Sealer) -> None:
     variables = {"int": 1, "float": 1.5, "list": [1, "a", None], "bool": True, "text": "ü"}
-    target = _target(session, keyring, variables=variables)
+    target = _target(session, sealer, variables=variables)
     session.flush()
     session.expire_all()
     assert queries.get_target(session, target.id).variables == json.loads(json.dumps(variables))
+
+
+# ------------------------------------------------------- application: the one client cache
+
+VALID_KUBECONFIG = b"""apiVersion: v1
+kind: Config
+current-context: c
+contexts: [{name: c, context: {cluster: k, user: u}}]
+clusters: [{name: k, cluster: {server: "https://127.0.0.1:6443"}}]
+users: [{name: u, user: {token: first-t0ken}}]
+"""
+
+
+def test_target_client_is_rebuilt_only_when_its_sealed_credential_changes(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    built: list[Any] = []
+    closed: list[Any] = []
+
+    class FakeApi:
+        def __init__(self, spec: Any) -> None:
+            self.spec = spec
+            self.server = spec.server
+
+        def close(self) -> None:
+            closed.append(self)
+
+    def builder(spec: Any, **_: Any) -> FakeApi:
+        built.append(FakeApi(spec))
+        return built[-1]
+
+    runtime.clients = ClientCache(connect_timeout=1, read_timeout=1, builder=builder)
+    decrypts: list[str] = []
+    unseal = queries.unseal_credential
+
+    def counting_unseal(sealer: Sealer, credential_id: str, sealed: bytes) -> bytes:
+        decrypts.append(credential_id)
+        return unseal(sealer, credential_id, sealed)
+
+    monkeypatch.setattr(queries, "unseal_credential", counting_unseal)
+    credential_id = commands.add_kubeconfig_credential(runtime, "c", VALID_KUBECONFIG)
+    with runtime.session() as session:
+        target = queries.create_target(
+            session,
+            name="t",
+            connection_mode="kubeconfig",
+            credential_id=credential_id,
+            namespace_template="ns",
+            secret_name_template="app-tls",
+        )
+        insecure = queries.create_target(
+            session,
+            name="t-insecure",
+            connection_mode="kubeconfig",
+            credential_id=credential_id,
+            namespace_template="ns",
+            secret_name_template="app-tls",
+            allow_insecure=True,
+        )
+
+    kube_client(runtime, target)
+    kube_client(runtime, target)  # the same sealed bytes: the cached client, no decrypt
+    assert (len(built), decrypts) == (1, [credential_id])
+    kube_client(runtime, insecure)  # allow_insecure has its own slot ...
+    kube_client(runtime, target)  # ... and does not evict the other one
+    assert len(built) == 2 and closed == []
+
+    with runtime.session() as session:
+        queries.replace_credential_secret(
+            session, runtime.sealer, credential_id, VALID_KUBECONFIG.replace(b"first", b"next")
+        )
+    kube_client(runtime, target)
+    assert len(built) == 3 and built[-1].spec.token == "next-t0ken"
+    assert closed == [built[0]]  # the rotated credential's old client is dropped
+    assert decrypts == [credential_id] * 3
+
+
+def test_group_rollback_availability_is_one_query_and_prefers_an_existing_secret(
+    engine: Engine, session: Session, sealer: Sealer, bundle: TlsBundle
+) -> None:
+    distribution, first = _distribution(session, sealer, bundle)
+    others = [_target(session, sealer, f"t{n}") for n in range(3)]
+    group = queries.create_group(
+        session, name="g", target_ids=[first.id, *(target.id for target in others)]
+    )
+    grouped = queries.create_distribution(
+        session, certificate_id=distribution.certificate_id, group_id=group.id, store_content=True
+    )
+    statements: list[str] = []
+
+    def count(*args: Any) -> None:
+        statements.append(args[2])
+
+    def availability() -> Any:
+        statements.clear()
+        event.listen(engine, "before_cursor_execute", count)
+        try:
+            return views.distribution_rollback_availability(session, grouped)
+        finally:
+            event.remove(engine, "before_cursor_execute", count)
+
+    assert availability().reason == NOTHING_DEPLOYED_YET
+    assert len(statements) == 1
+    earlier, later = NOW, NOW + timedelta(hours=1)
+    ids = {"distribution_id": grouped.id}
+    queries.save_snapshot_if_absent(
+        session, sealer, previous={"existed": False}, target_id=first.id, taken_at=earlier, **ids
+    )
+    assert availability().reason == PREVIOUSLY_ABSENT
+    for target, taken in ((others[2], earlier), (others[1], later)):
+        _save(session, sealer, PREVIOUS, target_id=target.id, **ids)
+        session.execute(
+            update(RollbackSnapshot)
+            .where(RollbackSnapshot.target_id == target.id)
+            .values(taken_at=taken)
+        )
+    # The first target in fan-out order whose Secret existed decides (others[1], not [2]).
+    answer = availability()
+    assert answer.available and f"({later:%Y-%m-%d %H:%M:%S} UTC)" in answer.reason
+    assert len(statements) == 1

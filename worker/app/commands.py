@@ -5,13 +5,16 @@ anything is written: the transaction is rolled back and no cluster is touched.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from models import queries
+from models.base import utcnow
 from models.enums import ConnectionMode, CredentialKind, DistributionKind, RunAction
-from worker.app.runs import Dispatcher, utcnow
+from worker.app.clients import kube_client
+from worker.app.dispatch import Dispatcher
 from worker.app.views import (
     GroupView,
     distribution_rollback_availability,
@@ -21,7 +24,8 @@ from worker.app.views import (
     resolve_target,
 )
 from worker.core.bundle import TlsBundle, build_bundle
-from worker.core.fanout import parse_batch_size, parse_failure_threshold
+from worker.core.crypto import UnknownKeyError
+from worker.core.fanout import FanoutConfigError, parse_batch_size, parse_failure_threshold
 from worker.core.names import (
     CERTIFICATE_VARIABLES,
     DEFAULT_SECRET_NAME_TEMPLATE,
@@ -30,7 +34,6 @@ from worker.core.names import (
     render_namespace,
     validate_template,
 )
-from worker.kube.client import KubeClient, RetryPolicy
 from worker.kube.connect import in_cluster_available, vet_kubeconfig
 from worker.kube.deploy import HealthReport, health_check
 from worker.kube.errors import InClusterUnavailable, KubeError
@@ -54,7 +57,7 @@ def add_kubeconfig_credential(rt: Runtime, name: str, kubeconfig: bytes) -> str:
     vet_kubeconfig(kubeconfig, allow_insecure=True)
     with rt.session() as session:
         credential = queries.store_credential(
-            session, rt.keyring, name, CredentialKind.KUBECONFIG, kubeconfig
+            session, rt.sealer, name, CredentialKind.KUBECONFIG, kubeconfig
         )
         return credential.id
 
@@ -68,7 +71,7 @@ def add_webhook_secret(rt: Runtime, name: str, secret: bytes) -> str:
         )
     with rt.session() as session:
         credential = queries.store_credential(
-            session, rt.keyring, name, CredentialKind.WEBHOOK_HMAC, secret
+            session, rt.sealer, name, CredentialKind.WEBHOOK_HMAC, secret
         )
         return credential.id
 
@@ -97,7 +100,7 @@ def import_certificate(
         passphrase=passphrase,
     )
     with rt.session() as session:
-        return queries.store_certificate(session, rt.keyring, bundle).id
+        return queries.store_certificate(session, rt.sealer, bundle).id
 
 
 def renew_certificate(
@@ -112,7 +115,7 @@ def renew_certificate(
         now=utcnow(),
     )
     with rt.session() as session:
-        queries.replace_certificate(session, rt.keyring, certificate_id, bundle)
+        queries.replace_certificate(session, rt.sealer, certificate_id, bundle)
     return bundle
 
 
@@ -159,7 +162,7 @@ def create_target(
             credential_id = resolve_credential(session, spec.credential)
             if mode is ConnectionMode.KUBECONFIG:
                 # Refuse a kubeconfig the connection code would refuse, at save time.
-                kubeconfig = queries.reveal_credential(session, rt.keyring, credential_id)
+                kubeconfig = queries.reveal_credential(session, rt.sealer, credential_id)
                 vet_kubeconfig(kubeconfig, allow_insecure=spec.allow_insecure)
         target = queries.create_target(
             session,
@@ -190,8 +193,6 @@ class HealthResult:
 
 def check_target_health(rt: Runtime, target_id: str) -> HealthResult:
     """Read the namespace and review the secret verbs; store the outcome on the target."""
-    from worker.app.runs import _api_client  # one place builds clients for targets
-
     with rt.session() as session:
         target = queries.get_target(session, target_id)
     report: HealthReport | None = None
@@ -207,10 +208,7 @@ def check_target_health(rt: Runtime, target_id: str) -> HealthResult:
         )
     else:
         try:
-            client = KubeClient(
-                _api_client(rt, target), retry=RetryPolicy.from_settings(rt.settings.kube)
-            )
-            report = health_check(client, namespace)
+            report = health_check(kube_client(rt, target), namespace)
             healthy, message = report.healthy, report.message
         except KubeError as exc:
             healthy, message = False, str(exc)
@@ -231,19 +229,28 @@ def create_group(
     failure_threshold: Any = None,
     variables: Mapping[str, Any] | None = None,
 ) -> str:
-    """Create a target group with its fan-out settings; returns its id."""
-    if batch_size is not None:
-        parse_batch_size(batch_size)
-    if failure_threshold is not None:
-        parse_failure_threshold(failure_threshold)
+    """Create a target group with its fan-out settings; returns its id.
+
+    The settings are parsed here, once: the group stores them in their canonical JSON form
+    (``"1,5,20%"`` becomes ``[1, 5, "20%"]``), and runs read them with worker.app.fanout.
+    """
+    try:
+        batch = parse_batch_size(batch_size).as_config() if batch_size is not None else None
+        threshold = (
+            parse_failure_threshold(failure_threshold).as_config()
+            if failure_threshold is not None
+            else None
+        )
+    except FanoutConfigError as exc:
+        raise FanoutConfigError(f"group {name!r}: {exc}") from None
     with rt.session() as session:
         target_ids = [resolve_target(session, item) for item in target_names]
         group = queries.create_group(
             session,
             name=name,
             target_ids=target_ids,
-            batch_size=batch_size,
-            failure_threshold=failure_threshold,
+            batch_size=batch,
+            failure_threshold=threshold,
             variables=dict(variables or {}),
         )
         return group.id
@@ -343,3 +350,21 @@ def add_group_targets(rt: Runtime, group: str, target_names: Sequence[str]) -> G
             )
         queries.set_group_members(session, group_id, [*current, *added])
         return group_view(rt, session, queries.get_group(session, group_id))
+
+
+# ----------------------------------------------------------------------------------- keys
+
+
+def rotate_keys(rt: Runtime, to_key_id: str) -> tuple[int, Counter[str]]:
+    """Re-wrap every stored secret under KEK ``to_key_id``; the count and envelopes per KEK after.
+
+    Resumable: secrets already under ``to_key_id`` are skipped.
+    """
+    if not rt.keyring.has_key(to_key_id):
+        raise UnknownKeyError(
+            f"cannot rotate to KEK {to_key_id!r}: it is not loaded (loaded: "
+            f"{', '.join(repr(k) for k in rt.keyring.key_ids)}); add it to CAP_KEK/CAP_KEK_FILE"
+        )
+    with rt.session() as session:
+        count = queries.rotate_keys(session, rt.sealer, to_key_id)
+        return count, queries.envelope_key_usage(session, rt.sealer)

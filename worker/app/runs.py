@@ -22,7 +22,9 @@ message delivered twice, late, or never is harmless:
   was SIGKILLed, a message was lost with a Redis restart) and re-sends what they
   need; it writes on the run that it did so.
 
-Celery is not imported here: tasks/ hands in a :class:`Dispatcher`.
+Celery is not imported here: tasks/ hands in a :class:`~worker.app.dispatch.Dispatcher`. The
+statements live in :mod:`models.queries` (runs, results); the webhook run is
+:mod:`worker.app.webhook`; API clients come from :mod:`worker.app.clients`.
 """
 
 from __future__ import annotations
@@ -31,13 +33,10 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from functools import partial
-from typing import Any, Protocol, TypeVar, cast
+from typing import Any, TypeVar
 
-from sqlalchemy import Table, and_, bindparam, func, or_, select, update
-from sqlalchemy.exc import InterfaceError, OperationalError
-from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import Session
 from tenacity import (
     RetryCallState,
@@ -48,27 +47,17 @@ from tenacity import (
 )
 
 from models import queries
-from models.entities import (
-    Certificate,
-    Credential,
-    Distribution,
-    RollbackSnapshot,
-    Run,
-    Target,
-    TargetGroup,
-    TargetResult,
-)
-from models.enums import ConnectionMode, DistributionKind, ResultStatus, RunAction, RunState
-from worker.app.webhook import WebhookError, deliver_webhook, webhook_payload
+from models.base import utcnow
+from models.entities import Certificate, Distribution, Run, Target, TargetGroup
+from models.enums import DistributionKind, ResultStatus, RunAction, RunState
+from models.errors import DATABASE_OUTAGE_ERRORS
+from worker.app.clients import kube_client
+from worker.app.dispatch import Dispatcher, queue_next_stacked
+from worker.app.fanout import group_fanout
+from worker.app.webhook import run_webhook
 from worker.core.bundle import BundleError, TlsBundle, build_bundle
 from worker.core.crypto import CryptoError
-from worker.core.fanout import (
-    FanoutConfigError,
-    decide_after_batch,
-    parse_batch_size,
-    parse_failure_threshold,
-    plan_batches,
-)
+from worker.core.fanout import FanoutConfigError, decide_after_batch, plan_batches
 from worker.core.names import (
     TemplateError,
     render_namespace,
@@ -77,46 +66,34 @@ from worker.core.names import (
 )
 from worker.core.secret import desired_secret
 from worker.core.snapshot import PreviousSecret
-from worker.kube.client import KubeClient, RetryPolicy
+from worker.kube.client import KubeClient
 from worker.kube.deploy import DeployOutcome, deploy_secret, rollback_secret
 from worker.kube.errors import KubeError
 from worker.platform.runtime import Runtime
+
+__all__ = [
+    "DATABASE_OUTAGE_ERRORS",
+    "HEARTBEAT_EVERY",
+    "Dispatcher",
+    "ReapReport",
+    "TargetJob",
+    "TargetOutcome",
+    "advance_run",
+    "claim_lease",
+    "process_targets",
+    "reap",
+    "start_run",
+]
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-_OPEN = (ResultStatus.PENDING, ResultStatus.RUNNING)
-
 #: Longest interval between two heartbeats of a running run (seconds; capped at a tenth of
 #: the reaper's stale_after).
 HEARTBEAT_EVERY = 1.0
 
-#: Errors that mean "the database is unreachable right now", not "this request is wrong":
-#: a lost or refused connection, a server restarting, an exhausted pool. Tasks retry them.
-DATABASE_OUTAGE_ERRORS: tuple[type[Exception], ...] = (
-    OperationalError,
-    InterfaceError,
-    PoolTimeoutError,
-)
-
-
-class Dispatcher(Protocol):
-    """Sends the messages that move runs forward (implemented with Celery in tasks/)."""
-
-    def start(self, run_id: str) -> None:
-        """Ask a worker to start ``run_id``."""
-
-    def process_targets(self, run_id: str, target_ids: Sequence[str]) -> None:
-        """Ask workers to process these targets of ``run_id`` in parallel."""
-
-    def advance(self, run_id: str, batch_index: int) -> None:
-        """Ask a worker to decide what follows batch ``batch_index`` of ``run_id``."""
-
-
-def utcnow() -> datetime:
-    """The current time, timezone-aware UTC."""
-    return datetime.now(UTC)
+_OPEN = (ResultStatus.PENDING, ResultStatus.RUNNING)
 
 
 # ------------------------------------------------------------------------------ start
@@ -129,8 +106,9 @@ def start_run(rt: Runtime, dispatch: Dispatcher, run_id: str) -> None:
     webhook = False
     try:
         with rt.session() as session:
-            run = session.get(Run, run_id)
-            if run is None:
+            try:
+                run = queries.get_run(session, run_id)
+            except queries.NotFoundError:
                 log.warning("run %s does not exist; nothing to start", run_id)
                 return
             if run.state is not RunState.QUEUED:
@@ -154,19 +132,22 @@ def start_run(rt: Runtime, dispatch: Dispatcher, run_id: str) -> None:
         # compare-and-set (the row lock) to this one's twin: the run is already going on.
         return
     if webhook:
-        _run_webhook(rt, dispatch, run_id)
+        run_webhook(rt, dispatch, run_id)
     else:
         dispatch.process_targets(run_id, first_batch)
 
 
+def _group(session: Session, distribution: Distribution) -> TargetGroup | None:
+    if distribution.group_id is None:
+        return None
+    return queries.get_group(session, distribution.group_id)
+
+
 def _plan(rt: Runtime, session: Session, distribution: Distribution) -> list[list[str]]:
+    # Ids only: planning a large fleet builds no ORM object per target.
     target_ids = queries.distribution_target_ids(session, distribution)
-    batch_value: Any = rt.settings.fanout.default_batch_size
-    if distribution.group_id is not None:
-        group = session.get(TargetGroup, distribution.group_id)
-        if group is not None and group.batch_size is not None:
-            batch_value = group.batch_size
-    return plan_batches(target_ids, parse_batch_size(batch_value))
+    fanout = group_fanout(rt, _group(session, distribution))
+    return plan_batches(target_ids, fanout.batch_size)
 
 
 # --------------------------------------------------------------------- process a target
@@ -192,6 +173,11 @@ class TargetJob:
     """The target's sealed kubeconfig, to find the cached client without another query."""
     snapshot_exists: bool = False
     """A rollback snapshot was already stored when the target was claimed."""
+
+    @property
+    def claim(self) -> queries.HeldClaim:
+        """The claim this job holds on its result row."""
+        return queries.HeldClaim(self.run_id, self.target.id, self.attempt)
 
 
 @dataclass
@@ -290,155 +276,28 @@ def claim_lease(rt: Runtime) -> timedelta:
     return timedelta(seconds=rt.settings.tasks.time_limit + 5)
 
 
-# The statements run for every target, built once per process: building a statement took
-# more of a worker's CPU than PostgreSQL took to run it (py-spy, bench/). The UPDATEs go to
-# the tables directly, skipping the ORM's bulk-update bookkeeping (nothing here needs the
-# identity map). Every parameter is typed by its column so SQLite stores what it compares;
-# UPDATE parameters are prefixed because SQLAlchemy reserves column names for the SET clause.
-_results = cast(Table, TargetResult.__table__)
-_runs = cast(Table, Run.__table__)
-
-
-def _param(name: str, column: Any) -> Any:
-    return bindparam(name, type_=column.type)
-
-
-#: The run, its distribution, certificate and group variables, in one statement.
-_LOAD_RUN = (
-    select(Run, Distribution, Certificate, TargetGroup.variables)
-    .join(Distribution, Distribution.id == Run.distribution_id)
-    .join(Certificate, Certificate.id == Distribution.certificate_id)
-    .outerjoin(TargetGroup, TargetGroup.id == Distribution.group_id)
-    .where(Run.id == bindparam("run_id"))
-)
-#: Compare-and-set: pending, or running under an expired lease, becomes ours.
-_CLAIM = (
-    update(_results)
-    .where(
-        _results.c.run_id == bindparam("b_run_id"),
-        _results.c.target_id.in_(bindparam("b_target_ids", expanding=True)),
-        or_(
-            _results.c.status == ResultStatus.PENDING,
-            and_(
-                _results.c.status == ResultStatus.RUNNING,
-                _results.c.started_at < _param("expired", _results.c.started_at),
-            ),
-        ),
-    )
-    .values(
-        status=ResultStatus.RUNNING,
-        started_at=_param("now", _results.c.started_at),
-        attempts=_results.c.attempts + 1,
-    )
-    .returning(_results.c.target_id, _results.c.batch_index, _results.c.attempts)
-)
-#: The targets, their sealed credentials, and whether a rollback snapshot exists for each.
-_LOAD_TARGETS = (
-    select(
-        Target,
-        Credential.secret,
-        select(RollbackSnapshot.id)
-        .where(
-            RollbackSnapshot.distribution_id == bindparam("distribution_id"),
-            RollbackSnapshot.target_id == Target.id,
-        )
-        .exists(),
-    )
-    .outerjoin(Credential, Credential.id == Target.credential_id)
-    .where(Target.id.in_(bindparam("target_ids", expanding=True)))
-)
-#: Compare-and-set on (running, attempt): a delivery whose lease was taken over writes nothing.
-_HELD = and_(
-    _results.c.run_id == bindparam("b_run_id"),
-    _results.c.target_id == bindparam("b_target_id"),
-    _results.c.status == ResultStatus.RUNNING,
-    _results.c.attempts == bindparam("attempt"),
-)
-_RECORD = (
-    update(_results)
-    .where(_HELD)
-    .values(
-        {
-            column: _param(f"new_{column}", _results.c[column])
-            for column in (
-                "status",
-                "diff",
-                "error_reason",
-                "error_message",
-                "finished_at",
-                "duration_ms",
-                "resource_version",
-                "secret_name",
-                "namespace",
-            )
-        }
-    )
-)
-#: A claim given back untouched: pending again, as if this delivery never took it.
-_RELEASE = (
-    update(_results)
-    .where(_HELD)
-    .values(status=ResultStatus.PENDING, started_at=None, attempts=_results.c.attempts - 1)
-)
-#: The heartbeat, written only when older than ``beat_before``.
-_HEARTBEAT = (
-    update(_runs)
-    .where(
-        _runs.c.id == bindparam("b_run_id"),
-        or_(
-            _runs.c.heartbeat_at.is_(None),
-            _runs.c.heartbeat_at < _param("beat_before", _runs.c.heartbeat_at),
-        ),
-    )
-    .values(heartbeat_at=_param("now", _runs.c.heartbeat_at))
-)
-#: Any open row left in a batch? Stops at the first instead of counting the batch.
-_OPEN_ROW = (
-    select(_results.c.id)
-    .where(
-        _results.c.run_id == bindparam("run_id"),
-        _results.c.batch_index == bindparam("batch_index"),
-        _results.c.status.in_(_OPEN),
-    )
-    .limit(1)
-)
-
-
 def _claim(rt: Runtime, run_id: str, target_ids: Sequence[str]) -> list[TargetJob]:
     """Claim whichever of ``target_ids`` are free, in one transaction; their jobs, in order."""
     # Three statements for the whole message: every round trip here used to be paid once
     # per target, and the database, not the Kubernetes API, dominated (py-spy, bench/).
     now = utcnow()
     with rt.session() as session:
-        loaded = session.execute(_LOAD_RUN, {"run_id": run_id}).one_or_none()
+        loaded = queries.load_run_context(session, run_id)
         if loaded is None or loaded[0].state is not RunState.RUNNING:
             return []
         run, distribution, certificate, variables = loaded
-        claimed = {
-            row.target_id: row
-            for row in session.execute(
-                _CLAIM,
-                {
-                    "b_run_id": run_id,
-                    "b_target_ids": list(target_ids),
-                    "expired": now - claim_lease(rt),
-                    "now": now,
-                },
-            )
-        }
-        if not claimed:
+        claims = queries.claim_results(
+            session, run_id, target_ids, now=now, expired=now - claim_lease(rt)
+        )
+        if not claims:
             return []  # all final already, or held by other deliveries
-        loaded_targets = {
-            target.id: (target, envelope, bool(has_snapshot))
-            for target, envelope, has_snapshot in session.execute(
-                _LOAD_TARGETS, {"target_ids": list(claimed), "distribution_id": distribution.id}
-            )
-        }
+        targets = queries.load_claimed_targets(session, distribution.id, list(claims))
     jobs = []
     for target_id in dict.fromkeys(target_ids):  # message order, each target once
-        if target_id not in claimed:
+        claim = claims.get(target_id)
+        if claim is None:
             continue
-        target, envelope, has_snapshot = loaded_targets[target_id]
+        loaded_target = targets[target_id]
         jobs.append(
             TargetJob(
                 run_id=run_id,
@@ -446,14 +305,14 @@ def _claim(rt: Runtime, run_id: str, target_ids: Sequence[str]) -> list[TargetJo
                 options=dict(run.options or {}),
                 distribution_id=distribution.id,
                 store_content=distribution.store_content,
-                target=target,
+                target=loaded_target.target,
                 certificate=certificate,
-                group_variables=dict(variables or {}),
-                batch_index=claimed[target_id].batch_index,
-                attempt=claimed[target_id].attempts,
+                group_variables=variables,
+                batch_index=claim.batch_index,
+                attempt=claim.attempts,
                 claimed_at=now,
-                credential_envelope=envelope,
-                snapshot_exists=has_snapshot,
+                credential_envelope=loaded_target.credential_envelope,
+                snapshot_exists=loaded_target.snapshot_exists,
             )
         )
     return jobs
@@ -470,7 +329,7 @@ def _perform(rt: Runtime, job: TargetJob) -> TargetOutcome:
         )
         outcome.namespace = render_namespace(job.target.namespace_template, variables)
         outcome.secret_name = render_secret_name(job.target.secret_name_template, variables)
-        client = KubeClient(_api_client(rt, job), retry=RetryPolicy.from_settings(rt.settings.kube))
+        client = kube_client(rt, job.target, sealed_credential=job.credential_envelope)
         if job.action is RunAction.ROLLBACK:
             deployed = _rollback(rt, job, client, outcome.namespace, outcome.secret_name)
         else:
@@ -523,7 +382,7 @@ def _bundle(rt: Runtime, certificate: Certificate) -> TlsBundle:
     if cached is not None:
         return cached
     with rt.session() as session:
-        key_pem = queries.reveal_private_key(session, rt.keyring, certificate.id)
+        key_pem = queries.reveal_private_key(session, rt.sealer, certificate.id)
     bundle = build_bundle(
         certificate.leaf_pem.encode("ascii"),
         key_pem,
@@ -533,33 +392,6 @@ def _bundle(rt: Runtime, certificate: Certificate) -> TlsBundle:
     )
     rt.bundles.put(key, bundle)
     return bundle
-
-
-def _api_client(rt: Runtime, job: TargetJob | Target) -> Any:
-    # worker.app.service's health check hands in a bare Target (no claim, so no envelope with it).
-    if isinstance(job, TargetJob):
-        target, envelope = job.target, job.credential_envelope
-    else:
-        target, envelope = job, None
-    if target.connection_mode is ConnectionMode.IN_CLUSTER:
-        return rt.clients.for_in_cluster(rt.settings.kube.serviceaccount_dir, rt.environ)
-    assert target.credential_id is not None  # enforced by a check constraint
-    credential_id = target.credential_id
-    # The sealed credential came with the claim; decrypting it again is needed only when
-    # it differs from the one this process's cached client was built from (rotation).
-    if envelope is None:
-        with rt.session() as session:
-            envelope = queries.get_credential(session, credential_id).secret
-    cached = rt.cached_client(credential_id, envelope, target.allow_insecure)
-    if cached is not None:
-        return cached
-    with rt.session() as session:
-        kubeconfig = queries.reveal_credential(session, rt.keyring, credential_id)
-    client = rt.clients.for_kubeconfig(
-        credential_id, kubeconfig, allow_insecure=target.allow_insecure
-    )
-    rt.remember_client(credential_id, envelope, target.allow_insecure, client)
-    return client
 
 
 class _DatabaseSnapshotStore:
@@ -580,15 +412,10 @@ class _DatabaseSnapshotStore:
         with self._rt.session() as session:
             queries.save_snapshot_if_absent(
                 session,
-                self._rt.keyring,
+                self._rt.sealer,
                 distribution_id=self._distribution_id,
                 target_id=self._target_id,
-                existed=previous.existed,
-                secret_type=previous.type,
-                data=previous.data,
-                labels=previous.labels,
-                annotations=previous.annotations,
-                resource_version=previous.resource_version,
+                previous=previous.to_dict(),
             )
 
 
@@ -645,21 +472,16 @@ def _rollback(
     rt: Runtime, job: TargetJob, client: KubeClient, namespace: str, secret_name: str
 ) -> DeployOutcome:
     with rt.session() as session:
-        snapshot = queries.reveal_snapshot(session, rt.keyring, job.distribution_id, job.target.id)
-    previous = PreviousSecret(
-        existed=snapshot.existed,
-        type=snapshot.type,
-        data=dict(snapshot.data),
-        labels=dict(snapshot.labels),
-        annotations=dict(snapshot.annotations),
-        resource_version=snapshot.resource_version,
-    )
+        snapshot, previous = queries.reveal_snapshot(
+            session, rt.sealer, job.distribution_id, job.target.id
+        )
+        written_fingerprint = snapshot.written_fingerprint
     return rollback_secret(
         client,
         namespace=namespace,
         name=secret_name,
-        previous=previous,
-        written_fingerprint=snapshot.written_fingerprint,
+        previous=PreviousSecret.from_dict(previous),
+        written_fingerprint=written_fingerprint,
         force=bool(job.options.get("force", False)),
     )
 
@@ -667,51 +489,43 @@ def _rollback(
 def _record(rt: Runtime, finished: Sequence[tuple[TargetJob, TargetOutcome]]) -> None:
     """Write the outcomes whose claims this delivery still holds, in one transaction."""
     now = utcnow()
-    rows = [
-        {
-            "b_run_id": job.run_id,
-            "b_target_id": job.target.id,
-            "attempt": job.attempt,
-            "new_status": outcome.status,
-            "new_diff": outcome.diff,
-            "new_error_reason": outcome.error_reason,
-            "new_error_message": outcome.error_message,
-            "new_finished_at": outcome.finished_at or now,
-            "new_duration_ms": outcome.duration_ms,
-            "new_resource_version": outcome.resource_version,
-            "new_secret_name": outcome.secret_name,
-            "new_namespace": outcome.namespace,
-        }
+    records = [
+        queries.ResultRecord(
+            claim=job.claim,
+            status=outcome.status,
+            diff=outcome.diff,
+            error_reason=outcome.error_reason,
+            error_message=outcome.error_message,
+            finished_at=outcome.finished_at or now,
+            duration_ms=outcome.duration_ms,
+            resource_version=outcome.resource_version,
+            secret_name=outcome.secret_name,
+            namespace=outcome.namespace,
+        )
         for job, outcome in finished
     ]
+    run_id = finished[0][0].run_id
     with rt.session() as session:
-        written = session.execute(_RECORD, rows).rowcount  # type: ignore[attr-defined]
+        written = queries.record_results(session, records)
         # The heartbeat only tells the reaper the run is alive; writing it at most every
         # HEARTBEAT_EVERY keeps concurrent messages from queueing on the run row's lock.
         every = timedelta(seconds=min(HEARTBEAT_EVERY, rt.settings.tasks.stale_after / 10))
-        run_id = finished[0][0].run_id
-        session.execute(_HEARTBEAT, {"b_run_id": run_id, "beat_before": now - every, "now": now})
-    if 0 <= written < len(rows):
+        queries.heartbeat(session, run_id, now=now, unless_since=now - every)
+    if 0 <= written < len(records):
         # A lease expired (the message outlived it) and another delivery took those
         # targets over: it records its own outcomes.
         log.warning(
             "run %s: %d of %d outcomes not recorded; their claims were taken over",
             run_id,
-            len(rows) - written,
-            len(rows),
+            len(records) - written,
+            len(records),
         )
 
 
 def _release(rt: Runtime, jobs: Sequence[TargetJob]) -> None:
     """Give back claims this delivery will not start (re-queued by the caller)."""
     with rt.session() as session:
-        session.execute(
-            _RELEASE,
-            [
-                {"b_run_id": job.run_id, "b_target_id": job.target.id, "attempt": job.attempt}
-                for job in jobs
-            ],
-        )
+        queries.release_claims(session, [job.claim for job in jobs])
 
 
 def _batch_is_done(rt: Runtime, run_id: str, batch_index: int) -> bool:
@@ -719,8 +533,7 @@ def _batch_is_done(rt: Runtime, run_id: str, batch_index: int) -> bool:
     # together, the later commit is then sure to see both (inside one transaction neither
     # might).
     with rt.session() as session:
-        still_open = session.scalar(_OPEN_ROW, {"run_id": run_id, "batch_index": batch_index})
-    return still_open is None
+        return not queries.batch_has_open_row(session, run_id, batch_index)
 
 
 # --------------------------------------------------------------------------- advance
@@ -732,8 +545,11 @@ def advance_run(rt: Runtime, dispatch: Dispatcher, run_id: str, batch_index: int
     next_batch: list[str] = []
     cascade_run_id: str | None = None
     with rt.session() as session:
-        run = session.get(Run, run_id)
-        if run is None or run.state is not RunState.RUNNING or run.current_batch != batch_index:
+        try:
+            run = queries.get_run(session, run_id)
+        except queries.NotFoundError:
+            return
+        if run.state is not RunState.RUNNING or run.current_batch != batch_index:
             return
         batch_counts = queries.count_results(session, run_id, batch_index=batch_index)
         if any(batch_counts.get(status, 0) for status in _OPEN):
@@ -741,27 +557,17 @@ def advance_run(rt: Runtime, dispatch: Dispatcher, run_id: str, batch_index: int
         all_counts = queries.count_results(session, run_id)
         total = sum(all_counts.values())
         failed = all_counts.get(ResultStatus.FAILED, 0)
-        batch_failed = batch_counts.get(ResultStatus.FAILED, 0)
-        batch_total = sum(batch_counts.values())
         distribution = queries.get_distribution(session, run.distribution_id)
         decision = decide_after_batch(
             total_targets=total,
             failed_so_far=failed,
-            batch_size=batch_total,
-            batch_failed=batch_failed,
-            threshold=_threshold(rt, session, distribution),
+            batch_size=sum(batch_counts.values()),
+            batch_failed=batch_counts.get(ResultStatus.FAILED, 0),
+            threshold=group_fanout(rt, _group(session, distribution)).threshold,
         )
         last = batch_index + 1 >= len(run.batch_plan)
         # Compare-and-set on the batch index: of concurrent advances exactly one acts.
-        moved = session.execute(
-            update(Run)
-            .where(
-                Run.id == run_id, Run.state == RunState.RUNNING, Run.current_batch == batch_index
-            )
-            .values(current_batch=batch_index + 1, heartbeat_at=now)
-            .execution_options(synchronize_session=False)
-        )
-        if moved.rowcount != 1:  # type: ignore[attr-defined]
+        if not queries.advance_batch(session, run_id, from_batch=batch_index, now=now):
             return
         recovered = _recovery_note(run)
         if decision.halt and not last:
@@ -770,7 +576,7 @@ def advance_run(rt: Runtime, dispatch: Dispatcher, run_id: str, batch_index: int
                 session, run_id, from_batch=batch_index + 1, reason=f"skipped: {reason}", now=now
             )
             reason += f"; {skipped} target(s) skipped"
-            _finish(session, run_id, RunState.HALTED, reason + recovered, now)
+            queries.finish_run(session, run_id, RunState.HALTED, now=now, reason=reason + recovered)
         elif decision.halt or (last and failed):
             reason = (
                 f"failed: {decision.reason}"
@@ -778,13 +584,12 @@ def advance_run(rt: Runtime, dispatch: Dispatcher, run_id: str, batch_index: int
                 else f"partially failed: {failed} of {total} target(s) failed, "
                 "within the failure threshold"
             )
-            _finish(session, run_id, RunState.FAILED, reason + recovered, now)
+            queries.finish_run(session, run_id, RunState.FAILED, now=now, reason=reason + recovered)
         elif last:
-            _finish(
-                session, run_id, RunState.SUCCEEDED, _success_reason(all_counts) + recovered, now
-            )
+            reason = _success_reason(all_counts) + recovered
+            queries.finish_run(session, run_id, RunState.SUCCEEDED, now=now, reason=reason)
             if run.cascade and run.action is RunAction.EXECUTE:
-                cascade_run_id = _cascade(session, distribution, run_id)
+                cascade_run_id = queue_next_stacked(session, distribution, run_id)
         else:
             next_batch = list(run.batch_plan[batch_index + 1])
     if next_batch:
@@ -793,74 +598,16 @@ def advance_run(rt: Runtime, dispatch: Dispatcher, run_id: str, batch_index: int
         dispatch.start(cascade_run_id)
 
 
-def _threshold(rt: Runtime, session: Session, distribution: Distribution) -> Any:
-    value: Any = rt.settings.fanout.default_failure_threshold
-    if distribution.group_id is not None:
-        group = session.get(TargetGroup, distribution.group_id)
-        if group is not None and group.failure_threshold is not None:
-            value = group.failure_threshold
-    return parse_failure_threshold(value)
-
-
 def _success_reason(counts: Mapping[ResultStatus, int]) -> str:
     parts = [f"{count} {status.value}" for status, count in sorted(counts.items()) if count]
     return "succeeded: " + ", ".join(parts)
 
 
 def _recovery_note(run: Run) -> str:
-    recoveries = int((run.options or {}).get("reaper_recoveries", 0))
+    recoveries = queries.recoveries(run)
     if not recoveries:
         return ""
     return f" (the reaper resumed this run {recoveries} time(s) after lost work)"
-
-
-def _finish(session: Session, run_id: str, state: RunState, reason: str, now: datetime) -> None:
-    queries.finish_run(session, run_id, state, now=now, reason=reason)
-
-
-def _cascade(session: Session, distribution: Distribution, run_id: str) -> str | None:
-    """Queue the next stacked distribution of the certificate after a successful execute."""
-    following = queries.next_distribution(session, distribution)
-    if following is None:
-        return None
-    run = queries.create_run(
-        session,
-        distribution_id=following.id,
-        action=RunAction.EXECUTE,
-        cascade=True,
-        parent_run_id=run_id,
-    )
-    return run.id
-
-
-# ---------------------------------------------------------------------------- webhook
-
-
-def _run_webhook(rt: Runtime, dispatch: Dispatcher, run_id: str) -> None:
-    with rt.session() as session:
-        run = queries.get_run(session, run_id)
-        distribution = queries.get_distribution(session, run.distribution_id)
-        payload = webhook_payload(session, run, distribution)
-        url = distribution.webhook_url or ""
-        secret: bytes | None = None
-        if distribution.webhook_credential_id is not None:
-            secret = queries.reveal_credential(
-                session, rt.keyring, distribution.webhook_credential_id
-            )
-    state, reason = RunState.SUCCEEDED, ""
-    try:
-        status = deliver_webhook(url, payload, secret=secret, timeout=rt.settings.kube.read_timeout)
-        reason = f"succeeded: webhook answered HTTP {status}"
-    except WebhookError as exc:
-        state, reason = RunState.FAILED, f"failed: {exc}"
-    cascade_run_id: str | None = None
-    with rt.session() as session:
-        _finish(session, run_id, state, reason, utcnow())
-        run = queries.get_run(session, run_id)
-        if state is RunState.SUCCEEDED and run.cascade:
-            cascade_run_id = _cascade(session, distribution, run_id)
-    if cascade_run_id is not None:
-        dispatch.start(cascade_run_id)
 
 
 # ------------------------------------------------------------------------------ reaper
@@ -880,51 +627,28 @@ def reap(rt: Runtime, dispatch: Dispatcher, *, now: datetime | None = None) -> R
     now = now or utcnow()
     stale_before = now - timedelta(seconds=rt.settings.tasks.stale_after)
     lease_expired = now - claim_lease(rt)
-    restarted: list[str] = []
     redispatched: dict[str, list[str]] = {}
     advanced: list[tuple[str, int]] = []
     with rt.session() as session:
-        queued = session.scalars(
-            select(Run).where(Run.state == RunState.QUEUED, Run.created_at < stale_before)
-        ).all()
-        restarted.extend(run.id for run in queued)
+        restarted = queries.queued_runs_before(session, stale_before)
         for run in queries.stale_runs(session, heartbeat_before=stale_before):
-            lost = session.scalars(
-                select(TargetResult.target_id).where(
-                    TargetResult.run_id == run.id,
-                    TargetResult.batch_index == run.current_batch,
-                    or_(
-                        TargetResult.status == ResultStatus.PENDING,
-                        and_(
-                            TargetResult.status == ResultStatus.RUNNING,
-                            TargetResult.started_at < lease_expired,
-                        ),
-                    ),
-                )
-            ).all()
-            still_running = session.scalar(
-                select(func.count()).where(
-                    TargetResult.run_id == run.id,
-                    TargetResult.batch_index == run.current_batch,
-                    TargetResult.status == ResultStatus.RUNNING,
-                    TargetResult.started_at >= lease_expired,
-                )
-            )
+            batch = run.current_batch
+            lost = queries.lost_target_ids(session, run.id, batch, lease_expired=lease_expired)
             if lost:
-                redispatched[run.id] = list(lost)
-            elif not still_running:
-                advanced.append((run.id, run.current_batch))
+                redispatched[run.id] = lost
+            elif not queries.count_live_claims(session, run.id, batch, lease_expired=lease_expired):
+                advanced.append((run.id, batch))
             else:
                 continue
-            options = dict(run.options or {})
-            options["reaper_recoveries"] = int(options.get("reaper_recoveries", 0)) + 1
-            run.options = options
-            run.reason = (
-                f"resumed by the reaper at {now:%Y-%m-%d %H:%M:%S}Z after "
-                f"{rt.settings.tasks.stale_after:.0f}s without progress "
-                f"({len(lost)} target(s) re-sent)"
+            queries.note_recovery(
+                run,
+                reason=(
+                    f"resumed by the reaper at {now:%Y-%m-%d %H:%M:%S}Z after "
+                    f"{rt.settings.tasks.stale_after:.0f}s without progress "
+                    f"({len(lost)} target(s) re-sent)"
+                ),
+                now=now,
             )
-            run.heartbeat_at = now
     for run_id in restarted:
         dispatch.start(run_id)
     for run_id, target_ids in redispatched.items():

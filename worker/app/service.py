@@ -23,6 +23,7 @@ from worker.app.commands import (
     enqueue_run,
     import_certificate,
     renew_certificate,
+    rotate_keys,
 )
 from worker.app.views import (
     CertificateView,
@@ -81,6 +82,7 @@ __all__ = [
     "list_runs",
     "list_targets",
     "renew_certificate",
+    "rotate_keys",
     "run_report",
     "stacked_runs",
 ]

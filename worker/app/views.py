@@ -10,35 +10,23 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from models import queries
-from models.entities import (
-    Certificate,
-    Distribution,
-    Run,
-    Target,
-    TargetGroup,
-    TargetGroupMember,
-    TargetResult,
-)
+from models.entities import Certificate, Distribution, Run, Target, TargetGroup
 from models.enums import RunState
 from models.rollback import Availability, rollback_availability
+from worker.app.fanout import group_fanout
 from worker.core.crypto import envelope_key_id
-from worker.core.fanout import parse_batch_size, parse_failure_threshold, plan_batches
+from worker.core.fanout import plan_batches
 from worker.platform.runtime import Runtime
 
 
-def distribution_rollback_availability(session: Any, distribution: Distribution) -> Availability:
+def distribution_rollback_availability(
+    session: Session, distribution: Distribution
+) -> Availability:
     """Whether the Rollback button is enabled for a distribution (any target with a snapshot)."""
-    snapshots = [
-        queries.get_snapshot(session, distribution.id, target_id)
-        for target_id in queries.distribution_target_ids(session, distribution)
-    ]
-    present = [snapshot for snapshot in snapshots if snapshot is not None]
-    existed = [snapshot for snapshot in present if snapshot.existed]
-    chosen = (existed or present)[0] if present else None
-    return rollback_availability(distribution, chosen)
+    return rollback_availability(distribution, queries.distribution_snapshot(session, distribution))
 
 
 @dataclass(frozen=True)
@@ -95,13 +83,8 @@ def run_report(rt: Runtime, run_id: str) -> RunReport:
         return _report(session, run)
 
 
-def _report(session: Any, run: Run) -> RunReport:
-    rows = session.execute(
-        select(TargetResult, Target.name)
-        .join(Target, Target.id == TargetResult.target_id)
-        .where(TargetResult.run_id == run.id)
-        .order_by(TargetResult.batch_index, Target.name)
-    ).all()
+def _report(session: Session, run: Run) -> RunReport:
+    rows = queries.results_with_target_names(session, run.id)
     return RunReport(
         id=run.id,
         distribution_id=run.distribution_id,
@@ -150,7 +133,7 @@ def stacked_runs(rt: Runtime, run_id: str) -> list[str]:
     current = run_id
     with rt.session() as session:
         while True:
-            child = session.scalars(select(Run.id).where(Run.parent_run_id == current)).first()
+            child = queries.child_run_id(session, current)
             if child is None:
                 return chain
             chain.append(child)
@@ -253,18 +236,13 @@ class TargetView:
     groups: tuple[str, ...]
 
 
-def _target_view(session: Any, row: Target) -> TargetView:
+def _target_view(session: Session, row: Target) -> TargetView:
     credential = (
         queries.get_credential(session, row.credential_id).name
         if row.credential_id is not None
         else None
     )
-    groups = session.scalars(
-        select(TargetGroup.name)
-        .join(TargetGroupMember, TargetGroupMember.group_id == TargetGroup.id)
-        .where(TargetGroupMember.target_id == row.id)
-        .order_by(TargetGroup.name)
-    ).all()
+    groups = queries.target_group_names(session, row.id)
     return TargetView(
         id=row.id,
         name=row.name,
@@ -313,30 +291,21 @@ class GroupView:
     """Target names per batch, as a run started now would plan them."""
 
 
-def group_view(rt: Runtime, session: Any, row: TargetGroup) -> GroupView:
+def _shown(setting: object, *, default: bool) -> str:
+    return f"{setting} (default)" if default else str(setting)
+
+
+def group_view(rt: Runtime, session: Session, row: TargetGroup) -> GroupView:
+    """A group as shown to an operator, with the batches a run started now would use."""
     members = queries.group_targets(session, row.id)
     names = {target.id: target.name for target in members}
-    batch_value: Any = row.batch_size
-    batch_text = str(parse_batch_size(batch_value)) if batch_value is not None else ""
-    if batch_value is None:
-        batch_value = rt.settings.fanout.default_batch_size
-        batch_text = f"{parse_batch_size(batch_value)} (default)"
-    threshold_value = row.failure_threshold
-    threshold_text = (
-        str(parse_failure_threshold(threshold_value))
-        if threshold_value is not None
-        else f"{parse_failure_threshold(rt.settings.fanout.default_failure_threshold)} (default)"
-    )
-    plan = (
-        plan_batches([target.id for target in members], parse_batch_size(batch_value))
-        if members
-        else []
-    )
+    fanout = group_fanout(rt, row)
+    plan = plan_batches([target.id for target in members], fanout.batch_size) if members else []
     return GroupView(
         id=row.id,
         name=row.name,
-        batch_size=batch_text,
-        failure_threshold=threshold_text,
+        batch_size=_shown(fanout.batch_size, default=fanout.batch_size_is_default),
+        failure_threshold=_shown(fanout.threshold, default=fanout.threshold_is_default),
         variables=dict(row.variables),
         targets=tuple(target.name for target in members),
         batches=tuple(tuple(names[target_id] for target_id in batch) for batch in plan),
@@ -385,7 +354,7 @@ class DistributionView:
         return f"webhook {self.webhook_url}"
 
 
-def _distribution_view(session: Any, row: Distribution) -> DistributionView:
+def _distribution_view(session: Session, row: Distribution) -> DistributionView:
     certificate = queries.get_certificate(session, row.certificate_id)
     availability = distribution_rollback_availability(session, row)
     return DistributionView(
@@ -422,7 +391,7 @@ def get_distribution(rt: Runtime, distribution_id: str) -> DistributionView:
 
 
 def resolve_by_name_or_id(
-    session: Any, entity: str, name_or_id: str, by_name: Any, by_id: Any
+    session: Session, entity: str, name_or_id: str, by_name: Any, by_id: Any
 ) -> str:
     """The id of the row named ``name_or_id``, else of the row with that id."""
     for lookup in (by_name, by_id):
@@ -433,19 +402,19 @@ def resolve_by_name_or_id(
     raise queries.NotFoundError(entity, name_or_id, by="name or id")
 
 
-def resolve_credential(session: Any, name_or_id: str) -> str:
+def resolve_credential(session: Session, name_or_id: str) -> str:
     return resolve_by_name_or_id(
         session, "credential", name_or_id, queries.get_credential_by_name, queries.get_credential
     )
 
 
-def resolve_target(session: Any, name_or_id: str) -> str:
+def resolve_target(session: Session, name_or_id: str) -> str:
     return resolve_by_name_or_id(
         session, "target", name_or_id, queries.get_target_by_name, queries.get_target
     )
 
 
-def resolve_group(session: Any, name_or_id: str) -> str:
+def resolve_group(session: Session, name_or_id: str) -> str:
     return resolve_by_name_or_id(
         session, "group", name_or_id, queries.get_group_by_name, queries.get_group
     )

@@ -1,5 +1,8 @@
 """The webhook distribution: tell another system that a Kubernetes distribution landed.
 
+A webhook run is one delivery, not batches: :func:`run_webhook` posts the payload and
+finishes the run (and queues the next stacked distribution on success).
+
 Stacked after a Kubernetes distribution (spec section 04), it fires the rollout
 that pods reading the certificate from environment variables need. The body
 describes the outcome (certificate fingerprint, not-after, targets and Secret
@@ -21,7 +24,6 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import urllib3
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 from tenacity import (
     RetryError,
@@ -33,7 +35,11 @@ from tenacity import (
 )
 
 from models import queries
-from models.entities import Distribution, Run, Target, TargetResult
+from models.base import utcnow
+from models.entities import Distribution, Run
+from models.enums import RunState
+from worker.app.dispatch import Dispatcher, queue_next_stacked
+from worker.platform.runtime import Runtime
 
 SIGNATURE_HEADER = "X-CertAutoPilot-Signature"
 TIMESTAMP_HEADER = "X-CertAutoPilot-Timestamp"
@@ -60,12 +66,7 @@ def webhook_payload(session: Session, run: Run, distribution: Distribution) -> d
     parent: Run | None = None
     if run.parent_run_id is not None:
         parent = queries.get_run(session, run.parent_run_id)
-        rows = session.execute(
-            select(TargetResult, Target.name)
-            .join(Target, Target.id == TargetResult.target_id)
-            .where(TargetResult.run_id == parent.id)
-            .order_by(TargetResult.batch_index, Target.name)
-        ).all()
+        rows = queries.results_with_target_names(session, parent.id)
         targets = [
             {
                 "target": name,
@@ -144,3 +145,30 @@ def deliver_webhook(
         ) from None
     finally:
         http.clear()
+
+
+def run_webhook(rt: Runtime, dispatch: Dispatcher, run_id: str) -> None:
+    """Deliver a started webhook run's notification and finish the run with the outcome."""
+    with rt.session() as session:
+        run = queries.get_run(session, run_id)
+        distribution = queries.get_distribution(session, run.distribution_id)
+        payload = webhook_payload(session, run, distribution)
+        url = distribution.webhook_url or ""
+        secret: bytes | None = None
+        if distribution.webhook_credential_id is not None:
+            secret = queries.reveal_credential(
+                session, rt.sealer, distribution.webhook_credential_id
+            )
+    state, reason = RunState.SUCCEEDED, ""
+    try:
+        status = deliver_webhook(url, payload, secret=secret, timeout=rt.settings.kube.read_timeout)
+        reason = f"succeeded: webhook answered HTTP {status}"
+    except WebhookError as exc:
+        state, reason = RunState.FAILED, f"failed: {exc}"
+    cascade_run_id: str | None = None
+    with rt.session() as session:
+        run = queries.finish_run(session, run_id, state, now=utcnow(), reason=reason)
+        if state is RunState.SUCCEEDED and run.cascade:
+            cascade_run_id = queue_next_stacked(session, distribution, run_id)
+    if cascade_run_id is not None:
+        dispatch.start(cascade_run_id)

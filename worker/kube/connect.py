@@ -427,7 +427,12 @@ def build_api_client(
 
 
 class ClientCache:
-    """One API client per (credential, credential content) per process; thread-safe."""
+    """The process's API clients, one per credential slot; thread-safe.
+
+    Each slot remembers a hash of what its client was built from. A request with the same
+    hash gets the cached client without decrypting or vetting anything; a different hash (a
+    rotated credential) builds a new client and closes the old one.
+    """
 
     def __init__(
         self,
@@ -446,6 +451,26 @@ class ClientCache:
         with self._lock:
             return len(self._clients)
 
+    def for_sealed_credential(
+        self,
+        credential_id: str,
+        sealed: bytes,
+        *,
+        allow_insecure: bool,
+        reveal: Callable[[], bytes],
+    ) -> KubeApiClient:
+        """Return the client for a stored kubeconfig, keyed by its sealed bytes.
+
+        ``reveal`` (the decrypt) runs only when no client was built from exactly these sealed
+        bytes with this ``allow_insecure``, i.e. on first use and after a rotation.
+        """
+        content = hashlib.sha256(sealed).hexdigest()
+        return self._get(
+            f"credential:{credential_id}:{allow_insecure}",
+            content,
+            lambda: vet_kubeconfig(reveal(), allow_insecure=allow_insecure),
+        )
+
     def for_kubeconfig(
         self,
         credential_id: str,
@@ -454,7 +479,7 @@ class ClientCache:
         allow_insecure: bool = False,
         context: str | None = None,
     ) -> KubeApiClient:
-        """Return the cached client for this credential, vetting and building it on first use."""
+        """Return the cached client for a kubeconfig in clear, vetted and built on first use."""
         raw = kubeconfig.encode() if isinstance(kubeconfig, str) else kubeconfig
         # Only the hash is kept; the kubeconfig text itself is never stored here.
         content = hashlib.sha256(raw + f"\0{allow_insecure}\0{context or ''}".encode()).hexdigest()

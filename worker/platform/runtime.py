@@ -1,4 +1,4 @@
-"""Per-process resources: settings, database engine, keyring and Kubernetes API clients.
+"""Per-process resources: settings, database engine, keyring and the Kubernetes API client cache.
 
 A Celery prefork worker forks its pool processes after the parent imported the
 app, so anything holding a socket (database pool, urllib3 pools) must be created
@@ -13,13 +13,12 @@ import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from hashlib import sha256
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from worker.core.crypto import Keyring
+from worker.core.crypto import Keyring, SealContext, envelope_key_id, rewrap, seal, unseal
 from worker.core.lru import LruCache
 from worker.kube.connect import ClientCache
 from worker.platform.db import dispose_after_fork, make_engine, make_session_factory, session_scope
@@ -27,6 +26,31 @@ from worker.platform.settings import Settings, load_settings
 
 if TYPE_CHECKING:
     from worker.core.bundle import TlsBundle
+
+
+@dataclass(frozen=True)
+class KeyringSealer:
+    """The models' Sealer (models.sealing) over worker.core.crypto with this keyring."""
+
+    keyring: Keyring
+
+    def seal(self, plaintext: bytes, *, table: str, row_id: str, purpose: str) -> bytes:
+        """Encrypt under the current KEK, bound to (table, row id, purpose)."""
+        return seal(self.keyring, plaintext, SealContext(table, row_id, purpose))
+
+    def unseal(self, envelope: bytes, *, table: str, row_id: str, purpose: str) -> bytes:
+        """Decrypt an envelope bound to (table, row id, purpose)."""
+        return unseal(self.keyring, envelope, SealContext(table, row_id, purpose))
+
+    def rewrap(
+        self, envelope: bytes, to_key_id: str, *, table: str, row_id: str, purpose: str
+    ) -> bytes:
+        """Re-wrap the data key under ``to_key_id``; the payload is untouched."""
+        return rewrap(self.keyring, envelope, SealContext(table, row_id, purpose), to_key_id)
+
+    def key_id(self, envelope: bytes) -> str:
+        """The id of the KEK that wraps the envelope."""
+        return envelope_key_id(envelope)
 
 
 @dataclass
@@ -38,12 +62,12 @@ class Runtime:
     sessions: sessionmaker[Session]
     keyring: Keyring
     clients: ClientCache
+    """The process's API clients (one per credential, rebuilt when its sealed bytes change)."""
     environ: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
     """The process environment, read once (in-cluster detection needs KUBERNETES_SERVICE_*)."""
     pid: int = field(default_factory=os.getpid)
     bundles: LruCache[tuple[str, str], TlsBundle] = field(default_factory=lambda: LruCache(256))
     """Parsed certificate bundles by (certificate id, fingerprint): parse once per process."""
-    _client_versions: dict[str, tuple[str, Any]] = field(default_factory=dict)
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -51,18 +75,10 @@ class Runtime:
         with session_scope(self.sessions) as session:
             yield session
 
-    def cached_client(self, credential_id: str, envelope: bytes, allow_insecure: bool) -> Any:
-        """The client built for exactly this sealed credential, or None (saves a decrypt)."""
-        known = self._client_versions.get(credential_id)
-        if known is not None and known[0] == _version(envelope, allow_insecure):
-            return known[1]
-        return None
-
-    def remember_client(
-        self, credential_id: str, envelope: bytes, allow_insecure: bool, client: Any
-    ) -> None:
-        """Remember which sealed credential ``client`` was built from."""
-        self._client_versions[credential_id] = (_version(envelope, allow_insecure), client)
+    @property
+    def sealer(self) -> KeyringSealer:
+        """Seals and opens the models' envelopes with this process's keyring."""
+        return KeyringSealer(self.keyring)
 
     def close(self) -> None:
         """Release clients and pooled connections (worker shutdown)."""
@@ -70,8 +86,14 @@ class Runtime:
         self.engine.dispose()
 
 
-def _version(envelope: bytes, allow_insecure: bool) -> str:
-    return sha256(envelope + (b"\1" if allow_insecure else b"\0")).hexdigest()
+@contextmanager
+def migration_engine(url: str) -> Iterator[Engine]:
+    """An engine for :mod:`models.migrate` on ``url`` (SQLite foreign keys off), then disposed."""
+    engine = make_engine(url, sqlite_foreign_keys=False)
+    try:
+        yield engine
+    finally:
+        engine.dispose()
 
 
 def build_runtime(settings: Settings) -> Runtime:

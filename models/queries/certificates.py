@@ -1,0 +1,113 @@
+"""Certificates: store a validated bundle (private key sealed), renew it in place, read it."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Protocol
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from models.base import new_id
+from models.entities import Certificate
+from models.queries._common import get_row
+from models.sealing import Sealer
+
+__all__ = [
+    "BundleLike",
+    "CertificateFacts",
+    "get_certificate",
+    "list_certificates",
+    "replace_certificate",
+    "reveal_private_key",
+    "store_certificate",
+]
+
+_PRIVATE_KEY = {"table": Certificate.__tablename__, "purpose": "private_key"}
+
+
+class CertificateFacts(Protocol):
+    """The parsed leaf fields stored with a certificate (worker.core.bundle.CertificateInfo)."""
+
+    @property
+    def common_name(self) -> str | None: ...
+    @property
+    def sans(self) -> Sequence[str]: ...
+    @property
+    def serial_hex(self) -> str: ...
+    @property
+    def issuer(self) -> str: ...
+    @property
+    def not_before(self) -> datetime: ...
+    @property
+    def not_after(self) -> datetime: ...
+    @property
+    def sha256_fingerprint(self) -> str: ...
+
+
+class BundleLike(Protocol):
+    """A validated bundle (worker.core.bundle.TlsBundle): leaf facts, PEMs and the private key."""
+
+    @property
+    def leaf(self) -> CertificateFacts: ...
+    @property
+    def leaf_pem(self) -> bytes: ...
+    @property
+    def chain_pems(self) -> Sequence[bytes]: ...
+    @property
+    def key_pem(self) -> bytes: ...
+    @property
+    def ca_pem(self) -> bytes | None: ...
+
+
+def _apply_bundle(certificate: Certificate, sealer: Sealer, bundle: BundleLike) -> None:
+    leaf = bundle.leaf
+    certificate.common_name = leaf.common_name
+    certificate.sans = list(leaf.sans)
+    certificate.serial_hex = leaf.serial_hex
+    certificate.issuer = leaf.issuer
+    certificate.not_before = leaf.not_before
+    certificate.not_after = leaf.not_after
+    certificate.sha256_fingerprint = leaf.sha256_fingerprint
+    certificate.leaf_pem = bundle.leaf_pem.decode("ascii")
+    certificate.chain_pem = b"".join(bundle.chain_pems).decode("ascii")
+    certificate.ca_pem = bundle.ca_pem.decode("ascii") if bundle.ca_pem is not None else None
+    certificate.private_key = sealer.seal(bundle.key_pem, row_id=certificate.id, **_PRIVATE_KEY)
+
+
+def store_certificate(
+    session: Session, sealer: Sealer, bundle: BundleLike, *, certificate_id: str | None = None
+) -> Certificate:
+    """Insert a certificate from a validated bundle; the private key is sealed."""
+    certificate = Certificate(id=certificate_id or new_id())
+    _apply_bundle(certificate, sealer, bundle)
+    session.add(certificate)
+    session.flush()
+    return certificate
+
+
+def replace_certificate(
+    session: Session, sealer: Sealer, certificate_id: str, bundle: BundleLike
+) -> Certificate:
+    """Replace a certificate's content with a renewed bundle, keeping its id (renewal)."""
+    certificate = get_certificate(session, certificate_id)
+    _apply_bundle(certificate, sealer, bundle)
+    session.flush()
+    return certificate
+
+
+def get_certificate(session: Session, certificate_id: str) -> Certificate:
+    """The certificate with this id, or NotFoundError."""
+    return get_row(session, Certificate, certificate_id, "certificate")
+
+
+def list_certificates(session: Session) -> list[Certificate]:
+    """All certificates, oldest first."""
+    return list(session.scalars(select(Certificate).order_by(Certificate.created_at)))
+
+
+def reveal_private_key(session: Session, sealer: Sealer, certificate_id: str) -> bytes:
+    """The certificate's private key PEM, decrypted (only for building the Secret)."""
+    certificate = get_certificate(session, certificate_id)
+    return sealer.unseal(certificate.private_key, row_id=certificate.id, **_PRIVATE_KEY)

@@ -1,0 +1,233 @@
+"""Runs: create, start (plan + pending results), advance a batch, finish, and what the reaper
+looks for. The state machine that drives them is worker.app.runs."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import bindparam, insert, or_, select, update
+from sqlalchemy.orm import Session
+
+from models.entities import Certificate, Distribution, Run, TargetGroup
+from models.enums import RunAction, RunState
+from models.errors import NotFoundError, RunStateError
+from models.queries._statements import RESULTS, RUNS, typed_param
+from models.queries.distributions import get_distribution
+
+__all__ = [
+    "advance_batch",
+    "child_run_id",
+    "create_run",
+    "finish_run",
+    "get_run",
+    "heartbeat",
+    "list_runs",
+    "load_run_context",
+    "note_recovery",
+    "queued_runs_before",
+    "recoveries",
+    "stale_runs",
+    "start_run",
+]
+
+_ALLOWED_TRANSITIONS: dict[RunState, frozenset[RunState]] = {
+    RunState.QUEUED: frozenset({RunState.RUNNING, RunState.FAILED, RunState.HALTED}),
+    RunState.RUNNING: frozenset({RunState.SUCCEEDED, RunState.FAILED, RunState.HALTED}),
+}
+
+
+def create_run(
+    session: Session,
+    *,
+    distribution_id: str,
+    action: RunAction | str,
+    options: Mapping[str, Any] | None = None,
+    cascade: bool = False,
+    parent_run_id: str | None = None,
+) -> Run:
+    """Insert a queued run for a distribution."""
+    get_distribution(session, distribution_id)
+    run = Run(
+        distribution_id=distribution_id,
+        action=RunAction(action),
+        state=RunState.QUEUED,
+        options=dict(options or {}),
+        cascade=cascade,
+        parent_run_id=parent_run_id,
+        batch_plan=[],
+        current_batch=0,
+    )
+    session.add(run)
+    session.flush()
+    return run
+
+
+def get_run(session: Session, run_id: str, *, lock: bool = False) -> Run:
+    """The run with this id; ``lock`` takes a row lock (FOR UPDATE) on PostgreSQL."""
+    query = select(Run).where(Run.id == run_id)
+    if lock:
+        # SQLite ignores FOR UPDATE; there BEGIN IMMEDIATE already serialises writers.
+        query = query.with_for_update().execution_options(populate_existing=True)
+    run = session.scalars(query).one_or_none()
+    if run is None:
+        raise NotFoundError("run", run_id)
+    return run
+
+
+def list_runs(
+    session: Session, *, distribution_id: str | None = None, limit: int = 50
+) -> list[Run]:
+    """Most recent runs first (of one distribution, or all)."""
+    query = select(Run).order_by(Run.created_at.desc(), Run.id).limit(limit)
+    if distribution_id is not None:
+        query = query.where(Run.distribution_id == distribution_id)
+    return list(session.scalars(query))
+
+
+def child_run_id(session: Session, run_id: str) -> str | None:
+    """The id of the run started by cascading from ``run_id`` (the next stacked one), if any."""
+    return session.scalars(select(Run.id).where(Run.parent_run_id == run_id)).first()
+
+
+def _transition(run: Run, to: RunState) -> None:
+    if to not in _ALLOWED_TRANSITIONS.get(run.state, frozenset()):
+        raise RunStateError(f"run {run.id} is {run.state.value}; it cannot become {to.value}")
+    run.state = to
+
+
+def start_run(
+    session: Session, run_id: str, *, batch_plan: Sequence[Sequence[str]], now: datetime
+) -> Run:
+    """Mark a queued run running with its batch plan and create its pending target results."""
+    run = get_run(session, run_id, lock=True)
+    _transition(run, RunState.RUNNING)
+    plan = [list(batch) for batch in batch_plan]
+    run.batch_plan = plan
+    run.current_batch = 0
+    run.started_at = now
+    run.heartbeat_at = now
+    rows = [
+        {"run_id": run.id, "target_id": target_id, "batch_index": batch_index}
+        for batch_index, batch in enumerate(plan)
+        for target_id in batch
+    ]
+    session.flush()
+    if rows:
+        # One multi-row INSERT through Core, without an ORM object per result (see
+        # group_target_ids); column defaults (id, status, attempts) still apply.
+        session.execute(insert(RESULTS), rows)
+    return run
+
+
+def finish_run(
+    session: Session, run_id: str, state: RunState | str, *, now: datetime, reason: str | None
+) -> Run:
+    """Move a run to a terminal state (succeeded, failed, halted) with its reason."""
+    run = get_run(session, run_id, lock=True)
+    target_state = RunState(state)
+    if not target_state.is_terminal:
+        raise RunStateError(f"finish_run needs a terminal state, not {target_state.value}")
+    _transition(run, target_state)
+    run.reason = reason
+    run.finished_at = now
+    run.heartbeat_at = now
+    session.flush()
+    return run
+
+
+_FROM_BATCH = typed_param("from_batch", RUNS.c.current_batch)
+#: Compare-and-set on the batch index: of concurrent advances exactly one acts.
+_ADVANCE = (
+    update(RUNS)
+    .where(
+        RUNS.c.id == bindparam("b_run_id"),
+        RUNS.c.state == RunState.RUNNING,
+        RUNS.c.current_batch == _FROM_BATCH,
+    )
+    .values(current_batch=_FROM_BATCH + 1, heartbeat_at=typed_param("now", RUNS.c.heartbeat_at))
+)
+
+
+def advance_batch(session: Session, run_id: str, *, from_batch: int, now: datetime) -> bool:
+    """Compare-and-set the run's batch index from ``from_batch`` to the next one.
+
+    Of concurrent advances of one batch exactly one gets True. Rows of ``run`` already loaded
+    in this session keep their old ``current_batch``.
+    """
+    moved = session.execute(_ADVANCE, {"b_run_id": run_id, "from_batch": from_batch, "now": now})
+    return int(moved.rowcount) == 1  # type: ignore[attr-defined]
+
+
+#: The heartbeat, written only when older than ``beat_before``.
+_HEARTBEAT = (
+    update(RUNS)
+    .where(
+        RUNS.c.id == bindparam("b_run_id"),
+        or_(
+            RUNS.c.heartbeat_at.is_(None),
+            RUNS.c.heartbeat_at < typed_param("beat_before", RUNS.c.heartbeat_at),
+        ),
+    )
+    .values(heartbeat_at=typed_param("now", RUNS.c.heartbeat_at))
+)
+
+
+def heartbeat(session: Session, run_id: str, *, now: datetime, unless_since: datetime) -> None:
+    """Record progress on a running run, unless a heartbeat newer than ``unless_since`` exists.
+
+    Skipping recent heartbeats keeps concurrent messages from queueing on the run row's lock.
+    """
+    session.execute(_HEARTBEAT, {"b_run_id": run_id, "beat_before": unless_since, "now": now})
+
+
+#: The run, its distribution, certificate and group variables, in one statement.
+_LOAD_RUN = (
+    select(Run, Distribution, Certificate, TargetGroup.variables)
+    .join(Distribution, Distribution.id == Run.distribution_id)
+    .join(Certificate, Certificate.id == Distribution.certificate_id)
+    .outerjoin(TargetGroup, TargetGroup.id == Distribution.group_id)
+    .where(Run.id == bindparam("run_id"))
+)
+
+
+def load_run_context(
+    session: Session, run_id: str
+) -> tuple[Run, Distribution, Certificate, dict[str, Any]] | None:
+    """The run with its distribution, certificate and group variables (one statement), or None."""
+    loaded = session.execute(_LOAD_RUN, {"run_id": run_id}).one_or_none()
+    if loaded is None:
+        return None
+    run, distribution, certificate, variables = loaded
+    return run, distribution, certificate, dict(variables or {})
+
+
+def stale_runs(session: Session, *, heartbeat_before: datetime) -> list[Run]:
+    """Running runs whose last progress is older than ``heartbeat_before`` (for the reaper)."""
+    query = (
+        select(Run)
+        .where(Run.state == RunState.RUNNING, Run.heartbeat_at < heartbeat_before)
+        .order_by(Run.heartbeat_at)
+    )
+    return list(session.scalars(query))
+
+
+def queued_runs_before(session: Session, created_before: datetime) -> list[str]:
+    """Ids of runs still queued that were created before ``created_before`` (lost starts)."""
+    query = select(Run.id).where(Run.state == RunState.QUEUED, Run.created_at < created_before)
+    return list(session.scalars(query))
+
+
+def note_recovery(run: Run, *, reason: str, now: datetime) -> None:
+    """Count one more reaper recovery on the run, with the reason, as progress."""
+    options = dict(run.options or {})
+    options["reaper_recoveries"] = int(options.get("reaper_recoveries", 0)) + 1
+    run.options = options
+    run.reason = reason
+    run.heartbeat_at = now
+
+
+def recoveries(run: Run) -> int:
+    """How many times the reaper resumed this run."""
+    return int((run.options or {}).get("reaper_recoveries", 0))
