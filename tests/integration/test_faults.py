@@ -299,10 +299,10 @@ def _assert_truthful(
                 assert by_name[name].error_reason or status == "skipped", by_name[name]
             target = queries.get_target_by_name(session, name)
             if queries.get_snapshot(session, fleet.distribution_id, target.id) is not None:
-                snapshot = queries.reveal_snapshot(
-                    session, pipe.runtime.keyring, fleet.distribution_id, target.id
+                _, snapshot = queries.reveal_snapshot(
+                    session, pipe.runtime.sealer, fleet.distribution_id, target.id
                 )
-                held = snapshot.data.get("tls.key")
+                held = snapshot["data"].get("tls.key")
                 held_key = base64.b64decode(held) if held else None
                 assert held_key != new_key, f"{name}: the rollback snapshot holds our content"
                 assert held_key == old_key, f"{name}: the snapshot lost the previous content"

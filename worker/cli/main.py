@@ -201,13 +201,16 @@ def _settings() -> Settings:
 def ensure_schema(settings: Settings) -> None:
     """Create/upgrade the embedded default's schema; refuse other databases that lag behind."""
     from models import migrate
+    from worker.platform.runtime import migration_engine
     from worker.platform.settings import redact_url
 
-    current, head = migrate.current(settings.database.url), migrate.head()
-    if current == head:
-        return
+    with migration_engine(settings.database.url) as engine:
+        current, head = migrate.current(engine), migrate.head()
+        if current == head:
+            return
+        if settings.database.is_default:
+            migrate.upgrade(engine)
     if settings.database.is_default:
-        migrate.upgrade(settings.database.url)
         make_console(stderr=True).print(
             f"initialised the embedded database {redact_url(settings.database.url)} (schema {head})"
         )
@@ -641,19 +644,6 @@ def targets_check(
 # ---------------------------------------------------------------------------------- groups
 
 
-def _fanout_values(batch_size: str | None, failure_threshold: str | None) -> tuple[Any, Any]:
-    """Validate and normalise --batch-size and --failure-threshold (None = settings default)."""
-    from worker.core.fanout import parse_batch_size, parse_failure_threshold
-
-    batch = parse_batch_size(batch_size).as_config() if batch_size is not None else None
-    threshold = (
-        parse_failure_threshold(failure_threshold).as_config()
-        if failure_threshold is not None
-        else None
-    )
-    return batch, threshold
-
-
 def _print_group(view: Any, output: OutputFormat) -> None:
     if output is OutputFormat.JSON:
         emit_json(view)
@@ -691,14 +681,13 @@ def groups_create(
     """Create a group of targets with its batch size and failure threshold."""
     from worker.app.service import create_group, get_group
 
-    batch, threshold = _fanout_values(batch_size, failure_threshold)
     with _runtime() as rt:
         group_id = create_group(
             rt,
             name,
             target,
-            batch_size=batch,
-            failure_threshold=threshold,
+            batch_size=batch_size,
+            failure_threshold=failure_threshold,
             variables=_variables(var),
         )
         view = get_group(rt, group_id)
@@ -1070,11 +1059,10 @@ def keys_rotate(
     to: Annotated[str, typer.Option("--to", help="Key id to re-wrap every stored secret with.")],
 ) -> None:
     """Re-wrap every stored secret's data key under another KEK (resumable)."""
-    from models import queries
+    from worker.app.service import rotate_keys
 
-    with _runtime() as rt, rt.session() as session:
-        count = queries.rotate_keys(session, rt.keyring, to)
-        usage = queries.envelope_key_usage(session)
+    with _runtime() as rt:
+        count, usage = rotate_keys(rt, to)
     _say(f"re-wrapped {count} secret(s) under KEK {to!r}")
     _say("envelopes per KEK now: " + (", ".join(f"{k}: {n}" for k, n in usage.items()) or "none"))
 
@@ -1087,12 +1075,14 @@ def keys_rotate(
 def migrate_command() -> None:
     """Create or upgrade the database schema (run once per release, before the workers)."""
     from models import migrate
+    from worker.platform.runtime import migration_engine
     from worker.platform.settings import redact_url
 
     settings = _settings()
-    before = migrate.current(settings.database.url)
-    migrate.upgrade(settings.database.url)
-    after = migrate.current(settings.database.url)
+    with migration_engine(settings.database.url) as engine:
+        before = migrate.current(engine)
+        migrate.upgrade(engine)
+        after = migrate.current(engine)
     _say(
         f"database {redact_url(settings.database.url)}: schema {before or '(empty)'} -> {after}"
         if before != after
@@ -1230,9 +1220,9 @@ def _database_problem(settings: Settings) -> str | None:
         try:
             with engine.connect() as connection:
                 connection.execute(text("SELECT 1"))
+            current, head = migrate.current(engine), migrate.head()
         finally:
             engine.dispose()
-        current, head = migrate.current(settings.database.url), migrate.head()
     except (SQLAlchemyError, DatabaseUrlError, migrate.MigrationError, OSError) as exc:
         return f"database {redact_url(settings.database.url)} unreachable: {exc}"
     if current != head:
