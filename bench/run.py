@@ -30,7 +30,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
 
 from bench import metrics
 from bench.kubectl import find_kubectl, kubectl_loop
@@ -286,7 +285,7 @@ class PipelineDriver:
 
     def run(self, distribution_id: str, timeout: float = 1800.0) -> tuple[float, Any]:
         """Enqueue an execute run; return (seconds from enqueue to finished_at, report)."""
-        from models.entities import Run
+        from models import queries
         from worker.app import service
 
         rt = self.pipe.runtime
@@ -296,9 +295,8 @@ class PipelineDriver:
         while True:
             with rt.session() as session:
                 self.polls += 1
-                state, finished_at = session.execute(
-                    select(Run.state, Run.finished_at).where(Run.id == run_id)
-                ).one()
+                run = queries.get_run(session, run_id)
+                state, finished_at = run.state, run.finished_at
             if state.is_terminal:
                 break
             if time.monotonic() > deadline:
@@ -320,12 +318,10 @@ def _reach_seconds(report: Any, enqueued: datetime, finished: Sequence[datetime]
 
 
 def _finished_moments(pipe: Any, run_id: str) -> list[datetime]:
-    from models.entities import TargetResult
+    from models import queries
 
     with pipe.runtime.session() as session:
-        moments = session.scalars(
-            select(TargetResult.finished_at).where(TargetResult.run_id == run_id)
-        ).all()
+        moments = [r.finished_at for r in queries.list_target_results(session, run_id)]
     return [m if m.tzinfo else m.replace(tzinfo=UTC) for m in moments if m is not None]
 
 

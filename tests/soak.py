@@ -217,11 +217,11 @@ def _wait(pipe: Pipeline, run_id: str, chaos: Chaos, timeout: float) -> Any:
 
 
 def _recoveries(pipe: Pipeline, run_id: str) -> int:
-    from models.entities import Run
+    from models import queries
 
     with pipe.runtime.session() as session:
-        run = session.get(Run, run_id)
-        return int(((run.options if run is not None else None) or {}).get("reaper_recoveries", 0))
+        run = queries.get_run(session, run_id)
+        return int((run.options or {}).get("reaper_recoveries", 0))
 
 
 def _as_dict(tally: Tally) -> dict[str, Any]:
