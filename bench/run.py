@@ -30,7 +30,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-
 from bench import metrics
 from bench.kubectl import find_kubectl, kubectl_loop
 
