@@ -303,6 +303,7 @@ class PipelineDriver:
             time.sleep(0.05)
         self.polls += 1
         report = service.run_report(rt, run_id)
+        assert finished_at is not None  # a terminal run has its finish time
         if finished_at.tzinfo is None:
             finished_at = finished_at.replace(tzinfo=UTC)
         return (finished_at - enqueued).total_seconds(), (report, enqueued)
