@@ -368,9 +368,9 @@ def test_cli_dry_run_writes_nothing_execute_creates_the_secret_and_a_failure_exi
     (result,) = report["results"]
     assert result["error_reason"] == "namespace_not_found"
     assert 'namespaces "no-such-namespace" not found' in result["error_message"]
-    # The API server's own text, shown as text: the reason in brackets is not taken for Rich
-    # markup (it used to vanish from the table) and nothing in it can drive the terminal.
-    shown = operator("runs", "show", report["id"], "--diff")
+    # The API server's own text in the results table: the reason in brackets is not taken for
+    # Rich markup (it used to vanish from the table) and nothing in it can drive the terminal.
+    shown = operator("runs", "show", report["id"])
     assert shown.returncode == 0, shown.stderr
     assert '[namespace_not_found] namespaces "no-such-namespace" not found' in shown.stdout
     assert "\x1b" not in shown.stdout
