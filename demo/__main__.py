@@ -493,7 +493,8 @@ class _Demo:
                 cluster.namespaces.append(namespace)
                 _put_secret(cluster.admin, namespace, self.secret_name, old)
                 credential = f"{cluster.name}-{tenant}"
-                kubeconfig = folder / f"{credential}.yaml"
+                # Numbered: a context name (the credential's prefix) may hold '/' or ':'.
+                kubeconfig = folder / f"credential-{len(self.places) + 1}.yaml"
                 kubeconfig.touch(mode=0o600)
                 kubeconfig.write_text(cluster.credential_for(namespace))
                 self.cli("credentials", "add-kubeconfig", credential, "--file", str(kubeconfig))
