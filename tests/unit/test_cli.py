@@ -25,7 +25,7 @@ from typer.testing import CliRunner
 from models.rollback import STORE_CONTENT_OFF
 from tests.certfactory import make_chain
 from worker.cli.main import app
-from worker.cli.output import diff_from_dict, diff_summary, render_diff_dict
+from worker.cli.output import diff_from_dict, diff_summary, render_diff_dict, safe_text
 from worker.core.crypto import generate_kek
 from worker.core.secret import (
     CertificateSummary,
@@ -642,3 +642,102 @@ def test_diff_summary_names_the_changed_keys_and_serials(
     diff: dict[str, Any] | None, expected: str
 ) -> None:
     assert diff_summary(diff) == expected
+
+
+# --------------------------------------------------------------------------- output safety
+
+HOSTILE_NAMES = [
+    "[/]",
+    "[bold red]x",
+    "[link=https://evil.example]x[/link]",
+    ":warning: [dim]",
+]
+TERMINAL_CONTROLS = ["\x1b", "\r", "\x07", "\x9b", "\x9d", "\u202e"]
+
+
+def assert_no_terminal_controls(text: str) -> None:
+    for control in TERMINAL_CONTROLS:
+        assert control not in text, (control, text)
+
+
+@pytest.mark.parametrize("name", HOSTILE_NAMES)
+def test_markup_in_a_name_is_shown_literally(cli: Cli, name: str) -> None:
+    added = cli.ok("credentials", "add-webhook-secret", name, "--stdin", stdin="x" * 32)
+    assert f"stored webhook secret {name!r}" in added.stdout
+    assert name in cli.ok("credentials", "list").stdout
+    assert [c["name"] for c in cli.json("credentials", "list")] == [name]
+
+
+def test_markup_in_a_namespace_or_context_is_a_clear_error_not_a_crash(cli: Cli) -> None:
+    # Before: rich.errors.MarkupError (exit 1). Now the value is quoted literally (exit 2).
+    cli.ok("credentials", "add-kubeconfig", "kc", "--stdin", stdin=kubeconfig())
+    refused = cli("targets", "add", "t", "--namespace", "[/]", "--kubeconfig-credential", "kc")
+    assert_refused(refused, "'[/]'")
+    no_context = yaml.safe_load(kubeconfig())
+    no_context["current-context"] = "[bold red]x[/]"
+    text = yaml.safe_dump(no_context)
+    refused = cli("credentials", "add-kubeconfig", "kc2", "--stdin", stdin=text)
+    assert_refused(refused, "[bold red]x[/]")
+    assert [c["name"] for c in cli.json("credentials", "list")] == ["kc"]
+
+
+def test_terminal_control_sequences_never_reach_the_terminal(cli: Cli) -> None:
+    link = "\x1b]8;;http://evil.example\x1b\\click\x1b]8;;\x1b\\"
+    name = f"{link}\x1b[31mred\x1b[0m\rover\x07\x9b2J\u202eevil"
+    added = cli.ok("credentials", "add-webhook-secret", name, "--stdin", stdin="x" * 32)
+    listed = cli.ok("credentials", "list")
+    refused = cli("targets", "add", "t", "--namespace", "ns", "--kubeconfig-credential", name)
+    assert_refused(refused)
+    for output in (added.stdout, listed.stdout, refused.stderr):
+        assert_no_terminal_controls(output)
+    # The table shows the visible text, without the hidden link target.
+    assert "clickredover2Jevil" in listed.stdout
+    assert "http://evil.example" not in listed.stdout
+    # JSON is for scripts: it keeps the exact value (JSON escapes the controls itself).
+    assert [c["name"] for c in cli.json("credentials", "list")] == [name]
+
+
+def test_variables_with_control_sequences_are_shown_clean_and_kept_exact(cli: Cli) -> None:
+    cli.ok("credentials", "add-kubeconfig", "kc", "--stdin", stdin=kubeconfig())
+    value = "\x1b]8;;http://evil.example\x1b\\shop\x1b]8;;\x1b\\\r[bold]"
+    cli.ok(
+        "targets", "add", "t", "--namespace", "ingress", "--kubeconfig-credential", "kc",
+        "--var", f"tenant={value}", "--no-check",
+    )  # fmt: skip
+    shown = cli.ok("targets", "show", "t").stdout
+    assert_no_terminal_controls(shown)
+    assert "tenant=shop[bold]" in shown
+    assert cli.json("targets", "show", "t")["variables"] == {"tenant": value}
+
+
+@pytest.mark.parametrize(
+    ("raw", "shown"),
+    [
+        ("plain text", "plain text"),
+        ("two\nlines\tand a tab", "two\nlines\tand a tab"),
+        ("\x1b[1;31mred\x1b[0m", "red"),
+        ("\x1b]0;window title\x07after", "after"),
+        ("\x1b]8;;https://evil.example\x1b\\text\x1b]8;;\x1b\\", "text"),
+        ("\x1bP1$r\x1b\\dcs", "dcs"),
+        ("carriage\rreturn\r\n", "carriagereturn\n"),
+        ("c1\x9b31m\x85\x9d", "c131m"),
+        ("bidi \u202eevil\u202c ok", "bidi evil ok"),
+        ("lone escape \x1b", "lone escape "),
+    ],
+)
+def test_safe_text_removes_terminal_controls_and_keeps_newlines_and_tabs(
+    raw: str, shown: str
+) -> None:
+    assert safe_text(raw) == shown
+
+
+def test_the_installed_demo_command_says_how_to_get_the_demo(cli: Cli) -> None:
+    result = cli("demo")
+    assert_refused(result, "not part of the installed package", "bash scripts/demo")
+    assert not (cli.folder / "data").exists()
+
+
+@pytest.mark.parametrize("path", COMMANDS, ids=lambda p: " ".join(p) or "(root)")
+def test_help_shows_flags_without_a_value_type(cli: Cli, path: list[str]) -> None:
+    # Typer's rich help printed `--dry-run <bool>` and even `--help <bool>`.
+    assert "<bool>" not in cli.ok(*path, "--help").stdout

@@ -1,14 +1,23 @@
-"""How the CLI and the demo show things: rich tables, JSON, Secret diffs and a run in progress.
+"""How the CLI shows things: rich tables, JSON, Secret diffs and a run in progress.
 
 Nothing here prints secret material: the values shown come from the operator views in
 :mod:`worker.app.service` and from stored diffs (``SecretDiff.to_dict()``), which hold
 certificate facts and public-key hashes only.
+
+Everything shown is untrusted text: names, namespaces, template sources, variables, diff values
+and the API server's error texts come from operators and clusters. This module owns how such
+text reaches a terminal: :func:`safe_text` strips terminal control sequences, and the consoles
+from :func:`make_console` never interpret a string as Rich markup or emoji codes, so a value
+such as ``[/]`` or ``[link=...]`` prints literally. Styling is applied with
+:class:`rich.text.Text` styles only (:func:`plain`), never by formatting markup strings.
+``--output json`` bypasses all of it (:func:`emit_json` writes the exact values).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -37,15 +46,18 @@ if TYPE_CHECKING:  # the service layer (SQLAlchemy, kubernetes) is not needed fo
 
 __all__ = [
     "OutputFormat",
+    "SafeConsole",
     "diff_from_dict",
     "diff_summary",
     "emit_json",
     "follow_run",
     "make_console",
+    "plain",
     "print_report",
     "render_diff_dict",
     "result_table",
     "run_headline",
+    "safe_text",
     "status_text",
     "to_jsonable",
 ]
@@ -61,12 +73,64 @@ class OutputFormat(StrEnum):
     JSON = "json"
 
 
+# ------------------------------------------------------------------------- untrusted text
+
+_TERMINAL_CONTROLS = re.compile(
+    "|".join(
+        (
+            r"\x1b\[[0-?]*[ -/]*[@-~]?",  # CSI: colours, cursor moves, erasing (ECMA-48)
+            r"\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?",  # OSC: titles, OSC 8 links; to BEL or ST
+            r"\x1b[PX^_][^\x1b]*(?:\x1b\\)?",  # DCS, SOS, PM, APC strings up to ST
+            r"\x1b.?",  # any other escape sequence (and a lone ESC)
+            r"[\x00-\x08\x0b-\x1f\x7f-\x9f]",  # other C0 controls (not tab/newline), DEL, C1
+            r"[\u202a-\u202e\u2066-\u2069]",  # bidirectional overrides: reorder what is shown
+        )
+    )
+)
+
+
+def safe_text(value: object) -> str:
+    """``value`` as text that cannot drive the terminal: control sequences removed.
+
+    ANSI CSI/OSC sequences (colours, cursor moves, OSC 8 hyperlinks), carriage returns and every
+    other C0/C1 control character go, as do Unicode bidirectional overrides; newline and tab
+    stay because multi-line values (error texts, diffs) are legitimate.
+    """
+    return _TERMINAL_CONTROLS.sub("", str(value))
+
+
+def plain(value: object, style: str = "") -> Text:
+    """``value`` shown literally (never markup), control sequences removed, optionally styled."""
+    return Text(safe_text(value), style=style)
+
+
+class SafeConsole(Console):
+    """A console on which every string is shown literally and without control sequences.
+
+    Rich turns strings into text in :meth:`render_str` (``print``, table cells, rule titles);
+    here that never parses markup or emoji codes, whatever a caller asks, and runs
+    :func:`safe_text` first. Values put into :class:`~rich.text.Text` objects go through
+    :func:`plain` instead.
+    """
+
+    def render_str(self, text: str, **options: Any) -> Text:
+        options.update(markup=False, emoji=False)
+        return super().render_str(safe_text(text), **options)
+
+
 def make_console(*, stderr: bool = False) -> Console:
-    """A console for the current stdout (or stderr); wide and plain when not a terminal."""
+    """A safe console for the current stdout (or stderr); wide and plain when not a terminal."""
     stream = sys.stderr if stderr else sys.stdout
     width = None if stream.isatty() else PIPE_WIDTH
     # Pipes get whole lines (soft wrap): scripts and logs grep messages, not screen rows.
-    return Console(stderr=stderr, width=width, highlight=False, soft_wrap=width is not None)
+    return SafeConsole(
+        stderr=stderr,
+        width=width,
+        highlight=False,
+        soft_wrap=width is not None,
+        markup=False,
+        emoji=False,
+    )
 
 
 # ------------------------------------------------------------------------------------ JSON
@@ -224,15 +288,15 @@ _ACTION_WORDS = {
 
 def status_text(status: str) -> Text:
     """A target status, coloured."""
-    return Text(status, style=_STATUS_STYLES.get(ResultStatus(status), ""))
+    return plain(status, style=_STATUS_STYLES.get(ResultStatus(status), ""))
 
 
 def run_headline(report: RunReport) -> Text:
     """``Execute run <id>: succeeded — succeeded: 4 updated`` with the state coloured."""
-    line = Text(f"{_ACTION_WORDS.get(report.action, report.action)} run {report.id}: ")
-    line.append(report.state, style=_STATE_STYLES.get(RunState(report.state), ""))
+    line = plain(f"{_ACTION_WORDS.get(report.action, report.action)} run {report.id}: ")
+    line.append_text(plain(report.state, style=_STATE_STYLES.get(RunState(report.state), "")))
     if report.reason:
-        line.append(f" — {report.reason}")
+        line.append_text(plain(f" — {report.reason}"))
     return line
 
 
@@ -267,10 +331,10 @@ def result_table(report: RunReport, *, title: str | None = None) -> Table:
         )
         table.add_row(
             str(result.batch_index + 1),
-            result.target_name,
-            where,
+            plain(result.target_name),
+            plain(where),
             status_text(result.status),
-            _details(result),
+            plain(_details(result)),
         )
     return table
 
@@ -302,7 +366,7 @@ def follow_run(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("{task.fields[batch]}"),
+        TextColumn("{task.fields[batch]}", markup=False),
         TimeElapsedColumn(),
         console=console,
         transient=False,
@@ -317,7 +381,7 @@ def follow_run(
             progress.update(task, total=total or None, completed=done, batch=line)
             if not console.is_terminal and line != last_line:
                 # Pipes and CI logs get one line per change instead of an animated bar.
-                console.print(f"  {label}: {line}")
+                console.print(plain(f"  {label}: {line}"))
             last_line = line
             if report.finished:
                 return report
@@ -337,32 +401,23 @@ def follow_run(
             report = fetch()
 
 
-def print_report(
-    console: Console, report: RunReport, *, diffs: bool, diff_limit: int | None = None
-) -> None:
-    """A finished run: each target's diff (the first ``diff_limit``), the table and headline."""
+def print_report(console: Console, report: RunReport, *, diffs: bool) -> None:
+    """A finished run: each target's diff (with ``diffs``), the table and the headline."""
     if diffs:
-        shown = report.results if diff_limit is None else report.results[:diff_limit]
-        for result in shown:
+        for result in report.results:
             console.print(
                 Text.assemble(
                     "\n",
-                    (result.target_name, "bold"),
+                    plain(result.target_name, style="bold"),
                     f" (batch {result.batch_index + 1}): ",
                     status_text(result.status),
                 )
             )
             if result.diff:
                 text = render_diff_dict(result.diff, dry_run=report.action == "dry_run")
-                console.print(text, markup=False, highlight=False)
+                console.print(plain(text))
             elif result.error_message:
-                console.print(f"  [{result.error_reason}] {result.error_message}", markup=False)
-        hidden = len(report.results) - len(shown)
-        if hidden:
-            console.print(
-                f"\n({hidden} more target(s): see the table; `certautopilot runs show "
-                f"{report.id} --diff` prints every diff)"
-            )
+                console.print(plain(f"  [{result.error_reason}] {result.error_message}"))
         console.print()
     console.print(result_table(report))
     console.print(run_headline(report))

@@ -1,0 +1,124 @@
+"""``certautopilot certs``: import, list and renew certificates."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.text import Text
+
+from worker.cli.common import OutputOption, list_rows, new_typer, now, say
+from worker.cli.context import runtime
+from worker.cli.errors import handled
+from worker.cli.inputs import read_optional
+from worker.cli.output import OutputFormat, emit_json, format_time, plain
+
+app = new_typer("Certificates: import, list, renew.")
+
+
+@app.command("import")
+@handled
+def import_(
+    cert: Annotated[
+        Path, typer.Option("--cert", help="Leaf certificate PEM (may hold the chain).")
+    ],
+    key: Annotated[Path, typer.Option("--key", help="Private key PEM.")],
+    chain: Annotated[Path | None, typer.Option("--chain", help="Intermediates PEM.")] = None,
+    ca: Annotated[Path | None, typer.Option("--ca", help="Issuing root CA PEM.")] = None,
+    allow_expired: Annotated[
+        bool, typer.Option("--allow-expired", help="Accept an expired certificate.")
+    ] = False,
+    output: OutputOption = OutputFormat.TEXT,
+) -> None:
+    """Import a certificate with its key (the key is stored encrypted)."""
+    from worker.app.service import get_certificate, import_certificate
+    from worker.cli.files import read_file
+
+    cert_pem, key_pem = read_file(cert), read_file(key)
+    with runtime() as rt:
+        certificate_id = import_certificate(
+            rt,
+            cert_pem,
+            key_pem,
+            read_optional(chain) or b"",
+            read_optional(ca),
+            allow_expired=allow_expired,
+        )
+        view = get_certificate(rt, certificate_id)
+    if output is OutputFormat.JSON:
+        emit_json(view)
+        return
+    say(
+        f"imported certificate {view.id}\n"
+        f"  CN:        {view.common_name or '(none; SANs only)'}\n"
+        f"  SANs:      {', '.join(view.sans) or '(none)'}\n"
+        f"  serial:    {view.serial}\n"
+        f"  not after: {format_time(view.not_after)} ({view.days_left(now())} days left)"
+    )
+
+
+def _days_left_text(days: int) -> Text:
+    if days < 0:
+        return plain(f"expired {-days} day(s) ago", style="bold red")
+    return plain(str(days), style="yellow" if days < 30 else "green")
+
+
+@app.command("list")
+@handled
+def list_(output: OutputOption = OutputFormat.TEXT) -> None:
+    """List certificates with their expiry."""
+    from worker.app.service import list_certificates
+
+    moment = now()
+    list_rows(
+        output,
+        list_certificates,
+        ("id", "CN", "SANs", "serial", "not after", "days left"),
+        lambda row: (
+            row.id,
+            row.common_name or "-",
+            ", ".join(row.sans),
+            row.serial,
+            format_time(row.not_after),
+            _days_left_text(row.days_left(moment)),
+        ),
+    )
+
+
+@app.command("renew")
+@handled
+def renew(
+    certificate_id: Annotated[str, typer.Argument(help="Id of the certificate to renew.")],
+    cert: Annotated[Path, typer.Option("--cert", help="Renewed leaf certificate PEM.")],
+    key: Annotated[Path, typer.Option("--key", help="Its private key PEM.")],
+    chain: Annotated[Path | None, typer.Option("--chain", help="Intermediates PEM.")] = None,
+    ca: Annotated[Path | None, typer.Option("--ca", help="Issuing root CA PEM.")] = None,
+    output: OutputOption = OutputFormat.TEXT,
+) -> None:
+    """Replace a certificate with its renewal; its distributions deliver the new one."""
+    from worker.app.service import get_certificate, list_distributions, renew_certificate
+    from worker.cli.files import read_file
+
+    pems = {"cert": read_file(cert), "key": read_file(key)}
+    for name, path in (("chain", chain), ("ca", ca)):
+        if path is not None:
+            pems[name] = read_file(path)
+    with runtime() as rt:
+        before = get_certificate(rt, certificate_id)
+        renew_certificate(rt, certificate_id, pems)
+        after = get_certificate(rt, certificate_id)
+        distributions = list_distributions(rt, certificate_id)
+    if output is OutputFormat.JSON:
+        emit_json({"before": before, "after": after})
+        return
+    say(
+        f"renewed certificate {after.id}: serial {before.serial} -> {after.serial}, not after "
+        f"{format_time(before.not_after)} -> {format_time(after.not_after)}"
+    )
+    for distribution in distributions:
+        if distribution.kind == "kubernetes":
+            say(
+                f"  see the change: certautopilot run {distribution.id} --dry-run "
+                f"({distribution.destination})"
+            )

@@ -1,0 +1,177 @@
+"""``certautopilot targets``: one cluster + namespace each, with their health check."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.table import Table
+from rich.text import Text
+
+from worker.cli.common import OutputOption, list_rows, new_typer, print_table, say
+from worker.cli.context import runtime
+from worker.cli.errors import EXIT_FAILED, CliError, handled
+from worker.cli.inputs import variables
+from worker.cli.output import OutputFormat, emit_json, format_time, plain
+
+app = new_typer("Kubernetes targets: one cluster + namespace each.")
+
+
+@app.command("add")
+@handled
+def add(
+    name: Annotated[str, typer.Argument(help="Target name, e.g. prod-eu-1-ingress.")],
+    namespace: Annotated[
+        str, typer.Option("--namespace", help='Namespace, or a template like "{{ .tenant }}-edge".')
+    ],
+    kubeconfig_credential: Annotated[
+        str | None,
+        typer.Option("--kubeconfig-credential", help="Credential holding the kubeconfig."),
+    ] = None,
+    in_cluster: Annotated[
+        bool, typer.Option("--in-cluster", help="Use the pod's ServiceAccount (in Kubernetes).")
+    ] = False,
+    secret_name: Annotated[
+        str | None,
+        typer.Option(
+            "--secret-name",
+            help='Secret name template (default {{ .cn | replaceAll "." "-" }}-tls).',
+        ),
+    ] = None,
+    include_ca: Annotated[
+        bool, typer.Option("--include-ca", help="Also write ca.crt (only if consumers read it).")
+    ] = False,
+    var: Annotated[
+        list[str] | None, typer.Option("--var", help="Template variable name=value (repeatable).")
+    ] = None,
+    adopt_unmanaged: Annotated[
+        bool,
+        typer.Option("--adopt-unmanaged", help="Allow overwriting a Secret we did not create."),
+    ] = False,
+    allow_insecure: Annotated[
+        bool, typer.Option("--allow-insecure", help="Accept insecure-skip-tls-verify.")
+    ] = False,
+    no_check: Annotated[bool, typer.Option("--no-check", help="Skip the health check.")] = False,
+    output: OutputOption = OutputFormat.TEXT,
+) -> None:
+    """Save a Kubernetes target, then run its health check (reads the namespace)."""
+    from models.enums import ConnectionMode
+    from worker.app.service import TargetSpec, create_target, get_target
+    from worker.core.names import DEFAULT_SECRET_NAME_TEMPLATE
+
+    if (kubeconfig_credential is None) == (not in_cluster):
+        raise CliError(
+            "choose the connection: exactly one of --kubeconfig-credential NAME or --in-cluster"
+        )
+    spec = TargetSpec(
+        name=name,
+        namespace=namespace,
+        connection_mode=ConnectionMode.IN_CLUSTER if in_cluster else ConnectionMode.KUBECONFIG,
+        credential=kubeconfig_credential,
+        secret_name=secret_name or DEFAULT_SECRET_NAME_TEMPLATE,
+        include_ca=include_ca,
+        allow_insecure=allow_insecure,
+        adopt_unmanaged=adopt_unmanaged,
+        variables=variables(var),
+    )
+    with runtime() as rt:
+        target_id, _ = create_target(rt, spec, check=not no_check)
+        view = get_target(rt, target_id)
+    if output is OutputFormat.JSON:
+        emit_json(view)
+        return
+    say(f"saved target {view.name!r} (id {view.id})")
+    if no_check:
+        say(f"  health: not checked (--no-check); run `certautopilot targets check {name}`")
+    else:
+        _print_health(view.health_status, view.health_message, name)
+
+
+def _print_health(status: str, message: str | None, name: str) -> None:
+    style = "green" if status == "healthy" else "bold red"
+    say(Text.assemble("  health: ", plain(status, style=style), " — ", plain(message or "")))
+    if status != "healthy":
+        say(f"  fix the cause above, then run `certautopilot targets check {name}`")
+
+
+@app.command("list")
+@handled
+def list_(output: OutputOption = OutputFormat.TEXT) -> None:
+    """List targets with their connection and last health check."""
+    from worker.app.service import list_targets
+
+    list_rows(
+        output,
+        list_targets,
+        ("name", "connection", "namespace", "secret name", "health", "groups"),
+        lambda row: (
+            row.name,
+            (row.credential if row.connection_mode == "kubeconfig" else "in-cluster") or "-",
+            row.namespace,
+            row.secret_name,
+            row.health_status,
+            ", ".join(row.groups),
+        ),
+    )
+
+
+@app.command("show")
+@handled
+def show(
+    name: Annotated[str, typer.Argument(help="Target name or id.")],
+    output: OutputOption = OutputFormat.TEXT,
+) -> None:
+    """Show one target."""
+    from worker.app.service import get_target
+
+    with runtime() as rt:
+        view = get_target(rt, name)
+    if output is OutputFormat.JSON:
+        emit_json(view)
+        return
+    table = Table(show_header=False, box=None)
+    for label, value in (
+        ("name", view.name),
+        ("id", view.id),
+        ("connection", view.connection_mode),
+        ("credential", view.credential or "-"),
+        ("namespace", view.namespace),
+        ("secret name", view.secret_name),
+        ("include ca.crt", str(view.include_ca)),
+        ("adopt unmanaged", str(view.adopt_unmanaged)),
+        ("allow insecure", str(view.allow_insecure)),
+        ("variables", ", ".join(f"{k}={v}" for k, v in view.variables.items()) or "-"),
+        ("groups", ", ".join(view.groups) or "-"),
+        ("health", f"{view.health_status} ({format_time(view.health_checked_at)})"),
+        ("health message", view.health_message or "-"),
+    ):
+        table.add_row(label, plain(value))
+    print_table(table)
+
+
+@app.command("check")
+@handled
+def check(
+    name: Annotated[str, typer.Argument(help="Target name or id.")],
+    output: OutputOption = OutputFormat.TEXT,
+) -> None:
+    """Run the health check: namespace readable, get/create/update/patch on secrets allowed."""
+    from worker.app.service import check_target_health, get_target
+
+    with runtime() as rt:
+        target = get_target(rt, name)
+        result = check_target_health(rt, target.id)
+    if output is OutputFormat.JSON:
+        emit_json(
+            {
+                "target": target.name,
+                "status": result.status,
+                "message": result.message,
+                "report": result.report.to_dict() if result.report else None,
+            }
+        )
+    else:
+        say(f"target {target.name!r}:")
+        _print_health(result.status, result.message, target.name)
+    if result.status != "healthy":
+        raise typer.Exit(EXIT_FAILED)
