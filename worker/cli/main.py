@@ -201,7 +201,7 @@ def _settings() -> Settings:
 def ensure_schema(settings: Settings) -> None:
     """Create/upgrade the embedded default's schema; refuse other databases that lag behind."""
     from models import migrate
-    from worker.platform.settings import redact_url
+    from worker.platform.redaction import redact_url
 
     current, head = migrate.current(settings.database.url), migrate.head()
     if current == head:
@@ -1087,7 +1087,7 @@ def keys_rotate(
 def migrate_command() -> None:
     """Create or upgrade the database schema (run once per release, before the workers)."""
     from models import migrate
-    from worker.platform.settings import redact_url
+    from worker.platform.redaction import redact_url
 
     settings = _settings()
     before = migrate.current(settings.database.url)
@@ -1223,7 +1223,7 @@ def _database_problem(settings: Settings) -> str | None:
 
     from models import migrate
     from worker.platform.db import DatabaseUrlError, make_engine
-    from worker.platform.settings import redact_url
+    from worker.platform.redaction import redact_url
 
     try:
         engine = make_engine(settings.database.url)
@@ -1248,7 +1248,7 @@ def _broker_problem(settings: Settings, timeout: float) -> str | None:
     from kombu.connection import Connection
     from kombu.exceptions import KombuError
 
-    from worker.platform.settings import redact_url
+    from worker.platform.redaction import redact_url
 
     broker = Connection(  # type: ignore[no-untyped-call]
         settings.broker.url,
