@@ -28,8 +28,8 @@ from worker.app.runs import (
     reap,
     start_run,
 )
-from worker.platform.celery_app import app
-from worker.platform.runtime import Runtime, get_runtime
+from worker.platform.celery_app import app, configured_settings
+from worker.platform.runtime import Runtime, build_runtime, get_runtime, set_runtime
 from worker.platform.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -136,6 +136,14 @@ def advance_run_task(run_id: str, batch_index: int) -> None:
 
 
 # ------------------------------------------------------------------ worker life cycle
+
+
+@signals.worker_init.connect
+def _runtime_from_the_app_settings(**_: Any) -> None:
+    # In the worker's main process, before the pool forks: the runtime gets exactly the
+    # settings the app was configured (and bootstrapped) with. Pool processes inherit it and
+    # get_runtime() rebuilds its connections after the fork, keeping those settings.
+    set_runtime(build_runtime(configured_settings(app)))
 
 
 @signals.worker_process_init.connect

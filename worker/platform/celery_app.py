@@ -16,7 +16,7 @@ must survive a worker being killed in the middle of a write.
 from __future__ import annotations
 
 from typing import Any
-from weakref import WeakSet
+from weakref import WeakKeyDictionary
 
 from celery import Celery
 from kombu import Exchange, Queue  # type: ignore[attr-defined]
@@ -96,7 +96,7 @@ def configure(celery_app: Celery, settings: Settings) -> None:
     late re-configures that app instead of creating a second one.
     """
     celery_app.conf.update(celery_config(settings))
-    _configured.add(celery_app)
+    _configured[celery_app] = settings
     # The app caches its connection and producer pools; kombu keeps the pools
     # themselves in a registry keyed by connection, so forgetting the cached ones
     # makes the next send look up (or create) the pool for the new URL.
@@ -104,8 +104,18 @@ def configure(celery_app: Celery, settings: Settings) -> None:
     celery_app.amqp._producer_pool = None
 
 
-_configured: WeakSet[Celery] = WeakSet()
-"""The apps :func:`configure` has configured (the fallback below leaves them alone)."""
+_configured: WeakKeyDictionary[Celery, Settings] = WeakKeyDictionary()
+"""The settings each app was configured with by :func:`configure`."""
+
+
+def configured_settings(celery_app: Celery) -> Settings:
+    """The settings ``celery_app`` is configured with (from the environment if nobody did).
+
+    The worker's main process builds its runtime from them, so the worker uses exactly the
+    settings its composition root loaded and bootstrapped.
+    """
+    _configure_from_environment(celery_app)
+    return _configured[celery_app]
 
 
 def _configure_from_environment(sender: Celery, **_: Any) -> None:
