@@ -83,6 +83,10 @@ def test_configure_points_the_app_at_the_given_settings(tmp_path) -> None:  # ty
     configure(app, other)
     assert app.conf.broker_url == other.broker.url
     assert app.conf.task_default_queue == CONTROL_QUEUE
+    # The worker's main process builds its runtime from exactly these settings.
+    from worker.platform.celery_app import configured_settings
+
+    assert configured_settings(app) is other
 
 
 @pytest.mark.parametrize(
