@@ -1,4 +1,7 @@
-"""Celery tasks: thin wrappers that hand ids to worker.pipeline.
+"""Celery tasks: thin wrappers that hand ids to worker.app.runs.
+
+Importing this module registers the tasks on the (still unconfigured) Celery app and reads
+no settings; see worker/platform/celery_app.py for who configures it.
 
 Every argument is an id: certificate, key and kubeconfig bytes are read from the
 database and decrypted inside the task, so nothing secret sits in the broker, the
@@ -13,6 +16,7 @@ import math
 import threading
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from celery import group, signals
@@ -24,17 +28,19 @@ from worker.app.runs import (
     reap,
     start_run,
 )
-from worker.platform.celery_app import app
-from worker.platform.runtime import get_runtime
+from worker.platform.celery_app import app, configured_settings
+from worker.platform.runtime import Runtime, build_runtime, get_runtime, set_runtime
 from worker.platform.settings import Settings
 
 log = logging.getLogger(__name__)
 
+# The task names are a contract with the scheduler (and with messages already queued):
+# they never change, even where they have become inexact.
 START_RUN = "cap.run.start"
 ADVANCE_RUN = "cap.run.advance"
-REAP = "cap.run.reap"
-DEPLOY_TARGET = "cap.kube.target"
-HEALTH_CHECK = "cap.kube.health_check"
+#: One message carries up to MOST_PER_MESSAGE targets of a run; the name is from the time
+#: a message carried one target.
+PROCESS_TARGETS = "cap.kube.target"
 
 #: A dispatch is spread over at least this many messages before targets share one, so a
 #: small batch still reaches every pool process of a typical deployment at once.
@@ -105,14 +111,15 @@ def start_run_task(run_id: str) -> None:
     start_run(get_runtime(), dispatcher, run_id)
 
 
-@app.task(name=DEPLOY_TARGET, **DATABASE_RETRY)
+@app.task(name=PROCESS_TARGETS, **DATABASE_RETRY)
 def process_target_task(run_id: str, *target_ids: str) -> None:
     """Dry-run, execute or roll back targets of a run in turn (failures are recorded, not raised).
 
-    Each target is claimed, processed and recorded on its own, exactly as if it had come in
-    a message of its own: a redelivered message skips the targets already final. A target
-    starts only if it can finish inside the task's soft time limit even at its worst; the
-    rest go back to the queue in a new message.
+    The message's targets are claimed together, processed one after the other, and recorded
+    together (see worker.app.runs.process_targets); a redelivered message skips the targets
+    already final or claimed by another delivery. A target starts only if it can finish
+    inside the task's soft time limit even at its worst; the rest go back to the queue in a
+    new message.
     """
     rt = get_runtime()
     start_before = time.monotonic() + rt.settings.tasks.soft_time_limit
@@ -128,26 +135,15 @@ def advance_run_task(run_id: str, batch_index: int) -> None:
     advance_run(get_runtime(), dispatcher, run_id, batch_index)
 
 
-@app.task(name=REAP)
-def reap_task() -> dict[str, Any]:
-    """Resume runs that stalled (lost messages, killed workers); returns counts only."""
-    report = reap(get_runtime(), dispatcher)
-    return {
-        "restarted": len(report.restarted),
-        "redispatched": sum(report.redispatched.values()),
-        "advanced": len(report.advanced),
-    }
-
-
-@app.task(name=HEALTH_CHECK)
-def health_check_task(target_id: str) -> str:
-    """Check a target's namespace and RBAC and store the result on the target."""
-    from worker.app.service import check_target_health
-
-    return check_target_health(get_runtime(), target_id).status
-
-
 # ------------------------------------------------------------------ worker life cycle
+
+
+@signals.worker_init.connect
+def _runtime_from_the_app_settings(**_: Any) -> None:
+    # In the worker's main process, before the pool forks: the runtime gets exactly the
+    # settings the app was configured (and bootstrapped) with. Pool processes inherit it and
+    # get_runtime() rebuilds its connections after the fork, keeping those settings.
+    set_runtime(build_runtime(configured_settings(app)))
 
 
 @signals.worker_process_init.connect
@@ -171,18 +167,46 @@ class _Housekeeper(threading.Thread):
     def __init__(self) -> None:
         super().__init__(name="certautopilot-housekeeper", daemon=True)
         self.stopping = threading.Event()
+        self.heartbeat_failing = False
 
     def run(self) -> None:
         rt = get_runtime()
         interval = rt.settings.tasks.reaper_interval
         while not self.stopping.is_set():
-            try:
-                rt.settings.tasks.heartbeat_file.parent.mkdir(parents=True, exist_ok=True)
-                rt.settings.tasks.heartbeat_file.touch()
-                reap(rt, dispatcher)
-            except Exception:  # the housekeeper must outlive a database blip
-                log.exception("housekeeping pass failed; retrying in %.0fs", interval)
+            self.housekeep(rt)
             self.stopping.wait(interval)
+
+    def housekeep(self, rt: Runtime) -> None:
+        """One pass: the heartbeat, then the reaper. Neither's failure skips the other."""
+        self.beat(rt.settings.tasks.heartbeat_file)
+        try:
+            reap(rt, dispatcher)
+        except Exception:  # the housekeeper must outlive a database blip
+            log.exception(
+                "reaper pass failed; retrying in %.0fs", rt.settings.tasks.reaper_interval
+            )
+
+    def beat(self, heartbeat_file: Path) -> None:
+        """Touch the heartbeat file; say so once when that fails, and once when it works again."""
+        try:
+            heartbeat_file.parent.mkdir(parents=True, exist_ok=True)
+            heartbeat_file.touch()
+        except OSError as exc:
+            # A read-only root or a folder owned by someone else: the liveness probe will
+            # fail, which is the signal; repeating the error every few seconds adds nothing.
+            if not self.heartbeat_failing:
+                log.error(
+                    "cannot write the heartbeat file %s (%s): `certautopilot probe liveness` "
+                    "will report this worker dead; point CAP_HEARTBEAT_FILE at a writable "
+                    "file. The reaper keeps running.",
+                    heartbeat_file,
+                    exc,
+                )
+            self.heartbeat_failing = True
+            return
+        if self.heartbeat_failing:
+            log.warning("the heartbeat file %s is writable again", heartbeat_file)
+        self.heartbeat_failing = False
 
 
 _housekeeper: _Housekeeper | None = None

@@ -56,23 +56,37 @@ def test_late_acks_single_prefetch_json_only_events_and_routing() -> None:
     assert {queue.name for queue in config["task_queues"]} == {"kubernetes", CONTROL_QUEUE}
 
 
-def test_every_task_has_a_stable_explicit_name() -> None:
+def test_every_task_has_a_stable_explicit_name(tmp_path) -> None:  # type: ignore[no-untyped-def]
     import tasks.distribution as tasks
+    from worker.platform.celery_app import app, configure
 
+    # Reading a task's name finalizes the app: configure it first, as every composition root does.
+    configure(app, _settings(CAP_DATA_DIR=str(tmp_path)))
     names = {
         tasks.start_run_task.name,
         tasks.process_target_task.name,
         tasks.advance_run_task.name,
-        tasks.reap_task.name,
-        tasks.health_check_task.name,
     }
-    assert names == {
-        "cap.run.start",
-        "cap.kube.target",
-        "cap.run.advance",
-        "cap.run.reap",
-        "cap.kube.health_check",
-    }
+    assert names == {"cap.run.start", "cap.kube.target", "cap.run.advance"}
+    # The scheduler's contract: exactly these three, no task nobody sends.
+    assert {name for name in app.tasks if name.startswith("cap.")} == names
+    assert tasks.PROCESS_TARGETS == "cap.kube.target"
+
+
+def test_configure_points_the_app_at_the_given_settings(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from worker.platform.celery_app import app, configure
+
+    settings = _settings(CAP_DATA_DIR=str(tmp_path / "a"))
+    configure(app, settings)
+    assert app.conf.broker_url == settings.broker.url
+    other = _settings(CAP_DATA_DIR=str(tmp_path / "b"))
+    configure(app, other)
+    assert app.conf.broker_url == other.broker.url
+    assert app.conf.task_default_queue == CONTROL_QUEUE
+    # The worker's main process builds its runtime from exactly these settings.
+    from worker.platform.celery_app import configured_settings
+
+    assert configured_settings(app) is other
 
 
 @pytest.mark.parametrize(

@@ -11,13 +11,14 @@ from pathlib import Path
 import pytest
 
 from worker.core.crypto import Keyring
+from worker.platform.bootstrap import bootstrap
 from worker.platform.settings import (
     ENV_VARS,
+    FILE_VARIANTS,
     GENERATED_KEK_ID,
     Settings,
     SettingsError,
     load_settings,
-    redact_url,
 )
 
 KEK_A = base64.b64encode(bytes(range(32))).decode()
@@ -33,6 +34,8 @@ def env(tmp_path: Path) -> dict[str, str]:
 
 def test_nothing_set_gives_the_embedded_default(tmp_path: Path) -> None:
     settings = load_settings({"HOME": str(tmp_path)})
+    assert list(tmp_path.iterdir()) == []  # loading settings writes nothing
+    assert settings.uses_data_dir
     data_dir = tmp_path / ".local" / "share" / "certautopilot"
     assert settings.data_dir == data_dir
     assert settings.embedded_default
@@ -56,10 +59,14 @@ def test_nothing_set_gives_the_embedded_default(tmp_path: Path) -> None:
 
 
 def test_embedded_default_generates_a_private_kek_file_once(env: dict[str, str]) -> None:
-    first = load_settings(env)
+    loaded = load_settings(env)
+    assert not loaded.data_dir.exists() and dict(loaded.crypto.keys) == {}
+    first = bootstrap(loaded)
     kek_file = first.data_dir / "kek"
+    assert first.crypto.generated_file == kek_file
     assert stat.S_IMODE(kek_file.stat().st_mode) == 0o600
-    second = load_settings(env)
+    assert stat.S_IMODE(first.data_dir.stat().st_mode) == 0o700
+    second = bootstrap(load_settings(env))
     assert first.crypto.keys == second.crypto.keys
     assert len(first.crypto.keys[GENERATED_KEK_ID]) == 32
     assert "generated file" in first.crypto.source
@@ -68,7 +75,8 @@ def test_embedded_default_generates_a_private_kek_file_once(env: dict[str, str])
 def test_concurrent_first_starts_agree_on_one_generated_kek(env: dict[str, str]) -> None:
     results: list[Settings] = []
     threads = [
-        threading.Thread(target=lambda: results.append(load_settings(env))) for _ in range(8)
+        threading.Thread(target=lambda: results.append(bootstrap(load_settings(env))))
+        for _ in range(8)
     ]
     for thread in threads:
         thread.start()
@@ -107,10 +115,14 @@ def test_every_variable_is_read(env: dict[str, str], tmp_path: Path) -> None:
             "CAP_KUBE_QUEUE": "k8s.deploy",
             "CAP_HEARTBEAT_FILE": str(tmp_path / "hb"),
             "CAP_LOG_LEVEL": "debug",
+            "FLOWER_BASIC_AUTH": "ops:long-password,viewer:other-password",
         }
     )
     settings = load_settings(env)
-    assert set(env) - {"HOME"} == set(ENV_VARS)
+    assert set(env) - {"HOME", "CAP_DATA_DIR"} == set(ENV_VARS) - {"CAP_DATA_DIR"}
+    assert "CAP_DATA_DIR" in ENV_VARS
+    assert not settings.uses_data_dir  # nothing under CAP_DATA_DIR in use: no folder needed
+    assert bootstrap(settings) is settings and not Path(env["CAP_DATA_DIR"]).exists()
     assert not settings.embedded_default
     assert settings.database.url == PG_URL
     assert settings.database.backend == "postgresql"
@@ -131,6 +143,7 @@ def test_every_variable_is_read(env: dict[str, str], tmp_path: Path) -> None:
     assert settings.tasks.kube_queue == "k8s.deploy"
     assert settings.tasks.heartbeat_file == tmp_path / "hb"
     assert settings.tasks.log_level == "DEBUG"
+    assert settings.flower.basic_auth == "ops:long-password,viewer:other-password"
     assert Keyring.from_settings(settings).key_ids == ("k1", "k2")
 
 
@@ -323,19 +336,6 @@ def test_url_passwords_are_masked_in_errors(env: dict[str, str]) -> None:
     assert "user:***@host" in str(caught.value)
 
 
-@pytest.mark.parametrize(
-    ("url", "expected"),
-    [
-        ("redis://:pw@h:6379/0", "redis://:***@h:6379/0"),
-        ("postgresql+psycopg://u:p%40ss@h/db", "postgresql+psycopg://u:***@h/db"),
-        ("sqlite:////tmp/x.db", "sqlite:////tmp/x.db"),
-        ("redis://h:6379/0", "redis://h:6379/0"),
-    ],
-)
-def test_redact_url(url: str, expected: str) -> None:
-    assert redact_url(url) == expected
-
-
 def test_blank_values_mean_default(env: dict[str, str]) -> None:
     env.update({"CAP_KUBE_READ_TIMEOUT": "  ", "CAP_LOG_LEVEL": ""})
     settings = load_settings(env)
@@ -364,5 +364,90 @@ def test_load_settings_does_not_touch_os_environ(env: dict[str, str]) -> None:
 def test_unwritable_data_dir_is_a_settings_error(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("")
+    settings = load_settings({"HOME": str(tmp_path), "CAP_DATA_DIR": str(blocker / "sub")})
     with pytest.raises(SettingsError, match=r"CAP_DATA_DIR=.* cannot be created"):
-        load_settings({"HOME": str(tmp_path), "CAP_DATA_DIR": str(blocker / "sub")})
+        bootstrap(settings)
+
+
+# ----------------------------------------------------------------------- NAME_FILE variants
+
+SECRET_FILES = {
+    "CAP_DATABASE_URL": PG_URL,
+    "CAP_BROKER_URL": "redis://:brokerpass@redis:6379/0",
+    "CAP_RESULT_BACKEND": "redis://:brokerpass@redis:6379/1",
+    "FLOWER_BASIC_AUTH": "ops:long-password",
+}
+
+
+def test_every_secret_setting_has_a_file_variant() -> None:
+    assert set(FILE_VARIANTS) == {f"{name}_FILE" for name in SECRET_FILES}
+
+
+def test_secret_settings_can_be_read_from_files(env: dict[str, str], tmp_path: Path) -> None:
+    for name, value in SECRET_FILES.items():
+        path = tmp_path / name.lower()
+        path.write_text(value + "\n")  # as `echo` or a Kubernetes Secret leaves it
+        env[f"{name}_FILE"] = str(path)
+    env["CAP_KEK"] = f"k1:{KEK_A}"
+    settings = load_settings(env)
+    assert settings.database.url == PG_URL
+    assert settings.broker.url == SECRET_FILES["CAP_BROKER_URL"]
+    assert settings.broker.result_backend == SECRET_FILES["CAP_RESULT_BACKEND"]
+    assert settings.flower.basic_auth == "ops:long-password"
+    assert settings.ignored_variables == ()
+
+
+@pytest.mark.parametrize("name", sorted(SECRET_FILES))
+def test_a_variable_and_its_file_together_are_refused(
+    env: dict[str, str], tmp_path: Path, name: str
+) -> None:
+    path = tmp_path / "value"
+    path.write_text(SECRET_FILES[name])
+    env.update({name: SECRET_FILES[name], f"{name}_FILE": str(path), "CAP_KEK": f"k1:{KEK_A}"})
+    with pytest.raises(SettingsError, match=f"both {name} and {name}_FILE are set") as caught:
+        load_settings(env)
+    assert "brokerpass" not in str(caught.value) and "hunter2" not in str(caught.value)
+
+
+@pytest.mark.parametrize(("content", "expected"), [(None, "cannot be read"), ("\n", "is empty")])
+def test_an_unusable_secret_file_is_named(
+    env: dict[str, str], tmp_path: Path, content: str | None, expected: str
+) -> None:
+    path = tmp_path / "db-url"
+    if content is not None:
+        path.write_text(content)
+    env["CAP_DATABASE_URL_FILE"] = str(path)
+    with pytest.raises(SettingsError, match=f"CAP_DATABASE_URL_FILE='{path}' {expected}"):
+        load_settings(env)
+
+
+def test_a_bad_value_from_a_file_names_the_file_and_masks_the_password(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    path = tmp_path / "db-url"
+    path.write_text("mysql://worker:hunter2@db/cap")
+    env["CAP_DATABASE_URL_FILE"] = str(path)
+    with pytest.raises(SettingsError) as caught:
+        load_settings(env)
+    message = str(caught.value)
+    assert f"CAP_DATABASE_URL (from CAP_DATABASE_URL_FILE='{path}')" in message
+    assert "unsupported database 'mysql'" in message
+    assert "hunter2" not in message and "worker:***@db" in message
+
+
+@pytest.mark.parametrize("value", ["ops", "ops:", ":pw", "ops:pw,viewer"])
+def test_a_malformed_flower_login_is_refused_without_echoing_it(
+    env: dict[str, str], value: str
+) -> None:
+    env["FLOWER_BASIC_AUTH"] = value
+    with pytest.raises(SettingsError, match="FLOWER_BASIC_AUTH is invalid") as caught:
+        load_settings(env)
+    assert repr(value) not in str(caught.value)
+    assert "'user:password' pairs" in str(caught.value)
+
+
+def test_the_flower_login_is_never_shown(env: dict[str, str]) -> None:
+    env["FLOWER_BASIC_AUTH"] = "ops:long-password"
+    text = repr(load_settings(env))
+    assert "long-password" not in text and "ops" not in text
+    assert "FlowerSettings(basic_auth='***')" in text

@@ -27,9 +27,11 @@ __all__ = ["celery_dispatcher", "ensure_schema", "runtime", "settings"]
 
 def settings() -> Settings:
     """The settings from this process's environment, warning about unknown CAP_* variables."""
+    from worker.platform.bootstrap import bootstrap
     from worker.platform.settings import load_settings
 
-    loaded = load_settings(os.environ)
+    # The bootstrap creates the embedded default's folder and KEK (nothing otherwise).
+    loaded = bootstrap(load_settings(os.environ))
     if loaded.ignored_variables:
         make_console(stderr=True).print(
             "warning: ignoring unknown setting(s) "
@@ -42,8 +44,8 @@ def settings() -> Settings:
 def ensure_schema(settings: Settings) -> None:
     """Create/upgrade the embedded default's schema; refuse other databases that lag behind."""
     from models import migrate
+    from worker.platform.redaction import redact_url
     from worker.platform.runtime import migration_engine
-    from worker.platform.settings import redact_url
 
     with migration_engine(settings.database.url) as engine:
         current, head = migrate.current(engine), migrate.head()
@@ -85,8 +87,6 @@ def celery_dispatcher(settings: Settings) -> Dispatcher:
     from worker.platform.celery_app import app as celery_app
     from worker.platform.celery_app import configure
 
-    if celery_app.conf.broker_url != settings.broker.url:
-        # The Celery app configured itself from the environment at import time; a caller
-        # that built other settings (tests) must publish where its workers listen.
-        configure(celery_app, settings)
+    # The Celery app reads no settings by itself: publish exactly where these settings say.
+    configure(celery_app, settings)
     return dispatcher

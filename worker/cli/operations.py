@@ -19,8 +19,8 @@ from worker.cli.errors import CliError, handled
 def migrate() -> None:
     """Create or upgrade the database schema (run once per release, before the workers)."""
     from models import migrate as migrations
+    from worker.platform.redaction import redact_url
     from worker.platform.runtime import migration_engine
-    from worker.platform.settings import redact_url
 
     loaded = settings()
     with migration_engine(loaded.database.url) as engine:
@@ -105,10 +105,16 @@ def flower(
     """Start Flower against the workers' broker (basic auth from FLOWER_BASIC_AUTH)."""
     from worker.platform.celery_app import app as celery_app
 
-    if not no_auth and not os.environ.get("FLOWER_BASIC_AUTH"):
+    loaded = settings()
+    if not no_auth and loaded.flower.basic_auth is None:
         raise CliError(
             "refusing to start Flower without authentication: set FLOWER_BASIC_AUTH=user:password "
-            "(Flower reads it from the environment), or pass --no-auth explicitly on a trusted host"
+            "or FLOWER_BASIC_AUTH_FILE=/path/to/file, or pass --no-auth explicitly on a "
+            "trusted host"
         )
-    celery_dispatcher(settings())
+    if loaded.flower.basic_auth is not None:
+        # Flower reads its login from this process's environment (never from argv, which
+        # other users can see); the _FILE form is resolved into it here.
+        os.environ["FLOWER_BASIC_AUTH"] = loaded.flower.basic_auth
+    celery_dispatcher(loaded)
     celery_app.start(["flower", f"--port={port}", f"--address={address}"])

@@ -57,7 +57,7 @@ def _database_problem(settings: Settings) -> str | None:
 
     from models import migrate
     from worker.platform.db import DatabaseUrlError, make_engine
-    from worker.platform.settings import redact_url
+    from worker.platform.redaction import redact_url
 
     try:
         engine = make_engine(settings.database.url)
@@ -82,7 +82,7 @@ def _broker_problem(settings: Settings, timeout: float) -> str | None:
     from kombu.connection import Connection
     from kombu.exceptions import KombuError
 
-    from worker.platform.settings import redact_url
+    from worker.platform.redaction import redact_url
 
     broker = Connection(  # type: ignore[no-untyped-call]
         settings.broker.url,

@@ -1,15 +1,17 @@
 """A small least-recently-used map, safe to share between threads.
 
 The per-process caches (parsed bundles, diff summaries) use it; each entry is cheap to
-rebuild, so a bounded cache only trades memory for repeated parsing.
+rebuild, so a bounded cache only trades memory for repeated parsing. The eviction is
+cachetools' ``LRUCache``; it is not thread-safe (a read reorders entries), hence the lock.
 """
 
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
 from collections.abc import Hashable
 from typing import Generic, TypeVar
+
+from cachetools import LRUCache
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
@@ -22,27 +24,24 @@ class LruCache(Generic[K, V]):
         if capacity < 1:
             raise ValueError(f"capacity must be at least 1, not {capacity}")
         self.capacity = capacity
-        self._entries: OrderedDict[K, V] = OrderedDict()
+        self._entries: LRUCache[K, V] = LRUCache(maxsize=capacity)
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
-        return len(self._entries)
+        with self._lock:
+            return len(self._entries)
 
     def __contains__(self, key: object) -> bool:
-        return key in self._entries
+        # A membership test does not count as a use (cachetools does not reorder on it).
+        with self._lock:
+            return key in self._entries
 
     def get(self, key: K) -> V | None:
         """The value for ``key`` (now the most recent), or None."""
         with self._lock:
-            value = self._entries.get(key)
-            if value is not None:
-                self._entries.move_to_end(key)
-            return value
+            return self._entries.get(key)
 
     def put(self, key: K, value: V) -> None:
         """Store ``value``, dropping the least recent entries beyond the capacity."""
         with self._lock:
             self._entries[key] = value
-            self._entries.move_to_end(key)
-            while len(self._entries) > self.capacity:
-                self._entries.popitem(last=False)

@@ -1,22 +1,31 @@
-"""The Celery application: the composition root of the worker.
+"""The Celery application, configured lazily by whoever starts the process.
+
+Importing this module (or ``tasks.distribution``, which registers the tasks on :data:`app`)
+reads no settings and touches no file. The composition roots configure the app explicitly
+with :func:`configure`: the CLI's ``worker`` and ``flower`` commands and its dispatcher, and
+the tests. Only the bare ``celery -A worker.platform.celery_app:app ...`` command line has
+no composition root of ours: when Celery first reads its configuration and nobody called
+:func:`configure`, the app loads the settings from the environment then (and bootstraps them,
+as the CLI would).
 
 Every setting below is explicit on purpose: Celery's defaults are tuned for
 throughput of idempotent fire-and-forget work, while a certificate distribution
-must survive a worker being killed in the middle of a write. Settings come from
-:func:`worker.settings.load_settings`, read once here and nowhere below.
+must survive a worker being killed in the middle of a write.
 """
 
 from __future__ import annotations
 
 from typing import Any
+from weakref import WeakKeyDictionary
 
 from celery import Celery
 from kombu import Exchange, Queue  # type: ignore[attr-defined]
 
-from worker.platform.settings import Settings, load_settings
+from worker.platform.settings import Settings
 
-#: Queue for work that talks to the Kubernetes API (one message per target).
-#: Separated from control work so an operator can scale or drain the two apart.
+#: Queue for orchestration (start a run, advance a batch). The Kubernetes work (messages of
+#: up to 32 targets each, see tasks/distribution.py) has its own queue, CAP_KUBE_QUEUE, so
+#: an operator can scale or drain the two apart.
 CONTROL_QUEUE = "control"
 
 
@@ -80,21 +89,14 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     }
 
 
-def make_celery(settings: Settings) -> Celery:
-    """Build the Celery app for ``settings`` with the project's tasks registered."""
-    celery_app = Celery("certautopilot")
-    celery_app.conf.update(celery_config(settings))
-    celery_app.conf.include = ["tasks.distribution"]
-    return celery_app
-
-
 def configure(celery_app: Celery, settings: Settings) -> None:
-    """Point an existing app at other settings (tests and the CLI's --env handling).
+    """Configure ``celery_app`` for ``settings`` (first time, or again with other settings).
 
     Tasks are bound to the module-level app, so a process that learns its settings
     late re-configures that app instead of creating a second one.
     """
     celery_app.conf.update(celery_config(settings))
+    _configured[celery_app] = settings
     # The app caches its connection and producer pools; kombu keeps the pools
     # themselves in a registry keyed by connection, so forgetting the cached ones
     # makes the next send look up (or create) the pool for the new URL.
@@ -102,4 +104,32 @@ def configure(celery_app: Celery, settings: Settings) -> None:
     celery_app.amqp._producer_pool = None
 
 
-app = make_celery(load_settings())
+_configured: WeakKeyDictionary[Celery, Settings] = WeakKeyDictionary()
+"""The settings each app was configured with by :func:`configure`."""
+
+
+def configured_settings(celery_app: Celery) -> Settings:
+    """The settings ``celery_app`` is configured with (from the environment if nobody did).
+
+    The worker's main process builds its runtime from them, so the worker uses exactly the
+    settings its composition root loaded and bootstrapped.
+    """
+    _configure_from_environment(celery_app)
+    return _configured[celery_app]
+
+
+def _configure_from_environment(sender: Celery, **_: Any) -> None:
+    # Celery sends on_configure when it first reads the configuration. An app no
+    # composition root configured (the bare `celery -A ...` command line) configures
+    # itself from the environment here, exactly as the CLI's commands would.
+    if sender in _configured:
+        return
+    from worker.platform.bootstrap import bootstrap
+    from worker.platform.settings import load_settings
+
+    configure(sender, bootstrap(load_settings()))
+
+
+app = Celery("certautopilot", include=["tasks.distribution"])
+"""The worker's Celery app; unconfigured until :func:`configure` or first use (see above)."""
+app.on_configure.connect(_configure_from_environment, weak=False)

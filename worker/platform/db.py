@@ -32,7 +32,8 @@ from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import ConnectionPoolEntry, StaticPool
 
-from worker.platform.settings import normalize_database_url, redact_url
+from worker.platform.redaction import redact_url
+from worker.platform.settings import normalize_database_url
 
 __all__ = [
     "SQLITE_BUSY_TIMEOUT_MS",

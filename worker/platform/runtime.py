@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from worker.core.crypto import Keyring, SealContext, envelope_key_id, rewrap, seal, unseal
 from worker.core.lru import LruCache
 from worker.kube.connect import ClientCache
+from worker.platform.bootstrap import bootstrap
 from worker.platform.db import dispose_after_fork, make_engine, make_session_factory, session_scope
 from worker.platform.settings import Settings, load_settings
 
@@ -134,7 +135,7 @@ def get_runtime() -> Runtime:
             )
             _runtime = current
         if current is None:
-            current = build_runtime(load_settings())
+            current = build_runtime(bootstrap(load_settings()))
             _runtime = current
         return current
 

@@ -1,17 +1,29 @@
 """The worker's settings: one typed, frozen object read from the environment in one place.
 
-:func:`load_settings` is called once by the composition root (CLI, Celery app) and the result
-is passed down explicitly; no other module reads the environment.
+:func:`load_settings` is called by the composition roots (the CLI's commands, the bare
+``celery -A worker.platform.celery_app:app`` command line) and the result is passed down
+explicitly. Every setting of the worker, ``FLOWER_BASIC_AUTH`` included, is read here and
+nowhere else. (Two readers of the environment remain outside: Flower, started by
+``certautopilot flower``, reads its own ``FLOWER_*`` options, and the runtime keeps the process
+environment for the Kubernetes client's in-cluster detection, ``KUBERNETES_SERVICE_*``.)
 
-With nothing set, everything runs on an embedded default that needs no server: SQLite for
-the data, kombu's SQLAlchemy transport on SQLite for the broker and Celery's database result
-backend (which supports chords), all under ``CAP_DATA_DIR``. In that mode a KEK file is
-generated once (mode 0600) so secrets are still encrypted at rest. With any other database,
-a KEK must be configured explicitly: silently generating one on a single pod of a cluster
-would make the other pods unable to read what it wrote.
+Each variable is declared once, in the table below (:data:`ENV_VARS` is derived from it); the
+secret ones (database, broker and result-backend URLs, Flower's login) can instead name a
+file holding the value (``NAME_FILE``, as Docker and Kubernetes mount secrets), so nothing
+secret has to be an environment variable. Setting both ``NAME`` and ``NAME_FILE`` is an error.
+
+Loading settings writes nothing: it reads the environment and the files the environment
+names (``CAP_KEK_FILE``, the ``*_FILE`` variants). With nothing set, everything runs on an
+embedded default that needs no server: SQLite for the data, kombu's SQLAlchemy transport on
+SQLite for the broker and Celery's database result backend (which supports chords), all under
+``CAP_DATA_DIR``. In that mode a KEK file is generated once (mode 0600) so secrets are still
+encrypted at rest; :func:`worker.platform.bootstrap.bootstrap` creates the folder and that
+file and loads the key. With any other database, a KEK must be configured explicitly:
+silently generating one on a single pod of a cluster would make the other pods unable to
+read what it wrote.
 
 Invalid values raise :class:`SettingsError` naming the variable, the offending value (URL
-passwords masked, KEKs never shown) and the expected form.
+passwords masked, KEKs and Flower's login never shown) and the expected form.
 """
 
 from __future__ import annotations
@@ -22,28 +34,29 @@ import json
 import os
 import pwd
 import re
-import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from typing import Any, Generic, TypeVar
 
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
-from worker.core.crypto import KEK_BYTES, generate_kek, is_valid_key_id
+from worker.core.crypto import KEK_BYTES, is_valid_key_id
 from worker.core.fanout import FanoutConfigError, parse_batch_size, parse_failure_threshold
+from worker.platform.redaction import redact_url
 
 __all__ = [
     "ENV_VARS",
+    "FILE_VARIANTS",
     "GENERATED_KEK_ID",
     "BatchSizeValue",
     "BrokerSettings",
     "CryptoSettings",
     "DatabaseSettings",
     "FanoutSettings",
+    "FlowerSettings",
     "KubeSettings",
     "Settings",
     "SettingsError",
@@ -51,36 +64,8 @@ __all__ = [
     "ThresholdValue",
     "load_settings",
     "normalize_database_url",
-    "redact_url",
+    "read_kek_file",
 ]
-
-ENV_VARS = (
-    "CAP_DATA_DIR",
-    "CAP_DATABASE_URL",
-    "CAP_BROKER_URL",
-    "CAP_RESULT_BACKEND",
-    "CAP_KEK",
-    "CAP_KEK_FILE",
-    "CAP_KEK_CURRENT",
-    "CAP_SERVICEACCOUNT_DIR",
-    "CAP_KUBE_CONNECT_TIMEOUT",
-    "CAP_KUBE_READ_TIMEOUT",
-    "CAP_KUBE_RETRY_ATTEMPTS",
-    "CAP_KUBE_RETRY_MAX_SECONDS",
-    "CAP_SERVER_DRY_RUN",
-    "CAP_DEFAULT_BATCH_SIZE",
-    "CAP_DEFAULT_FAILURE_THRESHOLD",
-    "CAP_TASK_SOFT_TIME_LIMIT",
-    "CAP_TASK_TIME_LIMIT",
-    "CAP_BROKER_VISIBILITY_TIMEOUT",
-    "CAP_REAPER_INTERVAL",
-    "CAP_STALE_AFTER",
-    "CAP_WORKER_CONCURRENCY",
-    "CAP_KUBE_QUEUE",
-    "CAP_HEARTBEAT_FILE",
-    "CAP_LOG_LEVEL",
-)
-"""Every environment variable the worker reads (all others are ignored)."""
 
 GENERATED_KEK_ID = "k1"
 """Key id of the KEK generated for the embedded default."""
@@ -90,30 +75,9 @@ BatchSizeValue = int | str | tuple[int | str, ...]
 ThresholdValue = int | str
 """A failure threshold as configured: a count or a percentage such as "10%"."""
 
-_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-_TRUE = frozenset({"1", "true", "yes", "on"})
-_FALSE = frozenset({"0", "false", "no", "off"})
-_QUEUE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,199}")
-_KEK_HINT = "generate a key with: head -c 32 /dev/urandom | base64"
-
 
 class SettingsError(ValueError):
     """A setting is missing or malformed; the message names the variable and the expected form."""
-
-
-def redact_url(url: str) -> str:
-    """The URL with any password replaced by ``***`` (safe for messages and logs)."""
-    try:
-        parts = urlsplit(url)
-        password = parts.password
-    except ValueError:
-        return "<unparseable URL>"
-    if not password:
-        return url
-    netloc = parts.netloc
-    userinfo, _, hostinfo = netloc.rpartition("@")
-    user = userinfo.split(":", 1)[0]
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{hostinfo}"))
 
 
 def normalize_database_url(url: str) -> str:
@@ -175,13 +139,18 @@ class CryptoSettings:
 
     keys: Mapping[str, bytes]
     """KEK bytes (32 each) by key id, in load order: ``CAP_KEK`` entries first, then
-    ``CAP_KEK_FILE`` lines, or the generated ``{data_dir}/kek`` for the embedded default."""
+    ``CAP_KEK_FILE`` lines. For the embedded default, empty until
+    :func:`worker.platform.bootstrap.bootstrap` loads the generated ``generated_file``."""
 
     current_key_id: str
     """Key id used for new writes (``CAP_KEK_CURRENT``); default the first listed."""
 
     source: str
     """Where the keys came from, for operators (never contains key material)."""
+
+    generated_file: Path | None = None
+    """The embedded default's KEK file (``{data_dir}/kek``), generated once by the bootstrap;
+    None when KEKs are configured."""
 
     def __repr__(self) -> str:
         # Key ids are fine to show; the key bytes never are.
@@ -262,6 +231,19 @@ class TaskSettings:
     """One of DEBUG, INFO, WARNING, ERROR, CRITICAL (``CAP_LOG_LEVEL``, default INFO)."""
 
 
+@dataclass(frozen=True, repr=False)
+class FlowerSettings:
+    """Flower, the monitoring UI started by ``certautopilot flower``."""
+
+    basic_auth: str | None
+    """Flower's login, ``user:password[,user2:password2]`` (``FLOWER_BASIC_AUTH`` or
+    ``FLOWER_BASIC_AUTH_FILE``); None when not configured."""
+
+    def __repr__(self) -> str:
+        shown = None if self.basic_auth is None else "***"
+        return f"FlowerSettings(basic_auth={shown!r})"
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything the worker is configured with, grouped by concern."""
@@ -282,6 +264,8 @@ class Settings:
     """Group fan-out defaults (``CAP_DEFAULT_BATCH_SIZE``, ``CAP_DEFAULT_FAILURE_THRESHOLD``)."""
     tasks: TaskSettings
     """Worker and task limits (``CAP_TASK_*``, ``CAP_WORKER_CONCURRENCY``, ...)."""
+    flower: FlowerSettings = field(default_factory=lambda: FlowerSettings(basic_auth=None))
+    """Flower's login (``FLOWER_BASIC_AUTH``)."""
 
     ignored_variables: tuple[str, ...] = field(default=())
     """``CAP_*`` variables that were set but are not settings (likely typos); for a warning."""
@@ -291,10 +275,25 @@ class Settings:
         """True when the database is the default embedded SQLite file."""
         return self.database.is_default
 
+    @property
+    def uses_data_dir(self) -> bool:
+        """True when a default file under ``data_dir`` is in use (database, broker, results)."""
+        return (
+            self.database.is_default
+            or self.broker.url == _default_broker_url(self.data_dir)
+            or self.broker.result_backend == _default_result_backend(self.data_dir)
+        )
+
 
 # --------------------------------------------------------------------------- parsing helpers
 
 _T = TypeVar("_T")
+
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+_QUEUE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,199}")
+_KEK_HINT = "generate a key with: head -c 32 /dev/urandom | base64"
 
 
 def _get(environ: Mapping[str, str], name: str) -> str | None:
@@ -309,20 +308,22 @@ def _invalid(name: str, value: str, expected: str) -> SettingsError:
     return SettingsError(f"{name}={value!r} is invalid: expected {expected}")
 
 
-def _parse_with(
-    environ: Mapping[str, str],
-    name: str,
-    default: _T,
-    parse: Callable[[str], _T | None],
-    expected: str,
-) -> _T:
-    raw = _get(environ, name)
-    if raw is None:
-        return default
-    parsed = parse(raw)
-    if parsed is None:
-        raise _invalid(name, raw, expected)
-    return parsed
+def _home(environ: Mapping[str, str]) -> Path:
+    home = environ.get("HOME")
+    if home:
+        return Path(home)
+    # No HOME in the given mapping: ask the password database rather than os.environ.
+    return Path(pwd.getpwuid(os.getuid()).pw_dir)
+
+
+def _path(environ: Mapping[str, str], raw: str) -> Path:
+    if raw == "~" or raw.startswith("~/"):
+        raw = str(_home(environ)) + raw[1:]
+    return Path(raw).absolute()
+
+
+def _text(raw: str) -> str:
+    return raw
 
 
 def _positive_float(raw: str) -> float | None:
@@ -350,32 +351,227 @@ def _boolean(raw: str) -> bool | None:
     return None
 
 
-def _seconds(environ: Mapping[str, str], name: str, default: float) -> float:
-    return _parse_with(
-        environ, name, default, _positive_float, f"a number of seconds > 0, e.g. {default:g}"
-    )
+def _log_level(raw: str) -> str | None:
+    return raw.upper() if raw.upper() in _LOG_LEVELS else None
 
 
-def _home(environ: Mapping[str, str]) -> Path:
-    home = environ.get("HOME")
-    if home:
-        return Path(home)
-    # No HOME in the given mapping: ask the password database rather than os.environ.
-    return Path(pwd.getpwuid(os.getuid()).pw_dir)
+def _queue_name(raw: str) -> str | None:
+    return raw if _QUEUE_NAME.fullmatch(raw) else None
 
 
-def _path(environ: Mapping[str, str], raw: str) -> Path:
-    if raw == "~" or raw.startswith("~/"):
-        raw = str(_home(environ)) + raw[1:]
-    return Path(raw).absolute()
+def _step(raw: str) -> int | str:
+    # Digits become counts; anything else stays text for worker.core.fanout to judge.
+    text = raw.strip()
+    return int(text) if text.isdigit() else text
+
+
+def _batch_size(raw: str) -> BatchSizeValue | None:
+    """Split the variable into steps; worker.core.fanout.parse_batch_size judges their values."""
+    text = raw.strip()
+    steps: list[int | str]
+    if text.startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError:
+            return None
+        if not isinstance(items, list) or not all(
+            isinstance(item, int | str) and not isinstance(item, bool) for item in items
+        ):
+            return None
+        steps = [_step(item) if isinstance(item, str) else item for item in items]
+    else:
+        steps = [_step(piece) for piece in text.split(",")]
+    try:
+        parse_batch_size(steps)
+    except FanoutConfigError:
+        return None
+    return steps[0] if len(steps) == 1 else tuple(steps)
+
+
+def _threshold(raw: str) -> ThresholdValue | None:
+    value = _step(raw)
+    try:
+        parse_failure_threshold(value)
+    except FanoutConfigError:
+        return None
+    return value
+
+
+def _basic_auth(raw: str) -> str | None:
+    # Flower's form: "user:password" pairs separated by commas, neither part empty.
+    pairs = [pair.partition(":") for pair in raw.split(",")]
+    return raw if all(user and sep and password for user, sep, password in pairs) else None
+
+
+# --------------------------------------------------------------------------- the variables
+
+_DECLARED: list[_Variable[Any]] = []
+
+
+class _Variable(Generic[_T]):
+    """One environment variable, declared once: its name, parser, default and expected form.
+
+    ``parse`` returns None for a value it refuses; the error then names the variable, the
+    value (unless ``secret``: a secret is never echoed) and ``expected``. A ``secret`` variable
+    may instead be given as ``NAME_FILE``, the path of a file holding the value.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        parse: Callable[[str], _T | None],
+        expected: str,
+        default: _T | None = None,
+        *,
+        secret: bool = False,
+    ) -> None:
+        self.name = name
+        self.parse = parse
+        self.expected = expected
+        self.default = default
+        self.secret = secret
+        _DECLARED.append(self)
+
+    @property
+    def file_variant(self) -> str | None:
+        """``NAME_FILE`` for secret variables."""
+        return f"{self.name}_FILE" if self.secret else None
+
+    def raw(self, environ: Mapping[str, str]) -> tuple[str | None, str]:
+        """The configured text (None when unset or blank) and how to name it in errors."""
+        direct = _get(environ, self.name)
+        file_name = self.file_variant
+        file_raw = _get(environ, file_name) if file_name else None
+        if file_name is None or file_raw is None:
+            return direct, self.name
+        if direct is not None:
+            raise SettingsError(
+                f"both {self.name} and {file_name} are set: set only one ({file_name} names a "
+                f"file holding the value of {self.name})"
+            )
+        path = _path(environ, file_raw)
+        try:
+            text = path.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise SettingsError(
+                f"{file_name}={str(path)!r} cannot be read ({exc.strerror}); expected a file "
+                f"holding the value of {self.name}"
+            ) from None
+        except UnicodeDecodeError:
+            raise SettingsError(
+                f"{file_name}={str(path)!r} is not UTF-8 text; expected a file holding the "
+                f"value of {self.name}"
+            ) from None
+        if not text:
+            raise SettingsError(
+                f"{file_name}={str(path)!r} is empty; expected a file holding the value of "
+                f"{self.name}"
+            )
+        return text, f"{self.name} (from {file_name}={str(path)!r})"
+
+    def read(self, environ: Mapping[str, str]) -> _T | None:
+        """The parsed value, or ``default`` when unset."""
+        raw, label = self.raw(environ)
+        if raw is None:
+            return self.default
+        parsed = self.parse(raw)
+        if parsed is None:
+            if self.secret:
+                raise SettingsError(
+                    f"{label} is invalid (value not shown): expected {self.expected}"
+                )
+            raise _invalid(label, raw, self.expected)
+        return parsed
+
+    def value(self, environ: Mapping[str, str]) -> _T:
+        """The parsed value of a variable with a default."""
+        parsed = self.read(environ)
+        assert parsed is not None, f"{self.name} has no default"
+        return parsed
+
+
+def _seconds(name: str, default: float) -> _Variable[float]:
+    return _Variable(name, _positive_float, f"a number of seconds > 0, e.g. {default:g}", default)
+
+
+_PATH = "a path"
+DATA_DIR = _Variable("CAP_DATA_DIR", _text, _PATH)
+DATABASE_URL = _Variable("CAP_DATABASE_URL", _text, "a SQLAlchemy URL", secret=True)
+BROKER_URL = _Variable("CAP_BROKER_URL", _text, "a broker URL", secret=True)
+RESULT_BACKEND = _Variable("CAP_RESULT_BACKEND", _text, "a result backend URL", secret=True)
+KEK = _Variable("CAP_KEK", _text, "'keyid:base64[,...]'")
+KEK_FILE = _Variable("CAP_KEK_FILE", _text, _PATH)
+KEK_CURRENT = _Variable("CAP_KEK_CURRENT", _text, "a loaded key id")
+SERVICEACCOUNT_DIR = _Variable("CAP_SERVICEACCOUNT_DIR", _text, _PATH)
+KUBE_CONNECT_TIMEOUT = _seconds("CAP_KUBE_CONNECT_TIMEOUT", 5)
+KUBE_READ_TIMEOUT = _seconds("CAP_KUBE_READ_TIMEOUT", 15)
+KUBE_RETRY_ATTEMPTS = _Variable(
+    "CAP_KUBE_RETRY_ATTEMPTS", _positive_int, "a whole number >= 1, e.g. 5", 5
+)
+KUBE_RETRY_MAX_SECONDS = _seconds("CAP_KUBE_RETRY_MAX_SECONDS", 30)
+SERVER_DRY_RUN = _Variable("CAP_SERVER_DRY_RUN", _boolean, "true or false", True)
+DEFAULT_BATCH_SIZE: _Variable[BatchSizeValue] = _Variable(
+    "CAP_DEFAULT_BATCH_SIZE",
+    _batch_size,
+    'a count >= 1 ("5"), a whole percentage in [1%, 100%] ("25%") or a progressive '
+    'list ("1,5,20%" or [1, 5, "20%"]; the last step repeats)',
+    "100%",
+)
+DEFAULT_FAILURE_THRESHOLD: _Variable[ThresholdValue] = _Variable(
+    "CAP_DEFAULT_FAILURE_THRESHOLD",
+    _threshold,
+    'a count >= 0 ("2") or a whole percentage in [0%, 100%] ("10%")',
+    0,
+)
+TASK_SOFT_TIME_LIMIT = _seconds("CAP_TASK_SOFT_TIME_LIMIT", 240)
+TASK_TIME_LIMIT = _seconds("CAP_TASK_TIME_LIMIT", 300)
+BROKER_VISIBILITY_TIMEOUT = _seconds("CAP_BROKER_VISIBILITY_TIMEOUT", 3600)
+REAPER_INTERVAL = _seconds("CAP_REAPER_INTERVAL", 15)
+STALE_AFTER = _seconds("CAP_STALE_AFTER", 60)
+WORKER_CONCURRENCY = _Variable(
+    "CAP_WORKER_CONCURRENCY", _positive_int, "a whole number >= 1, e.g. 4", 4
+)
+KUBE_QUEUE = _Variable(
+    "CAP_KUBE_QUEUE",
+    _queue_name,
+    "a queue name of letters, digits, '.', '_', ':' or '-', e.g. kubernetes",
+    "kubernetes",
+)
+HEARTBEAT_FILE = _Variable("CAP_HEARTBEAT_FILE", _text, _PATH)
+LOG_LEVEL = _Variable("CAP_LOG_LEVEL", _log_level, "one of " + ", ".join(_LOG_LEVELS), "INFO")
+FLOWER_BASIC_AUTH = _Variable(
+    "FLOWER_BASIC_AUTH",
+    _basic_auth,
+    "'user:password' pairs separated by commas, e.g. admin:a-long-password",
+    secret=True,
+)
+
+ENV_VARS = tuple(variable.name for variable in _DECLARED)
+"""Every environment variable the worker reads, one per setting (all other ``CAP_*`` are
+reported as ignored)."""
+
+FILE_VARIANTS = tuple(v.file_variant for v in _DECLARED if v.file_variant is not None)
+"""The ``NAME_FILE`` forms of the secret settings."""
 
 
 # ------------------------------------------------------------------------------- sections
 
 
+def _default_database_url(data_dir: Path) -> str:
+    return f"sqlite:///{data_dir / 'certautopilot.db'}"
+
+
+def _default_broker_url(data_dir: Path) -> str:
+    return f"sqla+sqlite:///{data_dir / 'broker.db'}"
+
+
+def _default_result_backend(data_dir: Path) -> str:
+    return f"db+sqlite:///{data_dir / 'results.db'}"
+
+
 def _database(environ: Mapping[str, str], data_dir: Path) -> DatabaseSettings:
-    default = f"sqlite:///{data_dir / 'certautopilot.db'}"
-    raw = _get(environ, "CAP_DATABASE_URL")
+    default = _default_database_url(data_dir)
+    raw, label = DATABASE_URL.raw(environ)
     if raw is None or raw == default:
         return DatabaseSettings(url=default, is_default=True)
     url = normalize_database_url(raw)
@@ -386,26 +582,30 @@ def _database(environ: Mapping[str, str], data_dir: Path) -> DatabaseSettings:
     try:
         backend = make_url(url).get_backend_name()
     except ArgumentError:
-        raise _invalid("CAP_DATABASE_URL", redact_url(raw), expected) from None
+        raise _invalid(label, redact_url(raw), expected) from None
     if backend not in ("sqlite", "postgresql"):
         raise SettingsError(
-            f"CAP_DATABASE_URL={redact_url(raw)!r} uses the unsupported database {backend!r}: "
+            f"{label}={redact_url(raw)!r} uses the unsupported database {backend!r}: "
             f"expected {expected}"
         )
     return DatabaseSettings(url=url, is_default=False)
 
 
 def _transport_url(
-    environ: Mapping[str, str], name: str, default: str, aliases: frozenset[str], example: str
+    environ: Mapping[str, str],
+    variable: _Variable[str],
+    default: str,
+    aliases: frozenset[str],
+    example: str,
 ) -> str:
-    raw = _get(environ, name)
+    raw, label = variable.raw(environ)
     if raw is None:
         return default
     scheme, sep, _ = raw.partition("://")
     # "sqla+sqlite://" and "db+postgresql://" name the transport/backend before the "+".
     if not sep or scheme.split("+", 1)[0].lower() not in aliases:
         known = ", ".join(sorted(aliases))
-        raise _invalid(name, redact_url(raw), f"a URL like {example} (schemes: {known})")
+        raise _invalid(label, redact_url(raw), f"a URL like {example} (schemes: {known})")
     return raw
 
 
@@ -461,7 +661,11 @@ def _parse_kek_entry(source: str, entry: str, keys: dict[str, bytes]) -> None:
     keys[key_id] = material
 
 
-def _read_kek_file(path: Path, variable: str, keys: dict[str, bytes]) -> None:
+def read_kek_file(path: Path, variable: str, keys: dict[str, bytes]) -> None:
+    """Add the KEKs of ``path`` (one ``keyid:base64`` per line) to ``keys``.
+
+    ``variable`` names the file's origin in errors (``CAP_KEK_FILE``, "generated KEK file").
+    """
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
@@ -480,51 +684,26 @@ def _read_kek_file(path: Path, variable: str, keys: dict[str, bytes]) -> None:
         )
 
 
-def _generated_kek_file(data_dir: Path) -> Path:
-    """Create ``{data_dir}/kek`` once (0600), race-free across concurrently starting processes."""
-    path = data_dir / "kek"
-    if path.exists():
-        return path
-    content = (
-        "# CertAutoPilot key-encryption key, generated for the embedded default.\n"
-        "# Keep it secret and back it up: without it no stored secret can be decrypted.\n"
-        f"{GENERATED_KEK_ID}:{generate_kek()}\n"
-    )
-    # Unique per process *and* thread: two starters must never share a temporary file.
-    temporary = data_dir / f".kek.{os.getpid()}.{secrets.token_hex(8)}.tmp"
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(content)
-            handle.flush()
-            os.fsync(handle.fileno())
-        # link() fails if another process won the race; readers never see a half-written file.
-        os.link(temporary, path)
-    except FileExistsError:
-        pass
-    finally:
-        temporary.unlink(missing_ok=True)
-    return path
-
-
 def _crypto(environ: Mapping[str, str], data_dir: Path, embedded: bool) -> CryptoSettings:
     keys: dict[str, bytes] = {}
     sources: list[str] = []
-    inline = _get(environ, "CAP_KEK")
+    generated_file: Path | None = None
+    inline = KEK.read(environ)
     if inline is not None:
         for entry in inline.split(","):
             if entry.strip():
-                _parse_kek_entry("CAP_KEK", entry.strip(), keys)
+                _parse_kek_entry(KEK.name, entry.strip(), keys)
         if not keys:
             raise SettingsError(
-                f"CAP_KEK holds no KEK; expected 'keyid:base64[,...]' ({_KEK_HINT})"
+                f"{KEK.name} holds no KEK; expected 'keyid:base64[,...]' ({_KEK_HINT})"
             )
-        sources.append("CAP_KEK")
-    file_raw = _get(environ, "CAP_KEK_FILE")
+        sources.append(KEK.name)
+    file_raw = KEK_FILE.read(environ)
     if file_raw is not None:
         kek_file = _path(environ, file_raw)
-        _read_kek_file(kek_file, "CAP_KEK_FILE", keys)
-        sources.append(f"CAP_KEK_FILE={kek_file}")
+        read_kek_file(kek_file, KEK_FILE.name, keys)
+        sources.append(f"{KEK_FILE.name}={kek_file}")
+    key_ids = list(keys)
     if not keys:
         if not embedded:
             raise SettingsError(
@@ -533,141 +712,52 @@ def _crypto(environ: Mapping[str, str], data_dir: Path, embedded: bool) -> Crypt
                 f"line) on every worker ({_KEK_HINT}). Only the embedded default SQLite "
                 "database generates a KEK by itself"
             )
-        generated = _generated_kek_file(data_dir)
-        _read_kek_file(generated, "generated KEK file", keys)
-        sources.append(f"generated file {generated}")
-    current = _get(environ, "CAP_KEK_CURRENT")
+        # The bootstrap generates this file (with this one key id) and loads it.
+        generated_file = data_dir / "kek"
+        key_ids = [GENERATED_KEK_ID]
+        sources.append(f"generated file {generated_file}")
+    current = KEK_CURRENT.read(environ)
     if current is None:
-        current = next(iter(keys))
-    elif current not in keys:
-        loaded = ", ".join(repr(key_id) for key_id in keys)
+        current = key_ids[0]
+    elif current not in key_ids:
+        loaded = ", ".join(repr(key_id) for key_id in key_ids)
         raise SettingsError(
-            f"CAP_KEK_CURRENT={current!r} is not a loaded key id; expected one of {loaded}"
+            f"{KEK_CURRENT.name}={current!r} is not a loaded key id; expected one of {loaded}"
         )
     return CryptoSettings(
-        keys=MappingProxyType(keys), current_key_id=current, source=" + ".join(sources)
-    )
-
-
-def _step(raw: str) -> int | str:
-    # Digits become counts; anything else stays text for worker.core.fanout to judge.
-    text = raw.strip()
-    return int(text) if text.isdigit() else text
-
-
-def _batch_size(raw: str) -> BatchSizeValue | None:
-    """Split the variable into steps; worker.fanout.parse_batch_size judges their values."""
-    text = raw.strip()
-    steps: list[int | str]
-    if text.startswith("["):
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError:
-            return None
-        if not isinstance(items, list) or not all(
-            isinstance(item, int | str) and not isinstance(item, bool) for item in items
-        ):
-            return None
-        steps = [_step(item) if isinstance(item, str) else item for item in items]
-    else:
-        steps = [_step(piece) for piece in text.split(",")]
-    try:
-        parse_batch_size(steps)
-    except FanoutConfigError:
-        return None
-    return steps[0] if len(steps) == 1 else tuple(steps)
-
-
-def _threshold(raw: str) -> ThresholdValue | None:
-    value = _step(raw)
-    try:
-        parse_failure_threshold(value)
-    except FanoutConfigError:
-        return None
-    return value
-
-
-def _fanout(environ: Mapping[str, str]) -> FanoutSettings:
-    default_batch: BatchSizeValue = "100%"
-    default_threshold: ThresholdValue = 0
-    return FanoutSettings(
-        default_batch_size=_parse_with(
-            environ,
-            "CAP_DEFAULT_BATCH_SIZE",
-            default_batch,
-            _batch_size,
-            'a count >= 1 ("5"), a whole percentage in [1%, 100%] ("25%") or a progressive '
-            'list ("1,5,20%" or [1, 5, "20%"]; the last step repeats)',
-        ),
-        default_failure_threshold=_parse_with(
-            environ,
-            "CAP_DEFAULT_FAILURE_THRESHOLD",
-            default_threshold,
-            _threshold,
-            'a count >= 0 ("2") or a whole percentage in [0%, 100%] ("10%")',
-        ),
-    )
-
-
-def _kube(environ: Mapping[str, str]) -> KubeSettings:
-    sa_raw = _get(environ, "CAP_SERVICEACCOUNT_DIR")
-    return KubeSettings(
-        serviceaccount_dir=(
-            _path(environ, sa_raw)
-            if sa_raw
-            else Path("/var/run/secrets/kubernetes.io/serviceaccount")
-        ),
-        connect_timeout=_seconds(environ, "CAP_KUBE_CONNECT_TIMEOUT", 5),
-        read_timeout=_seconds(environ, "CAP_KUBE_READ_TIMEOUT", 15),
-        retry_attempts=_parse_with(
-            environ, "CAP_KUBE_RETRY_ATTEMPTS", 5, _positive_int, "a whole number >= 1, e.g. 5"
-        ),
-        retry_max_seconds=_seconds(environ, "CAP_KUBE_RETRY_MAX_SECONDS", 30),
-        server_dry_run=_parse_with(environ, "CAP_SERVER_DRY_RUN", True, _boolean, "true or false"),
+        keys=MappingProxyType(keys),
+        current_key_id=current,
+        source=" + ".join(sources),
+        generated_file=generated_file,
     )
 
 
 def _tasks(environ: Mapping[str, str], data_dir: Path) -> TaskSettings:
-    soft = _seconds(environ, "CAP_TASK_SOFT_TIME_LIMIT", 240)
-    hard = _seconds(environ, "CAP_TASK_TIME_LIMIT", 300)
+    soft = TASK_SOFT_TIME_LIMIT.value(environ)
+    hard = TASK_TIME_LIMIT.value(environ)
     if soft >= hard:
         raise SettingsError(
             f"CAP_TASK_SOFT_TIME_LIMIT={soft:g} must be lower than CAP_TASK_TIME_LIMIT={hard:g}, "
             "so a task can clean up before it is killed"
         )
-    heartbeat_raw = _get(environ, "CAP_HEARTBEAT_FILE")
-    level = _parse_with(
-        environ,
-        "CAP_LOG_LEVEL",
-        "INFO",
-        lambda raw: raw.upper() if raw.upper() in _LOG_LEVELS else None,
-        "one of " + ", ".join(_LOG_LEVELS),
-    )
+    heartbeat_raw = HEARTBEAT_FILE.read(environ)
     return TaskSettings(
         soft_time_limit=soft,
         time_limit=hard,
-        reaper_interval=_seconds(environ, "CAP_REAPER_INTERVAL", 15),
-        stale_after=_seconds(environ, "CAP_STALE_AFTER", 60),
-        worker_concurrency=_parse_with(
-            environ, "CAP_WORKER_CONCURRENCY", 4, _positive_int, "a whole number >= 1, e.g. 4"
-        ),
-        kube_queue=_parse_with(
-            environ,
-            "CAP_KUBE_QUEUE",
-            "kubernetes",
-            lambda raw: raw if _QUEUE_NAME.fullmatch(raw) else None,
-            "a queue name of letters, digits, '.', '_', ':' or '-', e.g. kubernetes",
-        ),
+        reaper_interval=REAPER_INTERVAL.value(environ),
+        stale_after=STALE_AFTER.value(environ),
+        worker_concurrency=WORKER_CONCURRENCY.value(environ),
+        kube_queue=KUBE_QUEUE.value(environ),
         heartbeat_file=(
             _path(environ, heartbeat_raw) if heartbeat_raw else data_dir / "worker-heartbeat"
         ),
-        log_level=level,
+        log_level=LOG_LEVEL.value(environ),
     )
 
 
 def load_settings(environ: Mapping[str, str] = os.environ) -> Settings:
-    """Read and validate every ``CAP_*`` setting from ``environ`` (see module docstring)."""
-    data_raw = _get(environ, "CAP_DATA_DIR")
+    """Read and validate every setting from ``environ`` (see module docstring); writes nothing."""
+    data_raw = DATA_DIR.read(environ)
     data_dir = (
         _path(environ, data_raw)
         if data_raw
@@ -675,7 +765,7 @@ def load_settings(environ: Mapping[str, str] = os.environ) -> Settings:
     )
     database = _database(environ, data_dir)
     tasks = _tasks(environ, data_dir)
-    visibility = _seconds(environ, "CAP_BROKER_VISIBILITY_TIMEOUT", 3600)
+    visibility = BROKER_VISIBILITY_TIMEOUT.value(environ)
     if visibility <= tasks.time_limit:
         raise SettingsError(
             f"CAP_BROKER_VISIBILITY_TIMEOUT={visibility:g} must exceed CAP_TASK_TIME_LIMIT="
@@ -684,43 +774,47 @@ def load_settings(environ: Mapping[str, str] = os.environ) -> Settings:
     broker = BrokerSettings(
         url=_transport_url(
             environ,
-            "CAP_BROKER_URL",
-            f"sqla+sqlite:///{data_dir / 'broker.db'}",
+            BROKER_URL,
+            _default_broker_url(data_dir),
             _broker_aliases(),
             "redis://127.0.0.1:6379/0",
         ),
         result_backend=_transport_url(
             environ,
-            "CAP_RESULT_BACKEND",
-            f"db+sqlite:///{data_dir / 'results.db'}",
+            RESULT_BACKEND,
+            _default_result_backend(data_dir),
             _backend_aliases(),
             "redis://127.0.0.1:6379/1 or db+postgresql+psycopg://user:password@host/db",
         ),
         visibility_timeout=visibility,
     )
-    uses_data_dir = (
-        database.is_default
-        or _get(environ, "CAP_BROKER_URL") is None
-        or _get(environ, "CAP_RESULT_BACKEND") is None
+    sa_raw = SERVICEACCOUNT_DIR.read(environ)
+    kube = KubeSettings(
+        serviceaccount_dir=(
+            _path(environ, sa_raw)
+            if sa_raw
+            else Path("/var/run/secrets/kubernetes.io/serviceaccount")
+        ),
+        connect_timeout=KUBE_CONNECT_TIMEOUT.value(environ),
+        read_timeout=KUBE_READ_TIMEOUT.value(environ),
+        retry_attempts=KUBE_RETRY_ATTEMPTS.value(environ),
+        retry_max_seconds=KUBE_RETRY_MAX_SECONDS.value(environ),
+        server_dry_run=SERVER_DRY_RUN.value(environ),
     )
-    if uses_data_dir:
-        try:
-            data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        except OSError as exc:
-            raise SettingsError(
-                f"CAP_DATA_DIR={str(data_dir)!r} cannot be created ({exc.strerror}); point "
-                "CAP_DATA_DIR at a writable folder or configure CAP_DATABASE_URL, "
-                "CAP_BROKER_URL and CAP_RESULT_BACKEND"
-            ) from None
-    known = set(ENV_VARS)
+    fanout = FanoutSettings(
+        default_batch_size=DEFAULT_BATCH_SIZE.value(environ),
+        default_failure_threshold=DEFAULT_FAILURE_THRESHOLD.value(environ),
+    )
+    known = set(ENV_VARS) | set(FILE_VARIANTS)
     ignored = tuple(sorted(n for n in environ if n.startswith("CAP_") and n not in known))
     return Settings(
         data_dir=data_dir,
         database=database,
         broker=broker,
         crypto=_crypto(environ, data_dir, database.is_default),
-        kube=_kube(environ),
-        fanout=_fanout(environ),
+        kube=kube,
+        fanout=fanout,
         tasks=tasks,
+        flower=FlowerSettings(basic_auth=FLOWER_BASIC_AUTH.read(environ)),
         ignored_variables=ignored,
     )
