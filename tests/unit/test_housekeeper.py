@@ -24,7 +24,7 @@ from tests.certfactory import make_chain
 from worker.core.bundle import build_bundle
 from worker.platform.bootstrap import bootstrap
 from worker.platform.celery_app import app, configure
-from worker.platform.runtime import Runtime, build_runtime, set_runtime
+from worker.platform.runtime import Runtime, build_runtime, migration_engine, set_runtime
 from worker.platform.settings import load_settings
 
 LONG_AGO = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
@@ -52,7 +52,8 @@ def worker(tmp_path: Path) -> Iterator[Worker]:
             }
         )
     )
-    upgrade(settings.database.url)
+    with migration_engine(settings.database.url) as engine:
+        upgrade(engine)
     configure(app, settings)
     runtime = build_runtime(settings)
     set_runtime(runtime)
@@ -70,9 +71,9 @@ def _stalled_run(rt: Runtime) -> str:
         chain.leaf_pem, chain.key_pem, chain.chain_pem, chain.root_pem, now=datetime.now(UTC)
     )
     with rt.session() as session:
-        certificate = queries.store_certificate(session, rt.keyring, bundle)
+        certificate = queries.store_certificate(session, rt.sealer, bundle)
         credential = queries.store_credential(
-            session, rt.keyring, "cluster-a", "kubeconfig", KUBECONFIG
+            session, rt.sealer, "cluster-a", "kubeconfig", KUBECONFIG
         )
         target = queries.create_target(
             session,
@@ -80,6 +81,7 @@ def _stalled_run(rt: Runtime) -> str:
             connection_mode="kubeconfig",
             credential_id=credential.id,
             namespace_template="edge",
+            secret_name_template="edge-tls",
         )
         distribution = queries.create_distribution(
             session, certificate_id=certificate.id, target_id=target.id
