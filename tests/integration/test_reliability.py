@@ -176,10 +176,6 @@ def test_a_rollback_is_refused_while_an_execute_of_the_distribution_is_active(
     pipe.enqueue(fleet.distribution_id, "dry_run")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 17 §8: a breach on the last batch ends 'failed' with another wording",
-)
 def test_a_threshold_breach_on_the_only_batch_halts_and_says_so(
     pipe: Pipeline, clusters: list[Any], make_service_account: Any
 ) -> None:

@@ -231,13 +231,13 @@ def test_the_run_halts_only_past_the_threshold_or_when_a_whole_batch_fails(
 
 def test_a_count_threshold_reason_reads_as_a_sentence() -> None:
     decision = decide(30, 3, 10, 3, 2)
-    assert decision.reason == ("3 of 30 targets failed (10%), more than the failure threshold of 2")
+    assert decision.reason == "failure threshold exceeded (3 of 30 failed, threshold 2)"
 
 
 def test_a_percentage_threshold_reason_shows_the_allowed_number() -> None:
     decision = decide(30, 4, 10, 2, "10%")
     assert decision.reason == (
-        "4 of 30 targets failed (13.3%), more than the failure threshold of 10% (3 of 30 targets)"
+        "failure threshold exceeded (4 of 30 failed, threshold 10% = 3 of 30 targets)"
     )
 
 

@@ -570,18 +570,23 @@ def advance_run(rt: Runtime, dispatch: Dispatcher, run_id: str, batch_index: int
         if not queries.advance_batch(session, run_id, from_batch=batch_index, now=now):
             return
         recovered = _recovery_note(run)
-        if decision.halt and not last:
+        if decision.halt:
+            # A breach halts the run whichever batch it happens in (the last one included):
+            # the state and the reason say the same thing everywhere.
             reason = f"halted after batch {batch_index + 1}: {decision.reason}"
-            skipped = queries.skip_pending_results(
-                session, run_id, from_batch=batch_index + 1, reason=f"skipped: {reason}", now=now
-            )
-            reason += f"; {skipped} target(s) skipped"
+            if not last:
+                skipped = queries.skip_pending_results(
+                    session,
+                    run_id,
+                    from_batch=batch_index + 1,
+                    reason=f"skipped: {reason}",
+                    now=now,
+                )
+                reason += f"; {skipped} target(s) skipped"
             queries.finish_run(session, run_id, RunState.HALTED, now=now, reason=reason + recovered)
-        elif decision.halt or (last and failed):
+        elif last and failed:
             reason = (
-                f"failed: {decision.reason}"
-                if decision.halt
-                else f"partially failed: {failed} of {total} target(s) failed, "
+                f"partially failed: {failed} of {total} target(s) failed, "
                 "within the failure threshold"
             )
             queries.finish_run(session, run_id, RunState.FAILED, now=now, reason=reason + recovered)

@@ -98,10 +98,10 @@ class FailureThreshold:
         return failed > self.limit
 
     def describe(self, total: int) -> str:
-        """The threshold as an operator reads it, e.g. "2" or "10% (3 of 30 targets)"."""
+        """The threshold as an operator reads it, e.g. "2" or "10% = 3 of 30 targets"."""
         if isinstance(self.limit, Percent):
             allowed = self.limit.value * total // 100
-            return f"{self.limit} ({allowed} of {total} targets)"
+            return f"{self.limit} = {allowed} of {total} targets"
         return str(self.limit)
 
     def as_config(self) -> int | str:
@@ -211,8 +211,8 @@ def decide_after_batch(
         return BatchDecision(
             halt=True,
             reason=(
-                f"{failed_so_far} of {total_targets} targets failed ({percent}), more than the "
-                f"failure threshold of {threshold.describe(total_targets)}"
+                f"failure threshold exceeded ({failed_so_far} of {total_targets} failed, "
+                f"threshold {threshold.describe(total_targets)})"
             ),
         )
     if batch_failed == batch_size:
