@@ -233,6 +233,7 @@ def test_webhook_stacked_after_group_fires_once_on_success_and_never_on_halt(
 
         assert len(received) == 1
         headers, body = received[0]
+        assert headers["X-CertAutoPilot-Delivery"] == stacked[0]
         timestamp = headers["X-CertAutoPilot-Timestamp"]
         expected = hmac.new(secret, timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
         assert headers["X-CertAutoPilot-Signature"] == f"sha256={expected}"

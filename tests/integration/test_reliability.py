@@ -216,10 +216,6 @@ def test_a_threshold_breach_on_the_only_batch_halts_and_says_so(
     assert "failure threshold exceeded (1 of 2 failed, threshold 0)" in (report.reason or "")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 17 §1: a webhook run whose worker dies during the POST stays running forever",
-)
 def test_a_webhook_run_whose_worker_died_mid_delivery_is_delivered_again_and_ends(
     pipe: Pipeline, clusters: list[Any], make_service_account: Any
 ) -> None:

@@ -54,7 +54,7 @@ from models.errors import DATABASE_OUTAGE_ERRORS
 from worker.app.clients import kube_client
 from worker.app.dispatch import Dispatcher, queue_next_stacked
 from worker.app.fanout import group_fanout
-from worker.app.webhook import run_webhook
+from worker.app.webhook import redeliver_webhook, run_webhook
 from worker.core.bundle import BundleError, TlsBundle, build_bundle
 from worker.core.crypto import CryptoError
 from worker.core.fanout import FanoutConfigError, decide_after_batch, plan_batches
@@ -540,10 +540,16 @@ def _batch_is_done(rt: Runtime, run_id: str, batch_index: int) -> bool:
 
 
 def advance_run(rt: Runtime, dispatch: Dispatcher, run_id: str, batch_index: int) -> None:
-    """After batch ``batch_index`` finished: start the next one, halt, or finish the run."""
+    """After batch ``batch_index`` finished: start the next one, halt, or finish the run.
+
+    A webhook run has no batches: its batch index counts delivery attempts, and an advance
+    (which the reaper sends when the delivering worker went silent) claims the next attempt
+    with the same compare-and-set, so of concurrent advances exactly one redelivers.
+    """
     now = utcnow()
     next_batch: list[str] = []
     cascade_run_id: str | None = None
+    redeliver = False
     with rt.session() as session:
         try:
             run = queries.get_run(session, run_id)
@@ -551,56 +557,66 @@ def advance_run(rt: Runtime, dispatch: Dispatcher, run_id: str, batch_index: int
             return
         if run.state is not RunState.RUNNING or run.current_batch != batch_index:
             return
-        batch_counts = queries.count_results(session, run_id, batch_index=batch_index)
-        if any(batch_counts.get(status, 0) for status in _OPEN):
-            return
-        all_counts = queries.count_results(session, run_id)
-        total = sum(all_counts.values())
-        failed = all_counts.get(ResultStatus.FAILED, 0)
-        distribution = queries.get_distribution(session, run.distribution_id)
-        decision = decide_after_batch(
-            total_targets=total,
-            failed_so_far=failed,
-            batch_size=sum(batch_counts.values()),
-            batch_failed=batch_counts.get(ResultStatus.FAILED, 0),
-            threshold=group_fanout(rt, _group(session, distribution)).threshold,
-        )
-        last = batch_index + 1 >= len(run.batch_plan)
-        # Compare-and-set on the batch index: of concurrent advances exactly one acts.
-        if not queries.advance_batch(session, run_id, from_batch=batch_index, now=now):
-            return
-        recovered = _recovery_note(run)
-        if decision.halt:
-            # A breach halts the run whichever batch it happens in (the last one included):
-            # the state and the reason say the same thing everywhere.
-            reason = f"halted after batch {batch_index + 1}: {decision.reason}"
-            if not last:
-                skipped = queries.skip_pending_results(
-                    session,
-                    run_id,
-                    from_batch=batch_index + 1,
-                    reason=f"skipped: {reason}",
-                    now=now,
-                )
-                reason += f"; {skipped} target(s) skipped"
-            queries.finish_run(session, run_id, RunState.HALTED, now=now, reason=reason + recovered)
-        elif last and failed:
-            reason = (
-                f"partially failed: {failed} of {total} target(s) failed, "
-                "within the failure threshold"
-            )
-            queries.finish_run(session, run_id, RunState.FAILED, now=now, reason=reason + recovered)
-        elif last:
-            reason = _success_reason(all_counts) + recovered
-            queries.finish_run(session, run_id, RunState.SUCCEEDED, now=now, reason=reason)
-            if run.cascade and run.action is RunAction.EXECUTE:
-                cascade_run_id = queue_next_stacked(session, distribution, run_id)
+        if run.batch_plan:
+            next_batch, cascade_run_id = _after_batch(rt, session, run, batch_index, now)
         else:
-            next_batch = list(run.batch_plan[batch_index + 1])
+            redeliver = queries.advance_batch(session, run_id, from_batch=batch_index, now=now)
+    if redeliver:
+        redeliver_webhook(rt, dispatch, run_id, attempt=batch_index + 1)
     if next_batch:
         dispatch.process_targets(run_id, next_batch)
     if cascade_run_id is not None:
         dispatch.start(cascade_run_id)
+
+
+def _after_batch(
+    rt: Runtime, session: Session, run: Run, batch_index: int, now: datetime
+) -> tuple[list[str], str | None]:
+    """Decide what follows a finished batch: (the next batch's targets, a stacked run to start)."""
+    run_id = run.id
+    batch_counts = queries.count_results(session, run_id, batch_index=batch_index)
+    # Never decide a batch with open rows, nor an empty one (there is nothing to decide).
+    if not batch_counts or any(batch_counts.get(status, 0) for status in _OPEN):
+        return [], None
+    all_counts = queries.count_results(session, run_id)
+    total = sum(all_counts.values())
+    failed = all_counts.get(ResultStatus.FAILED, 0)
+    distribution = queries.get_distribution(session, run.distribution_id)
+    decision = decide_after_batch(
+        total_targets=total,
+        failed_so_far=failed,
+        batch_size=sum(batch_counts.values()),
+        batch_failed=batch_counts.get(ResultStatus.FAILED, 0),
+        threshold=group_fanout(rt, _group(session, distribution)).threshold,
+    )
+    last = batch_index + 1 >= len(run.batch_plan)
+    # Compare-and-set on the batch index: of concurrent advances exactly one acts.
+    if not queries.advance_batch(session, run_id, from_batch=batch_index, now=now):
+        return [], None
+    recovered = _recovery_note(run)
+    if decision.halt:
+        # A breach halts the run whichever batch it happens in (the last one included):
+        # the state and the reason say the same thing everywhere.
+        reason = f"halted after batch {batch_index + 1}: {decision.reason}"
+        if not last:
+            skipped = queries.skip_pending_results(
+                session, run_id, from_batch=batch_index + 1, reason=f"skipped: {reason}", now=now
+            )
+            reason += f"; {skipped} target(s) skipped"
+        queries.finish_run(session, run_id, RunState.HALTED, now=now, reason=reason + recovered)
+    elif last and failed:
+        reason = (
+            f"partially failed: {failed} of {total} target(s) failed, within the failure threshold"
+        )
+        queries.finish_run(session, run_id, RunState.FAILED, now=now, reason=reason + recovered)
+    elif last:
+        reason = _success_reason(all_counts) + recovered
+        queries.finish_run(session, run_id, RunState.SUCCEEDED, now=now, reason=reason)
+        if run.cascade and run.action is RunAction.EXECUTE:
+            return [], queue_next_stacked(session, distribution, run_id)
+    else:
+        return list(run.batch_plan[batch_index + 1]), None
+    return [], None
 
 
 def _success_reason(counts: Mapping[ResultStatus, int]) -> str:

@@ -1,7 +1,12 @@
 """The webhook distribution: tell another system that a Kubernetes distribution landed.
 
 A webhook run is one delivery, not batches: :func:`run_webhook` posts the payload and
-finishes the run (and queues the next stacked distribution on success).
+finishes the run (and queues the next stacked distribution on success). Delivery is
+at-least-once: if the delivering worker dies (or the database or broker fails) between the
+POST and the run's end, the reaper finds the run silent and sends an advance, which claims the
+next delivery attempt (:func:`redeliver_webhook`); after :data:`MAX_DELIVERY_ATTEMPTS`
+interrupted attempts the run ends ``failed``. Every attempt carries the same delivery id (the
+webhook run's id) so a receiver can de-duplicate.
 
 Stacked after a Kubernetes distribution (spec section 04), it fires the rollout
 that pods reading the certificate from environment variables need. The body
@@ -9,6 +14,7 @@ describes the outcome (certificate fingerprint, not-after, targets and Secret
 names) and never carries key material. It is signed with HMAC-SHA256 over
 ``"<timestamp>.<body>"`` so a receiver can reject forgeries and replays:
 
+    X-CertAutoPilot-Delivery: <webhook run id, the same on every retry and redelivery>
     X-CertAutoPilot-Timestamp: 1764480000
     X-CertAutoPilot-Signature: sha256=<hex>
 """
@@ -18,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -39,10 +46,19 @@ from models.base import utcnow
 from models.entities import Distribution, Run
 from models.enums import RunState
 from worker.app.dispatch import Dispatcher, queue_next_stacked
+from worker.core.crypto import CryptoError
 from worker.platform.runtime import Runtime
 
 SIGNATURE_HEADER = "X-CertAutoPilot-Signature"
 TIMESTAMP_HEADER = "X-CertAutoPilot-Timestamp"
+DELIVERY_HEADER = "X-CertAutoPilot-Delivery"
+
+#: Delivery attempts a webhook run gets when its deliveries keep being interrupted (worker
+#: killed, database or broker lost) before it ends failed; each attempt retries 5xx and
+#: timeouts on its own.
+MAX_DELIVERY_ATTEMPTS = 5
+
+log = logging.getLogger(__name__)
 
 
 class WebhookError(Exception):
@@ -100,6 +116,7 @@ def deliver_webhook(
     *,
     secret: bytes | None,
     timeout: float,
+    delivery_id: str,
     attempts: int = 4,
     max_seconds: float = 30.0,
 ) -> int:
@@ -120,7 +137,11 @@ def deliver_webhook(
     )
     def post() -> int:
         timestamp = str(int(time.time()))
-        headers = {"Content-Type": "application/json", TIMESTAMP_HEADER: timestamp}
+        headers = {
+            "Content-Type": "application/json",
+            TIMESTAMP_HEADER: timestamp,
+            DELIVERY_HEADER: delivery_id,
+        }
         if secret is not None:
             headers[SIGNATURE_HEADER] = sign(secret, timestamp, body)
         try:
@@ -149,26 +170,67 @@ def deliver_webhook(
 
 def run_webhook(rt: Runtime, dispatch: Dispatcher, run_id: str) -> None:
     """Deliver a started webhook run's notification and finish the run with the outcome."""
-    with rt.session() as session:
-        run = queries.get_run(session, run_id)
-        distribution = queries.get_distribution(session, run.distribution_id)
-        payload = webhook_payload(session, run, distribution)
-        url = distribution.webhook_url or ""
-        secret: bytes | None = None
-        if distribution.webhook_credential_id is not None:
-            secret = queries.reveal_credential(
-                session, rt.sealer, distribution.webhook_credential_id
-            )
+    now = utcnow()
+    try:
+        with rt.session() as session:
+            run = queries.get_run(session, run_id)
+            distribution = queries.get_distribution(session, run.distribution_id)
+            payload = webhook_payload(session, run, distribution)
+            url = distribution.webhook_url or ""
+            secret: bytes | None = None
+            if distribution.webhook_credential_id is not None:
+                secret = queries.reveal_credential(
+                    session, rt.sealer, distribution.webhook_credential_id
+                )
+            # A fresh heartbeat: the reaper leaves a delivery in progress alone.
+            queries.heartbeat(session, run_id, now=now, unless_since=now)
+    except (CryptoError, queries.NotFoundError) as exc:
+        # Not transient: no redelivery can fix it, so the run ends now with the reason.
+        _finish(rt, dispatch, run_id, RunState.FAILED, f"failed: cannot prepare the webhook: {exc}")
+        return
     state, reason = RunState.SUCCEEDED, ""
     try:
-        status = deliver_webhook(url, payload, secret=secret, timeout=rt.settings.kube.read_timeout)
+        status = deliver_webhook(
+            url,
+            payload,
+            secret=secret,
+            timeout=rt.settings.kube.read_timeout,
+            delivery_id=run_id,
+            # Inside the reaper's patience, so a live delivery is never taken for a lost one.
+            max_seconds=min(30.0, rt.settings.tasks.stale_after / 2),
+        )
         reason = f"succeeded: webhook answered HTTP {status}"
     except WebhookError as exc:
         state, reason = RunState.FAILED, f"failed: {exc}"
+    _finish(rt, dispatch, run_id, state, reason)
+
+
+def redeliver_webhook(rt: Runtime, dispatch: Dispatcher, run_id: str, *, attempt: int) -> None:
+    """Deliver again after attempt ``attempt`` was interrupted, or give up past the budget."""
+    if attempt >= MAX_DELIVERY_ATTEMPTS:
+        _finish(
+            rt,
+            dispatch,
+            run_id,
+            RunState.FAILED,
+            f"failed: the webhook delivery was interrupted {attempt} time(s) (worker, database "
+            "or broker lost mid-delivery); the receiver may have it already, with the same "
+            f"{DELIVERY_HEADER}",
+        )
+        return
+    log.warning("webhook run %s: delivery %d was interrupted; delivering again", run_id, attempt)
+    run_webhook(rt, dispatch, run_id)
+
+
+def _finish(rt: Runtime, dispatch: Dispatcher, run_id: str, state: RunState, reason: str) -> None:
     cascade_run_id: str | None = None
     with rt.session() as session:
+        run = queries.get_run(session, run_id)
+        if run.state.is_terminal:
+            return  # a concurrent delivery of this run finished it first
         run = queries.finish_run(session, run_id, state, now=utcnow(), reason=reason)
         if state is RunState.SUCCEEDED and run.cascade:
+            distribution = queries.get_distribution(session, run.distribution_id)
             cascade_run_id = queue_next_stacked(session, distribution, run_id)
     if cascade_run_id is not None:
         dispatch.start(cascade_run_id)
