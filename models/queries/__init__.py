@@ -83,9 +83,10 @@ from models.queries.runs import (
 from models.queries.snapshots import (
     distribution_snapshot,
     get_snapshot,
+    make_snapshot_provisional,
     record_snapshot_write,
     reveal_snapshot,
-    save_snapshot_if_absent,
+    save_snapshot,
 )
 from models.queries.targets import (
     create_target,
@@ -146,6 +147,7 @@ __all__ = [
     "load_claimed_targets",
     "load_run_context",
     "lost_target_ids",
+    "make_snapshot_provisional",
     "next_distribution",
     "note_recovery",
     "queued_runs_before",
@@ -161,7 +163,7 @@ __all__ = [
     "reveal_private_key",
     "reveal_snapshot",
     "rotate_keys",
-    "save_snapshot_if_absent",
+    "save_snapshot",
     "set_group_members",
     "skip_pending_results",
     "stale_runs",

@@ -52,11 +52,12 @@ class Claim(NamedTuple):
 
 
 class ClaimedTarget(NamedTuple):
-    """A claimed target with its sealed credential and whether a rollback snapshot exists."""
+    """A claimed target with its sealed credential and whether its rollback snapshot is final."""
 
     target: Target
     credential_envelope: bytes | None
-    snapshot_exists: bool
+    snapshot_final: bool
+    """A snapshot exists and our write landed after it: nothing is to be snapshotted again."""
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,7 @@ _CLAIM = (
     )
     .returning(RESULTS.c.target_id, RESULTS.c.batch_index, RESULTS.c.attempts)
 )
-#: The targets, their sealed credentials, and whether a rollback snapshot exists for each.
+#: The targets, their sealed credentials, and whether a final rollback snapshot exists for each.
 _LOAD_TARGETS = (
     select(
         Target,
@@ -116,6 +117,7 @@ _LOAD_TARGETS = (
         .where(
             RollbackSnapshot.distribution_id == bindparam("distribution_id"),
             RollbackSnapshot.target_id == Target.id,
+            RollbackSnapshot.written_fingerprint.is_not(None),
         )
         .exists(),
     )

@@ -1,4 +1,4 @@
-"""Rollback snapshots: the Secret as it was before our first write, sealed, stored once.
+"""Rollback snapshots: the Secret as it was before our first landed write, sealed.
 
 The sealed content is the JSON of ``worker.core.snapshot.PreviousSecret.to_dict()``; the
 models take and return it as a plain mapping. Snapshots sealed before that type existed hold
@@ -25,15 +25,16 @@ from models.sealing import Sealer
 __all__ = [
     "distribution_snapshot",
     "get_snapshot",
+    "make_snapshot_provisional",
     "record_snapshot_write",
     "reveal_snapshot",
-    "save_snapshot_if_absent",
+    "save_snapshot",
 ]
 
 _PREVIOUS = {"table": RollbackSnapshot.__tablename__, "purpose": "previous"}
 
 
-def save_snapshot_if_absent(
+def save_snapshot(
     session: Session,
     sealer: Sealer,
     *,
@@ -42,37 +43,88 @@ def save_snapshot_if_absent(
     previous: Mapping[str, Any],
     taken_at: datetime | None = None,
 ) -> bool:
-    """Store the previous Secret unless a snapshot exists already; True if this call stored it.
+    """Keep the Secret as it is before our write; True if this call stored it.
+
+    A snapshot is *provisional* until :func:`record_snapshot_write` says our write landed, and
+    *final* after that. A provisional one is replaced by what is live at the next attempt (a
+    write that failed changed nothing, and the owner may have changed the Secret since); a
+    final one is never replaced, so a redelivered write cannot snapshot our own content.
 
     ``previous`` is ``PreviousSecret.to_dict()``; it is sealed only when the Secret existed.
-    Race-safe: the insert is ``ON CONFLICT DO NOTHING`` on the (distribution, target) unique
-    key, so of two concurrent deliveries exactly one snapshot wins and the other is a no-op.
+    The first insert is ``ON CONFLICT DO NOTHING`` on the (distribution, target) unique key,
+    so of two concurrent first attempts exactly one inserts; the other then replaces it only
+    while it is still provisional (under the row lock on PostgreSQL).
     """
-    row_id = new_id()
-    existed = bool(previous["existed"])
-    sealed: bytes | None = None
-    if existed:
-        clear = json.dumps(dict(previous), sort_keys=True).encode("utf-8")
-        sealed = sealer.seal(clear, row_id=row_id, **_PREVIOUS)
-    values = {
-        "id": row_id,
-        "distribution_id": distribution_id,
-        "target_id": target_id,
-        "existed": existed,
-        "previous": sealed,
-        "taken_at": taken_at or utcnow(),
-    }
-    dialect = session.get_bind().dialect.name
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    statement = (
-        insert(RollbackSnapshot)
-        .values(**values)
-        .on_conflict_do_nothing(index_elements=["distribution_id", "target_id"])
-        # RETURNING tells reliably whether this statement inserted: rowcount of an ORM
-        # insert is not dependable across drivers.
-        .returning(RollbackSnapshot.id)
+    existing = _locked_snapshot(session, distribution_id, target_id)
+    if existing is None:
+        row_id = new_id()
+        values = {
+            "id": row_id,
+            "distribution_id": distribution_id,
+            "target_id": target_id,
+            "existed": bool(previous["existed"]),
+            "previous": _seal(sealer, row_id, previous),
+            "taken_at": taken_at or utcnow(),
+        }
+        dialect = session.get_bind().dialect.name
+        insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+        statement = (
+            insert(RollbackSnapshot)
+            .values(**values)
+            .on_conflict_do_nothing(index_elements=["distribution_id", "target_id"])
+            # RETURNING tells reliably whether this statement inserted: rowcount of an ORM
+            # insert is not dependable across drivers.
+            .returning(RollbackSnapshot.id)
+        )
+        if session.execute(statement).scalar_one_or_none() is not None:
+            return True
+        existing = _locked_snapshot(session, distribution_id, target_id)
+        assert existing is not None  # the conflicting row
+    if existing.written_fingerprint is not None:
+        return False
+    # The sealed content stays bound to the row's own id (associated data).
+    existing.existed = bool(previous["existed"])
+    existing.previous = _seal(sealer, existing.id, previous)
+    existing.taken_at = taken_at or utcnow()
+    session.flush()
+    return True
+
+
+def _seal(sealer: Sealer, row_id: str, previous: Mapping[str, Any]) -> bytes | None:
+    if not previous["existed"]:
+        return None
+    clear = json.dumps(dict(previous), sort_keys=True).encode("utf-8")
+    return sealer.seal(clear, row_id=row_id, **_PREVIOUS)
+
+
+def _locked_snapshot(
+    session: Session, distribution_id: str, target_id: str
+) -> RollbackSnapshot | None:
+    query = (
+        select(RollbackSnapshot)
+        .where(
+            RollbackSnapshot.distribution_id == distribution_id,
+            RollbackSnapshot.target_id == target_id,
+        )
+        # SQLite ignores FOR UPDATE; there BEGIN IMMEDIATE already serialises writers.
+        .with_for_update()
+        .execution_options(populate_existing=True)
     )
-    return session.execute(statement).scalar_one_or_none() is not None
+    return session.scalars(query).one_or_none()
+
+
+def make_snapshot_provisional(session: Session, distribution_id: str, target_id: str) -> None:
+    """After a rollback put the snapshot back: the next execute snapshots what is live then.
+
+    The owner may change the restored Secret before our next write; a second rollback must
+    never bring back a state older than the one that write replaced.
+    """
+    snapshot = _locked_snapshot(session, distribution_id, target_id)
+    if snapshot is not None:
+        snapshot.written_fingerprint = None
+        snapshot.written_resource_version = None
+        snapshot.written_at = None
+        session.flush()
 
 
 def get_snapshot(session: Session, distribution_id: str, target_id: str) -> RollbackSnapshot | None:

@@ -113,13 +113,14 @@ def deploy(
 
 
 class MemoryStore:
-    """A SnapshotStore in memory with the database's insert-if-absent rule."""
+    """A SnapshotStore in memory whose first snapshot is final at once (as the database's is
+    once the write it preceded landed)."""
 
     def __init__(self) -> None:
         self.saved: list[PreviousSecret] = []
         self.save_calls = 0
 
-    def snapshot_exists(self) -> bool:
+    def snapshot_is_final(self) -> bool:
         return bool(self.saved)
 
     def save_snapshot(self, previous: PreviousSecret) -> None:

@@ -55,10 +55,6 @@ def _tls_secret(name: str, namespace: str, key_pem: bytes, crt_pem: bytes) -> k8
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 17 §2: a snapshot taken before a write that did not land is kept for good",
-)
 def test_a_snapshot_from_a_failed_first_attempt_is_replaced_by_what_is_live_at_the_next(
     pipe: Pipeline, clusters: list[Any], testenv_admin_api: Any
 ) -> None:

@@ -1079,7 +1079,7 @@ PREVIOUS = PreviousSecret(
 
 
 def _save(session: Session, sealer: Sealer, previous: PreviousSecret, **ids: Any) -> bool:
-    return queries.save_snapshot_if_absent(session, sealer, previous=previous.to_dict(), **ids)
+    return queries.save_snapshot(session, sealer, previous=previous.to_dict(), **ids)
 
 
 def _reveal(session: Session, sealer: Sealer, **ids: Any) -> PreviousSecret:
@@ -1087,13 +1087,17 @@ def _reveal(session: Session, sealer: Sealer, **ids: Any) -> PreviousSecret:
     return PreviousSecret.from_dict(content)
 
 
-def test_snapshot_is_saved_once_and_never_overwritten(
+def test_a_final_snapshot_is_never_overwritten(
     factory: sessionmaker[Session], sealer: Sealer, bundle: TlsBundle
 ) -> None:
     with session_scope(factory) as session:
         distribution, target = _distribution(session, sealer, bundle)
         ids: dict[str, Any] = {"distribution_id": distribution.id, "target_id": target.id}
         assert _save(session, sealer, PREVIOUS, **ids)
+        # Our write landed after it: the snapshot is final.
+        assert queries.record_snapshot_write(
+            session, **ids, fingerprint="ab" * 32, resource_version="813"
+        )
     with session_scope(factory) as session:
         ours = replace(PREVIOUS, data={"tls.crt": "b3Vycw==", "tls.key": "b3Vycw=="})
         assert not _save(session, sealer, ours, **ids)
@@ -1109,6 +1113,35 @@ def test_snapshot_is_saved_once_and_never_overwritten(
         row = queries.get_snapshot(session, **ids)
         assert row is not None and row.previous is not None
         assert b"b2xkIGtleQ==" not in row.previous
+
+
+def test_a_provisional_snapshot_is_replaced_by_the_next_attempt_in_place(
+    factory: sessionmaker[Session], sealer: Sealer, bundle: TlsBundle
+) -> None:
+    with session_scope(factory) as session:
+        distribution, target = _distribution(session, sealer, bundle)
+        ids: dict[str, Any] = {"distribution_id": distribution.id, "target_id": target.id}
+        # First attempt: no Secret; the write then failed (nothing recorded).
+        assert _save(session, sealer, PreviousSecret.absent(), **ids)
+        first = queries.get_snapshot(session, **ids)
+        assert first is not None
+        row_id = first.id
+    with session_scope(factory) as session:
+        # Next attempt: the owner's Secret is live now, and it replaces the provisional one.
+        assert _save(session, sealer, PREVIOUS, **ids)
+    with session_scope(factory) as session:
+        row = queries.get_snapshot(session, **ids)
+        assert row is not None and row.id == row_id and row.existed
+        assert _reveal(session, sealer, **ids).data == PREVIOUS.data
+        # A rollback put it back: provisional again, so the next execute re-snapshots.
+        assert queries.record_snapshot_write(
+            session, **ids, fingerprint="cd" * 32, resource_version="900"
+        )
+        queries.make_snapshot_provisional(session, **ids)
+        assert queries.get_snapshot(session, **ids).written_fingerprint is None  # type: ignore[union-attr]
+        newer = replace(PREVIOUS, labels={"team": "edge", "rotated": "yes"})
+        assert _save(session, sealer, newer, **ids)
+        assert _reveal(session, sealer, **ids).labels == newer.labels
 
 
 def test_snapshot_of_an_absent_secret_stores_no_content(
@@ -1208,6 +1241,10 @@ def test_concurrent_snapshot_saves_store_exactly_one(
         try:
             with session_scope(factory) as session:
                 outcomes["first"] = _save(session, sealer, PREVIOUS, **ids)
+                # Its write landed in the same breath: the snapshot the second meets is final.
+                queries.record_snapshot_write(
+                    session, **ids, fingerprint="ab" * 32, resource_version="813"
+                )
                 first_inserted.set()
                 time.sleep(0.3)  # hold the transaction open while the second one tries
         except BaseException as exc:
@@ -1507,7 +1544,7 @@ def test_group_rollback_availability_is_one_query_and_prefers_an_existing_secret
     assert len(statements) == 1
     earlier, later = NOW, NOW + timedelta(hours=1)
     ids = {"distribution_id": grouped.id}
-    queries.save_snapshot_if_absent(
+    queries.save_snapshot(
         session, sealer, previous={"existed": False}, target_id=first.id, taken_at=earlier, **ids
     )
     assert availability().reason == PREVIOUSLY_ABSENT

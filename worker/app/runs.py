@@ -171,8 +171,8 @@ class TargetJob:
     """The ``started_at`` this delivery's claim wrote (the result's duration counts from it)."""
     credential_envelope: bytes | None = field(default=None, repr=False)
     """The target's sealed kubeconfig, to find the cached client without another query."""
-    snapshot_exists: bool = False
-    """A rollback snapshot was already stored when the target was claimed."""
+    snapshot_final: bool = False
+    """A final rollback snapshot (one our write landed after) existed at the claim."""
 
     @property
     def claim(self) -> queries.HeldClaim:
@@ -312,7 +312,7 @@ def _claim(rt: Runtime, run_id: str, target_ids: Sequence[str]) -> list[TargetJo
                 attempt=claim.attempts,
                 claimed_at=now,
                 credential_envelope=loaded_target.credential_envelope,
-                snapshot_exists=loaded_target.snapshot_exists,
+                snapshot_final=loaded_target.snapshot_final,
             )
         )
     return jobs
@@ -395,22 +395,22 @@ def _bundle(rt: Runtime, certificate: Certificate) -> TlsBundle:
 
 
 class _DatabaseSnapshotStore:
-    """Rollback snapshots through the database (insert-if-absent, sealed)."""
+    """Rollback snapshots through the database (sealed; provisional until our write lands)."""
 
-    def __init__(self, rt: Runtime, distribution_id: str, target_id: str, *, exists: bool) -> None:
+    def __init__(self, rt: Runtime, distribution_id: str, target_id: str, *, final: bool) -> None:
         self._rt = rt
         self._distribution_id = distribution_id
         self._target_id = target_id
-        self._exists = exists
+        self._final = final
 
-    def snapshot_exists(self) -> bool:
-        # Read with the claim. A stale "no" is harmless: saving is insert-if-absent, so a
-        # snapshot stored meanwhile (by another run of this distribution) is never replaced.
-        return self._exists
+    def snapshot_is_final(self) -> bool:
+        # Read with the claim. A stale "no" is harmless: saving never replaces a snapshot
+        # that became final meanwhile.
+        return self._final
 
     def save_snapshot(self, previous: PreviousSecret) -> None:
         with self._rt.session() as session:
-            queries.save_snapshot_if_absent(
+            queries.save_snapshot(
                 session,
                 self._rt.sealer,
                 distribution_id=self._distribution_id,
@@ -438,7 +438,7 @@ def _deploy(
     )
     dry_run = job.action is RunAction.DRY_RUN
     store = (
-        _DatabaseSnapshotStore(rt, job.distribution_id, job.target.id, exists=job.snapshot_exists)
+        _DatabaseSnapshotStore(rt, job.distribution_id, job.target.id, final=job.snapshot_final)
         if job.store_content and not dry_run
         else None
     )
@@ -476,7 +476,7 @@ def _rollback(
             session, rt.sealer, job.distribution_id, job.target.id
         )
         written_fingerprint = snapshot.written_fingerprint
-    return rollback_secret(
+    outcome = rollback_secret(
         client,
         namespace=namespace,
         name=secret_name,
@@ -484,6 +484,14 @@ def _rollback(
         written_fingerprint=written_fingerprint,
         force=bool(job.options.get("force", False)),
     )
+
+    def reopen_snapshot() -> None:
+        with rt.session() as session:
+            queries.make_snapshot_provisional(session, job.distribution_id, job.target.id)
+
+    # The previous Secret is back: the next execute snapshots whatever is live by then.
+    _through_outage(rt, reopen_snapshot)
+    return outcome
 
 
 def _record(rt: Runtime, finished: Sequence[tuple[TargetJob, TargetOutcome]]) -> None:

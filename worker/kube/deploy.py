@@ -10,10 +10,11 @@ The write rules (DESIGN.md decisions 2 and 3):
 * a Secret that exists but lacks our managed-by label is refused (:class:`UnmanagedSecret`)
   unless the target says adopt; either way the diff flags it. Refusing by default means a
   typo in a Secret name can never silently replace somebody else's certificate.
-* with a snapshot store, the previous Secret is saved *before* the first write and never
-  replaced: the store inserts only if absent, and a live Secret that already carries this
-  distribution's id and this certificate's fingerprint is our own earlier write (a
-  redelivered task), which is never snapshotted.
+* with a snapshot store, the previous Secret is saved *before* each write until the store
+  says its snapshot is final (our write landed after it); a final snapshot is never
+  replaced, and a live Secret that already carries this distribution's id and this
+  certificate's fingerprint is our own earlier write (a redelivered task), which is never
+  snapshotted.
 
 Persistence is not imported here: the caller hands in a :class:`SnapshotStore`.
 """
@@ -77,12 +78,12 @@ Action = Literal[
 class SnapshotStore(Protocol):
     """Where the previous Secret is kept for rollback (the caller's database, encrypted)."""
 
-    def snapshot_exists(self) -> bool:
-        """Return whether a snapshot is already stored for this distribution and target."""
+    def snapshot_is_final(self) -> bool:
+        """Return whether a snapshot is stored and our write already landed after it."""
         ...
 
     def save_snapshot(self, previous: PreviousSecret) -> None:
-        """Store ``previous`` unless a snapshot already exists (insert-if-absent)."""
+        """Store ``previous``, replacing a provisional snapshot but never a final one."""
         ...
 
 
@@ -194,7 +195,7 @@ def _drift(live: Mapping[str, Any] | None, written_fingerprint: str | None) -> s
 
 
 def _snapshot(store: SnapshotStore | None, previous: PreviousSecret) -> None:
-    if store is not None and not store.snapshot_exists():
+    if store is not None and not store.snapshot_is_final():
         store.save_snapshot(previous)
 
 
