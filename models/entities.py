@@ -23,6 +23,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     false,
+    text,
 )
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
@@ -52,6 +53,13 @@ __all__ = [
 
 # Names users type (targets, groups, credentials) may become Kubernetes-ish identifiers.
 _NAME_LENGTH = 253
+
+
+#: The runs the one-active-mutation index covers (revision 0002).
+ACTIVE_MUTATION = (
+    "state IN ('queued', 'running') AND action IN ('execute', 'rollback') "
+    "AND parent_run_id IS NULL"
+)
 
 
 def _enum(enum_class: type[StrEnum], name: str) -> Enum:
@@ -252,6 +260,16 @@ class Run(_ReprMixin, Base):
     __table_args__ = (
         # The reaper looks for running runs whose heartbeat is old.
         Index("ix_runs_state_heartbeat_at", "state", "heartbeat_at"),
+        # At most one mutating run (execute or rollback) per distribution is queued or running,
+        # enforced by the database so that two schedulers or workers cannot both get one.
+        # Stacked runs (queued by their parent's success) are sequenced by that parent.
+        Index(
+            "uq_runs_one_active_mutation",
+            "distribution_id",
+            unique=True,
+            postgresql_where=text(ACTIVE_MUTATION),
+            sqlite_where=text(ACTIVE_MUTATION),
+        ),
     )
     _repr_fields = ("id", "distribution_id", "action", "state", "current_batch")
 

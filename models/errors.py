@@ -39,5 +39,19 @@ class InvalidRecordError(ValueError):
     """The values given do not form a valid row (the message says which rule and how to fix)."""
 
 
+class ActiveRunError(ValueError):
+    """A distribution already has a queued or running execute or rollback."""
+
+    def __init__(self, distribution_id: str, active_run_id: str, action: str, state: str) -> None:
+        self.distribution_id = distribution_id
+        self.active_run_id = active_run_id
+        super().__init__(
+            f"distribution {distribution_id} already has an active {action} run "
+            f"{active_run_id} ({state}); only one execute or rollback of a distribution may be "
+            f"queued or running at a time: wait until it finishes (`certautopilot runs show "
+            f"{active_run_id}`), then enqueue again"
+        )
+
+
 class RunStateError(ValueError):
     """A run transition that its current state does not allow."""

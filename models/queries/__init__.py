@@ -11,7 +11,13 @@ certificates, credentials, targets, groups, distributions, runs, results (claims
 records), snapshots and keys (rotation).
 """
 
-from models.errors import AlreadyExistsError, InvalidRecordError, NotFoundError, RunStateError
+from models.errors import (
+    ActiveRunError,
+    AlreadyExistsError,
+    InvalidRecordError,
+    NotFoundError,
+    RunStateError,
+)
 from models.queries.certificates import (
     BundleLike,
     CertificateFacts,
@@ -99,6 +105,7 @@ from models.queries.targets import (
 
 __all__ = [
     "ENVELOPE_COLUMNS",
+    "ActiveRunError",
     "AlreadyExistsError",
     "BundleLike",
     "CertificateFacts",

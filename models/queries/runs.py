@@ -7,12 +7,13 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import bindparam, insert, or_, select, update
+from sqlalchemy import bindparam, insert, or_, select, text, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from models.entities import Certificate, Distribution, Run, TargetGroup
+from models.entities import ACTIVE_MUTATION, Certificate, Distribution, Run, TargetGroup
 from models.enums import RunAction, RunState
-from models.errors import NotFoundError, RunStateError
+from models.errors import ActiveRunError, NotFoundError, RunStateError
 from models.queries._statements import RESULTS, RUNS, typed_param
 from models.queries.distributions import get_distribution
 
@@ -47,7 +48,12 @@ def create_run(
     cascade: bool = False,
     parent_run_id: str | None = None,
 ) -> Run:
-    """Insert a queued run for a distribution."""
+    """Insert a queued run for a distribution.
+
+    :class:`ActiveRunError` (nothing written) when it is an execute or rollback requested
+    directly (no parent) and the distribution has one queued or running already: the database's
+    partial unique index decides, so two concurrent callers cannot both get one.
+    """
     get_distribution(session, distribution_id)
     run = Run(
         distribution_id=distribution_id,
@@ -59,8 +65,18 @@ def create_run(
         batch_plan=[],
         current_batch=0,
     )
-    session.add(run)
-    session.flush()
+    try:
+        with session.begin_nested():
+            session.add(run)
+    except IntegrityError:
+        active = session.scalars(
+            select(Run).where(Run.distribution_id == distribution_id, text(ACTIVE_MUTATION))
+        ).first()
+        if active is None:  # some other constraint: not ours to explain
+            raise
+        raise ActiveRunError(
+            distribution_id, active.id, active.action.value, active.state.value
+        ) from None
     return run
 
 

@@ -30,6 +30,7 @@ from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
 from typer.testing import CliRunner
 
+from models import migrate
 from models.rollback import STORE_CONTENT_OFF
 from tests.certfactory import make_chain
 from tests.testenv import Cluster, ServiceAccountAccess
@@ -200,7 +201,7 @@ def operator(tmp_path: Path) -> Iterator[Callable[..., subprocess.CompletedProce
             ["certautopilot", *args], result.exit_code, result.stdout, result.stderr
         )
 
-    assert "-> 0001" in run("migrate").stdout
+    assert f"-> {migrate.head()}" in run("migrate").stdout
     worker_env = {k: v for k, v in {**os.environ, **env}.items() if v is not None}
     worker = Worker(worker_env, tmp_path / "worker.log")
     try:

@@ -566,16 +566,20 @@ def test_a_conflicting_writer_between_our_read_and_write_costs_a_retry_not_corre
 # ------------------------------------------------------------------------------- duplicates
 
 
-def test_two_runs_of_one_distribution_at_once_write_each_secret_exactly_once(
+def test_a_second_execute_is_refused_while_one_is_active_and_each_secret_is_written_once(
     pipe: Pipeline, stage: Stage
 ) -> None:
     scene = stage("twin", targets=10, clusters=2, proxy=False)
     fleet = scene.fleet
     pipe.start_worker("twin", concurrency=4)
     first = pipe.enqueue(fleet.distribution_id, "execute")
+    # The database allows one active execute or rollback per distribution.
+    with pytest.raises(service.RunAlreadyActive, match=first):
+        pipe.enqueue(fleet.distribution_id, "execute")
+    first_report = _wait_final(pipe, first)
     second = pipe.enqueue(fleet.distribution_id, "execute")
 
-    reports = [_wait_final(pipe, first), _wait_final(pipe, second)]
+    reports = [first_report, _wait_final(pipe, second)]
 
     for report in reports:
         assert report.state == "succeeded", report.reason

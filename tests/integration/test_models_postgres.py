@@ -48,6 +48,7 @@ from tests.unit.test_models_sqlite import (  # noqa: F401 - fixtures and shared 
     ring,
     sealer,
     session,
+    test_a_database_filled_at_0001_upgrades_with_every_row_and_secret_intact,
     test_a_final_snapshot_is_never_overwritten,
     test_a_provisional_snapshot_is_replaced_by_the_next_attempt_in_place,
     test_certificate_round_trips_with_a_sealed_private_key,

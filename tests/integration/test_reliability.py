@@ -145,10 +145,6 @@ def test_a_run_deploys_the_certificate_revision_it_was_enqueued_with(
         assert base64.b64decode(secret.data["tls.key"]) == fleet.chain.key_pem, name
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 17 §5: nothing stops a rollback enqueued while an execute is active",
-)
 def test_a_rollback_is_refused_while_an_execute_of_the_distribution_is_active(
     pipe: Pipeline, clusters: list[Any], make_service_account: Any, testenv_admin_api: Any
 ) -> None:

@@ -22,6 +22,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
+from models import migrate
 from models.rollback import STORE_CONTENT_OFF
 from tests.certfactory import make_chain
 from worker.cli.main import app
@@ -491,7 +492,7 @@ def test_another_database_without_schema_asks_for_migrate(cli: Cli, tmp_path: Pa
     result = cli("credentials", "list")
     assert result.exit_code == 1
     assert "run `certautopilot migrate`" in result.stderr
-    assert "-> 0001" in cli.ok("migrate").stdout
+    assert f"-> {migrate.head()}" in cli.ok("migrate").stdout
     assert "already at schema" in cli.ok("migrate").stdout
     assert cli.json("credentials", "list") == []
 

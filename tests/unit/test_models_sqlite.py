@@ -206,8 +206,10 @@ def _distribution(
     return distribution, target
 
 
-def _started_run(session: Session, distribution: Distribution, plan: list[list[str]]) -> Run:
-    run = queries.create_run(session, distribution_id=distribution.id, action="execute")
+def _started_run(
+    session: Session, distribution: Distribution, plan: list[list[str]], action: str = "execute"
+) -> Run:
+    run = queries.create_run(session, distribution_id=distribution.id, action=action)
     return queries.start_run(session, run.id, batch_plan=plan, now=NOW)
 
 
@@ -248,6 +250,60 @@ def test_data_survives_a_second_upgrade(
     upgrade(db_url)
     with session_scope(factory) as session:
         assert queries.reveal_credential(session, sealer, credential_id) == KUBECONFIG
+
+
+def _all_rows(engine: Engine) -> dict[str, list[tuple[Any, ...]]]:
+    """Every row of every table, ordered, for before/after comparisons."""
+    with engine.connect() as connection:
+        return {
+            table: sorted(
+                (tuple(row) for row in connection.execute(text(f"SELECT * FROM {table}"))),  # noqa: S608
+                key=repr,
+            )
+            for table in sorted(TABLES)
+        }
+
+
+def test_a_database_filled_at_0001_upgrades_with_every_row_and_secret_intact(
+    factory: sessionmaker[Session], engine: Engine, sealer: Sealer, bundle: TlsBundle, db_url: str
+) -> None:
+    # Revision 0002 adds the one-active-mutation index; a 0001 database may hold two active
+    # executes/rollbacks of one distribution, and the upgrade keeps only the oldest active.
+    downgrade(db_url, "0001")
+    with session_scope(factory) as session:
+        distribution, target = _distribution(session, sealer, bundle)
+        ids: dict[str, Any] = {"distribution_id": distribution.id, "target_id": target.id}
+        assert _save(session, sealer, PREVIOUS, **ids)
+        queries.record_snapshot_write(session, **ids, fingerprint="ab" * 32, resource_version="9")
+        older = _started_run(session, distribution, [[target.id]])
+        newer = queries.create_run(session, distribution_id=distribution.id, action="rollback")
+        dry = queries.create_run(session, distribution_id=distribution.id, action="dry_run")
+        certificate_id, credential_id = distribution.certificate_id, target.credential_id
+        older_id, newer_id, dry_id = older.id, newer.id, dry.id
+    before = _all_rows(engine)
+
+    upgrade(db_url)
+
+    assert current(db_url) == migrate.head()
+    after = _all_rows(engine)
+    changed = {table for table in TABLES if before[table] != after[table]}
+    assert changed == {"runs"}, changed
+    with session_scope(factory) as session:
+        superseded = queries.get_run(session, newer_id)
+        assert superseded.state is RunState.FAILED
+        assert "revision 0002" in (superseded.reason or "")
+        assert queries.get_run(session, older_id).state is RunState.RUNNING
+        assert queries.get_run(session, dry_id).state is RunState.QUEUED
+        # Every other row is byte for byte what it was; the sealed secrets still open.
+        unchanged = [row for row in before["runs"] if newer_id not in row]
+        assert all(row in after["runs"] for row in unchanged)
+        assert queries.reveal_private_key(session, sealer, certificate_id) == bundle.key_pem
+        assert credential_id is not None
+        assert queries.reveal_credential(session, sealer, credential_id) == KUBECONFIG
+        assert _reveal(session, sealer, **ids) == PREVIOUS
+    # And the index now holds: a second execute is refused, naming the active one.
+    with session_scope(factory) as session, pytest.raises(queries.ActiveRunError, match=older_id):
+        queries.create_run(session, distribution_id=distribution.id, action="execute")
 
 
 # ------------------------------------------------------------------------------ engine / db
@@ -896,11 +952,12 @@ def test_stale_runs_are_running_runs_with_an_old_heartbeat(
     session: Session, sealer: Sealer, bundle: TlsBundle
 ) -> None:
     distribution, target = _distribution(session, sealer, bundle)
-    stale = _started_run(session, distribution, [[target.id]])
-    fresh = _started_run(session, distribution, [[target.id]])
+    # Dry-runs: several may be active at once (only one execute or rollback may).
+    stale = _started_run(session, distribution, [[target.id]], "dry_run")
+    fresh = _started_run(session, distribution, [[target.id]], "dry_run")
     beat = NOW + timedelta(minutes=5)
     queries.heartbeat(session, fresh.id, now=beat, unless_since=beat)
-    queries.create_run(session, distribution_id=distribution.id, action="execute")  # queued
+    queries.create_run(session, distribution_id=distribution.id, action="dry_run")  # queued
     found = queries.stale_runs(session, heartbeat_before=NOW + timedelta(minutes=1))
     assert [run.id for run in found] == [stale.id]
 

@@ -44,6 +44,14 @@ class ServiceError(ValueError):
     """A request the backend refuses; the message names the problem and the fix."""
 
 
+class RunAlreadyActive(ServiceError):
+    """The distribution has a queued or running execute or rollback; the message names it."""
+
+    def __init__(self, message: str, active_run_id: str) -> None:
+        super().__init__(message)
+        self.active_run_id = active_run_id
+
+
 class RollbackUnavailable(ServiceError):
     """Rollback cannot run for this distribution; the message is the greyed-out tooltip."""
 
@@ -323,13 +331,16 @@ def enqueue_run(
                 raise RollbackUnavailable(availability.reason)
         if distribution.kind is DistributionKind.WEBHOOK and run_action is not RunAction.EXECUTE:
             raise ServiceError("a webhook distribution can only be executed")
-        run = queries.create_run(
-            session,
-            distribution_id=distribution_id,
-            action=run_action,
-            options={"force": True} if force else {},
-            cascade=cascade and run_action is RunAction.EXECUTE,
-        )
+        try:
+            run = queries.create_run(
+                session,
+                distribution_id=distribution_id,
+                action=run_action,
+                options={"force": True} if force else {},
+                cascade=cascade and run_action is RunAction.EXECUTE,
+            )
+        except queries.ActiveRunError as exc:
+            raise RunAlreadyActive(str(exc), exc.active_run_id) from None
         run_id = run.id
     dispatch.start(run_id)
     return run_id

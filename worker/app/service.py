@@ -10,6 +10,7 @@ the read views (:mod:`worker.app.views`). Every function takes the process
 from worker.app.commands import (
     HealthResult,
     RollbackUnavailable,
+    RunAlreadyActive,
     ServiceError,
     TargetSpec,
     add_group_targets,
@@ -55,6 +56,7 @@ __all__ = [
     "GroupView",
     "HealthResult",
     "RollbackUnavailable",
+    "RunAlreadyActive",
     "RunReport",
     "ServiceError",
     "TargetResultView",
