@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import bindparam, insert, or_, select, text, update
+from sqlalchemy import bindparam, func, insert, literal_column, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -235,13 +235,38 @@ def queued_runs_before(session: Session, created_before: datetime) -> list[str]:
     return list(session.scalars(query))
 
 
-def note_recovery(run: Run, *, reason: str, now: datetime) -> None:
-    """Count one more reaper recovery on the run, with the reason, as progress."""
-    options = dict(run.options or {})
-    options["reaper_recoveries"] = int(options.get("reaper_recoveries", 0)) + 1
-    run.options = options
-    run.reason = reason
-    run.heartbeat_at = now
+def note_recovery(
+    session: Session, run_id: str, *, reason: str, now: datetime, stale_before: datetime
+) -> bool:
+    """Count one more reaper recovery on the run, with the reason, as progress.
+
+    Conditional, so it is True for exactly one caller: only while the run is still running and
+    still stale (a batch callback that finished the run meanwhile keeps its reason, and of
+    concurrent reapers one wins). The counter is incremented in SQL, not read-modify-written.
+    """
+    count = func.coalesce(Run.options["reaper_recoveries"].as_integer(), 0) + 1
+    options: Any
+    if session.get_bind().dialect.name == "postgresql":
+        options = func.jsonb_set(
+            func.coalesce(Run.options, literal_column("'{}'::jsonb")),
+            literal_column("'{reaper_recoveries}'::text[]"),
+            func.to_jsonb(count),
+        )
+    else:
+        options = func.json_set(
+            func.coalesce(Run.options, "{}"), "$.reaper_recoveries", count
+        )
+    statement = (
+        update(Run)
+        .where(
+            Run.id == run_id,
+            Run.state == RunState.RUNNING,
+            Run.heartbeat_at < stale_before,
+        )
+        .values(options=options, reason=reason, heartbeat_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    return int(session.execute(statement).rowcount) == 1  # type: ignore[attr-defined]
 
 
 def recoveries(run: Run) -> int:

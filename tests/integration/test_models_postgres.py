@@ -51,6 +51,7 @@ from tests.unit.test_models_sqlite import (  # noqa: F401 - fixtures and shared 
     test_a_database_filled_at_0001_upgrades_with_every_row_and_secret_intact,
     test_a_final_snapshot_is_never_overwritten,
     test_a_provisional_snapshot_is_replaced_by_the_next_attempt_in_place,
+    test_a_reaper_recovery_is_counted_in_sql_only_on_a_running_and_still_stale_run,
     test_certificate_round_trips_with_a_sealed_private_key,
     test_child_process_after_fork_uses_its_own_connections,
     test_claims_are_exclusive_until_released_or_expired,

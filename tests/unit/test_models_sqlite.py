@@ -962,6 +962,42 @@ def test_stale_runs_are_running_runs_with_an_old_heartbeat(
     assert [run.id for run in found] == [stale.id]
 
 
+def test_a_reaper_recovery_is_counted_in_sql_only_on_a_running_and_still_stale_run(
+    session: Session, sealer: Sealer, bundle: TlsBundle
+) -> None:
+    distribution, target = _distribution(session, sealer, bundle)
+    run = _started_run(session, distribution, [[target.id]])
+    finished = _started_run(session, distribution, [[target.id]], "dry_run")
+    queries.finish_run(session, finished.id, RunState.SUCCEEDED, now=NOW, reason="succeeded: ok")
+    stale_before = NOW + timedelta(minutes=1)
+
+    def note(run_id: str, moment: datetime) -> bool:
+        return queries.note_recovery(
+            session, run_id, reason=f"resumed at {moment}", now=moment, stale_before=stale_before
+        )
+
+    # The reaper's "now" is past its stale bound (now - stale_after).
+    assert note(run.id, NOW + timedelta(minutes=2))
+    # Its heartbeat is fresh now: a second reaper with the same view loses the race.
+    assert not note(run.id, NOW + timedelta(minutes=2))
+    # A finished run keeps the reason its batch callback wrote.
+    assert not note(finished.id, NOW + timedelta(minutes=2))
+    session.expire_all()
+    assert queries.get_run(session, finished.id).reason == "succeeded: ok"
+    assert queries.recoveries(queries.get_run(session, run.id)) == 1
+    assert queries.note_recovery(
+        session,
+        run.id,
+        reason="again",
+        now=NOW + timedelta(minutes=5),
+        stale_before=NOW + timedelta(minutes=4),
+    )
+    session.expire_all()
+    again = queries.get_run(session, run.id)
+    assert (queries.recoveries(again), again.reason) == (2, "again")
+    assert again.options.get("force") is None  # other options untouched
+
+
 def test_run_parent_link_survives_and_is_cleared_on_parent_delete(
     factory: sessionmaker[Session], sealer: Sealer, bundle: TlsBundle
 ) -> None:

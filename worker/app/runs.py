@@ -663,21 +663,28 @@ def reap(rt: Runtime, dispatch: Dispatcher, *, now: datetime | None = None) -> R
         for run in queries.stale_runs(session, heartbeat_before=stale_before):
             batch = run.current_batch
             lost = queries.lost_target_ids(session, run.id, batch, lease_expired=lease_expired)
-            if lost:
-                redispatched[run.id] = lost
-            elif not queries.count_live_claims(session, run.id, batch, lease_expired=lease_expired):
-                advanced.append((run.id, batch))
-            else:
+            if not lost and queries.count_live_claims(
+                session, run.id, batch, lease_expired=lease_expired
+            ):
                 continue
-            queries.note_recovery(
-                run,
+            # Only the reaper whose conditional update wins re-sends anything; a run that
+            # finished meanwhile keeps its own reason.
+            if not queries.note_recovery(
+                session,
+                run.id,
                 reason=(
                     f"resumed by the reaper at {now:%Y-%m-%d %H:%M:%S}Z after "
                     f"{rt.settings.tasks.stale_after:.0f}s without progress "
                     f"({len(lost)} target(s) re-sent)"
                 ),
                 now=now,
-            )
+                stale_before=stale_before,
+            ):
+                continue
+            if lost:
+                redispatched[run.id] = lost
+            else:
+                advanced.append((run.id, batch))
     for run_id in restarted:
         dispatch.start(run_id)
     for run_id, target_ids in redispatched.items():
