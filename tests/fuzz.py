@@ -1,0 +1,148 @@
+"""Fuzzing the untrusted-input parsers: the settings the fuzz tests use, and a campaign runner.
+
+The fuzz tests (``tests/unit/test_fuzz_*.py``) are hypothesis property tests with targeted
+strategies. They read their settings from a hypothesis profile chosen by the
+``CAP_FUZZ_PROFILE`` environment variable:
+
+* ``fuzz-ci`` (the default): a bounded number of examples, so the whole fuzz set stays under
+  a minute in the unit suite;
+* ``fuzz-campaign``: many examples per test and round.
+
+A campaign runs rounds of the fuzz tests with fresh seeds until its time is up::
+
+    python -m tests.fuzz --minutes 10            # all fuzz tests
+    python -m tests.fuzz --minutes 3 -k kubeconfig
+
+Failing examples are kept in hypothesis' example database (``.hypothesis/``) and replayed
+first by every later run, including the unit suite's. The runner prints rounds, examples and
+failures; it exits 1 when any round failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import re
+import subprocess
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+from hypothesis import HealthCheck, settings
+
+PROFILE_VARIABLE = "CAP_FUZZ_PROFILE"
+
+_SLOW_IS_FINE = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
+
+settings.register_profile(
+    "fuzz-ci",
+    max_examples=120,
+    # Bounded time per input; generous, because the CI machine is shared.
+    deadline=timedelta(seconds=2),
+    suppress_health_check=_SLOW_IS_FINE,
+    print_blob=True,
+)
+settings.register_profile(
+    "fuzz-campaign",
+    max_examples=3000,
+    deadline=timedelta(seconds=2),
+    suppress_health_check=_SLOW_IS_FINE,
+    print_blob=True,
+)
+
+
+def fuzz_settings(**overrides: object) -> settings:
+    """The settings of the selected fuzz profile, with per-test ``overrides``.
+
+    ``max_examples`` in ``overrides`` is scaled by the profile (a campaign multiplies it).
+    """
+    name = os.environ.get(PROFILE_VARIABLE, "fuzz-ci")
+    profile = settings.get_profile(name)
+    if "max_examples" in overrides:
+        factor = profile.max_examples / settings.get_profile("fuzz-ci").max_examples
+        overrides["max_examples"] = max(1, int(int(overrides["max_examples"]) * factor))  # type: ignore[call-overload]
+    return settings(profile, **overrides)  # type: ignore[arg-type]
+
+
+_STATS = re.compile(r"(\d+) passing examples, (\d+) failing examples, (\d+) invalid examples")
+_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _round(selection: str | None, seed: int, timeout: float) -> tuple[int, int, bool, str]:
+    """One round: every selected fuzz test once; (passing, failing, ok, output)."""
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        *sorted(str(p.relative_to(_ROOT)) for p in (_ROOT / "tests/unit").glob("test_fuzz_*.py")),
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        f"--hypothesis-seed={seed}",
+        "--hypothesis-show-statistics",
+    ]
+    if selection:
+        command += ["-k", selection]
+    env = {**os.environ, PROFILE_VARIABLE: "fuzz-campaign"}
+    try:
+        done = subprocess.run(
+            command,
+            cwd=_ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as exc:
+        out = exc.stdout if isinstance(exc.stdout, str) else ""
+        return 0, 0, False, out + "\n(round timed out)"
+    passing = failing = 0
+    for match in _STATS.finditer(done.stdout):
+        passing += int(match.group(1))
+        failing += int(match.group(2))
+    return passing, failing, done.returncode == 0, done.stdout + done.stderr
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run fuzz rounds until ``--minutes`` have passed; report what they found."""
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.fuzz", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--minutes", type=float, default=10.0, help="campaign length")
+    parser.add_argument("-k", dest="selection", help="pytest -k expression (e.g. kubeconfig)")
+    parser.add_argument("--seed", type=int, help="first round's seed (default: random)")
+    args = parser.parse_args(argv)
+    started = time.monotonic()
+    deadline = started + args.minutes * 60
+    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**32)
+    rounds = total_passing = total_failing = failed_rounds = 0
+    while time.monotonic() < deadline:
+        remaining = deadline - time.monotonic()
+        # A round may overrun the campaign by at most a few minutes, never hang.
+        passing, failing, ok, output = _round(args.selection, seed, max(remaining, 60) + 300)
+        rounds += 1
+        total_passing += passing
+        total_failing += failing
+        status = "ok" if ok else "FAILED"
+        print(
+            f"round {rounds} (seed {seed}): {passing} passing examples, {failing} failing, "
+            f"{status}, {time.monotonic() - started:.0f}s elapsed",
+            flush=True,
+        )
+        if not ok:
+            failed_rounds += 1
+            print(output, flush=True)
+        seed = (seed + 1) % 2**32
+    minutes = (time.monotonic() - started) / 60
+    print(
+        f"campaign: {minutes:.1f} min, {rounds} rounds, {total_passing} passing examples, "
+        f"{total_failing} failing examples, {failed_rounds} failed rounds"
+    )
+    return 1 if failed_rounds else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
