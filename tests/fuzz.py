@@ -46,7 +46,7 @@ settings.register_profile(
 )
 settings.register_profile(
     "fuzz-campaign",
-    max_examples=3000,
+    max_examples=1500,
     deadline=timedelta(seconds=2),
     suppress_health_check=_SLOW_IS_FINE,
     print_blob=True,
@@ -66,7 +66,8 @@ def fuzz_settings(**overrides: object) -> settings:
     return settings(profile, **overrides)  # type: ignore[arg-type]
 
 
-_STATS = re.compile(r"(\d+) passing examples, (\d+) failing examples, (\d+) invalid examples")
+# hypothesis --hypothesis-show-statistics: "- 150 passing, 0 failing, and 52 invalid test cases"
+_STATS = re.compile(r"(\d+) passing(?: examples)?, (\d+) failing")
 _ROOT = Path(__file__).resolve().parent.parent
 
 
