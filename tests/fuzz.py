@@ -29,6 +29,7 @@ import sys
 import time
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 from hypothesis import HealthCheck, settings
 
@@ -36,24 +37,23 @@ PROFILE_VARIABLE = "CAP_FUZZ_PROFILE"
 
 _SLOW_IS_FINE = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
 
-settings.register_profile(
-    "fuzz-ci",
-    max_examples=120,
-    # Bounded time per input; generous, because the CI machine is shared.
-    deadline=timedelta(seconds=2),
-    suppress_health_check=_SLOW_IS_FINE,
-    print_blob=True,
-)
-settings.register_profile(
-    "fuzz-campaign",
-    max_examples=1500,
-    deadline=timedelta(seconds=2),
-    suppress_health_check=_SLOW_IS_FINE,
-    print_blob=True,
-)
+
+def _register(name: str, max_examples: int) -> None:
+    settings.register_profile(
+        name,
+        max_examples=max_examples,
+        # Bounded time per input: a generous deadline, because the CI machine is shared.
+        deadline=timedelta(seconds=2),
+        suppress_health_check=_SLOW_IS_FINE,
+        print_blob=True,
+    )
 
 
-def fuzz_settings(**overrides: object) -> settings:
+_register("fuzz-ci", 120)
+_register("fuzz-campaign", 1500)
+
+
+def fuzz_settings(**overrides: Any) -> settings:
     """The settings of the selected fuzz profile, with per-test ``overrides``.
 
     ``max_examples`` in ``overrides`` is scaled by the profile (a campaign multiplies it).
@@ -63,7 +63,7 @@ def fuzz_settings(**overrides: object) -> settings:
     if "max_examples" in overrides:
         factor = profile.max_examples / settings.get_profile("fuzz-ci").max_examples
         overrides["max_examples"] = max(1, int(int(overrides["max_examples"]) * factor))  # type: ignore[call-overload]
-    return settings(profile, **overrides)  # type: ignore[arg-type]
+    return settings(profile, **overrides)
 
 
 # hypothesis --hypothesis-show-statistics: "- 150 passing, 0 failing, and 52 invalid test cases"
