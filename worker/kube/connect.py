@@ -5,6 +5,15 @@ Three rules shape this module (DESIGN.md decisions 6 and 7):
 * A stored kubeconfig may neither run programs nor read local files. ``exec``,
   ``auth-provider`` and path fields are refused, as in Flux's fix for CVE-2022-24817;
   anything the module does not understand is refused too rather than silently ignored.
+  Storing (:func:`minimal_kubeconfig`) applies these rules to every entry of the file and
+  *refuses* a file with a refused field even in an unused entry, naming it
+  (``users[gke].user.exec``), rather than stripping it: such a file is not one to keep, the
+  operator learns what it held, and ``kubectl config view --minify --flatten --raw`` makes
+  an acceptable one. What is sealed is re-serialised from the vetted connection: the
+  selected context with its one cluster and one user, inline data only. Connecting
+  (:func:`vet_kubeconfig`) vets the selected entries, what it uses. Text is measured
+  (``worker.core.limits``) before it is parsed, and parsed by a YAML loader that refuses
+  anchors, aliases, tags, merge keys and duplicate keys, with bounded depth and size.
 * Key material never lands on persistent disk. The client library would write inline
   client certificates to temp files; instead the TLS context is built here, the CA from
   memory and the client certificate through a sealed-off ``memfd`` that is closed at once.
