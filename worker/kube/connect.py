@@ -183,14 +183,14 @@ class _KubeconfigLoader(yaml.SafeLoader):
                 raise _yaml_refusal("uses a merge key (<<)", key_node.start_mark.line + 1)
         mapping: dict[Any, Any] = super().construct_mapping(node, deep=deep)
         if len(mapping) < len(node.value):
-            seen: list[Any] = []
+            seen: set[Any] = set()  # the keys are hashable: the mapping was built from them
             for key_node, _ in node.value:
                 key = self.construct_object(key_node)  # cached: the same object as above
                 if key in seen:
                     raise _yaml_refusal(
                         f"repeats the key {_short(repr(key))}", key_node.start_mark.line + 1
                     )
-                seen.append(key)
+                seen.add(key)
         return mapping
 
 
