@@ -27,6 +27,9 @@ import re
 import subprocess
 import sys
 import time
+import tracemalloc
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -51,6 +54,34 @@ def _register(name: str, max_examples: int) -> None:
 
 _register("fuzz-ci", 120)
 _register("fuzz-campaign", 1500)
+
+
+SECONDS_PER_INPUT = 2.0
+MEMORY_PER_INPUT = 32 * 1024 * 1024
+
+
+@contextmanager
+def within_budget() -> Iterator[None]:
+    """Fail unless the block runs within the per-input time and (Python heap) memory budget.
+
+    Memory is what ``tracemalloc`` sees: Python objects, which is where a parser's cost
+    grows (OpenSSL's own allocations in the bundle tests are not traced).
+    """
+    started_tracing = not tracemalloc.is_tracing()
+    if started_tracing:
+        tracemalloc.start()
+    tracemalloc.reset_peak()
+    baseline = tracemalloc.get_traced_memory()[0]
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        elapsed = time.perf_counter() - started
+        peak = tracemalloc.get_traced_memory()[1] - baseline
+        if started_tracing:
+            tracemalloc.stop()
+        assert elapsed < SECONDS_PER_INPUT, f"one input took {elapsed:.2f}s"
+        assert peak < MEMORY_PER_INPUT, f"one input used {peak / 2**20:.1f} MiB"
 
 
 def fuzz_settings(**overrides: Any) -> settings:
