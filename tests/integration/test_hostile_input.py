@@ -188,7 +188,7 @@ CASES: list[Case] = [
         lambda e: ["credentials", "add-kubeconfig", "big", "--file", str(_big_kubeconfig(e))],
         None,
         (
-            "kubeconfig file",
+            "the file ",
             "big-kubeconfig.yaml is ",
             "(20.0 MiB)",
             "limit for a kubeconfig is 256 KiB",
@@ -230,7 +230,7 @@ CASES: list[Case] = [
             str(e.file("key.pem", CHAIN.key_pem)),
         ],
         None,
-        ("PEM file", "big.pem is ", "(20.0 MiB)", "limit for a PEM file is 256 KiB"),
+        ("the file ", "big.pem is ", "(20.0 MiB)", "limit for a PEM file is 256 KiB"),
     ),
     (
         "20 MB private key PEM",
@@ -316,7 +316,7 @@ CASES: list[Case] = [
             str(e.file("secret.bin", padded(b"s" * 64))),
         ],
         None,
-        ("webhook secret file", "limit for a webhook secret is 1 KiB"),
+        ("secret.bin is ", "limit for a webhook secret is 1 KiB"),
     ),
 ]
 
@@ -386,7 +386,7 @@ def test_an_unused_clean_context_is_dropped_and_the_minimal_form_stored(env: Env
     runtime = build_runtime(load_settings(env.vars))
     try:
         with runtime.session() as session:
-            stored = queries.reveal_credential(session, runtime.keyring, credential_id.group(1))
+            stored = queries.reveal_credential(session, runtime.sealer, credential_id.group(1))
     finally:
         runtime.close()
     assert stored == minimal_kubeconfig(text)

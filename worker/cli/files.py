@@ -20,7 +20,7 @@ def read_file(path: Path, limit: Limit = PEM_FILE) -> bytes:
     """
     try:
         with path.open("rb") as stream:
-            return read_limited(stream, limit, f"{limit.kind} file {path}")
+            return read_limited(stream, limit, f"the file {path}")
     except OSError as exc:
         raise ServiceError(f"cannot read {path}: {exc.strerror}") from None
 
