@@ -31,7 +31,6 @@ from tests.certfactory import (
     public_key_pem,
 )
 from worker.core.bundle import (
-    MAX_INPUT_BYTES,
     BundleError,
     TlsBundle,
     build_bundle,
@@ -39,6 +38,7 @@ from worker.core.bundle import (
     describe_certificates,
     public_key_fingerprint_of_private_key,
 )
+from worker.core.limits import BUNDLE, PEM_FILE, InputTooLarge
 
 NOW = dt.datetime(2031, 3, 1, 12, 0, tzinfo=dt.UTC)
 PASSPHRASE = b"correct horse battery staple"
@@ -522,10 +522,6 @@ def _malformed_cases(c: Chain) -> list[tuple[str, dict[str, bytes], str, str]]:
             "wrong-block",
         ),
         ("two keys", {"key_pem": key + key}, "key", "multiple-keys"),
-        ("oversized certificate", {"cert_pem": leaf + b" " * MAX_INPUT_BYTES}, "leaf", "too-large"),
-        ("oversized chain", {"chain_pem": b"\n" * (MAX_INPUT_BYTES + 1)}, "chain", "too-large"),
-        ("oversized key", {"key_pem": key + b"\n" * MAX_INPUT_BYTES}, "key", "too-large"),
-        ("oversized ca", {"ca_pem": b"-" * (MAX_INPUT_BYTES + 1)}, "ca", "too-large"),
     ]
 
 
@@ -554,6 +550,66 @@ def test_malformed_input_is_refused_naming_the_input_and_rule(
     assert "Fix: " in message and error.fix
     assert_no_key_material(message, _TABLE_CHAIN.key_pem)
     assert error.__cause__ is None
+
+
+def _oversized_cases(c: Chain) -> list[tuple[str, dict[str, bytes], str]]:
+    leaf, key, limit = c.leaf_pem, c.key_pem, PEM_FILE.maximum
+    return [
+        ("oversized certificate", {"cert_pem": leaf + b" " * limit}, "cert_pem"),
+        ("oversized chain", {"chain_pem": b"\n" * (limit + 1)}, "chain_pem"),
+        ("oversized key", {"key_pem": key + b"\n" * limit}, "key_pem"),
+        ("oversized ca", {"ca_pem": b"-" * (limit + 1)}, "ca_pem"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "label"),
+    [pytest.param(o, label, id=case) for case, o, label in _oversized_cases(_TABLE_CHAIN)],
+)
+def test_an_oversized_input_is_refused_before_parsing_naming_input_limit_and_size(
+    overrides: dict[str, bytes], label: str
+) -> None:
+    inputs: dict[str, object] = {
+        "cert_pem": _TABLE_CHAIN.leaf_pem,
+        "key_pem": _TABLE_CHAIN.key_pem,
+        "chain_pem": _TABLE_CHAIN.chain_pem,
+        "now": NOW,
+        **overrides,
+    }
+    with pytest.raises(InputTooLarge) as caught:
+        build_bundle(**inputs)  # type: ignore[arg-type]
+    error = caught.value
+    size = len(next(iter(overrides.values())))
+    assert (error.limit, error.size) == (PEM_FILE, size)
+    message = str(error)
+    assert label in message.split(" is ")[0]  # the message starts with the input
+    assert f"{size} bytes" in message and "256 KiB" in message and "Fix: " in message
+    assert_no_key_material(message, _TABLE_CHAIN.key_pem)
+    assert isinstance(error, ValueError)
+
+
+def test_a_bundle_whose_inputs_together_exceed_the_bundle_limit_is_refused() -> None:
+    # Each input within its own limit, together over the bundle's: the Secret must fit.
+    padding = b"\n" * (PEM_FILE.maximum - len(_TABLE_CHAIN.chain_pem))
+    inputs = {
+        "cert_pem": _TABLE_CHAIN.leaf_pem + b"\n" * (PEM_FILE.maximum - len(_TABLE_CHAIN.leaf_pem)),
+        "key_pem": _TABLE_CHAIN.key_pem,
+        "chain_pem": _TABLE_CHAIN.chain_pem + padding,
+    }
+    total = sum(len(v) for v in inputs.values())
+    assert total > BUNDLE.maximum
+    with pytest.raises(InputTooLarge) as caught:
+        build_bundle(**inputs, now=NOW)
+    assert caught.value.limit is BUNDLE and caught.value.size == total
+    assert f"{total} bytes" in str(caught.value) and "512 KiB" in str(caught.value)
+
+
+def test_describe_and_key_fingerprint_refuse_oversized_pem() -> None:
+    big = b" " * (PEM_FILE.maximum + 1)
+    with pytest.raises(InputTooLarge, match="certificate"):
+        describe_certificates(_TABLE_CHAIN.leaf_pem + big)
+    with pytest.raises(InputTooLarge, match="private key"):
+        public_key_fingerprint_of_private_key(_TABLE_CHAIN.key_pem + big)
 
 
 def test_the_wrong_block_message_names_the_block_and_its_remedy() -> None:

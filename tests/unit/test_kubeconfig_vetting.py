@@ -13,6 +13,7 @@ import os
 import ssl
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ import yaml
 from kubernetes.client import ApiClient, Configuration
 
 from tests.certfactory import make_chain
+from worker.core.limits import KUBECONFIG, YAML_MAX_DEPTH, YAML_MAX_NODES, InputTooLarge
 from worker.kube.connect import (
     ClientCache,
     ConnectionSpec,
@@ -29,6 +31,7 @@ from worker.kube.connect import (
     build_api_client,
     in_cluster_available,
     in_cluster_spec,
+    minimal_kubeconfig,
     vet_kubeconfig,
 )
 from worker.kube.errors import InClusterUnavailable, KubeconfigRejected
@@ -213,7 +216,8 @@ def test_the_context_argument_selects_a_client_certificate_user() -> None:
     assert (spec.client_cert_pem, spec.client_key_pem, spec.token) == (CERT_PEM, KEY_PEM, None)
 
 
-def test_dangerous_fields_of_unused_users_do_not_matter() -> None:
+def test_dangerous_fields_of_unused_users_do_not_matter_when_connecting() -> None:
+    # Connecting vets what it uses; storing (minimal_kubeconfig, below) vets the whole file.
     doc = kubeconfig()
     doc["users"][1]["user"] = {"exec": {"command": "gcloud"}}
     assert vet_kubeconfig(dump(doc)).token == TOKEN
@@ -225,6 +229,242 @@ def test_the_spec_repr_hides_token_and_key() -> None:
     assert TOKEN not in text
     assert "PRIVATE KEY" not in text
     assert "https://k8s.example.com" in text
+
+
+def test_the_insecure_refusal_names_the_target_flag_not_a_re_export() -> None:
+    text = dump(with_change((*CLUSTER, "insecure-skip-tls-verify"), True))
+    with pytest.raises(KubeconfigRejected) as caught:
+        vet_kubeconfig(text)
+    assert "clusters[c1].cluster.insecure-skip-tls-verify" in caught.value.message
+    assert "--allow-insecure" in caught.value.fix
+    assert "kubectl config view" not in caught.value.fix
+
+
+MORE_REFUSALS: list[tuple[str, Any, str]] = [
+    ("token with a line break", with_change((*USER, "token"), "abc\nX-Evil: 1"), "control"),
+    ("server port not a number", with_change((*CLUSTER, "server"), "https://h:99999"), "valid"),
+    ("server bracket unclosed", with_change((*CLUSTER, "server"), "https://[::1"), "valid"),
+    ("server not text", with_change((*CLUSTER, "server"), ["https://h"]), "server"),
+    ("CA data not text", with_change((*CLUSTER, "certificate-authority-data"), 5), "base64"),
+    ("tls-server-name not text", with_change((*CLUSTER, "tls-server-name"), {"a": 1}), "host"),
+    ("current-context not text", with_change(("current-context",), ["main"]), "current-context"),
+    ("context user not text", with_change(("contexts", 0, "context", "user"), 7), ".user"),
+    ("unknown context field", with_change(("contexts", 0, "context", "x"), 1), ".context.x"),
+]
+
+
+@pytest.mark.parametrize(
+    ("document", "named"), [c[1:] for c in MORE_REFUSALS], ids=[c[0] for c in MORE_REFUSALS]
+)
+def test_malformed_values_are_refused_as_kubeconfig_errors(document: Any, named: str) -> None:
+    with pytest.raises(KubeconfigRejected) as caught:
+        vet_kubeconfig(dump(document))
+    assert named in caught.value.message
+    assert TOKEN not in str(caught.value)
+
+
+# --- size and YAML hardening --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("as_text", [False, True], ids=["bytes", "str"])
+def test_an_oversized_kubeconfig_is_refused_before_parsing(as_text: bool) -> None:
+    raw = dump(kubeconfig()).encode() + b"# padding\n" * 2_000_000  # 20 MB
+    started = time.perf_counter()
+    for call in (vet_kubeconfig, minimal_kubeconfig):
+        with pytest.raises(InputTooLarge) as caught:
+            call(raw.decode() if as_text else raw)
+        assert caught.value.limit is KUBECONFIG
+        assert caught.value.size == len(raw)
+        assert str(caught.value).startswith(f"the kubeconfig is {len(raw)} bytes")
+        assert "256 KiB" in str(caught.value) and "--minify" in str(caught.value)
+    assert time.perf_counter() - started < 1.0
+
+
+BILLION_LAUGHS = """\
+a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]
+b: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]
+c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]
+d: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c]
+e: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d]
+current-context: main
+"""
+GOOD = dump(kubeconfig())
+YAML_REFUSALS: list[tuple[str, str, str]] = [
+    ("billion laughs", BILLION_LAUGHS, "line 1 defines an anchor (&a)"),
+    ("alias to a user", GOOD.replace("- name: u1", "- &u name: u1") + "x: *u\n", "anchor"),
+    ("alias only", GOOD + "preferences: *nothing\n", "alias"),
+    ("python tag", GOOD + "preferences: !!python/object/apply:os.system [id]\n", "tag"),
+    ("binary tag", GOOD + "preferences: !!binary aGVsbG8=\n", "tag"),
+    ("local tag", GOOD + "preferences: !thing {}\n", "tag"),
+    ("merge key", GOOD + "preferences: {<<: {a: 1}}\n", "merge key"),
+    ("duplicate top-level key", GOOD + "current-context: other\n", "repeats the key"),
+    (
+        "duplicate token",
+        dump(kubeconfig()).replace(f"token: {TOKEN}", f"token: {TOKEN}\n    token: x"),
+        "repeats the key 'token'",
+    ),
+    ("too deep", GOOD + "preferences: " + "[" * (YAML_MAX_DEPTH + 5) + "]" * 25 + "\n", "deeper"),
+    ("too many nodes", GOOD + "preferences: [" + "a," * YAML_MAX_NODES + "]\n", "nodes"),
+    ("two documents", GOOD + "---\n" + GOOD, "not valid YAML (line"),
+    ("not UTF-8", "current-context: \udcff\n", "not valid YAML"),
+]
+
+
+@pytest.mark.parametrize(
+    ("text", "named"), [c[1:] for c in YAML_REFUSALS], ids=[c[0] for c in YAML_REFUSALS]
+)
+def test_yaml_features_a_kubeconfig_never_needs_are_refused_naming_the_line(
+    text: str, named: str
+) -> None:
+    raw = text.encode("utf-8", "surrogateescape")
+    for call in (vet_kubeconfig, minimal_kubeconfig):
+        with pytest.raises(KubeconfigRejected) as caught:
+            call(raw)
+        assert named in caught.value.message
+        assert TOKEN not in str(caught.value)
+
+
+def test_the_duplicate_key_refusal_names_its_line() -> None:
+    text = dump(kubeconfig()) + "current-context: other\n"
+    line = text.count("\n")
+    with pytest.raises(KubeconfigRejected, match=f"line {line} repeats the key 'current-context'"):
+        vet_kubeconfig(text)
+
+
+@pytest.mark.parametrize("value", ["2024-13-45", "1" * 5000, "0x" + "f" * 5000, "1e99999"])
+def test_odd_scalars_stay_kubeconfig_errors(value: str) -> None:
+    # An impossible date or an integer too long to convert must not escape as ValueError.
+    doc = dump(kubeconfig()).replace("name: main", f"name: {value}", 1)
+    with pytest.raises(KubeconfigRejected):
+        vet_kubeconfig(doc)
+
+
+# --- the stored form: the whole file is vetted, only the selected context is kept ---------
+
+
+def test_the_stored_form_is_one_context_one_cluster_one_user_inline_only() -> None:
+    doc = kubeconfig()
+    doc["clusters"][0]["cluster"]["extensions"] = [{"name": "x", "extension": {"a": 1}}]
+    doc["preferences"] = {"colors": True}
+    stored = minimal_kubeconfig(dump(doc))
+    assert yaml.safe_load(stored) == {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "current-context": "main",
+        "contexts": [{"name": "main", "context": {"cluster": "c1", "user": "u1"}}],
+        "clusters": [
+            {
+                "name": "c1",
+                "cluster": {
+                    "server": "https://127.0.0.1:6443",
+                    "certificate-authority-data": b64(CA_PEM),
+                },
+            }
+        ],
+        "users": [{"name": "u1", "user": {"token": TOKEN}}],
+    }
+
+
+@pytest.mark.parametrize("context", [None, "other"])
+@pytest.mark.parametrize("insecure", [False, True])
+def test_the_stored_form_connects_the_same_and_is_a_fixed_point(
+    context: str | None, insecure: bool
+) -> None:
+    doc = kubeconfig()
+    index = 0 if context is None else 1
+    doc["clusters"][index]["cluster"]["server"] += "/"
+    if insecure:
+        doc["clusters"][index]["cluster"]["insecure-skip-tls-verify"] = True
+    doc["users"][0]["user"]["token"] = f"  {TOKEN}\n"
+    text = dump(doc)
+    stored = minimal_kubeconfig(text, context=context)
+    assert minimal_kubeconfig(stored) == stored
+    assert vet_kubeconfig(stored, allow_insecure=True) == vet_kubeconfig(
+        text, allow_insecure=True, context=context
+    )
+    assert yaml.safe_load(stored)["current-context"] == (context or "main")
+    if insecure:  # the target still decides: storing kept the flag, connecting refuses it
+        with pytest.raises(KubeconfigRejected, match="insecure-skip-tls-verify"):
+            vet_kubeconfig(stored)
+
+
+def test_the_stored_form_of_a_certificate_user_keeps_cert_key_and_server_name() -> None:
+    stored = yaml.safe_load(minimal_kubeconfig(dump(kubeconfig()), context="other"))
+    assert stored["users"] == [
+        {
+            "name": "u2",
+            "user": {"client-certificate-data": b64(CERT_PEM), "client-key-data": b64(KEY_PEM)},
+        }
+    ]
+    assert stored["clusters"][0]["cluster"]["tls-server-name"] == "kubernetes.default"
+
+
+UNUSED = ("users", 1, "user")
+UNUSED_CLUSTER = ("clusters", 1, "cluster")
+WHOLE_FILE_REFUSALS: list[tuple[str, Any, str]] = [
+    (
+        "unused user with exec",
+        with_change((*UNUSED, "exec"), {"command": "sh"}),
+        "users[u2].user.exec",
+    ),
+    (
+        "unused user with auth-provider",
+        with_change((*UNUSED, "auth-provider"), {"name": "oidc"}),
+        "users[u2].user.auth-provider",
+    ),
+    ("unused tokenFile", with_change((*UNUSED, "tokenFile"), "/t"), "users[u2].user.tokenFile"),
+    ("unused key path", with_change((*UNUSED, "client-key"), "/k"), "users[u2].user.client-key"),
+    ("unused impersonation", with_change((*UNUSED, "as"), "root"), "users[u2].user.as"),
+    ("unused basic auth", with_change((*UNUSED, "password"), "pw"), "users[u2].user.password"),
+    (
+        "unused CA path",
+        with_change((*UNUSED_CLUSTER, "certificate-authority"), "/ca"),
+        "clusters[c2].cluster.certificate-authority",
+    ),
+    (
+        "unused proxy",
+        with_change((*UNUSED_CLUSTER, "proxy-url"), "http://p"),
+        "clusters[c2].cluster.proxy-url",
+    ),
+    ("unknown top-level field", with_change(("exec",), {"command": "sh"}), "exec is not"),
+    ("unknown entry field", with_change(("users", 1, "exec"), "sh"), "users[u2].exec"),
+    ("entry without a name", with_change(("users", 1, "name"), None), "users[#1].name"),
+    ("entry not a mapping", with_change(("clusters", 1), "c2"), "clusters[#1]"),
+    ("section not a list", with_change(("users",), {"u1": {}}), "users must be a list"),
+    ("unused entry body missing", with_change(("users", 1, "user"), None), "users[u2].user"),
+    (
+        "two users of one name",
+        with_change(("users", 1, "name"), "u1"),
+        "users[u1] appears twice",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("document", "named"),
+    [c[1:] for c in WHOLE_FILE_REFUSALS],
+    ids=[c[0] for c in WHOLE_FILE_REFUSALS],
+)
+def test_storing_refuses_a_dangerous_field_anywhere_in_the_file(document: Any, named: str) -> None:
+    with pytest.raises(KubeconfigRejected) as caught:
+        minimal_kubeconfig(dump(document))
+    assert named in caught.value.message
+    if "user." in named or "cluster." in named:
+        assert "--minify" in caught.value.fix  # how to store only the context that is needed
+    assert TOKEN not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("document", "named"), [c[1:] for c in REFUSALS], ids=[c[0] for c in REFUSALS]
+)
+def test_storing_refuses_whatever_connecting_refuses(document: Any, named: str) -> None:
+    text = document if isinstance(document, str) else dump(document)
+    if "insecure" in named:
+        minimal_kubeconfig(text)  # the target decides about insecure connections
+        return
+    with pytest.raises(KubeconfigRejected) as caught:
+        minimal_kubeconfig(text)
+    assert named in caught.value.message
 
 
 # --- in-cluster ---------------------------------------------------------------------------

@@ -13,13 +13,14 @@ from hypothesis import strategies as st
 
 from tests.certfactory import make_chain
 from worker.core.bundle import CertificateInfo, describe_certificate
+from worker.core.limits import TEMPLATE, VARIABLE_VALUE, InputTooLarge
 from worker.core.names import (
     CERTIFICATE_VARIABLES,
     DEFAULT_SECRET_NAME_TEMPLATE,
     MAX_RENDERED_LENGTH,
-    MAX_TEMPLATE_LENGTH,
     TemplateError,
     certificate_variables,
+    check_variables,
     render_namespace,
     render_secret_name,
     template_variables,
@@ -307,7 +308,6 @@ TEMPLATE_REFUSALS = [
     ("{{ .nosuch }}", "variable 'nosuch' is not defined"),
     ("{{ nosuch }}", "variable 'nosuch' is not defined"),
     ("{{ 1 / 0 }}", "rendering failed: ZeroDivisionError"),
-    ("x" * (MAX_TEMPLATE_LENGTH + 1), f"at most {MAX_TEMPLATE_LENGTH}"),
 ]
 
 
@@ -316,6 +316,46 @@ def test_broken_templates_are_refused_with_a_clear_problem(template: str, proble
     error = secret_name_error(template)
     assert problem in error.problem
     assert error.template == template
+
+
+@pytest.mark.parametrize(
+    "template",
+    ["x" * (TEMPLATE.maximum + 1), "{{ .cn }}" + "-" * TEMPLATE.maximum, "a\n" * 10_000_000],
+    ids=["plain name", "with an action", "20 MB"],
+)
+@pytest.mark.parametrize("field", ["namespace", "secret name"])
+def test_an_oversized_template_is_refused_before_parsing(template: str, field: str) -> None:
+    render = render_namespace if field == "namespace" else render_secret_name
+    for call in (
+        lambda: render(template, VARS),
+        lambda: validate_template(template, field, ["cn"]),
+    ):
+        with pytest.raises(InputTooLarge) as caught:
+            call()
+        assert caught.value.limit is TEMPLATE and caught.value.size == len(template)
+        message = str(caught.value)
+        assert message.startswith(f"the {field} template is {len(template)} characters")
+        assert f"{TEMPLATE.maximum} characters" in message
+
+
+def test_a_template_at_the_limit_is_accepted() -> None:
+    template = "{{ .cn | trunc 5 }}" + " " * (TEMPLATE.maximum - 19)
+    assert len(template) == TEMPLATE.maximum
+    assert render_namespace(template, {"cn": "abcdefgh"}) == "abcde"
+
+
+def test_an_oversized_variable_value_is_refused_naming_the_variable() -> None:
+    big = "a" * (VARIABLE_VALUE.maximum + 1)
+    for call in (
+        lambda: check_variables({"tenant": big}),
+        lambda: template_variables(info(), group_variables={"tenant": big}),
+        lambda: template_variables(info(), target_variables={"tenant": ["x"] * 1000}),
+    ):
+        with pytest.raises(InputTooLarge) as caught:
+            call()
+        assert caught.value.limit is VARIABLE_VALUE
+        assert "variable 'tenant' is" in str(caught.value)
+    check_variables({"tenant": "a" * VARIABLE_VALUE.maximum, "n": 3})  # at the limit: fine
 
 
 def test_an_undefined_variable_error_lists_the_known_ones() -> None:

@@ -26,15 +26,16 @@ from worker.app.views import (
 from worker.core.bundle import TlsBundle, build_bundle
 from worker.core.crypto import UnknownKeyError
 from worker.core.fanout import FanoutConfigError, parse_batch_size, parse_failure_threshold
+from worker.core.limits import WEBHOOK_SECRET, WEBHOOK_URL, check_size
 from worker.core.names import (
     CERTIFICATE_VARIABLES,
     DEFAULT_SECRET_NAME_TEMPLATE,
     TemplateError,
-    check_variable_name,
+    check_variables,
     render_namespace,
     validate_template,
 )
-from worker.kube.connect import in_cluster_available, vet_kubeconfig
+from worker.kube.connect import in_cluster_available, minimal_kubeconfig, vet_kubeconfig
 from worker.kube.deploy import HealthReport, health_check
 from worker.kube.errors import InClusterUnavailable, KubeError
 from worker.platform.runtime import Runtime
@@ -62,7 +63,7 @@ class RollbackUnavailable(ServiceError):
 def add_kubeconfig_credential(rt: Runtime, name: str, kubeconfig: bytes) -> str:
     """Vet and store a kubeconfig credential (sealed); returns its id."""
     # Vetting first: a kubeconfig that would run programs or read files never gets stored.
-    vet_kubeconfig(kubeconfig, allow_insecure=True)
+    kubeconfig = minimal_kubeconfig(kubeconfig)  # the whole file vetted, one context kept
     with rt.session() as session:
         credential = queries.store_credential(
             session, rt.sealer, name, CredentialKind.KUBECONFIG, kubeconfig
@@ -72,6 +73,7 @@ def add_kubeconfig_credential(rt: Runtime, name: str, kubeconfig: bytes) -> str:
 
 def add_webhook_secret(rt: Runtime, name: str, secret: bytes) -> str:
     """Store an HMAC secret for signing webhook notifications; returns its id."""
+    check_size(WEBHOOK_SECRET, secret, f"webhook secret {name!r}")
     if len(secret) < 16:
         raise ServiceError(
             f"webhook secret {name!r} is {len(secret)} bytes; use at least 16 random bytes "
@@ -150,8 +152,7 @@ def create_target(
     rt: Runtime, spec: TargetSpec, *, check: bool = True
 ) -> tuple[str, HealthResult | None]:
     """Validate and save a target, then (like the UI's Save) run its health check."""
-    for variable in spec.variables:
-        check_variable_name(variable)
+    check_variables(spec.variables)
     known = [*CERTIFICATE_VARIABLES, *spec.variables]
     validate_template(spec.namespace, "namespace", known)
     validate_template(spec.secret_name, "secret name", known)
@@ -242,6 +243,7 @@ def create_group(
     The settings are parsed here, once: the group stores them in their canonical JSON form
     (``"1,5,20%"`` becomes ``[1, 5, "20%"]``), and runs read them with worker.app.fanout.
     """
+    check_variables(variables or {}, origin="group")
     try:
         batch = parse_batch_size(batch_size).as_config() if batch_size is not None else None
         threshold = (
@@ -296,6 +298,7 @@ def attach(
 
 def attach_webhook(rt: Runtime, certificate_id: str, url: str, *, secret: str | None) -> str:
     """Stack a webhook distribution after the certificate's existing ones; returns its id."""
+    check_size(WEBHOOK_URL, url, "the webhook URL")
     if not url.startswith(("https://", "http://")):
         raise ServiceError(f"webhook URL {url!r} must start with https:// (or http://)")
     with rt.session() as session:

@@ -6,9 +6,11 @@ optionally, ``ca.crt``. Nothing here touches the network, the clock (``now`` is 
 or storage.
 
 Rules, in the order they are checked (each failure is a :class:`BundleError` naming the
-input, the rule and the fix; private key bytes never appear in messages or reprs):
+input, the rule and the fix, except sizes; private key bytes never appear in messages or reprs):
 
-1. Size: each input is at most 1 MiB.
+1. Size: each input within ``PEM_FILE`` and all of them together within ``BUNDLE``
+   (:mod:`worker.core.limits`), checked before anything is parsed; refused with the limits'
+   one error, ``InputTooLarge``, naming the input, the limit and the size seen.
 2. Shape: every input is PEM text (not DER, not garbage), every ``BEGIN`` has its ``END``,
    and every block has the type that input expects (``CERTIFICATE`` for cert/chain/ca;
    ``PRIVATE KEY``, ``RSA PRIVATE KEY``, ``EC PRIVATE KEY`` or ``ENCRYPTED PRIVATE KEY``
@@ -43,8 +45,7 @@ from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, r
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes, PublicKeyTypes
 from cryptography.x509.oid import NameOID
 
-MAX_INPUT_BYTES = 1024 * 1024
-"""Each PEM input is refused above this size (a real chain is a few KiB)."""
+from worker.core.limits import BUNDLE, PEM_FILE, InputTooLarge, check_size
 
 MAX_CERTIFICATES = 32
 """At most this many certificates in cert_pem + chain_pem; chain ordering is quadratic."""
@@ -203,6 +204,9 @@ def build_bundle(
         _check_size(name, data)
     if ca_pem is not None:
         _check_size("ca", ca_pem)
+    total = len(cert_pem) + len(key_pem) + len(chain_pem) + len(ca_pem or b"")
+    if total > BUNDLE.maximum:
+        raise InputTooLarge("the certificate bundle", BUNDLE, total)
 
     given = _parse_certificates("leaf", cert_pem, required=True)
     extra = _parse_certificates("chain", chain_pem, required=False)
@@ -257,13 +261,7 @@ def build_bundle(
 def _check_size(input_name: str, data: bytes) -> None:
     if not isinstance(data, bytes | bytearray):
         raise TypeError(f"{_INPUT_LABELS[input_name]} must be bytes, not {type(data).__name__}")
-    if len(data) > MAX_INPUT_BYTES:
-        raise BundleError(
-            input_name,
-            "too-large",
-            f"is {len(data)} bytes, more than the {MAX_INPUT_BYTES} bytes (1 MiB) accepted",
-            "supply only the PEM blocks this input needs",
-        )
+    check_size(PEM_FILE, data, f"the {_INPUT_LABELS[input_name]}")
 
 
 def _pem_blocks(input_name: str, data: bytes, *, required: bool) -> list[_Block]:

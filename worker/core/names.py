@@ -14,7 +14,9 @@ allowlist of filters (``replace``/``replaceAll``, ``lower``, ``upper``, ``trimPr
 ``trimSuffix``, ``trunc``, ``default`` and a few harmless Jinja built-ins), no globals, no
 loops, macros or assignments (``{% if %}`` is fine), limits on template, value and output length
 and on integer sizes, and no string methods or formatting that allocate arbitrarily
-(``center``, ``format``, ``%``...): a name template cannot hang or exhaust the worker.
+(``center``, ``format``, ``%``...): a name template cannot hang or exhaust the worker. Templates
+and variable values are measured against :mod:`worker.core.limits` (``TEMPLATE``,
+``VARIABLE_VALUE``) before anything else, and refused with ``InputTooLarge``.
 
 ``default`` follows sprig: an undefined, None or empty value takes the fallback. A variable used
 only through ``default`` is optional at save time.
@@ -52,11 +54,9 @@ from jinja2.exceptions import SecurityError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from worker.core.bundle import CertificateInfo
+from worker.core.limits import TEMPLATE, VARIABLE_VALUE, check_size
 
 DEFAULT_SECRET_NAME_TEMPLATE: Final = '{{ .cn | replaceAll "." "-" }}-tls'  # noqa: S105 - a name
-
-MAX_TEMPLATE_LENGTH: Final = 1024
-"""Templates longer than this are refused (a name template is a one-liner)."""
 
 MAX_RENDERED_LENGTH: Final = 4096
 """Rendering stops with an error past this many characters (any valid name is <= 253)."""
@@ -150,11 +150,25 @@ def template_variables(
     merged: dict[str, object] = {}
     for origin, user_variables in (("group", group_variables), ("target", target_variables)):
         for name, value in (user_variables or {}).items():
-            check_variable_name(name, origin=origin)
+            check_variable(name, value, origin=origin)
             merged[name] = value
     if info is not None:
         merged.update(certificate_variables(info))
     return merged
+
+
+def check_variables(variables: Mapping[str, object], *, origin: str = "target") -> None:
+    """Refuse user variables with unusable names or values over the size limit."""
+    for name, value in variables.items():
+        check_variable(name, value, origin=origin)
+
+
+def check_variable(name: str, value: object, *, origin: str = "target") -> None:
+    """Refuse one user variable: its name as :func:`check_variable_name`, its value's size."""
+    check_variable_name(name, origin=origin)
+    # Values are text from the CLI, JSON scalars or lists from the scheduler: measure them as
+    # the text a template would render.
+    check_size(VARIABLE_VALUE, _as_text(value), f"{origin} variable {name!r}")
 
 
 def check_variable_name(name: str, *, origin: str = "target") -> None:
@@ -193,6 +207,7 @@ def validate_template(template: str, field: str, known_variables: Iterable[str])
     its result validated right away.
     """
     field = _check_field(field)
+    _check_template_size(template, field)
     compiled = _compile_for(template, field)
     known = set(known_variables)
     unknown = sorted(compiled.required_variables - known)
@@ -212,6 +227,7 @@ def validate_template(template: str, field: str, known_variables: Iterable[str])
 
 
 def _render_and_validate(template: str, field: str, variables: Mapping[str, object]) -> str:
+    _check_template_size(template, field)
     if _is_plain_name(template):
         # A fixed name renders to itself: no Jinja, and no place taken in the compile cache
         # (a fleet has a literal namespace per target; bench/ measured 4% of a worker's CPU
@@ -232,11 +248,12 @@ def _render_and_validate(template: str, field: str, variables: Mapping[str, obje
 
 def _is_plain_name(template: object) -> bool:
     """True for text Jinja would render unchanged: no delimiters, no line breaks."""
-    return (
-        isinstance(template, str)
-        and len(template) <= MAX_TEMPLATE_LENGTH
-        and not any(char in template for char in "{}%#\r\n")
-    )
+    return isinstance(template, str) and not any(char in template for char in "{}%#\r\n")
+
+
+def _check_template_size(template: object, field: str) -> None:
+    if isinstance(template, str):  # anything else is refused as "must be text" by the caller
+        check_size(TEMPLATE, template, f"the {field} template")
 
 
 def _check_field(field: str) -> Field:
@@ -491,10 +508,6 @@ def _compile_for(template: str, field: str) -> _Compiled:
 
 @functools.lru_cache(maxsize=512)
 def _compile(template: str) -> _Compiled:
-    if len(template) > MAX_TEMPLATE_LENGTH:
-        raise _Problem(
-            f"the template is {len(template)} characters long; at most {MAX_TEMPLATE_LENGTH}"
-        )
     source = translate_go_template(template)
     try:
         tree = _ENV.parse(source)

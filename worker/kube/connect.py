@@ -5,6 +5,15 @@ Three rules shape this module (DESIGN.md decisions 6 and 7):
 * A stored kubeconfig may neither run programs nor read local files. ``exec``,
   ``auth-provider`` and path fields are refused, as in Flux's fix for CVE-2022-24817;
   anything the module does not understand is refused too rather than silently ignored.
+  Storing (:func:`minimal_kubeconfig`) applies these rules to every entry of the file and
+  *refuses* a file with a refused field even in an unused entry, naming it
+  (``users[gke].user.exec``), rather than stripping it: such a file is not one to keep, the
+  operator learns what it held, and ``kubectl config view --minify --flatten --raw`` makes
+  an acceptable one. What is sealed is re-serialised from the vetted connection: the
+  selected context with its one cluster and one user, inline data only. Connecting
+  (:func:`vet_kubeconfig`) vets the selected entries, what it uses. Text is measured
+  (``worker.core.limits``) before it is parsed, and parsed by a YAML loader that refuses
+  anchors, aliases, tags, merge keys and duplicate keys, with bounded depth and size.
 * Key material never lands on persistent disk. The client library would write inline
   client certificates to temp files; instead the TLS context is built here, the CA from
   memory and the client certificate through a sealed-off ``memfd`` that is closed at once.
@@ -31,6 +40,7 @@ import urllib3
 import yaml
 from kubernetes.client import ApiClient, Configuration
 
+from worker.core.limits import KUBECONFIG, YAML_MAX_DEPTH, YAML_MAX_NODES, check_size
 from worker.kube.errors import InClusterUnavailable, KubeconfigRejected
 
 __all__ = [
@@ -41,6 +51,7 @@ __all__ = [
     "build_api_client",
     "in_cluster_available",
     "in_cluster_spec",
+    "minimal_kubeconfig",
     "vet_kubeconfig",
 ]
 
@@ -113,8 +124,197 @@ class ConnectionSpec:
         return digest.hexdigest()
 
 
-def _reject(message: str, field_path: str) -> KubeconfigRejected:
-    return KubeconfigRejected(f"kubeconfig rejected: {field_path} {message}", field=field_path)
+def _reject(message: str, field_path: str, *, fix: str | None = None) -> KubeconfigRejected:
+    return KubeconfigRejected(
+        f"kubeconfig rejected: {field_path} {message}", field=field_path, fix=fix
+    )
+
+
+# --- parsing ------------------------------------------------------------------------------
+
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+_TIMESTAMP_TAG = "tag:yaml.org,2002:timestamp"
+
+
+class _KubeconfigLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader, refusing what a kubeconfig never needs.
+
+    kubectl writes none of these, and each is a way to make a small file expensive or
+    ambiguous: anchors and aliases (the "billion laughs" shape), tags (``!!binary``,
+    ``!!python/...``), merge keys (``<<``) and duplicate keys (two readers may keep
+    different values). Nesting depth and node count are bounded (``worker.core.limits``).
+    Timestamps stay text: kubeconfig fields are never dates, and an impossible date such
+    as ``2024-13-45`` must not fail outside the YAML error path.
+    """
+
+    yaml_implicit_resolvers = {
+        first: [(tag, regexp) for tag, regexp in resolvers if tag != _TIMESTAMP_TAG]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+
+    def __init__(self, stream: str | bytes) -> None:
+        super().__init__(stream)
+        self._depth = 0
+        self._nodes = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()  # type: ignore[no-untyped-call]
+        line = event.start_mark.line + 1
+        if isinstance(event, yaml.AliasEvent):
+            raise _yaml_refusal(f"uses an alias (*{_short(event.anchor)})", line)
+        if getattr(event, "anchor", None) is not None:
+            raise _yaml_refusal(f"defines an anchor (&{_short(event.anchor)})", line)
+        if getattr(event, "tag", None) is not None:
+            raise _yaml_refusal(f"uses the tag {_short(event.tag)}", line)
+        self._nodes += 1
+        if self._nodes > YAML_MAX_NODES:
+            raise _yaml_refusal(f"has more than {YAML_MAX_NODES} YAML nodes", line)
+        self._depth += 1
+        if self._depth > YAML_MAX_DEPTH:
+            raise _yaml_refusal(f"nests deeper than {YAML_MAX_DEPTH} levels", line)
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
+        for key_node, _ in node.value:
+            if key_node.tag == _MERGE_TAG:
+                raise _yaml_refusal("uses a merge key (<<)", key_node.start_mark.line + 1)
+        mapping: dict[Any, Any] = super().construct_mapping(node, deep=deep)
+        if len(mapping) < len(node.value):
+            seen: set[Any] = set()  # the keys are hashable: the mapping was built from them
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node)  # cached: the same object as above
+                if key in seen:
+                    raise _yaml_refusal(
+                        f"repeats the key {_short(repr(key))}", key_node.start_mark.line + 1
+                    )
+                seen.add(key)
+        return mapping
+
+
+def _short(text: str | None, limit: int = 40) -> str:
+    text = str(text)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _yaml_refusal(problem: str, line: int) -> KubeconfigRejected:
+    return KubeconfigRejected(
+        f"kubeconfig rejected: line {line} {problem}; kubeconfigs are plain YAML mappings "
+        "and lists (no anchors, aliases, tags, merge keys or repeated keys)",
+        field=f"(line {line})",
+    )
+
+
+def _load(text: str | bytes) -> dict[str, Any]:
+    """Size-check, then parse a kubeconfig with the hardened loader; return its mapping."""
+    check_size(KUBECONFIG, text, "the kubeconfig")
+    loader: _KubeconfigLoader | None = None
+    try:
+        loader = _KubeconfigLoader(text)  # the reader decodes (and may refuse) the first bytes
+        doc = loader.get_single_data()
+    except yaml.MarkedYAMLError as exc:
+        # The YAML error could quote a line holding key data; keep only its position.
+        mark = exc.problem_mark or exc.context_mark
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise KubeconfigRejected(
+            f"kubeconfig rejected: the text is not valid YAML{where}", field="(document)"
+        ) from None
+    except (yaml.YAMLError, ValueError, OverflowError):
+        # ReaderError (not UTF-8, control characters) or a value PyYAML cannot convert.
+        raise KubeconfigRejected(
+            "kubeconfig rejected: the text is not valid YAML (not UTF-8 text, or a value "
+            "cannot be read)",
+            field="(document)",
+        ) from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+    if not isinstance(doc, dict):
+        raise KubeconfigRejected(
+            "kubeconfig rejected: the text is not a kubeconfig (expected a YAML mapping with "
+            "clusters, users, contexts and current-context)",
+            field="(document)",
+        )
+    return doc
+
+
+# --- vetting ------------------------------------------------------------------------------
+
+_TOP_LEVEL_FIELDS = frozenset(
+    {
+        "apiVersion",
+        "kind",
+        "preferences",
+        "clusters",
+        "users",
+        "contexts",
+        "current-context",
+        "extensions",
+    }
+)
+_CONTEXT_FIELDS = frozenset({"cluster", "user", "namespace", "extensions"})
+_SECTIONS: tuple[tuple[str, str, Mapping[str, str], frozenset[str]], ...] = (
+    ("clusters", "cluster", _CLUSTER_FIELDS_REFUSED, _CLUSTER_FIELDS_ALLOWED),
+    ("users", "user", _USER_FIELDS_REFUSED, _USER_FIELDS_ALLOWED),
+    ("contexts", "context", {}, _CONTEXT_FIELDS),
+)
+_INSECURE_FIX = (
+    "To connect without verifying the API server's certificate, allow it on the target "
+    "(`certautopilot targets add ... --allow-insecure`); better, replace "
+    "insecure-skip-tls-verify with the cluster's CA in certificate-authority-data and add the "
+    "credential again."
+)
+_ONE_CONTEXT_FIX = (
+    "Export only the context this credential is for, with inline data: "
+    "`kubectl config view --minify --flatten --raw --context <name>`."
+)
+
+
+def _vet_fields(
+    body: Mapping[Any, Any],
+    path: str,
+    refused: Mapping[str, str],
+    allowed: frozenset[str],
+    fix: str | None = None,
+) -> None:
+    for key in body:
+        if key in refused:
+            raise _reject(refused[key], f"{path}.{key}", fix=fix)
+        if key not in allowed:
+            raise _reject("is not supported by CertAutoPilot", f"{path}.{key}", fix=fix)
+
+
+def _vet_every_entry(doc: Mapping[str, Any]) -> None:
+    """Apply the field rules to every entry of the file, selected by the context or not."""
+    for key in doc:
+        if key not in _TOP_LEVEL_FIELDS:
+            raise _reject("is not a kubeconfig field", str(key))
+    for section, inner, refused, allowed in _SECTIONS:
+        entries = doc.get(section)
+        if entries is None:
+            continue  # a missing section is reported when the context is resolved
+        if not isinstance(entries, list):
+            raise _reject("must be a list", section)
+        names: set[str] = set()
+        for index, entry in enumerate(entries):
+            if not isinstance(entry, dict):
+                raise _reject("is not a mapping", f"{section}[#{index}]")
+            name = entry.get("name")
+            if not isinstance(name, str) or not name:
+                raise _reject("is missing or not text", f"{section}[#{index}].name")
+            where = f"{section}[{name}]"
+            if name in names:
+                raise _reject("appears twice; entry names must be unique", where)
+            names.add(name)
+            for key in entry:
+                if key not in ("name", inner):
+                    raise _reject("is not supported by CertAutoPilot", f"{where}.{key}")
+            body = entry.get(inner)
+            if not isinstance(body, dict):
+                raise _reject("is missing or not a mapping", f"{where}.{inner}")
+            _vet_fields(body, f"{where}.{inner}", refused, allowed, fix=_ONE_CONTEXT_FIX)
 
 
 def _named_entry(entries: Any, name: str, section: str, inner: str) -> dict[str, Any]:
@@ -129,12 +329,50 @@ def _named_entry(entries: Any, name: str, section: str, inner: str) -> dict[str,
     raise _reject(f'has no entry named "{name}" (the context refers to it)', section)
 
 
-def _inline_data(body: Mapping[str, Any], key: str, path: str, marker: str) -> bytes | None:
+@dataclass(frozen=True)
+class _Selected:
+    """The context a kubeconfig credential uses, with its cluster and user entries."""
+
+    context: str
+    cluster_name: str
+    user_name: str
+    cluster: Mapping[Any, Any]
+    user: Mapping[Any, Any]
+
+
+def _select(doc: Mapping[str, Any], context: str | None) -> _Selected:
+    context_name = context if context is not None else doc.get("current-context")
+    if not context_name:
+        raise _reject("is empty; name the context to use", "current-context")
+    if not isinstance(context_name, str):
+        raise _reject("must be the name of a context", "current-context")
+    ctx = _named_entry(doc.get("contexts"), context_name, "contexts", "context")
+    _vet_fields(ctx, f"contexts[{context_name}].context", {}, _CONTEXT_FIELDS)
+    names: dict[str, str] = {}
+    for key in ("cluster", "user"):
+        value = ctx.get(key)
+        if not value:
+            raise _reject("is missing", f"contexts[{context_name}].context.{key}")
+        if not isinstance(value, str):
+            raise _reject("must be a name", f"contexts[{context_name}].context.{key}")
+        names[key] = value
+    return _Selected(
+        context=context_name,
+        cluster_name=names["cluster"],
+        user_name=names["user"],
+        cluster=_named_entry(doc.get("clusters"), names["cluster"], "clusters", "cluster"),
+        user=_named_entry(doc.get("users"), names["user"], "users", "user"),
+    )
+
+
+def _inline_data(body: Mapping[Any, Any], key: str, path: str, marker: str) -> bytes | None:
     value = body.get(key)
     if value is None:
         return None
+    if not isinstance(value, str):
+        raise _reject("is not base64 text", path)
     try:
-        data = base64.b64decode(str(value), validate=True)
+        data = base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError):
         raise _reject("is not valid base64", path) from None
     if marker.encode() not in data:
@@ -142,63 +380,45 @@ def _inline_data(body: Mapping[str, Any], key: str, path: str, marker: str) -> b
     return data
 
 
-def vet_kubeconfig(
-    text: str | bytes, *, allow_insecure: bool = False, context: str | None = None
-) -> ConnectionSpec:
-    """Parse a kubeconfig in memory and return its connection, refusing anything unsafe."""
-    try:
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError:
-        # The YAML error could quote a line holding key data; keep only its position.
-        raise KubeconfigRejected(
-            "kubeconfig rejected: the text is not valid YAML", field="(document)"
-        ) from None
-    if not isinstance(doc, dict):
-        raise KubeconfigRejected(
-            "kubeconfig rejected: the text is not a kubeconfig (expected a YAML mapping with "
-            "clusters, users, contexts and current-context)",
-            field="(document)",
-        )
-    context_name = context if context is not None else doc.get("current-context")
-    if not context_name:
-        raise _reject("is empty; name the context to use", "current-context")
-    ctx = _named_entry(doc.get("contexts"), str(context_name), "contexts", "context")
-    cluster_name, user_name = ctx.get("cluster"), ctx.get("user")
-    if not cluster_name:
-        raise _reject("is missing", f"contexts[{context_name}].context.cluster")
-    if not user_name:
-        raise _reject("is missing", f"contexts[{context_name}].context.user")
-    cluster = _named_entry(doc.get("clusters"), str(cluster_name), "clusters", "cluster")
-    user = _named_entry(doc.get("users"), str(user_name), "users", "user")
+def _has_space_or_control(text: str) -> bool:
+    return any(char.isspace() or not char.isprintable() for char in text)
 
-    cluster_path = f"clusters[{cluster_name}].cluster"
-    user_path = f"users[{user_name}].user"
-    for key in cluster:
-        if key in _CLUSTER_FIELDS_REFUSED:
-            raise _reject(_CLUSTER_FIELDS_REFUSED[key], f"{cluster_path}.{key}")
-        if key not in _CLUSTER_FIELDS_ALLOWED:
-            raise _reject("is not supported by CertAutoPilot", f"{cluster_path}.{key}")
-    for key in user:
-        if key in _USER_FIELDS_REFUSED:
-            raise _reject(_USER_FIELDS_REFUSED[key], f"{user_path}.{key}")
-        if key not in _USER_FIELDS_ALLOWED:
-            raise _reject("is not supported by CertAutoPilot", f"{user_path}.{key}")
 
-    server = str(cluster.get("server") or "")
+def _server(cluster: Mapping[Any, Any], path: str) -> str:
+    server = cluster.get("server")
     if not server:
-        raise _reject("is missing", f"{cluster_path}.server")
-    parts = urlsplit(server)
+        raise _reject("is missing", path)
+    if not isinstance(server, str) or _has_space_or_control(server):
+        raise _reject("must be an https:// URL without spaces or control characters", path)
+    try:
+        parts = urlsplit(server)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number 0-65535
+    except ValueError:
+        raise _reject(f'is not a valid URL (got "{_short(server, 200)}")', path) from None
     if parts.scheme != "https" or not parts.hostname:
         raise _reject(
-            f'must be an https:// URL with a host (got "{server}"); plain http is refused',
-            f"{cluster_path}.server",
+            f'must be an https:// URL with a host (got "{_short(server, 200)}"); plain http '
+            "is refused",
+            path,
         )
+    return server.rstrip("/")
+
+
+def _connection(selected: _Selected, allow_insecure: bool) -> ConnectionSpec:
+    """The connection of the selected context, refusing every field rule it breaks."""
+    cluster, user = selected.cluster, selected.user
+    cluster_path = f"clusters[{selected.cluster_name}].cluster"
+    user_path = f"users[{selected.user_name}].user"
+    _vet_fields(cluster, cluster_path, _CLUSTER_FIELDS_REFUSED, _CLUSTER_FIELDS_ALLOWED)
+    _vet_fields(user, user_path, _USER_FIELDS_REFUSED, _USER_FIELDS_ALLOWED)
+
+    server = _server(cluster, f"{cluster_path}.server")
     insecure = cluster.get("insecure-skip-tls-verify") is True
     if insecure and not allow_insecure:
         raise _reject(
-            "disables TLS verification; put the CA in certificate-authority-data, or allow "
-            "insecure connections on the target explicitly",
+            "disables TLS verification, and this target does not allow insecure connections",
             f"{cluster_path}.insecure-skip-tls-verify",
+            fix=_INSECURE_FIX,
         )
     ca_pem = _inline_data(
         cluster,
@@ -221,23 +441,96 @@ def vet_kubeconfig(
             "is missing (client certificate and key come as a pair)", f"{user_path}.{missing}"
         )
     token = user.get("token")
-    if token is not None and (not isinstance(token, str) or not token.strip()):
-        raise _reject("is empty or not a string", f"{user_path}.token")
+    if token is not None:
+        if not isinstance(token, str) or not token.strip():
+            raise _reject("is empty or not a string", f"{user_path}.token")
+        token = token.strip()
+        if _has_space_or_control(token):
+            # It becomes an HTTP header value: a line break there would split the header.
+            raise _reject("contains spaces or control characters", f"{user_path}.token")
     if cert_pem is None and token is None:
         raise _reject(
             "has no credentials (needs token, or client-certificate-data with client-key-data)",
             user_path,
         )
     tls_server_name = cluster.get("tls-server-name")
+    if tls_server_name and (
+        not isinstance(tls_server_name, str) or _has_space_or_control(tls_server_name)
+    ):
+        raise _reject("must be a host name", f"{cluster_path}.tls-server-name")
     return ConnectionSpec(
-        server=server.rstrip("/"),
+        server=server,
         ca_pem=ca_pem,
         client_cert_pem=cert_pem,
         client_key_pem=key_pem,
-        token=token.strip() if isinstance(token, str) else None,
-        tls_server_name=str(tls_server_name) if tls_server_name else None,
+        token=token,
+        tls_server_name=tls_server_name or None,
         insecure=insecure,
     )
+
+
+def vet_kubeconfig(
+    text: str | bytes, *, allow_insecure: bool = False, context: str | None = None
+) -> ConnectionSpec:
+    """Parse a kubeconfig in memory and return the connection of its context, refusing anything
+    unsafe in that context's cluster and user (what a connection uses).
+
+    Connecting vets only the selected entries, so a credential stored before stored
+    credentials were minimal keeps working; :func:`minimal_kubeconfig` vets the whole file.
+    """
+    return _connection(_select(_load(text), context), allow_insecure)
+
+
+class _MinimalDumper(yaml.SafeDumper):
+    def ignore_aliases(self, data: Any) -> bool:
+        return True  # never write anchors: the loader refuses them
+
+
+def minimal_kubeconfig(text: str | bytes, *, context: str | None = None) -> bytes:
+    """Vet a whole kubeconfig and return what a credential stores: its selected context only.
+
+    Every entry of the file, selected or not, must pass the field rules (no ``exec``,
+    ``auth-provider``, file paths, impersonation, proxy or basic auth anywhere): a refused
+    field in an unused entry is refused too, naming the entry, rather than stripped
+    silently. The result is re-serialised from the vetted connection: one context, one
+    cluster, one user, inline data only, no extensions, preferences or namespace. It passes
+    :func:`vet_kubeconfig` with the same connection and is a fixed point of this function.
+    Insecure clusters are accepted here: the target decides (``allow_insecure``).
+    """
+    doc = _load(text)
+    _vet_every_entry(doc)
+    selected = _select(doc, context)
+    spec = _connection(selected, allow_insecure=True)
+    cluster: dict[str, Any] = {"server": spec.server}
+    if spec.ca_pem is not None:
+        cluster["certificate-authority-data"] = base64.b64encode(spec.ca_pem).decode()
+    if spec.tls_server_name:
+        cluster["tls-server-name"] = spec.tls_server_name
+    if spec.insecure:
+        cluster["insecure-skip-tls-verify"] = True
+    user: dict[str, Any] = {}
+    if spec.client_cert_pem is not None and spec.client_key_pem is not None:
+        user["client-certificate-data"] = base64.b64encode(spec.client_cert_pem).decode()
+        user["client-key-data"] = base64.b64encode(spec.client_key_pem).decode()
+    if spec.token is not None:
+        user["token"] = spec.token
+    minimal = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "current-context": selected.context,
+        "contexts": [
+            {
+                "name": selected.context,
+                "context": {"cluster": selected.cluster_name, "user": selected.user_name},
+            }
+        ],
+        "clusters": [{"name": selected.cluster_name, "cluster": cluster}],
+        "users": [{"name": selected.user_name, "user": user}],
+    }
+    dumped: str = yaml.dump(
+        minimal, Dumper=_MinimalDumper, sort_keys=False, allow_unicode=True, width=2**20
+    )
+    return dumped.encode()
 
 
 class RotatingTokenFile:
