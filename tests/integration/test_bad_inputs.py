@@ -39,7 +39,7 @@ from tests.support.pipeline import Pipeline, pipeline, read_secret
 from tests.testenv import SPEC_MINIMUM_RULES
 from tests.testenv.pki import CertificateAuthority
 from worker.app import service
-from worker.core.bundle import MAX_INPUT_BYTES
+from worker.core.limits import PEM_FILE
 from worker.kube.errors import KubeError
 
 # --------------------------------------------------------------------------- the context
@@ -209,7 +209,7 @@ def _truncated(ctx: Ctx) -> tuple[bytes, bytes, bytes]:
 
 
 def _oversize(ctx: Ctx) -> tuple[bytes, bytes, bytes]:
-    padding = b"# padding\n" * (MAX_INPUT_BYTES // 10 + 1)
+    padding = b"# padding\n" * (PEM_FILE.maximum // 10 + 1)
     return ctx.chain.leaf_pem, ctx.chain.key_pem, ctx.chain.chain_pem + padding
 
 
@@ -307,7 +307,7 @@ API_CASES: list[Case] = [
         ValueError,
         ("CA",),
     ),
-    Case("chain input larger than 1 MiB", _import(_oversize), ValueError, ("1 MiB",)),
+    Case("chain input over the PEM-file limit", _import(_oversize), ValueError, ("256 KiB",)),
     # --- kubeconfigs
     Case(
         "kubeconfig is not YAML",

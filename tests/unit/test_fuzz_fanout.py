@@ -106,11 +106,6 @@ def test_failure_thresholds_parse_cleanly_round_trip_and_decide(
 # Found by this fuzzer: int() refuses strings of more than 4300 digits with a plain ValueError
 # (CVE-2020-10735 mitigation), which escaped parse_batch_size/parse_failure_threshold and made
 # `certautopilot groups add --batch-size 999...` exit 1 with a traceback.
-@pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="needs the worker/core/fanout.py fix listed in the H3 report; then drop this mark",
-)
 @pytest.mark.parametrize("value", ["9" * 5000, "9" * 5000 + "%", ["1", "9" * 5000]])
 def test_a_number_too_long_to_convert_is_a_config_error(value: Any) -> None:
     for parse in (parse_batch_size, parse_failure_threshold):

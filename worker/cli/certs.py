@@ -13,6 +13,7 @@ from worker.cli.context import runtime
 from worker.cli.errors import handled
 from worker.cli.inputs import read_optional
 from worker.cli.output import OutputFormat, emit_json, format_time, plain
+from worker.core.limits import PEM_FILE
 
 app = new_typer("Certificates: import, list, renew.")
 
@@ -35,7 +36,7 @@ def import_(
     from worker.app.service import get_certificate, import_certificate
     from worker.cli.files import read_file
 
-    cert_pem, key_pem = read_file(cert), read_file(key)
+    cert_pem, key_pem = read_file(cert, PEM_FILE), read_file(key, PEM_FILE)
     with runtime() as rt:
         certificate_id = import_certificate(
             rt,
@@ -100,10 +101,10 @@ def renew(
     from worker.app.service import get_certificate, list_distributions, renew_certificate
     from worker.cli.files import read_file
 
-    pems = {"cert": read_file(cert), "key": read_file(key)}
+    pems = {"cert": read_file(cert, PEM_FILE), "key": read_file(key, PEM_FILE)}
     for name, path in (("chain", chain), ("ca", ca)):
         if path is not None:
-            pems[name] = read_file(path)
+            pems[name] = read_file(path, PEM_FILE)
     with runtime() as rt:
         before = get_certificate(rt, certificate_id)
         renew_certificate(rt, certificate_id, pems)

@@ -12,6 +12,7 @@ from worker.cli.context import runtime
 from worker.cli.errors import handled
 from worker.cli.inputs import read_input
 from worker.cli.output import OutputFormat, format_time
+from worker.core.limits import KUBECONFIG, WEBHOOK_SECRET
 
 app = new_typer("Module credentials: kubeconfigs and webhook secrets.")
 
@@ -26,7 +27,7 @@ def add_kubeconfig(
     """Store a kubeconfig (encrypted). exec, auth-provider and file paths are refused."""
     from worker.app.service import add_kubeconfig_credential
 
-    kubeconfig = read_input(file, stdin, "kubeconfig")
+    kubeconfig = read_input(file, stdin, "kubeconfig", KUBECONFIG)
     with runtime() as rt:
         credential_id = add_kubeconfig_credential(rt, name, kubeconfig)
         key_id = rt.keyring.current_key_id
@@ -43,7 +44,7 @@ def add_webhook_secret(
     """Store an HMAC secret for signing webhook notifications (trailing newline dropped)."""
     from worker.app.service import add_webhook_secret as store
 
-    secret = read_input(file, stdin, "webhook secret").rstrip(b"\r\n")
+    secret = read_input(file, stdin, "webhook secret", WEBHOOK_SECRET).rstrip(b"\r\n")
     with runtime() as rt:
         credential_id = store(rt, name, secret)
     say(f"stored webhook secret {name!r} (id {credential_id})")

@@ -56,6 +56,7 @@ def _classify(exc: Exception) -> tuple[str, int] | None:
     from worker.core.bundle import BundleError
     from worker.core.crypto import CryptoError, UnknownKeyError
     from worker.core.fanout import FanoutConfigError
+    from worker.core.limits import InputTooLarge
     from worker.core.names import TemplateError
     from worker.kube.errors import KubeError
     from worker.platform.db import DatabaseUrlError
@@ -70,6 +71,7 @@ def _classify(exc: Exception) -> tuple[str, int] | None:
         BundleError,
         TemplateError,
         FanoutConfigError,
+        InputTooLarge,
         InvalidRecordError,
         AlreadyExistsError,
         KubeError,

@@ -141,6 +141,10 @@ def _count_or_percent(value: object, where: str, example: str) -> int | Percent:
         raise FanoutConfigError(f"{where} must be a whole number or a percentage, not {value!r}")
     if isinstance(value, int):
         return value
+    if len(value) > 32:  # also keeps int() below its 4300-digit limit (a plain ValueError)
+        raise FanoutConfigError(
+            f"{where} is {len(value)} characters long; a count or a percentage is a few digits"
+        )
     if match := _COUNT_RE.match(value):
         return int(match.group(1))
     if match := _PERCENT_RE.match(value):
