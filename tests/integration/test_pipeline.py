@@ -4,24 +4,12 @@ from __future__ import annotations
 
 import base64
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.support.pipeline import Pipeline, build_fleet, pipeline, read_secret
-
-
-@pytest.fixture
-def pipe(
-    postgres_url: str, redis_url: str, redis_server: Any, tmp_path: Path
-) -> Iterator[Pipeline]:
-    import redis
-
-    redis.Redis.from_url(redis_url).flushdb()
-    with pipeline(postgres_url, redis_url, tmp_path) as made:
-        yield made
 
 
 def _namespace(prefix: str) -> str:

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import base64
 import uuid
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,21 +17,10 @@ from kubernetes import client as k8s
 
 from tests.certfactory import make_chain
 from tests.support.faults import seed_previous_secrets
-from tests.support.pipeline import Pipeline, build_fleet, pipeline, read_secret
+from tests.support.pipeline import Pipeline, build_fleet, read_secret
 from worker.app import service
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def pipe(
-    postgres_url: str, redis_url: str, redis_server: Any, tmp_path: Path
-) -> Iterator[Pipeline]:
-    import redis
-
-    redis.Redis.from_url(redis_url).flushdb()
-    with pipeline(postgres_url, redis_url, tmp_path) as made:
-        yield made
 
 
 def _namespace(prefix: str) -> str:
