@@ -268,6 +268,13 @@ class ComposeStack:
         self.folder = folder
         self.binary = binary
         self.project = f"cap{uuid.uuid4().hex[:6]}"
+        # Compose prefers the shell's variables to .env: only .env may configure the stack,
+        # as on a user's machine (the test runner's own CAP_* settings stay out).
+        self.environment = {
+            key: value for key, value in engine.env.items()
+            if not key.startswith(("CAP_", "FLOWER_", "POSTGRES_", "REDIS_", "COMPOSE_"))
+            and key != "PYTHON_IMAGE"
+        }  # fmt: skip
 
     def __call__(
         self, *args: str, input: str | None = None, timeout: float = 600, check: bool = True
@@ -277,7 +284,7 @@ class ComposeStack:
                 str(self.binary), "--project-name", self.project,
                 "--file", "docker-compose.yml", "--file", str(HOST_NETWORK_OVERRIDE), *args,
             ],
-            cwd=self.folder, env=self.engine.env, input=input, capture_output=True, text=True,
+            cwd=self.folder, env=self.environment, input=input, capture_output=True, text=True,
             timeout=timeout, check=False,
         )  # fmt: skip
         if check and done.returncode != 0:
