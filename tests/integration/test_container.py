@@ -176,9 +176,8 @@ def test_image_runs_as_10001_on_a_read_only_root_and_holds_only_the_runtime(
     assert re.fullmatch(r"[0-9a-f]{40}", labels["org.opencontainers.image.revision"])
     assert labels["org.opencontainers.image.source"]
 
-    assert run_image(engine, image, "-u", "-g", entrypoint="id", check=True).stdout.split() == [
-        APP_UID
-    ]
+    ids = run_image(engine, image, "-c", "id -u; id -g", entrypoint="sh", check=True)
+    assert ids.stdout.split() == [APP_UID, APP_UID]
     written = run_image(engine, image, "-c", "touch /opt/certautopilot/x", entrypoint="sh")
     assert written.returncode != 0 and "Read-only file system" in written.stderr
 

@@ -261,6 +261,7 @@ class DockerEngine:
                     self.remove_all_containers()
                     self.docker("network", "prune", "-f", check=False)
             self.process.stop(grace=30)
+            self._unmount_leftovers()
             after = host_network_state()
             self.host_changes = {
                 key: (self.before[key], after[key])
@@ -272,6 +273,16 @@ class DockerEngine:
             if self._lock is not None:
                 self._lock.close()
                 self._lock = None
+
+    def _unmount_leftovers(self) -> None:
+        """Unmount what dockerd leaves mounted after it stopped (its default network namespace
+        bind mount under exec-root survives even a clean shutdown), deepest first."""
+        roots = (str(self.exec_root) + "/", str(self.data_root) + "/")
+        mounts = [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()]
+        for mount in sorted((m for m in mounts if m.startswith(roots)), reverse=True):
+            done = subprocess.run(["umount", mount], capture_output=True, text=True, check=False)
+            if done.returncode != 0:
+                self._progress.write(f"[docker] could not unmount {mount}: {done.stderr}\n")
 
     def __enter__(self) -> DockerEngine:
         self.start()
