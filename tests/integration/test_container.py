@@ -15,6 +15,7 @@ the path of the exported image.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import re
@@ -87,17 +88,25 @@ def engine(
         with Timer("dockerd stop"):
             engine.stop()
         reporter = pytestconfig.pluginmanager.get_plugin("terminalreporter")
-        if reporter is not None:
-            reporter.write_line("")
-            for name, seconds in TIMINGS.items():
-                reporter.write_line(f"[container phase] {name}: {seconds:.1f}s")
-            for name, fact in FACTS.items():
-                reporter.write_line(f"[container phase] {name}: {fact}")
-            reporter.write_line(
-                "[container phase] host left as found (links, iptables, nat, mounts): "
-                + ("yes" if not engine.host_changes else f"NO: {engine.host_changes}")
-            )
+        capture = pytestconfig.pluginmanager.get_plugin("capturemanager")
+        # The report goes to the terminal, not into the teardown's captured output.
+        with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+            _report(reporter, engine)
     assert engine.host_changes == {}, f"the engine changed the host: {engine.host_changes}"
+
+
+def _report(reporter: Any, engine: DockerEngine) -> None:
+    """Each step's time, the image size and the exported file, and whether the host is clean."""
+    if reporter is not None:
+        reporter.write_line("")
+        for name, seconds in TIMINGS.items():
+            reporter.write_line(f"[container phase] {name}: {seconds:.1f}s")
+        for name, fact in FACTS.items():
+            reporter.write_line(f"[container phase] {name}: {fact}")
+        reporter.write_line(
+            "[container phase] host left as found (links, iptables, nat, mounts): "
+            + ("yes" if not engine.host_changes else f"NO: {engine.host_changes}")
+        )
 
 
 @pytest.fixture(scope="module")
