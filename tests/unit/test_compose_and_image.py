@@ -261,6 +261,18 @@ def test_worker_accepts_the_environment_compose_gives_it(secrets_folder: Path) -
         assert not settings.database.is_default, service
 
 
+def test_flower_reads_its_login_from_its_file_and_no_stored_credential(
+    secrets_folder: Path, tmp_path: Path
+) -> None:
+    environment = mounted_environment("flower", secrets_folder)
+    environment["CAP_DATA_DIR"] = str(tmp_path)  # the container's tmpfs, here
+    settings = load_settings(environment)
+    assert settings.ignored_variables == ()
+    login = (secrets_folder / "flower_basic_auth").read_text()
+    assert settings.flower.basic_auth == login  # type: ignore[attr-defined]
+    assert "CAP_KEK_FILE" not in environment and "CAP_DATABASE_URL_FILE" not in environment
+
+
 def test_the_data_dir_tmpfs_belongs_to_the_image_user() -> None:
     # A plain tmpfs is root-owned with mode 0700: uid 10001 could not write its heartbeat,
     # the liveness probe failed and the worker never became healthy.
