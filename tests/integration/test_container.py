@@ -421,8 +421,10 @@ def test_distribution_dry_run_execute_and_rollback_through_the_containers(
     with Timer("distribution through the containers (dry-run, execute, rollback)"):
         stack.cli("credentials", "add-kubeconfig", "c1", "--stdin", input=access.kubeconfig)
         cert = json.loads(_import_cert(stack, chain))
+        # The Secret exists and is not ours yet: the target may adopt it (its previous
+        # content is what the rollback restores).
         added = stack.cli("targets", "add", "t1", "--namespace", namespace,
-                          "--kubeconfig-credential", "c1")  # fmt: skip
+                          "--kubeconfig-credential", "c1", "--adopt-unmanaged")  # fmt: skip
         assert "health: healthy" in added
         distribution = json.loads(stack.cli(
             "distributions", "attach", cert["id"], "--target", "t1", "--store-content",
