@@ -472,7 +472,7 @@ def _run_state(stack: ComposeStack, run_id: str) -> tuple[str, int]:
     with _database(stack) as connection:
         row = connection.execute(
             "SELECT state, (SELECT count(*) FROM target_results r WHERE r.run_id = runs.id "
-            "AND r.state IN ('succeeded', 'failed', 'skipped')) FROM runs WHERE id = %s",
+            "AND r.status NOT IN ('pending', 'running')) FROM runs WHERE id = %s",
             (run_id,),
         ).fetchone()
     assert row is not None, run_id
