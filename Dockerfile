@@ -23,29 +23,34 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
 WORKDIR /src
-# Dependencies first, in their own layer: a change to the sources reuses it.
+# Dependencies first, in their own layers: a change to the sources reuses them.
 # --require-hashes: every file must match the lock; --only-binary: every runtime dependency
-# ships manylinux wheels, so the build needs no compiler either.
-COPY requirements.lock ./
+# ships manylinux wheels, so the build needs no compiler either. Their bytecode is compiled
+# here, once, because the read-only root cannot cache it at run time.
+COPY requirements.lock requirements-build.lock ./
 RUN python3 -m venv /opt/certautopilot \
  && /opt/certautopilot/bin/pip install --require-hashes --no-deps --only-binary=:all: \
-      -r requirements.lock
+      -r requirements.lock \
+ && /opt/certautopilot/bin/python -m compileall -q --invalidation-mode unchecked-hash \
+      /opt/certautopilot/lib
+# The build backend of the project's wheel, locked too, in a throwaway environment.
+RUN python3 -m venv /opt/build \
+ && /opt/build/bin/pip install --require-hashes --only-binary=:all: -r requirements-build.lock
 COPY pyproject.toml README.md ./
 COPY worker ./worker
 COPY tasks ./tasks
 COPY models ./models
-# The project itself: its wheel (built in a throwaway environment with the build backend),
-# installed without dependencies since the lock already brought them (`pip check` fails the
-# build if the lock lacks one).
-# The runtime never installs anything, so pip and setuptools leave the virtualenv; the
-# bytecode is compiled here because the read-only root cannot cache it at run time.
-RUN python3 -m venv /opt/build \
- && /opt/build/bin/pip wheel --no-deps --wheel-dir /wheels . \
+# The project itself: its wheel, installed without dependencies since the lock already brought
+# them (`pip check` fails the build if the lock lacks one), then its bytecode. The runtime
+# never installs anything, so pip and setuptools leave the virtualenv.
+RUN /opt/build/bin/pip wheel --no-deps --no-build-isolation --wheel-dir /wheels . \
  && /opt/certautopilot/bin/pip install --no-deps --no-index /wheels/*.whl \
  && /opt/certautopilot/bin/pip check \
  && /opt/certautopilot/bin/pip uninstall --yes pip setuptools \
  && /opt/certautopilot/bin/python -m compileall -q --invalidation-mode unchecked-hash \
-      /opt/certautopilot/lib
+      /opt/certautopilot/lib/python3.11/site-packages/worker \
+      /opt/certautopilot/lib/python3.11/site-packages/tasks \
+      /opt/certautopilot/lib/python3.11/site-packages/models
 
 FROM ${PYTHON_IMAGE} AS runtime
 ARG APP_UID=10001

@@ -504,9 +504,9 @@ def test_every_default_image_is_pinned_by_digest_and_the_base_is_the_same_everyw
         assert re.search(DIGEST + "$", spec["services"][service]["image"]), service
 
 
-def lock_pins() -> dict[str, tuple[str, int]]:
-    """name -> (version, number of hashes) of every requirement in requirements.lock."""
-    text = (REPO / "requirements.lock").read_text()
+def lock_pins(lock: str = "requirements.lock") -> dict[str, tuple[str, int]]:
+    """name -> (version, number of hashes) of every requirement in a lock file."""
+    text = (REPO / lock).read_text()
     pins: dict[str, tuple[str, int]] = {}
     for block in re.split(r"\n(?=[A-Za-z0-9])", text):
         match = re.match(r"([A-Za-z0-9._-]+)(?:\[[^]]*\])?==(\S+)", block)
@@ -528,6 +528,20 @@ def test_lock_pins_every_runtime_dependency_with_hashes() -> None:
     installs = [run for run in build.all("RUN") if "-r requirements.lock" in run]
     assert installs and all("--require-hashes" in r and "--only-binary=:all:" in r
                             for r in installs)  # fmt: skip
+
+
+def test_build_backend_is_locked_with_hashes_too() -> None:
+    pins = lock_pins("requirements-build.lock")
+    requires = tomllib.loads((REPO / "pyproject.toml").read_text())["build-system"]["requires"]
+    for requirement in requires:
+        name = re.sub(r"[-_.]+", "-", re.match(r"[A-Za-z0-9._-]+", requirement)[0]).lower()  # type: ignore[index]
+        assert name in pins, f"{name} is not in requirements-build.lock"
+    assert all(hashes >= 1 for _, hashes in pins.values()), pins
+    build = dockerfile_stages()[0]
+    (install,) = [run for run in build.all("RUN") if "-r requirements-build.lock" in run]
+    assert "--require-hashes" in install
+    (wheel,) = [run for run in build.all("RUN") if "pip wheel" in run]
+    assert "--no-build-isolation" in wheel  # no unlocked download of the backend
 
 
 def test_build_context_holds_every_package_the_wheel_needs() -> None:
