@@ -504,25 +504,26 @@ def test_every_default_image_is_pinned_by_digest_and_the_base_is_the_same_everyw
         assert re.search(DIGEST + "$", spec["services"][service]["image"]), service
 
 
-def lock_pins(lock: str = "requirements.lock") -> dict[str, tuple[str, int]]:
-    """name -> (version, number of hashes) of every requirement in a lock file."""
+def _normalized(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def assert_locked_with_hashes(lock: str, requirements: list[str]) -> None:
+    """Every requirement (PEP 508 strings) is pinned in `lock`, and every pin has hashes."""
     text = (REPO / lock).read_text()
-    pins: dict[str, tuple[str, int]] = {}
+    pins: dict[str, int] = {}
     for block in re.split(r"\n(?=[A-Za-z0-9])", text):
-        match = re.match(r"([A-Za-z0-9._-]+)(?:\[[^]]*\])?==(\S+)", block)
+        match = re.match(r"([A-Za-z0-9._-]+)(?:\[[^]]*\])?==\S+", block)
         if match:
-            name = re.sub(r"[-_.]+", "-", match.group(1)).lower()
-            pins[name] = (match.group(2), block.count("--hash=sha256:"))
-    return pins
+            pins[_normalized(match.group(1))] = block.count("--hash=sha256:")
+    wanted = {_normalized(re.split(r"[\[<>=!~; ]", r, maxsplit=1)[0]) for r in requirements}
+    assert wanted - set(pins) == set(), f"missing from {lock}"
+    assert all(hashes >= 1 for hashes in pins.values()), pins
 
 
 def test_lock_pins_every_runtime_dependency_with_hashes() -> None:
-    pins = lock_pins()
-    dependencies = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
-    for requirement in dependencies:
-        name = re.sub(r"[-_.]+", "-", re.match(r"[A-Za-z0-9._-]+", requirement)[0]).lower()  # type: ignore[index]
-        assert name in pins, f"{name} is not in requirements.lock"
-    assert all(hashes >= 1 for _, hashes in pins.values()), pins
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert_locked_with_hashes("requirements.lock", project["dependencies"])
     # The image installs exactly the lock: every file checked against its hash, wheels only.
     build = dockerfile_stages()[0]
     installs = [run for run in build.all("RUN") if "-r requirements.lock" in run]
@@ -531,12 +532,8 @@ def test_lock_pins_every_runtime_dependency_with_hashes() -> None:
 
 
 def test_build_backend_is_locked_with_hashes_too() -> None:
-    pins = lock_pins("requirements-build.lock")
-    requires = tomllib.loads((REPO / "pyproject.toml").read_text())["build-system"]["requires"]
-    for requirement in requires:
-        name = re.sub(r"[-_.]+", "-", re.match(r"[A-Za-z0-9._-]+", requirement)[0]).lower()  # type: ignore[index]
-        assert name in pins, f"{name} is not in requirements-build.lock"
-    assert all(hashes >= 1 for _, hashes in pins.values()), pins
+    build_system = tomllib.loads((REPO / "pyproject.toml").read_text())["build-system"]
+    assert_locked_with_hashes("requirements-build.lock", build_system["requires"])
     build = dockerfile_stages()[0]
     (install,) = [run for run in build.all("RUN") if "-r requirements-build.lock" in run]
     assert "--require-hashes" in install
