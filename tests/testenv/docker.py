@@ -12,7 +12,8 @@ Docker Hub is not reachable from these machines, so nothing here pulls an image:
   cache kept between runs in ``$XDG_CACHE_HOME/certautopilot/docker`` (``~/.cache`` by
   default): warm runs reuse the base images and the build cache. A file lock keeps two runs
   from sharing it at once. ``stop()`` removes every container, stops dockerd and checks that
-  the host's links, iptables rules and mounts are as they were before ``start()``.
+  the host's links and iptables rules are as they were before ``start()`` and that nothing is
+  left mounted under its data- or exec-root.
 * **Base images**: ``build-base-image.sh`` makes a Debian bookworm root with
   ``debootstrap --variant=minbase`` plus the packages of one image (python, redis, postgres);
   ``docker import`` turns it into ``certautopilot-base/NAME:HASH``, where HASH covers the
@@ -128,8 +129,10 @@ def debian_mirror(environ: Mapping[str, str]) -> str:
     return DEFAULT_MIRROR
 
 
-def host_network_state() -> dict[str, str]:
-    """Links, iptables rules (filter and nat) and mounts: what an engine could leave behind."""
+def host_network_state(roots: Sequence[Path]) -> dict[str, str]:
+    """Links, iptables rules (filter and nat) and the mounts under `roots` (an engine's data-
+    and exec-root): what an engine could leave behind. Mounts elsewhere are not this engine's
+    (another engine, on its own roots, may come and go meanwhile)."""
 
     def run(argv: Sequence[str]) -> str:
         try:
@@ -146,8 +149,10 @@ def host_network_state() -> dict[str, str]:
         "iptables": run(["iptables", "-S"]),
         "iptables-nat": run(["iptables", "-t", "nat", "-S"]),
     }
-    mounts = Path("/proc/self/mounts").read_text().splitlines()
-    state["mounts"] = "\n".join(sorted(line.split()[1] for line in mounts))
+    points = [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()]
+    state["mounts"] = "\n".join(
+        sorted(m for m in points for r in map(str, roots) if m == r or m.startswith(r + "/"))
+    )
     return state
 
 
@@ -214,7 +219,7 @@ class DockerEngine:
         except BlockingIOError:
             self._progress.write(f"[docker] another run uses {self.data_root}; waiting\n")
             fcntl.flock(self._lock, fcntl.LOCK_EX)
-        self.before = host_network_state()
+        self.before = host_network_state((self.data_root, self.exec_root))
         started = time.monotonic()
         self.process.start()
         self.process.wait_until_ready(self._answers, DOCKERD_START_TIMEOUT, "its API on the socket")
@@ -262,7 +267,7 @@ class DockerEngine:
                     self.docker("network", "prune", "-f", check=False)
             self.process.stop(grace=30)
             self._unmount_leftovers()
-            after = host_network_state()
+            after = host_network_state((self.data_root, self.exec_root))
             self.host_changes = {
                 key: (self.before[key], after[key])
                 for key in self.before
