@@ -444,14 +444,16 @@ DIGEST = r"@sha256:[0-9a-f]{64}"
 
 
 def test_image_builds_a_wheel_first_and_runs_from_a_clean_slim_python_base() -> None:
-    build, *_, final = dockerfile_stages()
+    first, *middle, final = dockerfile_stages()
     # The official image, pinned by digest (a tag moves; a digest does not).
     assert re.fullmatch(r"python:3\.11-slim(-\w+)?" + DIGEST, final.base), final.base
-    assert build.base == final.base
-    assert any("pip wheel" in run for run in build.all("RUN"))
+    assert first.base == final.base
+    builders = [first, *middle]
+    assert any("pip wheel" in run for stage in builders for run in stage.all("RUN"))
     # Only built artifacts reach the last stage.
     copies = final.all("COPY")
-    assert copies and all(c.startswith(f"--from={build.name} ") for c in copies)
+    names = {stage.name for stage in builders}
+    assert copies and all(c.split()[0].removeprefix("--from=") in names for c in copies)
 
 
 def test_last_stage_has_no_build_tools() -> None:
@@ -525,8 +527,8 @@ def test_lock_pins_every_runtime_dependency_with_hashes() -> None:
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     assert_locked_with_hashes("requirements.lock", project["dependencies"])
     # The image installs exactly the lock: every file checked against its hash, wheels only.
-    build = dockerfile_stages()[0]
-    installs = [run for run in build.all("RUN") if "-r requirements.lock" in run]
+    runs = [run for stage in dockerfile_stages()[:-1] for run in stage.all("RUN")]
+    installs = [run for run in runs if "-r requirements.lock" in run]
     assert installs and all("--require-hashes" in r and "--only-binary=:all:" in r
                             for r in installs)  # fmt: skip
 
@@ -534,10 +536,10 @@ def test_lock_pins_every_runtime_dependency_with_hashes() -> None:
 def test_build_backend_is_locked_with_hashes_too() -> None:
     build_system = tomllib.loads((REPO / "pyproject.toml").read_text())["build-system"]
     assert_locked_with_hashes("requirements-build.lock", build_system["requires"])
-    build = dockerfile_stages()[0]
-    (install,) = [run for run in build.all("RUN") if "-r requirements-build.lock" in run]
+    runs = [run for stage in dockerfile_stages()[:-1] for run in stage.all("RUN")]
+    (install,) = [run for run in runs if "-r requirements-build.lock" in run]
     assert "--require-hashes" in install
-    (wheel,) = [run for run in build.all("RUN") if "pip wheel" in run]
+    (wheel,) = [run for run in runs if "pip wheel" in run]
     assert "--no-build-isolation" in wheel  # no unlocked download of the backend
 
 
@@ -548,8 +550,8 @@ def test_build_context_holds_every_package_the_wheel_needs() -> None:
         for pattern in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]
     }
     needed = {*packages, "pyproject.toml", pyproject["project"]["readme"]}
-    build = dockerfile_stages()[0]
-    copied = {src.rstrip("/") for c in build.all("COPY") for src in c.split()[:-1]}
+    builders = dockerfile_stages()[:-1]
+    copied = {src.rstrip("/") for b in builders for c in b.all("COPY") for src in c.split()[:-1]}
     assert needed - copied == set()
     ignore = [
         line.strip()
