@@ -148,8 +148,9 @@ def image(engine: DockerEngine, base_images: dict[str, str], source_tree: Path) 
             "--tag", IMAGE, str(source_tree),
             timeout=1500,
         )  # fmt: skip
-    # Layers of earlier builds that no tag needs any more.
-    engine.docker("image", "prune", "--force")
+    # The classic builder's cache is its untagged stage images: keep a week of them (a prune
+    # of all would empty the cache of the dependency stage and rebuild it every run).
+    engine.docker("image", "prune", "--force", "--filter", "until=168h")
     size = int(engine.docker("image", "inspect", "--format", "{{.Size}}", IMAGE).stdout)
     FACTS["image size"] = f"{size / 1e6:.0f} MB ({size} bytes)"
     return IMAGE
