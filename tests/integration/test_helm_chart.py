@@ -16,6 +16,7 @@ import os
 import re
 import shlex
 import subprocess
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -44,6 +45,9 @@ pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "helm" / "certautopilot-k8s-worker"
 FULL_VALUES = CHART / "ci" / "full-values.yaml"
+KEDA_VALUES = CHART / "ci" / "keda-values.yaml"
+SECRETS_DIR = "/etc/certautopilot/secrets"
+KEK = "k1:" + base64.b64encode(bytes(range(32))).decode()
 FIELD_MANAGER = "certautopilot-chart-test"
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 Manifest = dict[str, Any]
@@ -105,12 +109,29 @@ def of_kind(manifests: list[Manifest], kind: str) -> list[Manifest]:
 
 
 def pod_templates(manifests: list[Manifest]) -> dict[str, dict[str, Any]]:
-    """Return every pod template (Deployments and Jobs) by resource name."""
-    return {
+    """Return every pod template (Deployments, Jobs and the `helm test` Pod) by resource name."""
+    templates = {
         m["metadata"]["name"]: m["spec"]["template"]
         for m in manifests
         if m["kind"] in ("Deployment", "Job")
     }
+    templates |= {m["metadata"]["name"]: {"spec": m["spec"]} for m in of_kind(manifests, "Pod")}
+    return templates
+
+
+def secret_files(template: dict[str, Any]) -> dict[str, str]:
+    """{*_FILE variable: Secret key behind that file} of the first container of a pod template."""
+    spec = template["spec"]
+    (container, *_) = spec["containers"]
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    files: dict[str, str] = {}
+    for env in container["env"]:
+        if env["name"].endswith("_FILE") and env["value"].startswith(SECRETS_DIR + "/"):
+            (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == SECRETS_DIR]
+            items = volumes[mount["name"]]["secret"]["items"]
+            (key,) = [i["key"] for i in items if f"{SECRETS_DIR}/{i['path']}" == env["value"]]
+            files[env["name"]] = key
+    return files
 
 
 def worker_deployment(manifests: list[Manifest]) -> Manifest:
@@ -167,7 +188,9 @@ def test_helm_locator_builds_once_when_two_runs_ask_at_the_same_time(tmp_path: P
 
 
 @pytest.mark.parametrize("strict", [False, True], ids=["lint", "lint-strict"])
-@pytest.mark.parametrize("values", [None, FULL_VALUES], ids=["default-values", "full-values"])
+@pytest.mark.parametrize(
+    "values", [None, FULL_VALUES, KEDA_VALUES], ids=["default-values", "full-values", "keda-values"]
+)
 def test_helm_lint_is_clean(helm: Helm, values: Path | None, strict: bool) -> None:
     args = ["lint", str(CHART)]
     args += ["--values", str(values)] if values else []
@@ -184,15 +207,18 @@ def test_default_values_render_the_worker_with_its_minimum_rbac(helm: Helm) -> N
     assert sorted(m["kind"] for m in manifests) == [
         "ConfigMap",
         "Deployment",
+        "Pod",  # the `helm test` hook
         "PodDisruptionBudget",
-        "Role",
-        "RoleBinding",
-        "Secret",
         "ServiceAccount",
     ]
-    (role,) = of_kind(manifests, "Role")
-    # Without rbac.targetNamespaces the worker may distribute into its own namespace only.
-    assert role["metadata"]["namespace"] == "cap-system"
+    # Without rbac.targetNamespaces the worker may write Secrets nowhere in its cluster: never
+    # in its own namespace by default, since that one holds the KEK's Secret. With the embedded
+    # default there is no secret value at all (the worker makes its own KEK in its emptyDir),
+    # so no Secret either.
+    assert of_kind(manifests, "Role") == of_kind(manifests, "RoleBinding") == []
+    (pdb,) = of_kind(manifests, "PodDisruptionBudget")
+    # Unready workers (a database outage makes them all unready) never block a node drain.
+    assert pdb["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
 
 
 def test_full_values_render_every_optional_part(helm: Helm) -> None:
@@ -202,11 +228,13 @@ def test_full_values_render_every_optional_part(helm: Helm) -> None:
         [
             "ConfigMap",
             "Secret",
+            "Secret",  # the migration's pre-install copy
             "ServiceAccount",
             "Deployment",
             "Deployment",
             "Service",
             "Job",
+            "Pod",  # the `helm test` hook
             "HorizontalPodAutoscaler",
             "PodDisruptionBudget",
             "NetworkPolicy",
@@ -223,7 +251,17 @@ def test_full_values_render_every_optional_part(helm: Helm) -> None:
 def test_migration_runs_before_install_and_upgrade_with_what_exists_by_then(helm: Helm) -> None:
     manifests = helm.render("--values", str(FULL_VALUES))
     (job,) = of_kind(manifests, "Job")
-    (secret,) = of_kind(manifests, "Secret")
+    secrets = {m["metadata"]["name"]: m for m in of_kind(manifests, "Secret")}
+    secret = secrets.pop("cap-certautopilot-k8s-worker-migrate")
+    # The migration's copy holds what it needs, no more: the database and the KEK.
+    assert sorted(secret["data"]) == ["CAP_DATABASE_URL", "CAP_KEK"]
+    assert secret_files(job["spec"]["template"]) == {
+        "CAP_DATABASE_URL_FILE": "CAP_DATABASE_URL",
+        "CAP_KEK_FILE": "CAP_KEK",
+    }
+    # The chart-managed Secret itself is a normal resource, kept on uninstall, never a hook.
+    (managed,) = secrets.values()
+    assert managed["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}
     hooks = {m["kind"]: m["metadata"]["annotations"] for m in (job, secret)}
     # The worker refuses a lagging schema: migrate before any new pod starts.
     assert (
@@ -244,7 +282,9 @@ def test_migration_runs_before_install_and_upgrade_with_what_exists_by_then(helm
 def test_every_rendered_role_holds_exactly_the_spec_rules_bound_to_the_worker(
     helm: Helm, values: Path | None
 ) -> None:
-    manifests = helm.render(*(["--values", str(values)] if values else []))
+    # The default values name no target namespace (and so render no Role): name one.
+    args = ["--values", str(values)] if values else ["--set", "rbac.targetNamespaces={ingress}"]
+    manifests = helm.render(*args)
     service_account = of_kind(manifests, "ServiceAccount")[0]["metadata"]["name"]
     assert (
         worker_deployment(manifests)["spec"]["template"]["spec"]["serviceAccountName"]
@@ -264,7 +304,9 @@ def test_every_rendered_role_holds_exactly_the_spec_rules_bound_to_the_worker(
         ]
 
 
-@pytest.mark.parametrize("values", [None, FULL_VALUES], ids=["default-values", "full-values"])
+@pytest.mark.parametrize(
+    "values", [None, FULL_VALUES, KEDA_VALUES], ids=["default-values", "full-values", "keda-values"]
+)
 def test_every_pod_runs_locked_down_with_writable_emptydirs_only(
     helm: Helm, values: Path | None
 ) -> None:
@@ -283,6 +325,13 @@ def test_every_pod_runs_locked_down_with_writable_emptydirs_only(
             mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
             assert "emptyDir" in volumes[mounts["/tmp"]], name
             assert "emptyDir" in volumes[mounts["/var/lib/certautopilot"]], name
+            # Secret values arrive as files only, never as environment variables.
+            for env in container["env"]:
+                assert "valueFrom" not in env, (name, env)
+                assert env["name"] not in (
+                    "CAP_KEK", "CAP_DATABASE_URL", "CAP_BROKER_URL", "CAP_RESULT_BACKEND",
+                    "FLOWER_BASIC_AUTH",
+                ), (name, env["name"])  # fmt: skip
 
 
 def test_worker_probes_run_the_cli_and_shutdown_outlasts_the_task_time_limit(helm: Helm) -> None:
@@ -309,11 +358,19 @@ def test_worker_accepts_the_environment_the_chart_gives_it(
 ) -> None:
     manifests = helm.render(*(["--values", str(values)] if values else []))
     (config,) = of_kind(manifests, "ConfigMap")
-    (secret,) = of_kind(manifests, "Secret")
+    managed = [s for s in of_kind(manifests, "Secret") if "helm.sh/hook" not in
+               s["metadata"].get("annotations", {})]  # fmt: skip
+    data = {k: base64.b64decode(v).decode() for s in managed for k, v in s["data"].items()}
+    template = worker_deployment(manifests)["spec"]["template"]
+    (worker,) = template["spec"]["containers"]
     environment = dict(config["data"])
-    environment |= {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
-    (worker,) = worker_deployment(manifests)["spec"]["template"]["spec"]["containers"]
     environment |= {env["name"]: env["value"] for env in worker["env"] if "value" in env}
+    # The mounted secret files, written where the pod would see them (under tmp_path here).
+    for variable, key in secret_files(template).items():
+        path = tmp_path / "secrets" / Path(environment[variable]).name
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(data[key])
+        environment[variable] = str(path)
     # The pod's emptyDir path does not exist on this machine; the loader may create the folder.
     environment["CAP_DATA_DIR"] = str(tmp_path)
     settings = load_settings(environment)
@@ -335,27 +392,58 @@ def test_existing_secret_replaces_the_chart_managed_one(helm: Helm) -> None:
     )
     assert of_kind(manifests, "Secret") == []
     referenced = {
-        env["valueFrom"]["secretKeyRef"]["name"]
+        volume["secret"]["secretName"]
         for template in pod_templates(manifests).values()
-        for container in template["spec"]["containers"]
-        for env in container["env"]
-        if "valueFrom" in env
+        for volume in template["spec"]["volumes"]
+        if "secret" in volume
     }
     assert referenced == {"my-connections"}
 
 
-def test_generated_secrets_are_random_and_well_formed(helm: Helm) -> None:
-    def secret_data() -> dict[str, str]:
-        (secret,) = of_kind(helm.render("--set", "flower.enabled=true"), "Secret")
-        return {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
+def test_existing_secret_keys_map_each_value_and_each_pod_gets_only_what_it_needs(
+    helm: Helm,
+) -> None:
+    manifests = helm.render("--values", str(KEDA_VALUES))
+    templates = pod_templates(manifests)
+    worker = worker_deployment(manifests)["spec"]["template"]
+    assert secret_files(worker) == {
+        "CAP_KEK_FILE": "kek",
+        "CAP_DATABASE_URL_FILE": "database-url",
+        "CAP_BROKER_URL_FILE": "broker-url",
+    }  # resultBackend mapped to "": not in that Secret, so not mounted
+    (flower,) = [t for name, t in templates.items() if name.endswith("-flower")]
+    # Flower reads no stored credential: no KEK, no database.
+    assert secret_files(flower) == {
+        "CAP_BROKER_URL_FILE": "broker-url",
+        "FLOWER_BASIC_AUTH_FILE": "flower-login",
+    }
+    (job,) = of_kind(manifests, "Job")
+    assert secret_files(job["spec"]["template"]) == {
+        "CAP_KEK_FILE": "kek",
+        "CAP_DATABASE_URL_FILE": "database-url",
+    }
 
-    first, second = secret_data(), secret_data()
-    key_id, _, key = first["CAP_KEK"].partition(":")
-    assert key_id == "k1" and len(base64.b64decode(key, validate=True)) == 32
-    user, _, password = first["FLOWER_BASIC_AUTH"].partition(":")
-    assert user == "admin" and len(password) >= 32
-    assert first["CAP_KEK"] != second["CAP_KEK"]
-    assert first["FLOWER_BASIC_AUTH"] != second["FLOWER_BASIC_AUTH"]
+
+def test_no_secret_value_is_ever_generated_so_every_render_is_the_same(helm: Helm) -> None:
+    # Argo CD renders with `helm template` on every sync: a KEK made at render time would
+    # re-key the installation each time and make every stored credential unreadable.
+    def render(*args: str) -> str:
+        result = helm.run("template", "cap", str(CHART), "--namespace", "cap-system", *args)
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    for args in ([], ["--values", str(FULL_VALUES)], ["--values", str(KEDA_VALUES)]):
+        assert render(*args) == render(*args)
+    # With the embedded default the chart holds no secret value at all.
+    assert "CAP_KEK" not in render()
+    # Given values are stored as given.
+    manifests = helm.render("--set", f"secret.kek={KEK}", "--set", "flower.enabled=true",
+                            "--set", "flower.basicAuth=ops:long-password")  # fmt: skip
+    (secret,) = of_kind(manifests, "Secret")
+    assert {k: base64.b64decode(v).decode() for k, v in secret["data"].items()} == {
+        "CAP_KEK": KEK,
+        "FLOWER_BASIC_AUTH": "ops:long-password",
+    }
 
 
 def test_names_stay_within_63_characters_for_the_longest_release_name(helm: Helm) -> None:
@@ -413,13 +501,35 @@ def test_unknown_values_key_is_rejected_by_the_schema(helm: Helm, setting: str) 
         ),
         (["secret.kek=not a key"], "/secret/kek"),
         (["rbac.targetNamespaces={Bad_Namespace}"], "/rbac/targetNamespaces/0"),
+        (
+            ["secret.databaseUrl=postgresql+psycopg://u:p@db:5432/cap"],
+            "an external database needs a key-encryption key, and the chart never generates one",
+        ),
+        (
+            ["secret.existingSecret=s", "secret.existingSecretKeys.kek="],
+            "an external database needs a key-encryption key",
+        ),
+        (["flower.enabled=true"], "flower.enabled needs a login"),
+        (
+            ["rbac.targetNamespaces={ingress,cap-system}"],
+            'rbac.targetNamespaces holds the release namespace "cap-system"',
+        ),
+        (
+            [
+                "secret.existingSecret=s",
+                "autoscaling.enabled=true",
+                "autoscaling.keda.enabled=true",
+            ],
+            "autoscaling.keda.enabled needs autoscaling.keda.redisAddress",
+        ),
+        (["podDisruptionBudget.unhealthyPodEvictionPolicy=Never"], "unhealthyPodEvictionPolicy"),
     ],
 )
 def test_values_that_cannot_work_fail_with_the_fix_in_the_message(
     helm: Helm, settings: list[str], message: str
 ) -> None:
     args = [arg for setting in settings for arg in ("--set", setting)]
-    result = helm.run("template", "cap", str(CHART), *args)
+    result = helm.run("template", "cap", str(CHART), "--namespace", "cap-system", *args)
     assert result.returncode != 0
     assert message in result.stderr, result.stderr
 
@@ -508,9 +618,16 @@ def test_helm_commands_in_the_deployment_docs_render(helm: Helm) -> None:
 
 def test_resource_names_in_the_deployment_docs_exist_for_release_cap(helm: Helm) -> None:
     manifests = helm.render(
-        "--set", "flower.enabled=true", release="cap", namespace="certautopilot"
-    )
+        "--set", "flower.enabled=true", "--set", "flower.basicAuth=ops:long-password",
+        release="cap", namespace="certautopilot",
+    )  # fmt: skip
     rendered = {(m["kind"], m["metadata"]["name"]) for m in manifests}
+    # ... or created by a documented command (the user's own Secret for existingSecret).
+    rendered |= {
+        ("Secret", command[command.index("generic") + 1])
+        for command in _documented_shell_commands()
+        if command[0] == "kubectl" and "create" in command and "generic" in command
+    }
     kinds = {"secret": "Secret", "deployment": "Deployment", "svc": "Service"}
     referenced = set()
     for command in _documented_shell_commands():
@@ -578,7 +695,48 @@ def server_side_apply(admin: client.ApiClient, manifests: list[Manifest]) -> Non
         assert stored.metadata.name == meta["name"]
 
 
-@pytest.mark.parametrize("values", [None, FULL_VALUES], ids=["default-values", "full-values"])
+def ensure_keda_crd_stand_in(admin: client.ApiClient) -> None:
+    """KEDA's ScaledObject kind, without KEDA: lets the server store (not validate) its spec.
+
+    The test cluster has no KEDA; this CustomResourceDefinition only makes the kind exist, so
+    the apply below proves the object's apiVersion, kind and metadata, not KEDA's own schema.
+    """
+    extensions = client.ApiextensionsV1Api(admin)
+    body = {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": "scaledobjects.keda.sh"},
+        "spec": {
+            "group": "keda.sh",
+            "scope": "Namespaced",
+            "names": {"kind": "ScaledObject", "plural": "scaledobjects",
+                      "singular": "scaledobject", "listKind": "ScaledObjectList"},
+            "versions": [{
+                "name": "v1alpha1", "served": True, "storage": True,
+                "schema": {"openAPIV3Schema": {
+                    "type": "object", "x-kubernetes-preserve-unknown-fields": True,
+                }},
+            }],
+        },
+    }  # fmt: skip
+    try:
+        extensions.create_custom_resource_definition(cast(Any, body))
+    except ApiException as exc:
+        if exc.status != 409:
+            raise
+    deadline = time.monotonic() + 30
+    while True:
+        crd = extensions.read_custom_resource_definition("scaledobjects.keda.sh")
+        conditions = {c.type: c.status for c in (crd.status.conditions or [])}
+        if conditions.get("Established") == "True":
+            return
+        assert time.monotonic() < deadline, conditions
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize(
+    "values", [None, FULL_VALUES, KEDA_VALUES], ids=["default-values", "full-values", "keda-values"]
+)
 def test_rendered_manifests_are_accepted_by_a_real_api_server(
     helm: Helm,
     admin: client.ApiClient,
@@ -589,6 +747,12 @@ def test_rendered_manifests_are_accepted_by_a_real_api_server(
     args = ["--values", str(values)] if values else []
     args += ["--set", "rbac.targetNamespaces={" + ",".join(targets) + "}"]
     manifests = helm.render(*args, namespace=release_ns)
+    if values == KEDA_VALUES:
+        (scaled,) = of_kind(manifests, "ScaledObject")
+        assert of_kind(manifests, "HorizontalPodAutoscaler") == []  # KEDA makes its own
+        (trigger,) = scaled["spec"]["triggers"]
+        assert (trigger["type"], trigger["metadata"]["listName"]) == ("redis", "kubernetes")
+        ensure_keda_crd_stand_in(admin)
     server_side_apply(admin, manifests)
     rbac = client.RbacAuthorizationV1Api(admin)
     for namespace in targets:
@@ -598,7 +762,9 @@ def test_rendered_manifests_are_accepted_by_a_real_api_server(
         ]
 
 
-@pytest.mark.parametrize("values", [None, FULL_VALUES], ids=["default-values", "full-values"])
+@pytest.mark.parametrize(
+    "values", [None, FULL_VALUES, KEDA_VALUES], ids=["default-values", "full-values", "keda-values"]
+)
 def test_every_pod_template_passes_the_restricted_pod_security_standard(
     helm: Helm,
     admin: client.ApiClient,
@@ -743,7 +909,7 @@ def test_chart_role_is_exactly_enough_for_a_distribution_and_nothing_more(
     assert core_rights(release_ns) == set()
 
 
-def test_generated_kek_survives_upgrade_uninstall_and_reinstall(
+def test_kek_secret_is_deterministic_and_outlives_upgrade_uninstall_and_reinstall(
     helm: Helm,
     cluster: Cluster,
     admin: client.ApiClient,
@@ -763,23 +929,30 @@ def test_generated_kek_survives_upgrade_uninstall_and_reinstall(
 
     def stored() -> dict[str, str]:
         secret = core.read_namespaced_secret("cap-certautopilot-k8s-worker", namespace)
+        assert "helm.sh/hook" not in (secret.metadata.annotations or {})
         return {k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()}
 
-    install = ("install", "cap", str(CHART), "--set", "flower.enabled=true")
+    given = {"CAP_KEK": KEK, "FLOWER_BASIC_AUTH": "ops:long-password"}
+    install = (
+        "install", "cap", str(CHART), "--set", f"secret.kek={KEK}",
+        "--set", "flower.enabled=true", "--set", "flower.basicAuth=ops:long-password",
+    )  # fmt: skip
     helm_release(*install)
-    first = stored()
-    assert first["CAP_KEK"].startswith("k1:") and first["FLOWER_BASIC_AUTH"].startswith("admin:")
+    assert stored() == given
 
     helm_release("upgrade", "cap", str(CHART), "--reuse-values", "--set", "config.logLevel=DEBUG")
-    assert stored() == first  # read back, not generated again
+    assert stored() == given  # an upgrade renders the same Secret
 
     helm_release("uninstall", "cap")
-    assert stored() == first  # the KEK outlives the release
+    assert stored() == given  # helm.sh/resource-policy: keep: the KEK outlives the release
 
     helm_release(*install)
-    assert stored() == first  # a re-install adopts it
-    helm_release("upgrade", "cap", str(CHART), "--set", "secret.kek=k9:" + "A" * 43 + "=")
-    assert stored()["CAP_KEK"] == "k9:" + "A" * 43 + "="  # an explicit value wins
+    assert stored() == given  # a re-install adopts it
+    rotated = "k9:" + "A" * 43 + "=," + KEK
+    escaped = rotated.replace(",", "\\,")  # --set splits on unescaped commas
+    helm_release("upgrade", "cap", str(CHART), "--reuse-values", "--set", f"secret.kek={escaped}")
+    # A rotation is an explicit change of the value; the file holds one key per line.
+    assert stored()["CAP_KEK"] == rotated.replace(",", "\n")
 
 
 def test_worker_in_cluster_code_distributes_with_the_chart_service_account(

@@ -1,17 +1,19 @@
-"""Static checks of the container image and the compose stack (no Docker engine runs here).
+"""Static checks of the container image and the compose stack, before any engine runs.
 
-What a Docker engine would find out late is checked early: the files parse, each container
-runs a command the real CLI accepts, every variable compose reads is documented in
-.env.example with the same default, the environment compose hands the worker is accepted by
-the real settings loader, and the image's last stage runs as a non-root user without build
-tools.
+tests/integration/test_container.py builds and runs them for real; these checks find the
+same mistakes in milliseconds: the files parse, each container runs a command the real CLI
+accepts, every variable compose reads is documented in .env.example with the same default,
+the secret files compose mounts are the ones .env.example's commands create, the environment
+compose hands each container is accepted by the real settings loader, and the image's last
+stage runs as a non-root user without build tools.
 """
 
 from __future__ import annotations
 
-import base64
 import json
 import re
+import stat
+import subprocess
 import tomllib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -27,7 +29,7 @@ from worker.platform.settings import ENV_VARS, load_settings
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE = yaml.safe_load((REPO / "docker-compose.yml").read_text())
 OUR_IMAGE_SERVICES = ("migrate", "worker", "flower")
-REQUIRED_SECRETS = ("CAP_KEK", "POSTGRES_PASSWORD", "FLOWER_BASIC_AUTH")
+APP_UID = 10001
 
 
 # --------------------------------------------------------------------------- compose interpolation
@@ -150,14 +152,41 @@ def compose_text() -> str:
 
 
 def example_environment() -> dict[str, str]:
-    """What a user's .env holds after filling the required secrets as .env.example says."""
+    """What a user's .env holds after `cp .env.example .env`."""
     # Only the active (uncommented) lines of .env.example set anything.
     text = (REPO / ".env.example").read_text()
-    env = dict(re.findall(r"^([A-Z][A-Z0-9_]*)=(.*)$", text, re.M))
-    env["CAP_KEK"] = "k1:" + base64.b64encode(bytes(range(32))).decode()
-    env["POSTGRES_PASSWORD"] = "example-password"
-    env["FLOWER_BASIC_AUTH"] = "admin:example-password"
-    return env
+    return dict(re.findall(r"^([A-Z][A-Z0-9_]*)=(.*)$", text, re.M))
+
+
+def documented_secret_commands() -> str:
+    """The shell lines between BEGIN SECRETS and END SECRETS in .env.example."""
+    text = (REPO / ".env.example").read_text()
+    block = text.split("# BEGIN SECRETS\n", 1)[1].split("# END SECRETS", 1)[0]
+    return "\n".join(line.removeprefix("#").strip() for line in block.splitlines())
+
+
+@pytest.fixture(scope="module")
+def secrets_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder where the documented secret commands ran, as a user runs them."""
+    folder = tmp_path_factory.mktemp("compose-project")
+    subprocess.run(["bash", "-euc", documented_secret_commands()], cwd=folder, check=True)
+    return folder / "secrets"
+
+
+def mounted_environment(service: str, secrets: Path) -> dict[str, str]:
+    """The environment compose hands `service`, its /run/secrets files mapped to `secrets`."""
+    spec = interpolate_tree(COMPOSE, example_environment())
+    files = {
+        name: Path(entry["file"]).name for name, entry in spec["secrets"].items()
+    }
+    environment = {k: str(v) for k, v in spec["services"][service]["environment"].items()}
+    mounted = {f"/run/secrets/{name}": str(secrets / files[name])
+               for name in spec["services"][service].get("secrets", [])}  # fmt: skip
+    for key, value in environment.items():
+        if key.endswith("_FILE") and value.startswith("/run/secrets/"):
+            assert value in mounted, f"{service}: {key}={value} is not mounted"
+            environment[key] = mounted[value]
+    return environment
 
 
 def test_every_variable_compose_reads_is_documented_in_env_example() -> None:
@@ -179,30 +208,83 @@ def test_env_example_shows_the_same_defaults_as_compose() -> None:
     assert mismatched == {}
 
 
-@pytest.mark.parametrize("secret", REQUIRED_SECRETS)
-def test_compose_refuses_to_start_without_each_required_secret(secret: str) -> None:
-    assert documented_variables()[secret] == "", f"{secret} must not ship with a value"
-    environment = example_environment()
-    interpolate_tree(COMPOSE, environment)  # complete: resolves
-    environment[secret] = ""  # as left by `cp .env.example .env`
-    with pytest.raises(LookupError, match=f"^{secret}: set {secret}"):
-        interpolate_tree(COMPOSE, environment)
+def test_documented_commands_create_every_secret_file_compose_mounts(secrets_folder: Path) -> None:
+    spec = interpolate_tree(COMPOSE, example_environment())
+    declared = {Path(entry["file"]) for entry in spec["secrets"].values()}
+    assert {path.parent for path in declared} == {Path("./secrets")}
+    assert {path.name for path in declared} == {p.name for p in secrets_folder.iterdir()}
+    # Private folder on the host; files readable by the containers' users (uid 10001, postgres).
+    assert stat.S_IMODE(secrets_folder.stat().st_mode) == 0o700
+    for path in secrets_folder.iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o444, path
+    password = (secrets_folder / "postgres_password").read_text()
+    assert len(password) >= 24 and password.isalnum()
+    assert (secrets_folder / "database_url").read_text() == (
+        f"postgresql+psycopg://certautopilot:{password}@postgres:5432/certautopilot"
+    )
+    user, _, login_password = (secrets_folder / "flower_basic_auth").read_text().partition(":")
+    assert user == "admin" and len(login_password) >= 20
+
+
+def test_no_secret_is_an_environment_variable_of_any_container() -> None:
+    spec = interpolate_tree(COMPOSE, example_environment())
+    for name, service in spec["services"].items():
+        environment = service.get("environment", {})
+        for secret in ("CAP_KEK", "CAP_DATABASE_URL", "POSTGRES_PASSWORD", "FLOWER_BASIC_AUTH"):
+            assert secret not in environment, (name, secret)
+    assert spec["services"]["postgres"]["environment"]["POSTGRES_PASSWORD_FILE"] == (
+        "/run/secrets/postgres_password"
+    )
+
+
+def test_each_container_gets_only_the_secrets_it_needs() -> None:
+    secrets = {name: set(s.get("secrets", [])) for name, s in COMPOSE["services"].items()}
+    assert secrets == {
+        "redis": set(),
+        "postgres": {"postgres_password"},
+        "migrate": {"cap_kek", "cap_database_url"},
+        "worker": {"cap_kek", "cap_database_url"},
+        # Flower reads no stored credential: no KEK, no database.
+        "flower": {"flower_basic_auth"},
+    }
 
 
 def test_every_worker_setting_is_documented_in_env_example() -> None:
     assert set(ENV_VARS) - set(documented_variables()) == set()
 
 
-def test_worker_accepts_the_environment_compose_gives_it() -> None:
-    resolved = interpolate_tree(COMPOSE, example_environment())
-    for service in OUR_IMAGE_SERVICES:
-        environment = {
-            key: str(value) for key, value in resolved["services"][service]["environment"].items()
-        }
-        settings = load_settings(environment)
+def test_worker_accepts_the_environment_compose_gives_it(secrets_folder: Path) -> None:
+    for service in ("migrate", "worker"):
+        settings = load_settings(mounted_environment(service, secrets_folder))
         assert settings.ignored_variables == (), service
         assert settings.database.backend == "postgresql", service
         assert not settings.database.is_default, service
+
+
+def test_flower_reads_its_login_from_its_file_and_no_stored_credential(
+    secrets_folder: Path, tmp_path: Path
+) -> None:
+    environment = mounted_environment("flower", secrets_folder)
+    environment["CAP_DATA_DIR"] = str(tmp_path)  # the container's tmpfs, here
+    settings = load_settings(environment)
+    assert settings.ignored_variables == ()
+    login = (secrets_folder / "flower_basic_auth").read_text()
+    assert settings.flower.basic_auth == login  # type: ignore[attr-defined]
+    assert "CAP_KEK_FILE" not in environment and "CAP_DATABASE_URL_FILE" not in environment
+
+
+def test_the_data_dir_tmpfs_belongs_to_the_image_user() -> None:
+    # A plain tmpfs is root-owned with mode 0700: uid 10001 could not write its heartbeat,
+    # the liveness probe failed and the worker never became healthy.
+    spec = interpolate_tree(COMPOSE, example_environment())
+    for service in OUR_IMAGE_SERVICES:
+        mounts = dict(entry.partition(":")[::2] for entry in spec["services"][service]["tmpfs"])
+        data_dir = spec["services"][service]["environment"]["CAP_DATA_DIR"]
+        options = dict(o.partition("=")[::2] for o in mounts[data_dir].split(","))
+        assert options["uid"] == options["gid"] == str(APP_UID), service
+        assert Path(spec["services"][service]["environment"]["CAP_HEARTBEAT_FILE"]).parent == (
+            Path(data_dir)
+        )
 
 
 # --------------------------------------------------------------------------- compose services
@@ -266,7 +348,7 @@ def test_worker_scales_and_waits_for_a_completed_migration() -> None:
 
 def test_flower_requires_a_login_and_is_published_on_loopback_only() -> None:
     flower = COMPOSE["services"]["flower"]
-    assert "${FLOWER_BASIC_AUTH:?" in flower["environment"]["FLOWER_BASIC_AUTH"]
+    assert flower["environment"]["FLOWER_BASIC_AUTH_FILE"] == "/run/secrets/flower_basic_auth"
     for port in flower["ports"]:
         assert str(port).startswith("127.0.0.1:"), port
     for name, service in COMPOSE["services"].items():
@@ -358,14 +440,20 @@ BUILD_TOOLS = (
 )
 
 
+DIGEST = r"@sha256:[0-9a-f]{64}"
+
+
 def test_image_builds_a_wheel_first_and_runs_from_a_clean_slim_python_base() -> None:
-    build, *_, final = dockerfile_stages()
-    assert re.fullmatch(r"python:3\.11-slim(-\w+)?", final.base), final.base
-    assert build.base == final.base
-    assert any("pip wheel" in run for run in build.all("RUN"))
+    first, *middle, final = dockerfile_stages()
+    # The official image, pinned by digest (a tag moves; a digest does not).
+    assert re.fullmatch(r"python:3\.11-slim(-\w+)?" + DIGEST, final.base), final.base
+    assert first.base == final.base
+    builders = [first, *middle]
+    assert any("pip wheel" in run for stage in builders for run in stage.all("RUN"))
     # Only built artifacts reach the last stage.
     copies = final.all("COPY")
-    assert copies and all(c.startswith(f"--from={build.name} ") for c in copies)
+    names = {stage.name for stage in builders}
+    assert copies and all(c.split()[0].removeprefix("--from=") in names for c in copies)
 
 
 def test_last_stage_has_no_build_tools() -> None:
@@ -396,6 +484,65 @@ def test_image_entry_point_and_health_check_are_real_cli_commands() -> None:
     assert cli_command_path(probe[1:])[0] == "probe"
 
 
+def test_no_syntax_line_so_no_builder_has_to_pull_a_frontend() -> None:
+    first = (REPO / "Dockerfile").read_text().splitlines()[0]
+    assert not first.lower().startswith("# syntax"), first
+
+
+def test_image_carries_oci_source_version_and_revision_labels() -> None:
+    final = dockerfile_stages()[-1]
+    labels = " ".join(final.all("LABEL"))
+    for label in ("source", "version", "revision"):
+        assert f"org.opencontainers.image.{label}=" in labels, label
+    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    assert f"ARG VERSION={version}" in (REPO / "Dockerfile").read_text()
+
+
+def test_every_default_image_is_pinned_by_digest_and_the_base_is_the_same_everywhere() -> None:
+    base = dockerfile_stages()[0].base
+    spec = interpolate_tree(COMPOSE, {})
+    assert spec["services"]["worker"]["build"]["args"]["PYTHON_IMAGE"] == base
+    for service in ("redis", "postgres"):
+        assert re.search(DIGEST + "$", spec["services"][service]["image"]), service
+
+
+def _normalized(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def assert_locked_with_hashes(lock: str, requirements: list[str]) -> None:
+    """Every requirement (PEP 508 strings) is pinned in `lock`, and every pin has hashes."""
+    text = (REPO / lock).read_text()
+    pins: dict[str, int] = {}
+    for block in re.split(r"\n(?=[A-Za-z0-9])", text):
+        match = re.match(r"([A-Za-z0-9._-]+)(?:\[[^]]*\])?==\S+", block)
+        if match:
+            pins[_normalized(match.group(1))] = block.count("--hash=sha256:")
+    wanted = {_normalized(re.split(r"[\[<>=!~; ]", r, maxsplit=1)[0]) for r in requirements}
+    assert wanted - set(pins) == set(), f"missing from {lock}"
+    assert all(hashes >= 1 for hashes in pins.values()), pins
+
+
+def test_lock_pins_every_runtime_dependency_with_hashes() -> None:
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert_locked_with_hashes("requirements.lock", project["dependencies"])
+    # The image installs exactly the lock: every file checked against its hash, wheels only.
+    runs = [run for stage in dockerfile_stages()[:-1] for run in stage.all("RUN")]
+    installs = [run for run in runs if "-r requirements.lock" in run]
+    assert installs and all("--require-hashes" in r and "--only-binary=:all:" in r
+                            for r in installs)  # fmt: skip
+
+
+def test_build_backend_is_locked_with_hashes_too() -> None:
+    build_system = tomllib.loads((REPO / "pyproject.toml").read_text())["build-system"]
+    assert_locked_with_hashes("requirements-build.lock", build_system["requires"])
+    runs = [run for stage in dockerfile_stages()[:-1] for run in stage.all("RUN")]
+    (install,) = [run for run in runs if "-r requirements-build.lock" in run]
+    assert "--require-hashes" in install
+    (wheel,) = [run for run in runs if "pip wheel" in run]
+    assert "--no-build-isolation" in wheel  # no unlocked download of the backend
+
+
 def test_build_context_holds_every_package_the_wheel_needs() -> None:
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
     packages = {
@@ -403,8 +550,8 @@ def test_build_context_holds_every_package_the_wheel_needs() -> None:
         for pattern in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]
     }
     needed = {*packages, "pyproject.toml", pyproject["project"]["readme"]}
-    build = dockerfile_stages()[0]
-    copied = {src.rstrip("/") for c in build.all("COPY") for src in c.split()[:-1]}
+    builders = dockerfile_stages()[:-1]
+    copied = {src.rstrip("/") for b in builders for c in b.all("COPY") for src in c.split()[:-1]}
     assert needed - copied == set()
     ignore = [
         line.strip()

@@ -63,9 +63,110 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{- end -}}
 {{- end -}}
 
-{{/* The Secret holding CAP_KEK, the connection URLs and FLOWER_BASIC_AUTH. */}}
+{{/* The Secret holding the KEK, the connection URLs and Flower's login. */}}
 {{- define "cap.secretName" -}}
 {{- default (include "cap.fullname" .) .Values.secret.existingSecret -}}
+{{- end -}}
+
+{{/*
+Secret values by logical name -> the key that holds it in the Secret, as JSON; only the ones
+that are configured. existingSecret: secret.existingSecretKeys (an empty mapping means "not
+in my Secret"); otherwise the chart-managed Secret, which holds exactly the values given.
+The chart never generates a secret value: a value made at render time differs on every
+render (helm template, Argo CD), and a new KEK makes every stored credential unreadable.
+*/}}
+{{- define "cap.secretKeys" -}}
+{{- $keys := dict -}}
+{{- if .Values.secret.existingSecret -}}
+{{- range $name, $key := .Values.secret.existingSecretKeys -}}
+{{- if $key -}}{{- $_ := set $keys $name $key -}}{{- end -}}
+{{- end -}}
+{{- else -}}
+{{- $given := dict "kek" .Values.secret.kek "databaseUrl" .Values.secret.databaseUrl "brokerUrl" .Values.secret.brokerUrl "resultBackend" .Values.secret.resultBackend "flowerBasicAuth" .Values.flower.basicAuth -}}
+{{- range $name, $value := $given -}}
+{{- if $value -}}{{- $_ := set $keys $name (get (include "cap.secretFiles" $ | fromJson) $name).key -}}{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- toJson $keys -}}
+{{- end -}}
+
+{{/*
+Each secret value: its key in the chart-managed Secret, its file name under the secrets
+mount and the *_FILE setting that names the file (worker/platform/settings.py).
+*/}}
+{{- define "cap.secretFiles" -}}
+{{- toJson (dict
+  "kek" (dict "key" "CAP_KEK" "file" "kek" "env" "CAP_KEK_FILE")
+  "databaseUrl" (dict "key" "CAP_DATABASE_URL" "file" "database-url" "env" "CAP_DATABASE_URL_FILE")
+  "brokerUrl" (dict "key" "CAP_BROKER_URL" "file" "broker-url" "env" "CAP_BROKER_URL_FILE")
+  "resultBackend" (dict "key" "CAP_RESULT_BACKEND" "file" "result-backend" "env" "CAP_RESULT_BACKEND_FILE")
+  "flowerBasicAuth" (dict "key" "FLOWER_BASIC_AUTH" "file" "flower-basic-auth" "env" "FLOWER_BASIC_AUTH_FILE")
+) -}}
+{{- end -}}
+
+{{/* Where every pod mounts its secret files (read-only, mode 0440, group fsGroup). */}}
+{{- define "cap.secretsDir" -}}/etc/certautopilot/secrets{{- end -}}
+
+{{/*
+The secret values one component needs, among the configured ones, as a JSON list of names.
+Call: include "cap.componentSecrets" (list . "worker"). Flower reads no stored credential:
+no KEK and no database. The migration needs the database and (the settings loader insists
+on one with an external database) the KEK, never the broker.
+*/}}
+{{- define "cap.componentSecrets" -}}
+{{- $root := index . 0 -}}
+{{- $wanted := get (dict
+  "worker" (list "kek" "databaseUrl" "brokerUrl" "resultBackend")
+  "migrate" (list "kek" "databaseUrl")
+  "flower" (list "brokerUrl" "flowerBasicAuth")
+) (index . 1) -}}
+{{- $keys := include "cap.secretKeys" $root | fromJson -}}
+{{- $names := list -}}
+{{- range $wanted -}}{{- if hasKey $keys . -}}{{- $names = append $names . -}}{{- end -}}{{- end -}}
+{{- toJson $names -}}
+{{- end -}}
+
+{{/* The *_FILE variables of one component. Call: include "cap.secretEnv" (list . "worker") */}}
+{{- define "cap.secretEnv" -}}
+{{- $root := index . 0 -}}
+{{- $files := include "cap.secretFiles" $root | fromJson -}}
+{{- range include "cap.componentSecrets" (list $root (index . 1)) | fromJsonArray }}
+- name: {{ (get $files .).env }}
+  value: {{ printf "%s/%s" (include "cap.secretsDir" $root) (get $files .).file }}
+{{- end }}
+{{- end -}}
+
+{{/*
+The secret volume of one component: only the keys it needs, as files. Empty when it needs
+none. Call: include "cap.secretVolume" (list . "worker" [secretName])
+*/}}
+{{- define "cap.secretVolume" -}}
+{{- $root := index . 0 -}}
+{{- $names := include "cap.componentSecrets" (list $root (index . 1)) | fromJsonArray -}}
+{{- if $names -}}
+{{- $files := include "cap.secretFiles" $root | fromJson -}}
+{{- $keys := include "cap.secretKeys" $root | fromJson -}}
+{{- $secretName := include "cap.secretName" $root -}}
+{{- if gt (len .) 2 -}}{{- $secretName = index . 2 -}}{{- end }}
+- name: secrets
+  secret:
+    secretName: {{ $secretName }}
+    defaultMode: 0440
+    items:
+      {{- range $names }}
+      - key: {{ get $keys . }}
+        path: {{ (get $files .).file }}
+      {{- end }}
+{{- end -}}
+{{- end -}}
+
+{{/* The mount of that volume (nothing when the component needs no secret). */}}
+{{- define "cap.secretMount" -}}
+{{- if include "cap.componentSecrets" (list (index . 0) (index . 1)) | fromJsonArray -}}
+- name: secrets
+  mountPath: {{ include "cap.secretsDir" (index . 0) }}
+  readOnly: true
+{{- end -}}
 {{- end -}}
 
 {{/* The image reference: repository@digest, else repository:tag (tag defaults to appVersion). */}}
@@ -79,15 +180,18 @@ app.kubernetes.io/component: {{ index . 1 }}
 
 {{/* True ("true") when database and broker are external, so several pods share one state. */}}
 {{- define "cap.externalState" -}}
-{{- if or .Values.secret.existingSecret (and .Values.secret.databaseUrl .Values.secret.brokerUrl) -}}
+{{- $keys := include "cap.secretKeys" . | fromJson -}}
+{{- if and (hasKey $keys "databaseUrl") (hasKey $keys "brokerUrl") -}}
 true
 {{- end -}}
 {{- end -}}
 
-{{/* Namespaces that get the distributor Role: rbac.targetNamespaces, else the release namespace. */}}
+{{/*
+Namespaces that get the distributor Role: rbac.targetNamespaces, none by default. Never the
+release namespace, which holds the KEK's Secret (cap.validate refuses it).
+*/}}
 {{- define "cap.targetNamespaces" -}}
-{{- $namespaces := .Values.rbac.targetNamespaces | default (list .Release.Namespace) -}}
-{{- toJson ($namespaces | uniq) -}}
+{{- toJson (.Values.rbac.targetNamespaces | default list | uniq) -}}
 {{- end -}}
 
 {{/*
@@ -104,27 +208,30 @@ worker Deployment, so every render runs it.
 {{- if and (not (include "cap.externalState" .)) (or .Values.autoscaling.enabled (gt (int .Values.worker.replicaCount) 1)) -}}
 {{- fail "several worker pods need a shared database and broker: set secret.databaseUrl and secret.brokerUrl (or secret.existingSecret), or keep worker.replicaCount=1 without autoscaling (the embedded default is per pod)." -}}
 {{- end -}}
+{{- $keys := include "cap.secretKeys" . | fromJson -}}
+{{- if and (hasKey $keys "databaseUrl") (not (hasKey $keys "kek")) -}}
+{{- fail "an external database needs a key-encryption key, and the chart never generates one (a key made at render time changes with every `helm template` or Argo CD sync, and a new key makes every stored credential unreadable). Generate one once with: echo \"k1:$(head -c 32 /dev/urandom | base64)\", keep a copy, and set secret.kek (or secret.existingSecret with secret.existingSecretKeys.kek)." -}}
+{{- end -}}
+{{- if and .Values.flower.enabled (not (hasKey $keys "flowerBasicAuth")) -}}
+{{- fail "flower.enabled needs a login, and the chart never generates one: set flower.basicAuth=user:password (or secret.existingSecret with secret.existingSecretKeys.flowerBasicAuth)." -}}
+{{- end -}}
+{{- if and .Values.rbac.create (has .Release.Namespace (include "cap.targetNamespaces" . | fromJsonArray)) -}}
+{{- fail (printf "rbac.targetNamespaces holds the release namespace %q, where the Secret with the key-encryption key lives: the worker's Role (secrets get) would let it, and anyone running as it, read the KEK. Distribute into other namespaces, or install the release into its own namespace." .Release.Namespace) -}}
+{{- end -}}
+{{- if and .Values.autoscaling.keda.enabled (not .Values.autoscaling.keda.redisAddress) -}}
+{{- fail "autoscaling.keda.enabled needs autoscaling.keda.redisAddress (host:port of the broker's Redis) to read the length of the queue." -}}
+{{- end -}}
 {{- if and .Values.autoscaling.enabled (gt (int .Values.autoscaling.minReplicas) (int .Values.autoscaling.maxReplicas)) -}}
 {{- fail (printf "autoscaling.minReplicas (%v) exceeds autoscaling.maxReplicas (%v); lower minReplicas or raise maxReplicas." .Values.autoscaling.minReplicas .Values.autoscaling.maxReplicas) -}}
 {{- end -}}
 {{- end -}}
 
-{{/* Environment shared by worker, migration and Flower: secrets by reference, settings from the ConfigMap. */}}
+{{/*
+Environment shared by worker, migration, Flower and the test pod: settings from the
+ConfigMap (envFrom), the pod layout here. Secret values are files (cap.secretEnv), never
+environment variables.
+*/}}
 {{- define "cap.env" -}}
-- name: CAP_KEK
-  valueFrom:
-    secretKeyRef:
-      name: {{ include "cap.secretName" . }}
-      key: CAP_KEK
-{{- range $key := list "CAP_DATABASE_URL" "CAP_BROKER_URL" "CAP_RESULT_BACKEND" }}
-- name: {{ $key }}
-  valueFrom:
-    secretKeyRef:
-      name: {{ include "cap.secretName" $ }}
-      key: {{ $key }}
-      # Absent key: the worker falls back to the embedded default for this connection.
-      optional: true
-{{- end }}
 # Fixed by the pod layout: the root filesystem is read-only, this folder is an emptyDir.
 - name: CAP_DATA_DIR
   value: /var/lib/certautopilot
