@@ -121,7 +121,7 @@ class SealContext:
 
 
 class _KeyringSettings(Protocol):
-    """The slice of worker.settings.Settings that Keyring.from_settings reads."""
+    """The slice of worker.platform.settings.Settings that Keyring.from_settings reads."""
 
     @property
     def crypto(self) -> Any: ...
@@ -165,7 +165,7 @@ class Keyring:
 
     @classmethod
     def from_settings(cls, settings: _KeyringSettings) -> Keyring:
-        """Build the keyring from ``settings.crypto`` (worker.settings.CryptoSettings)."""
+        """Build the keyring from ``settings.crypto`` (worker.platform.settings.CryptoSettings)."""
         crypto = settings.crypto
         return cls(crypto.keys, crypto.current_key_id)
 
