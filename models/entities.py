@@ -152,6 +152,8 @@ class Target(_ReprMixin, Base):
     include_ca: Mapped[bool] = mapped_column(default=False, server_default=false())
     allow_insecure: Mapped[bool] = mapped_column(default=False, server_default=false())
     adopt_unmanaged: Mapped[bool] = mapped_column(default=False, server_default=false())
+    allow_system_namespace: Mapped[bool] = mapped_column(default=False, server_default=false())
+    """The namespace may be kube-system, kube-public or kube-node-lease (revision 0003)."""
     variables: Mapped[dict[str, Any]] = mapped_column(default=dict)
     health_status: Mapped[HealthStatus] = mapped_column(
         _enum(HealthStatus, "health_status"), default=HealthStatus.UNKNOWN

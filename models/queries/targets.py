@@ -37,6 +37,7 @@ def create_target(
     include_ca: bool = False,
     allow_insecure: bool = False,
     adopt_unmanaged: bool = False,
+    allow_system_namespace: bool = False,
     variables: Mapping[str, Any] | None = None,
 ) -> Target:
     """Insert a Kubernetes target (templates are validated by the caller, worker.core.names)."""
@@ -72,6 +73,7 @@ def create_target(
         include_ca=include_ca,
         allow_insecure=allow_insecure,
         adopt_unmanaged=adopt_unmanaged,
+        allow_system_namespace=allow_system_namespace,
         variables=dict(variables or {}),
     )
     session.add(target)

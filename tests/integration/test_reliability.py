@@ -223,3 +223,39 @@ def test_a_webhook_run_whose_worker_died_mid_delivery_is_delivered_again_and_end
         deliveries = {headers.get("X-CertAutoPilot-Delivery") for headers, _ in receiver.requests}
         assert len(receiver.requests) >= 2, "the interrupted delivery was not sent again"
         assert len(deliveries) == 1 and None not in deliveries, deliveries
+
+
+def test_a_certificate_cannot_steer_a_secret_into_a_system_namespace(
+    pipe: Pipeline, clusters: list[Any], testenv_admin_api: Any
+) -> None:
+    # A broad credential, and a namespace templated from the certificate: the save cannot know
+    # the value, so the run refuses it, and nothing reaches kube-system.
+    cluster = clusters[0]
+    rt = pipe.runtime
+    prefix = _namespace("sysns")
+    credential = service.add_kubeconfig_credential(
+        rt, f"{prefix}-admin", cluster.admin_kubeconfig.encode()
+    )
+    service.create_target(
+        rt,
+        service.TargetSpec(
+            name=f"{prefix}-t",
+            namespace="{{ .cn }}",
+            credential=credential,
+            secret_name=f"{prefix}-tls",
+        ),
+        check=False,
+    )
+    chain = make_chain(cn="kube-system", fresh_leaf_key=True)
+    certificate_id = service.import_certificate(
+        rt, chain.leaf_pem, chain.key_pem, chain.chain_pem, chain.root_pem
+    )
+    distribution_id = service.attach(rt, certificate_id, target=f"{prefix}-t")
+    pipe.start_worker(concurrency=2)
+
+    report = pipe.wait(pipe.enqueue(distribution_id, "execute"))
+
+    (result,) = report.results
+    assert (result.status, result.error_reason) == ("failed", "system_namespace"), result
+    assert "--allow-system-namespace" in (result.error_message or "")
+    assert read_secret(testenv_admin_api, cluster, "kube-system", f"{prefix}-tls") is None

@@ -267,6 +267,29 @@ def test_invalid_target_options_are_refused(cli: Cli, args: list[str], fragment:
 
 
 @pytest.mark.parametrize(
+    ("namespace", "variables"),
+    [
+        ("kube-system", []),
+        ("kube-public", []),
+        ("kube-node-lease", []),
+        ("kube-{{ .tier }}", ["--var", "tier=system"]),
+    ],
+)
+def test_a_system_namespace_is_refused_unless_the_target_allows_it(
+    cli: Cli, namespace: str, variables: list[str]
+) -> None:
+    cli.ok("credentials", "add-kubeconfig", "kc", "--stdin", stdin=kubeconfig())
+    common = ["--namespace", namespace, "--kubeconfig-credential", "kc", "--no-check", *variables]
+    assert_refused(
+        cli("targets", "add", "t", *common), "system namespace", "--allow-system-namespace"
+    )
+    assert cli.json("targets", "list") == []
+    cli.ok("targets", "add", "t", *common, "--allow-system-namespace")
+    assert cli.json("targets", "show", "t")["allow_system_namespace"] is True
+    assert "allow system namespace" in cli.ok("targets", "show", "t").stdout
+
+
+@pytest.mark.parametrize(
     ("option", "value", "fragment"),
     [
         ("--batch-size", "0", "at least 1"),

@@ -252,40 +252,66 @@ def test_data_survives_a_second_upgrade(
         assert queries.reveal_credential(session, sealer, credential_id) == KUBECONFIG
 
 
-def _all_rows(engine: Engine) -> dict[str, list[tuple[Any, ...]]]:
-    """Every row of every table, ordered, for before/after comparisons."""
+def _all_rows(
+    engine: Engine, columns: dict[str, list[str]] | None = None
+) -> dict[str, list[tuple[Any, ...]]]:
+    """Every row of every table (only ``columns`` where given), ordered, for comparisons."""
+    rows: dict[str, list[tuple[Any, ...]]] = {}
     with engine.connect() as connection:
-        return {
-            table: sorted(
-                (tuple(row) for row in connection.execute(text(f"SELECT * FROM {table}"))),  # noqa: S608
-                key=repr,
-            )
-            for table in sorted(TABLES)
-        }
+        for table in sorted(TABLES):
+            names = (columns or {}).get(table) or [
+                column["name"] for column in inspect(connection).get_columns(table)
+            ]
+            query = f"SELECT {', '.join(names)} FROM {table}"  # noqa: S608 - schema names
+            rows[table] = sorted((tuple(row) for row in connection.execute(text(query))), key=repr)
+    return rows
+
+
+def _columns(engine: Engine) -> dict[str, list[str]]:
+    with engine.connect() as connection:
+        inspector = inspect(connection)
+        return {t: [c["name"] for c in inspector.get_columns(t)] for t in sorted(TABLES)}
 
 
 def test_a_database_filled_at_0001_upgrades_with_every_row_and_secret_intact(
     factory: sessionmaker[Session], engine: Engine, sealer: Sealer, bundle: TlsBundle, db_url: str
 ) -> None:
-    # Revision 0002 adds the one-active-mutation index; a 0001 database may hold two active
-    # executes/rollbacks of one distribution, and the upgrade keeps only the oldest active.
-    downgrade(db_url, "0001")
+    # Revision 0002 adds the one-active-mutation index, 0003 a target column. The rows are
+    # written through today's models, the database is taken back to 0001 (rows kept), and a
+    # second active mutation of one distribution — possible at 0001 — is added there.
     with session_scope(factory) as session:
         distribution, target = _distribution(session, sealer, bundle)
         ids: dict[str, Any] = {"distribution_id": distribution.id, "target_id": target.id}
         assert _save(session, sealer, PREVIOUS, **ids)
         queries.record_snapshot_write(session, **ids, fingerprint="ab" * 32, resource_version="9")
         older = _started_run(session, distribution, [[target.id]])
-        newer = queries.create_run(session, distribution_id=distribution.id, action="rollback")
         dry = queries.create_run(session, distribution_id=distribution.id, action="dry_run")
         certificate_id, credential_id = distribution.certificate_id, target.credential_id
-        older_id, newer_id, dry_id = older.id, newer.id, dry.id
-    before = _all_rows(engine)
+        older_id, dry_id = older.id, dry.id
+    downgrade(db_url, "0001")
+    newer_id = "00000000-0000-4000-8000-00000000a002"
+    with engine.begin() as connection:
+        connection.execute(
+            text(
+                "INSERT INTO runs (id, distribution_id, action, state, current_batch, "
+                "batch_plan, options, cascade, created_at) VALUES (:id, :distribution, "
+                "'rollback', 'queued', 0, '[]', '{}', :no, :created)"
+            ),
+            {
+                "id": newer_id,
+                "distribution": distribution.id,
+                "no": False,
+                "created": datetime.now(UTC) + timedelta(seconds=1),
+            },
+        )
+    columns_at_0001 = _columns(engine)
+    before = _all_rows(engine, columns_at_0001)
 
     upgrade(db_url)
 
     assert current(db_url) == migrate.head()
-    after = _all_rows(engine)
+    # Every column that 0001 had still holds what it held; new columns have their defaults.
+    after = _all_rows(engine, columns_at_0001)
     changed = {table for table in TABLES if before[table] != after[table]}
     assert changed == {"runs"}, changed
     with session_scope(factory) as session:
@@ -301,6 +327,7 @@ def test_a_database_filled_at_0001_upgrades_with_every_row_and_secret_intact(
         assert credential_id is not None
         assert queries.reveal_credential(session, sealer, credential_id) == KUBECONFIG
         assert _reveal(session, sealer, **ids) == PREVIOUS
+        assert queries.get_target(session, target.id).allow_system_namespace is False  # 0003
     # And the index now holds: a second execute is refused, naming the active one.
     with session_scope(factory) as session, pytest.raises(queries.ActiveRunError, match=older_id):
         queries.create_run(session, distribution_id=distribution.id, action="execute")

@@ -610,3 +610,19 @@ def test_a_fixed_name_renders_and_fails_exactly_as_through_jinja(template: str) 
     # must not change a result or an error message. "{{ '' }}" forces the Jinja path.
     for render in (render_namespace, render_secret_name):
         assert _outcome(render, template) == _outcome(render, template + "{{ '' }}")
+
+
+@pytest.mark.parametrize("namespace", ["kube-system", "kube-public", "kube-node-lease"])
+def test_a_system_namespace_is_refused_unless_allowed(namespace: str) -> None:
+    from worker.core.names import SystemNamespaceRefused, refuse_system_namespace
+
+    with pytest.raises(SystemNamespaceRefused, match="--allow-system-namespace"):
+        refuse_system_namespace(namespace, allowed=False, target="edge")
+    refuse_system_namespace(namespace, allowed=True, target="edge")
+
+
+@pytest.mark.parametrize("namespace", ["ingress", "kube-systems", "my-kube-system", "default"])
+def test_other_namespaces_are_not_system_namespaces(namespace: str) -> None:
+    from worker.core.names import refuse_system_namespace
+
+    refuse_system_namespace(namespace, allowed=False, target="edge")

@@ -32,6 +32,7 @@ from worker.core.names import (
     DEFAULT_SECRET_NAME_TEMPLATE,
     TemplateError,
     check_variables,
+    refuse_system_namespace,
     render_namespace,
     validate_template,
 )
@@ -145,6 +146,7 @@ class TargetSpec:
     include_ca: bool = False
     allow_insecure: bool = False
     adopt_unmanaged: bool = False
+    allow_system_namespace: bool = False
     variables: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -156,6 +158,7 @@ def create_target(
     known = [*CERTIFICATE_VARIABLES, *spec.variables]
     validate_template(spec.namespace, "namespace", known)
     validate_template(spec.secret_name, "secret name", known)
+    _refuse_a_known_system_namespace(spec)
     mode = ConnectionMode(spec.connection_mode)
     if mode is ConnectionMode.IN_CLUSTER and not in_cluster_available(
         rt.settings.kube.serviceaccount_dir, rt.environ
@@ -183,11 +186,23 @@ def create_target(
             include_ca=spec.include_ca,
             allow_insecure=spec.allow_insecure,
             adopt_unmanaged=spec.adopt_unmanaged,
+            allow_system_namespace=spec.allow_system_namespace,
             variables=dict(spec.variables),
         )
         target_id = target.id
     report = check_target_health(rt, target_id) if check else None
     return target_id, report
+
+
+def _refuse_a_known_system_namespace(spec: TargetSpec) -> None:
+    """At save: refuse a system namespace the namespace already names (fixed, or from the
+    target's own variables). One that needs certificate or group variables is checked when a
+    run renders it."""
+    try:
+        namespace = render_namespace(spec.namespace, dict(spec.variables))
+    except TemplateError:
+        return
+    refuse_system_namespace(namespace, allowed=spec.allow_system_namespace, target=spec.name)
 
 
 @dataclass(frozen=True)

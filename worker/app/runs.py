@@ -59,7 +59,9 @@ from worker.core.bundle import BundleError, TlsBundle, build_bundle
 from worker.core.crypto import CryptoError
 from worker.core.fanout import FanoutConfigError, decide_after_batch, plan_batches
 from worker.core.names import (
+    SystemNamespaceRefused,
     TemplateError,
+    refuse_system_namespace,
     render_namespace,
     render_secret_name,
     template_variables,
@@ -328,6 +330,11 @@ def _perform(rt: Runtime, job: TargetJob) -> TargetOutcome:
             target_variables=job.target.variables,
         )
         outcome.namespace = render_namespace(job.target.namespace_template, variables)
+        refuse_system_namespace(
+            outcome.namespace,
+            allowed=job.target.allow_system_namespace,
+            target=job.target.name,
+        )
         outcome.secret_name = render_secret_name(job.target.secret_name_template, variables)
         client = kube_client(rt, job.target, sealed_credential=job.credential_envelope)
         if job.action is RunAction.ROLLBACK:
@@ -346,6 +353,8 @@ def _perform(rt: Runtime, job: TargetJob) -> TargetOutcome:
             outcome.diff = refused_diff
     except TemplateError as exc:
         outcome.error_reason, outcome.error_message = "template_invalid", str(exc)
+    except SystemNamespaceRefused as exc:
+        outcome.error_reason, outcome.error_message = exc.reason, str(exc)
     except BundleError as exc:
         outcome.error_reason, outcome.error_message = "certificate_invalid", str(exc)
     except CryptoError as exc:

@@ -229,6 +229,7 @@ class TargetView:
     include_ca: bool
     allow_insecure: bool
     adopt_unmanaged: bool
+    allow_system_namespace: bool
     variables: Mapping[str, Any]
     health_status: str
     health_message: str | None
@@ -253,6 +254,7 @@ def _target_view(session: Session, row: Target) -> TargetView:
         include_ca=row.include_ca,
         allow_insecure=row.allow_insecure,
         adopt_unmanaged=row.adopt_unmanaged,
+        allow_system_namespace=row.allow_system_namespace,
         variables=dict(row.variables),
         health_status=row.health_status.value,
         health_message=row.health_message,

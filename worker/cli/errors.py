@@ -57,7 +57,7 @@ def _classify(exc: Exception) -> tuple[str, int] | None:
     from worker.core.crypto import CryptoError, UnknownKeyError
     from worker.core.fanout import FanoutConfigError
     from worker.core.limits import InputTooLarge
-    from worker.core.names import TemplateError
+    from worker.core.names import SystemNamespaceRefused, TemplateError
     from worker.kube.errors import KubeError
     from worker.platform.db import DatabaseUrlError
     from worker.platform.settings import SettingsError
@@ -72,6 +72,7 @@ def _classify(exc: Exception) -> tuple[str, int] | None:
         TemplateError,
         FanoutConfigError,
         InputTooLarge,
+        SystemNamespaceRefused,
         InvalidRecordError,
         AlreadyExistsError,
         KubeError,

@@ -51,6 +51,13 @@ def add(
     allow_insecure: Annotated[
         bool, typer.Option("--allow-insecure", help="Accept insecure-skip-tls-verify.")
     ] = False,
+    allow_system_namespace: Annotated[
+        bool,
+        typer.Option(
+            "--allow-system-namespace",
+            help="Allow kube-system, kube-public or kube-node-lease as the namespace.",
+        ),
+    ] = False,
     no_check: Annotated[bool, typer.Option("--no-check", help="Skip the health check.")] = False,
     output: OutputOption = OutputFormat.TEXT,
 ) -> None:
@@ -72,6 +79,7 @@ def add(
         include_ca=include_ca,
         allow_insecure=allow_insecure,
         adopt_unmanaged=adopt_unmanaged,
+        allow_system_namespace=allow_system_namespace,
         variables=variables(var),
     )
     with runtime() as rt:
@@ -139,6 +147,7 @@ def show(
         ("secret name", view.secret_name),
         ("include ca.crt", str(view.include_ca)),
         ("adopt unmanaged", str(view.adopt_unmanaged)),
+        ("allow system namespace", str(view.allow_system_namespace)),
         ("allow insecure", str(view.allow_insecure)),
         ("variables", ", ".join(f"{k}={v}" for k, v in view.variables.items()) or "-"),
         ("groups", ", ".join(view.groups) or "-"),

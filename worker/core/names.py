@@ -190,6 +190,29 @@ def check_variable_name(name: str, *, origin: str = "target") -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+#: Namespaces that hold the cluster's own components. A target writes there only when it says
+#: so explicitly: a template whose variables could steer a Secret into kube-system is exactly
+#: what least privilege is meant to stop, and a broad credential would otherwise allow it.
+SYSTEM_NAMESPACES = frozenset({"kube-system", "kube-public", "kube-node-lease"})
+
+
+class SystemNamespaceRefused(ValueError):
+    """A target would write into a system namespace without allowing it."""
+
+    reason = "system_namespace"
+
+
+def refuse_system_namespace(namespace: str, *, allowed: bool, target: str) -> None:
+    """Raise :class:`SystemNamespaceRefused` for a system namespace the target does not allow."""
+    if namespace in SYSTEM_NAMESPACES and not allowed:
+        raise SystemNamespaceRefused(
+            f"target {target!r} would write into the system namespace {namespace!r} "
+            f"({', '.join(sorted(SYSTEM_NAMESPACES))} are refused by default); use an "
+            "application namespace, or save the target with --allow-system-namespace if a "
+            "Secret really belongs there"
+        )
+
+
 def render_namespace(template: str, variables: Mapping[str, object]) -> str:
     """Render a namespace template and validate the result as an RFC 1123 label (<= 63)."""
     return _render_and_validate(template, "namespace", variables)
