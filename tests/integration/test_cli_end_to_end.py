@@ -365,7 +365,9 @@ def test_cli_dry_run_writes_nothing_execute_creates_the_secret_and_a_failure_exi
     failed = operator("run", failing["id"], "--execute", "--output", "json")
     assert failed.returncode == 1, failed.stderr
     report = json.loads(failed.stdout)["run"]
-    assert report["state"] == "failed"
+    # Its only batch failed past the threshold of 0: the run halts (issue 17 §8).
+    assert report["state"] == "halted"
+    assert "failure threshold exceeded (1 of 1 failed, threshold 0)" in report["reason"]
     (result,) = report["results"]
     assert result["error_reason"] == "namespace_not_found"
     assert 'namespaces "no-such-namespace" not found' in result["error_message"]

@@ -487,7 +487,8 @@ def test_a_killed_worker_is_replaced_and_the_reaper_finishes_its_run(
     testenv_admin_api: Callable[[Cluster], Any],
 ) -> None:
     admin = testenv_admin_api(cluster)
-    namespaces = [f"kill-{uuid.uuid4().hex[:6]}-{index}" for index in range(12)]
+    # Thirty batches of one: the run lasts seconds, not the blink twelve took on a quiet host.
+    namespaces = [f"kill-{uuid.uuid4().hex[:6]}-{index}" for index in range(30)]
     for namespace in namespaces:
         k8s.CoreV1Api(admin).create_namespace(
             k8s.V1Namespace(metadata=k8s.V1ObjectMeta(name=namespace))
@@ -508,6 +509,8 @@ def test_a_killed_worker_is_replaced_and_the_reaper_finishes_its_run(
         stack.cli("distributions", "attach", cert["id"], "--group", group, "-o", "json")
     )
     (old,) = stack.containers("worker")
+    # Looked up before the run starts, so the kill follows the first finished target at once.
+    pid = int(stack.engine.docker("inspect", "--format", "{{.State.Pid}}", old["ID"]).stdout)
     queued = json.loads(
         stack.cli("run", distribution["id"], "--execute", "--no-wait", "-o", "json")
     )
@@ -520,7 +523,6 @@ def test_a_killed_worker_is_replaced_and_the_reaper_finishes_its_run(
         # A crash: the worker's main process dies by SIGKILL (as on an OOM kill). Not
         # `docker kill`, which Docker takes as the user stopping the container on purpose and
         # which no restart policy undoes (shown below).
-        pid = int(stack.engine.docker("inspect", "--format", "{{.State.Pid}}", old["ID"]).stdout)
         os.kill(pid, signal.SIGKILL)
         state, done = _run_state(stack, run_id)
         assert state == "running" and done < len(namespaces), (state, done)
