@@ -381,6 +381,62 @@ def test_webhook_is_stacked_after_the_kubernetes_distribution(
     assert_refused(cli("run", webhook["id"], "--dry-run"), "can only be executed")
 
 
+@pytest.mark.parametrize(
+    ("url", "fragment"),
+    [
+        ("http://[::1", "not a valid URL"),
+        ("https://", "names no host"),
+        ("https://exa mple.com/", "white space"),
+        ("https://example.com/\x1b[31mred", "control characters"),
+        ("https://user:pw@example.com/", "user name or password"),
+        ("https://example.com:99999/", "not a valid URL"),
+    ],
+)
+def test_a_malformed_webhook_url_is_refused_and_nothing_stacked(
+    cli: Cli, setup: dict[str, str], url: str, fragment: str
+) -> None:
+    result = cli("distributions", "attach-webhook", setup["cert"], "--url", url)
+    assert_refused(result, fragment)
+    assert "pw" not in result.stderr
+    assert [d["kind"] for d in cli.json("distributions", "list")] == ["kubernetes"]
+
+
+def test_a_kubeconfig_credential_is_not_accepted_as_a_webhook_secret(
+    cli: Cli, setup: dict[str, str]
+) -> None:
+    result = cli(
+        "distributions", "attach-webhook", setup["cert"],
+        "--url", "https://hooks.example.test/x", "--secret", "kc",
+    )  # fmt: skip
+    assert_refused(result, "not a webhook secret", "add-webhook-secret")
+    assert [d["kind"] for d in cli.json("distributions", "list")] == ["kubernetes"]
+
+
+@pytest.mark.parametrize(
+    "name", ["line1\nline2", "x\x1b[31mred", "n" * 254, " padded", ""]
+)
+def test_names_an_operator_could_not_type_back_are_refused(cli: Cli, name: str) -> None:
+    result = cli("credentials", "add-kubeconfig", name, "--stdin", stdin=kubeconfig())
+    assert_refused(result, "name")
+    assert cli.json("credentials", "list") == []
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("--batch-size", "99999999999999999999999999999999"),
+        ("--batch-size", "9223372036854775808"),
+        ("--failure-threshold", "1000000000000000000000000000"),
+        ("--batch-size", "\uff11"),
+    ],
+)
+def test_an_absurd_fanout_number_is_refused_and_the_groups_stay_listable(
+    cli: Cli, setup: dict[str, str], option: str, value: str
+) -> None:
+    assert_refused(cli("groups", "create", "huge", "--target", "t1", option, value))
+    assert [group["name"] for group in cli.json("groups", "list")] == ["g"]
+
+
 def test_short_webhook_secret_is_refused(cli: Cli) -> None:
     result = cli("credentials", "add-webhook-secret", "hook", "--stdin", stdin="short\n")
     assert_refused(result, "at least 16")

@@ -23,10 +23,11 @@ from worker.app.views import (
     resolve_group,
     resolve_target,
 )
+from worker.app.webhook import WebhookError, check_webhook_url
 from worker.core.bundle import TlsBundle, build_bundle
 from worker.core.crypto import UnknownKeyError
 from worker.core.fanout import FanoutConfigError, parse_batch_size, parse_failure_threshold
-from worker.core.limits import WEBHOOK_SECRET, WEBHOOK_URL, check_size
+from worker.core.limits import WEBHOOK_SECRET, WEBHOOK_URL, check_name, check_size
 from worker.core.names import (
     CERTIFICATE_VARIABLES,
     DEFAULT_SECRET_NAME_TEMPLATE,
@@ -63,6 +64,7 @@ class RollbackUnavailable(ServiceError):
 
 def add_kubeconfig_credential(rt: Runtime, name: str, kubeconfig: bytes) -> str:
     """Vet and store a kubeconfig credential (sealed); returns its id."""
+    check_name("credential", name)
     # Vetting first: a kubeconfig that would run programs or read files never gets stored.
     kubeconfig = minimal_kubeconfig(kubeconfig)  # the whole file vetted, one context kept
     with rt.session() as session:
@@ -74,6 +76,7 @@ def add_kubeconfig_credential(rt: Runtime, name: str, kubeconfig: bytes) -> str:
 
 def add_webhook_secret(rt: Runtime, name: str, secret: bytes) -> str:
     """Store an HMAC secret for signing webhook notifications; returns its id."""
+    check_name("credential", name)
     check_size(WEBHOOK_SECRET, secret, f"webhook secret {name!r}")
     if len(secret) < 16:
         raise ServiceError(
@@ -154,6 +157,7 @@ def create_target(
     rt: Runtime, spec: TargetSpec, *, check: bool = True
 ) -> tuple[str, HealthResult | None]:
     """Validate and save a target, then (like the UI's Save) run its health check."""
+    check_name("target", spec.name)
     check_variables(spec.variables)
     known = [*CERTIFICATE_VARIABLES, *spec.variables]
     validate_template(spec.namespace, "namespace", known)
@@ -258,6 +262,7 @@ def create_group(
     The settings are parsed here, once: the group stores them in their canonical JSON form
     (``"1,5,20%"`` becomes ``[1, 5, "20%"]``), and runs read them with worker.app.fanout.
     """
+    check_name("group", name)
     check_variables(variables or {}, origin="group")
     try:
         batch = parse_batch_size(batch_size).as_config() if batch_size is not None else None
@@ -314,10 +319,20 @@ def attach(
 def attach_webhook(rt: Runtime, certificate_id: str, url: str, *, secret: str | None) -> str:
     """Stack a webhook distribution after the certificate's existing ones; returns its id."""
     check_size(WEBHOOK_URL, url, "the webhook URL")
-    if not url.startswith(("https://", "http://")):
-        raise ServiceError(f"webhook URL {url!r} must start with https:// (or http://)")
+    try:
+        check_webhook_url(url)
+    except WebhookError as exc:
+        raise ServiceError(str(exc)) from None
     with rt.session() as session:
         credential_id = resolve_credential(session, secret) if secret is not None else None
+        if credential_id is not None:
+            credential = queries.get_credential(session, credential_id)
+            if credential.kind is not CredentialKind.WEBHOOK_HMAC:
+                raise ServiceError(
+                    f"credential {credential.name!r} holds a {credential.kind.value}, not a "
+                    "webhook secret; store one with `certautopilot credentials "
+                    "add-webhook-secret NAME` and pass that name"
+                )
         return queries.create_distribution(
             session,
             certificate_id=certificate_id,

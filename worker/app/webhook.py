@@ -69,6 +69,36 @@ class _Transient(WebhookError):
     """A 5xx answer, a timeout or a connection error: worth another try."""
 
 
+def check_webhook_url(url: str) -> None:
+    """Refuse a webhook URL that is not a plain absolute http(s) URL to a host.
+
+    No credentials in it (they would be stored and shown in clear: the HMAC secret is the
+    credential), no white space or control characters, a host and a valid port.
+    """
+    if any(not char.isprintable() or char.isspace() for char in url):
+        raise WebhookError(
+            f"webhook URL {url!r} contains white space or control characters; percent-encode "
+            "them (%20) or fix the URL"
+        )
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise WebhookError(f"webhook URL {url!r} is not a valid URL ({exc})") from None
+    if parts.scheme not in ("http", "https"):
+        raise WebhookError(f"webhook URL {url!r} must start with https:// (or http://)")
+    if not parts.hostname:
+        raise WebhookError(f"webhook URL {url!r} names no host; e.g. https://hooks.example.com/x")
+    if parts.username is not None or parts.password is not None:
+        shown = url.replace(parts.netloc, parts.netloc.rpartition("@")[2])
+        raise WebhookError(
+            f"webhook URL {shown!r} carries a user name or password, which would be stored and "
+            "shown in clear; sign the requests with a webhook secret instead "
+            "(`certautopilot credentials add-webhook-secret`)"
+        )
+    del port  # parsed only to refuse an invalid one
+
+
 def sign(secret: bytes, timestamp: str, body: bytes) -> str:
     """The signature header value for ``body`` sent at ``timestamp``."""
     digest = hmac.new(secret, timestamp.encode("ascii") + b"." + body, hashlib.sha256)

@@ -56,7 +56,7 @@ def _classify(exc: Exception) -> tuple[str, int] | None:
     from worker.core.bundle import BundleError
     from worker.core.crypto import CryptoError, UnknownKeyError
     from worker.core.fanout import FanoutConfigError
-    from worker.core.limits import InputTooLarge
+    from worker.core.limits import InputTooLarge, InvalidName
     from worker.core.names import SystemNamespaceRefused, TemplateError
     from worker.kube.errors import KubeError
     from worker.platform.db import DatabaseUrlError
@@ -72,6 +72,7 @@ def _classify(exc: Exception) -> tuple[str, int] | None:
         TemplateError,
         FanoutConfigError,
         InputTooLarge,
+        InvalidName,
         SystemNamespaceRefused,
         InvalidRecordError,
         AlreadyExistsError,

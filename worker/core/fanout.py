@@ -33,8 +33,13 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-_PERCENT_RE = re.compile(r"\s*(\d+)\s*%\s*\Z")
-_COUNT_RE = re.compile(r"\s*(\d+)\s*\Z")
+# ASCII digits only: int() would also read full-width and other scripts' digits (U+FF11).
+_PERCENT_RE = re.compile(r"\s*([0-9]+)\s*%\s*\Z")
+_COUNT_RE = re.compile(r"\s*([0-9]+)\s*\Z")
+#: The largest count a batch size or failure threshold may be: far above any fleet, and small
+#: enough to be stored and read back exactly by every database (JSON numbers above 2**53 are
+#: not, on SQLite they come back as floats).
+MAX_COUNT = 1_000_000
 
 
 class FanoutConfigError(ValueError):
@@ -140,13 +145,13 @@ def _count_or_percent(value: object, where: str, example: str) -> int | Percent:
     if isinstance(value, bool) or not isinstance(value, int | str):
         raise FanoutConfigError(f"{where} must be a whole number or a percentage, not {value!r}")
     if isinstance(value, int):
-        return value
+        return _bounded(value, where)
     if len(value) > 32:  # also keeps int() below its 4300-digit limit (a plain ValueError)
         raise FanoutConfigError(
             f"{where} is {len(value)} characters long; a count or a percentage is a few digits"
         )
     if match := _COUNT_RE.match(value):
-        return int(match.group(1))
+        return _bounded(int(match.group(1)), where)
     if match := _PERCENT_RE.match(value):
         percent = int(match.group(1))
         if percent > 100:
@@ -155,6 +160,12 @@ def _count_or_percent(value: object, where: str, example: str) -> int | Percent:
     raise FanoutConfigError(
         f"{where} {value!r} is neither a whole number ({example}) nor a percentage ({example}%)"
     )
+
+
+def _bounded(count: int, where: str) -> int:
+    if count > MAX_COUNT:
+        raise FanoutConfigError(f"{where} {count} is more than {MAX_COUNT:,}; use a percentage")
+    return count
 
 
 def _parse_step(value: object, *, position: int | None = None) -> Step:

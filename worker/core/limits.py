@@ -45,6 +45,7 @@ from typing import Final, Literal
 __all__ = [
     "BUNDLE",
     "KUBECONFIG",
+    "MAX_NAME_LENGTH",
     "PEM_FILE",
     "TEMPLATE",
     "VARIABLE_VALUE",
@@ -53,7 +54,9 @@ __all__ = [
     "YAML_MAX_DEPTH",
     "YAML_MAX_NODES",
     "InputTooLarge",
+    "InvalidName",
     "Limit",
+    "check_name",
     "check_size",
 ]
 
@@ -174,3 +177,31 @@ def _amount(size: int, unit: str) -> str:
     if size >= KiB:
         return f"{size / KiB:.1f} KiB"
     return f"{size} bytes"
+
+
+#: Longest name of a credential, target or group: a Kubernetes object name's limit, ample for
+#: anything an operator types, and short enough to show in a table.
+MAX_NAME_LENGTH: Final = 253
+
+
+class InvalidName(ValueError):
+    """A credential, target or group name an operator could not type back or read."""
+
+
+def check_name(kind: str, name: str) -> None:
+    """Refuse an empty or over-long name, or one with control characters or line breaks.
+
+    Names are how operators address things on the command line; one holding an escape
+    sequence or a newline could not be typed back from what the CLI shows.
+    """
+    if not name.strip():
+        raise InvalidName(f"the {kind} name is empty; give it a name such as 'prod-eu'")
+    if len(name) > MAX_NAME_LENGTH:
+        raise InvalidName(
+            f"the {kind} name is {len(name)} characters long; use at most {MAX_NAME_LENGTH}"
+        )
+    if not name.isprintable() or name != name.strip():
+        raise InvalidName(
+            f"the {kind} name {name!r} has control characters, line breaks or surrounding "
+            "spaces; use letters, digits and punctuation that can be typed back"
+        )
