@@ -25,6 +25,7 @@ import hashlib
 import hmac
 import json
 import logging
+import re
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -73,30 +74,34 @@ def check_webhook_url(url: str) -> None:
     """Refuse a webhook URL that is not a plain absolute http(s) URL to a host.
 
     No credentials in it (they would be stored and shown in clear: the HMAC secret is the
-    credential), no white space or control characters, a host and a valid port.
+    credential), no white space or control characters, a host and a valid port. Messages
+    never quote a user name or password the URL carried.
     """
+    shown = _USERINFO.sub("//***@", url)
     if any(not char.isprintable() or char.isspace() for char in url):
         raise WebhookError(
-            f"webhook URL {url!r} contains white space or control characters; percent-encode "
+            f"webhook URL {shown!r} contains white space or control characters; percent-encode "
             "them (%20) or fix the URL"
         )
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError as exc:
-        raise WebhookError(f"webhook URL {url!r} is not a valid URL ({exc})") from None
-    if parts.scheme not in ("http", "https"):
-        raise WebhookError(f"webhook URL {url!r} must start with https:// (or http://)")
-    if not parts.hostname:
-        raise WebhookError(f"webhook URL {url!r} names no host; e.g. https://hooks.example.com/x")
-    if parts.username is not None or parts.password is not None:
-        shown = url.replace(parts.netloc, parts.netloc.rpartition("@")[2])
+    if _USERINFO.search(url):
         raise WebhookError(
             f"webhook URL {shown!r} carries a user name or password, which would be stored and "
             "shown in clear; sign the requests with a webhook secret instead "
             "(`certautopilot credentials add-webhook-secret`)"
         )
-    del port  # parsed only to refuse an invalid one
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port out of range
+    except ValueError as exc:
+        raise WebhookError(f"webhook URL {shown!r} is not a valid URL ({exc})") from None
+    if parts.scheme not in ("http", "https"):
+        raise WebhookError(f"webhook URL {shown!r} must start with https:// (or http://)")
+    if not parts.hostname:
+        raise WebhookError(f"webhook URL {shown!r} names no host; e.g. https://hooks.example.com/x")
+
+
+#: The user-info part of a URL's authority ("//user:password@").
+_USERINFO = re.compile(r"//[^/?#@]*@")
 
 
 def sign(secret: bytes, timestamp: str, body: bytes) -> str:
@@ -151,9 +156,7 @@ def deliver_webhook(
     max_seconds: float = 30.0,
 ) -> int:
     """POST ``payload`` to ``url``, retrying 5xx and timeouts; returns the HTTP status."""
-    scheme = urlsplit(url).scheme
-    if scheme not in ("http", "https"):
-        raise WebhookError(f"webhook URL {url!r} must start with https:// (or http://)")
+    check_webhook_url(url)  # stored URLs passed it at attach; one rule for both places
     body = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode("utf-8")
     http = urllib3.PoolManager(
         timeout=urllib3.Timeout(connect=timeout, read=timeout), retries=False
