@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from celery import group, signals
+from celery.exceptions import SoftTimeLimitExceeded
 
 from worker.app.runs import (
     DATABASE_OUTAGE_ERRORS,
@@ -30,7 +31,7 @@ from worker.app.runs import (
 )
 from worker.platform.celery_app import app, configured_settings
 from worker.platform.runtime import Runtime, build_runtime, get_runtime, set_runtime
-from worker.platform.settings import Settings
+from worker.platform.settings import Settings, target_worst_case
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +65,11 @@ def message_chunks(target_ids: Sequence[str]) -> list[list[str]]:
     return [list(target_ids[start : start + size]) for start in range(0, len(target_ids), size)]
 
 
-def worst_target_seconds(settings: Settings) -> float:
-    """How long one target may take at worst: the retry budget plus one last attempt."""
-    kube = settings.kube
-    return kube.retry_max_seconds + kube.connect_timeout + kube.read_timeout
+def start_deadline(settings: Settings, started: float) -> float:
+    """The ``time.monotonic()`` after which a message starts no more targets: a target started
+    before it finishes, at its worst, with the message's record, inside the soft time limit."""
+    worst = target_worst_case(settings.tasks, settings.kube)
+    return started + settings.tasks.soft_time_limit - worst.message_minimum
 
 
 class CeleryDispatcher:
@@ -119,12 +121,18 @@ def process_target_task(run_id: str, *target_ids: str) -> None:
     together (see worker.app.runs.process_targets); a redelivered message skips the targets
     already final or claimed by another delivery. A target starts only if it can finish
     inside the task's soft time limit even at its worst; the rest go back to the queue in a
-    new message.
+    new message. A target the soft time limit interrupts anyway is given back with them, not
+    recorded as failed (worker.app.runs.process_targets).
     """
     rt = get_runtime()
-    start_before = time.monotonic() + rt.settings.tasks.soft_time_limit
-    start_before -= worst_target_seconds(rt.settings)
-    left = process_targets(rt, dispatcher, run_id, target_ids, start_before=start_before)
+    left = process_targets(
+        rt,
+        dispatcher,
+        run_id,
+        target_ids,
+        start_before=start_deadline(rt.settings, time.monotonic()),
+        interrupted_by=(SoftTimeLimitExceeded,),
+    )
     if left:
         dispatcher.process_targets(run_id, left)
 

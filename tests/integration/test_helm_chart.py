@@ -481,12 +481,12 @@ def test_unknown_values_key_is_rejected_by_the_schema(helm: Helm, setting: str) 
     ("settings", "message"),
     [
         (
-            ["worker.terminationGracePeriodSeconds=300"],
-            "worker.terminationGracePeriodSeconds (300) must exceed config.taskTimeLimit (300)",
+            ["worker.terminationGracePeriodSeconds=660"],
+            "worker.terminationGracePeriodSeconds (660) must exceed config.taskTimeLimit (660)",
         ),
         (
             ["config.brokerVisibilityTimeout=200"],
-            "config.brokerVisibilityTimeout (200) must exceed config.taskTimeLimit (300)",
+            "config.brokerVisibilityTimeout (200) must exceed config.taskTimeLimit (660)",
         ),
         (["worker.replicaCount=2"], "several worker pods need a shared database and broker"),
         (["autoscaling.enabled=true"], "several worker pods need a shared database and broker"),

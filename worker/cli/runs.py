@@ -215,5 +215,6 @@ def show(
         f"  created:  {format_time(report.created_at)}  started: {format_time(report.started_at)}"
         f"  finished: {format_time(report.finished_at)}\n"
         f"  batches:  {report.batches} (current {min(report.current_batch + 1, report.batches)})"
+        + (f"\n  deploys:  {report.certificate.describe()}" if report.certificate else "")
     )
     print_report(make_console(), report, diffs=diff)
