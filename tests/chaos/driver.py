@@ -565,7 +565,8 @@ class Round:
         observed: list[ObservedRun] = []
         for report in service.list_runs(pipe.runtime, limit=100_000):
             child = None
-            if report.action == "execute" and report.distribution_id == self.fleet.distribution_id:
+            stacked = report.distribution_id != self.fleet.distribution_id
+            if report.action == "execute" and not stacked:
                 chain = service.stacked_runs(pipe.runtime, report.id)
                 child = chain[0] if chain else None
             observed.append(
@@ -578,6 +579,7 @@ class Round:
                         for result in report.results
                     },
                     webhook_run=child,
+                    stacked=stacked,
                 )
             )
         return observed
@@ -594,6 +596,7 @@ class Round:
                     for run in runs
                     if run.action == "execute"
                     and run.state == "succeeded"
+                    and not run.stacked
                     and run.webhook_run is None
                 ]
                 if not check_runs_final(runs) and not succeeded:

@@ -364,6 +364,8 @@ class ObservedRun:
     results: Mapping[str, tuple[str, str | None]] = field(default_factory=dict)
     webhook_run: str | None = None
     """The stacked webhook run it started (execute runs), if any."""
+    stacked: bool = False
+    """A run of a stacked distribution (the webhook), not of the Kubernetes one."""
 
 
 def check_runs_final(runs: Iterable[ObservedRun]) -> list[Violation]:
@@ -471,7 +473,7 @@ def check_webhooks(
     for delivery in deliveries:
         by_trigger.setdefault(delivery.trigger_run_id, []).append(delivery)
     for run in runs:
-        if run.action != "execute" or run.state != "succeeded":
+        if run.stacked or run.action != "execute" or run.state != "succeeded":
             continue
         got = by_trigger.get(run.run_id, [])
         if run.webhook_run is None:

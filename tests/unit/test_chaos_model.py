@@ -248,6 +248,7 @@ def test_a_webhook_never_delivered_or_delivered_with_two_ids_is_reported() -> No
         ObservedRun("r2", "execute", "succeeded", webhook_run="w2"),
         ObservedRun("r3", "execute", "succeeded"),
         ObservedRun("r4", "execute", "failed"),
+        ObservedRun("w1", "execute", "succeeded", stacked=True),  # the webhook run itself
     ]
     deliveries = [Delivery("w1", "r1", "fp0"), Delivery("x", "r1", "fp0")]
     found = check_webhooks(runs, deliveries, {"r1": "fp0"})
