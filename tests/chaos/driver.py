@@ -22,6 +22,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import random
+import subprocess
 import time
 import traceback
 import uuid
@@ -157,6 +158,7 @@ class Round:
         self.owners = 0
         self.worker_serial = 0
         self.exited: list[str] = []
+        self.terminated: list[WorkerProcess] = []
 
     # ----------------------------------------------------------------------- bookkeeping
 
@@ -341,6 +343,7 @@ class Round:
                 worker.kill()
             else:
                 worker.terminate()
+                self.terminated.append(worker)
             self.log(f"{fault.describe()}: {worker.name} (pid {worker.process.pid})")
             self.restarts_due.append(time.monotonic() + fault.seconds)
         elif kind == "redis_restart":
@@ -634,6 +637,23 @@ class Round:
         violations += [
             Violation("worker-alive", name, "exited without being signalled (see the event log)")
             for name in self.exited
+        ]
+        # SIGTERM is a warm shutdown: the tasks in flight finish (within the hard time limit),
+        # then the worker exits 0; give the last one up to 30 s more.
+        patience = time.monotonic() + 30
+        for worker in self.terminated:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                worker.process.wait(timeout=max(0.0, patience - time.monotonic()))
+        violations += [
+            Violation(
+                "worker-warm-shutdown",
+                worker.name,
+                "still running after the settle"
+                if worker.process.poll() is None
+                else f"exited with status {worker.process.returncode} after SIGTERM",
+            )
+            for worker in self.terminated
+            if worker.process.poll() != 0
         ]
         model = replay(self.initial, steps)
         violations += check_secrets(model, self._observe_secrets())
