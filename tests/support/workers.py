@@ -67,6 +67,16 @@ class WorkerProcess:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait(timeout=30)
 
+    def terminate(self) -> None:
+        """SIGTERM to the main process only, without waiting (what kubelet sends a pod's PID 1):
+        Celery's warm shutdown finishes the tasks in flight; :meth:`stop` reaps it later."""
+        if self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGTERM)
+
+    def alive(self) -> bool:
+        """True while the main process runs."""
+        return self.process.poll() is None
+
     def stop(self, timeout: float = 30.0) -> None:
         """Warm shutdown (SIGTERM), escalating to SIGKILL after ``timeout``."""
         if self.process.poll() is None:

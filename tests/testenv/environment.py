@@ -80,6 +80,7 @@ class TestEnvironment:
         self._redis: RedisServer | None = None
         self._postgres: PostgresServer | None = None
         self._extra_redis: list[RedisServer] = []
+        self._extra_postgres: list[PostgresServer] = []
         self._failures: dict[str, BaseException] = {}
         self.timings: dict[str, float] = {}
         self._closed = False
@@ -139,6 +140,15 @@ class TestEnvironment:
         server.start()
         return server
 
+    def new_postgres(self) -> PostgresServer:
+        """Start an additional private PostgreSQL (for fault tests that restart it)."""
+        index = len(self._extra_postgres) + 1
+        name = f"postgres-{index}"
+        server = PostgresServer(self.workdir / name, self.logs, name=name)
+        self._extra_postgres.append(server)
+        server.start()
+        return server
+
     def postgres(self) -> PostgresServer:
         """Initialise and start PostgreSQL on first call and return it."""
         if self._postgres is None:
@@ -159,8 +169,9 @@ class TestEnvironment:
         for redis_server in (self._redis, *self._extra_redis):
             if redis_server is not None:
                 found.append(redis_server.process)
-        if self._postgres is not None and self._postgres.process is not None:
-            found.append(self._postgres.process)
+        for postgres_server in (self._postgres, *self._extra_postgres):
+            if postgres_server is not None and postgres_server.process is not None:
+                found.append(postgres_server.process)
         return found
 
     def dead_components(self) -> list[str]:
@@ -174,6 +185,7 @@ class TestEnvironment:
         self._closed = True
         errors: list[str] = []
         stops: list[Callable[[], None]] = [server.stop for server in self._extra_redis]
+        stops += [server.stop for server in self._extra_postgres]
         for component in (self._redis, self._postgres, self._cluster_set):
             if component is not None:
                 stops.append(component.stop)

@@ -139,8 +139,11 @@ class PostgresServer:
 
     SUPERUSER = "postgres"
 
-    def __init__(self, workdir: Path, logs: Path, *, bindir: Path | None = None) -> None:
+    def __init__(
+        self, workdir: Path, logs: Path, *, bindir: Path | None = None, name: str = "postgres"
+    ) -> None:
         self._bindir = bindir or find_postgres_bindir()
+        self.name = name
         self.port = free_port()
         self._password = secrets.token_urlsafe(24)
         # postgres refuses to run as root; as root we run it as the "postgres" user.
@@ -214,7 +217,7 @@ class PostgresServer:
         finally:
             password_file.unlink(missing_ok=True)
         self.process = ManagedProcess(
-            "postgres",
+            self.name,
             [
                 str(self._bindir / "postgres"),
                 "-D", str(self._data),
@@ -228,7 +231,7 @@ class PostgresServer:
                 "-c", "max_connections=300",
                 *self._statement_stats_options(),
             ],
-            self._logs / "postgres.log",
+            self._logs / f"{self.name}.log",
             cwd=self._workdir,
             user=self._run_as,
             stop_signal=signal.SIGINT,  # "fast" shutdown: disconnects clients, then exits
@@ -281,3 +284,12 @@ class PostgresServer:
         """Stop the server."""
         if self.process is not None:
             self.process.stop()
+
+    def restart(self) -> None:
+        """Stop the server (fast shutdown: every client is disconnected) and start it again
+        on the same port and data; clients reconnect to the same URLs."""
+        if self.process is None:
+            raise RuntimeError(f"{self.name} was never started")
+        self.process.stop()
+        self.process.start()
+        self.process.wait_until_ready(self._accepts_logins, POSTGRES_START_TIMEOUT, "ready")
