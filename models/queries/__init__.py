@@ -99,8 +99,17 @@ from models.queries.targets import (
     get_target,
     get_target_by_name,
     list_targets,
+    pin_cluster_identity,
     record_health,
     target_group_names,
+    target_pools,
+)
+from models.queries.workers import (
+    forget_workers_before,
+    last_seen_by_pool,
+    note_waiting,
+    open_targets_by_pool,
+    record_worker_heartbeat,
 )
 
 __all__ = [
@@ -131,6 +140,7 @@ __all__ = [
     "distribution_target_ids",
     "envelope_key_usage",
     "finish_run",
+    "forget_workers_before",
     "get_certificate",
     "get_credential",
     "get_credential_by_name",
@@ -144,6 +154,7 @@ __all__ = [
     "group_target_ids",
     "group_targets",
     "heartbeat",
+    "last_seen_by_pool",
     "list_certificates",
     "list_credentials",
     "list_distributions",
@@ -157,10 +168,14 @@ __all__ = [
     "make_snapshot_provisional",
     "next_distribution",
     "note_recovery",
+    "note_waiting",
+    "open_targets_by_pool",
+    "pin_cluster_identity",
     "queued_runs_before",
     "record_health",
     "record_results",
     "record_snapshot_write",
+    "record_worker_heartbeat",
     "recoveries",
     "release_claims",
     "replace_certificate",
@@ -178,5 +193,6 @@ __all__ = [
     "store_certificate",
     "store_credential",
     "target_group_names",
+    "target_pools",
     "unseal_credential",
 ]

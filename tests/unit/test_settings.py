@@ -113,6 +113,7 @@ def test_every_variable_is_read(env: dict[str, str], tmp_path: Path) -> None:
             "CAP_STALE_AFTER": "30",
             "CAP_WORKER_CONCURRENCY": "8",
             "CAP_KUBE_QUEUE": "k8s.deploy",
+            "CAP_WORKER_POOL": "eu-prod",
             "CAP_HEARTBEAT_FILE": str(tmp_path / "hb"),
             "CAP_LOG_LEVEL": "debug",
             "FLOWER_BASIC_AUTH": "ops:long-password,viewer:other-password",
@@ -141,6 +142,7 @@ def test_every_variable_is_read(env: dict[str, str], tmp_path: Path) -> None:
     assert (settings.tasks.reaper_interval, settings.tasks.stale_after) == (5, 30)
     assert settings.tasks.worker_concurrency == 8
     assert settings.tasks.kube_queue == "k8s.deploy"
+    assert settings.tasks.worker_pool == "eu-prod"
     assert settings.tasks.heartbeat_file == tmp_path / "hb"
     assert settings.tasks.log_level == "DEBUG"
     assert settings.flower.basic_auth == "ops:long-password,viewer:other-password"

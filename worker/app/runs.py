@@ -54,6 +54,7 @@ from models.errors import DATABASE_OUTAGE_ERRORS
 from worker.app.clients import kube_client
 from worker.app.dispatch import Dispatcher, queue_next_stacked
 from worker.app.fanout import group_fanout
+from worker.app.pools import check_cluster, hold_back_silent_pools
 from worker.app.webhook import redeliver_webhook, run_webhook
 from worker.core.bundle import BundleError, TlsBundle, build_bundle
 from worker.core.crypto import CryptoError
@@ -175,6 +176,11 @@ class TargetJob:
     """The target's sealed kubeconfig, to find the cached client without another query."""
     snapshot_final: bool = False
     """A final rollback snapshot (one our write landed after) existed at the claim."""
+
+    @property
+    def pool(self) -> str:
+        """The worker pool that processes this target (a label for metrics)."""
+        return self.target.pool
 
     @property
     def claim(self) -> queries.HeldClaim:
@@ -336,6 +342,7 @@ def _perform(rt: Runtime, job: TargetJob) -> TargetOutcome:
             target=job.target.name,
         )
         outcome.secret_name = render_secret_name(job.target.secret_name_template, variables)
+        check_cluster(rt, job.target)  # in-cluster: this worker runs in the target's cluster
         client = kube_client(rt, job.target, sealed_credential=job.credential_envelope)
         if job.action is RunAction.ROLLBACK:
             deployed = _rollback(rt, job, client, outcome.namespace, outcome.secret_name)
@@ -672,6 +679,11 @@ def reap(rt: Runtime, dispatch: Dispatcher, *, now: datetime | None = None) -> R
         for run in queries.stale_runs(session, heartbeat_before=stale_before):
             batch = run.current_batch
             lost = queries.lost_target_ids(session, run.id, batch, lease_expired=lease_expired)
+            lost, waiting = hold_back_silent_pools(
+                rt, session, run.id, lost, now=now, stale_before=stale_before
+            )
+            if waiting and not lost:
+                continue  # only pools with no live worker: noted on the run, nothing re-sent
             if not lost and queries.count_live_claims(
                 session, run.id, batch, lease_expired=lease_expired
             ):
@@ -684,7 +696,7 @@ def reap(rt: Runtime, dispatch: Dispatcher, *, now: datetime | None = None) -> R
                 reason=(
                     f"resumed by the reaper at {now:%Y-%m-%d %H:%M:%S}Z after "
                     f"{rt.settings.tasks.stale_after:.0f}s without progress "
-                    f"({len(lost)} target(s) re-sent)"
+                    f"({len(lost)} target(s) re-sent){waiting}"
                 ),
                 now=now,
                 stale_before=stale_before,
