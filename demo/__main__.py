@@ -418,8 +418,8 @@ class _Demo:
                 raise DemoFailed(f"the worker did not start in time:\n{self.worker_log_tail()}")
             time.sleep(0.2)
         self.say(
-            f"  worker pid {self.worker.pid} is consuming the 'kubernetes' and 'control' queues "
-            f"(log: {self.worker_log})"
+            f"  worker pid {self.worker.pid} of pool 'default' is consuming the "
+            f"'kubernetes.default' and 'control' queues (log: {self.worker_log})"
         )
 
     def write_pki(self, stem: str, issued: _Issued) -> tuple[Path, Path]:

@@ -68,7 +68,7 @@ class PoolsDemo:
 
     def __init__(self, console: Console) -> None:
         self.console = console
-        self.steps = 7
+        self.steps = 8
         self.step_no = 0
         self.data_dir = Path(tempfile.mkdtemp(prefix="certautopilot-pools-demo-"))
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("CAP_")}
