@@ -97,7 +97,7 @@ def test_the_cluster_identity_is_the_service_account_ca_in_any_order(tmp_path: P
 
 
 def test_no_readable_ca_is_in_cluster_unavailable(tmp_path: Path) -> None:
-    with pytest.raises(InClusterUnavailable, match="ca.crt cannot be read"):
+    with pytest.raises(InClusterUnavailable, match=r"ca\.crt cannot be read"):
         in_cluster_identity(tmp_path)
     (tmp_path / "ca.crt").write_text("not a certificate")
     with pytest.raises(InClusterUnavailable, match="not PEM"):
