@@ -44,6 +44,7 @@ from worker.app.pools import check_cluster, silent_pools_of_run
 from worker.app.runs import reap
 from worker.core.bundle import TlsBundle
 from worker.core.names import DEFAULT_SECRET_NAME_TEMPLATE
+from worker.kube.errors import InClusterUnavailable
 from worker.kube.identity import WrongCluster, identity_of_ca
 from worker.platform.db import session_scope
 from worker.platform.runtime import Runtime, build_runtime
@@ -354,7 +355,7 @@ def test_saving_an_in_cluster_target_of_another_pool_needs_no_local_service_acco
     assert sent.sent == [("health", (target_id, "eu", False))]
     assert result is not None and result.status == "unknown"
     # In this process's own pool the local rule still holds.
-    with pytest.raises(Exception, match="in-cluster connection mode is available only"):
+    with pytest.raises(InClusterUnavailable, match="save it with --pool naming the worker pool"):
         commands.create_target(
             runtime,
             commands.TargetSpec(

@@ -192,7 +192,8 @@ def create_target(
         raise InClusterUnavailable(
             "in-cluster connection mode is available only when CertAutoPilot runs inside "
             f"Kubernetes: no service-account token in {rt.settings.kube.serviceaccount_dir} "
-            "or KUBERNETES_SERVICE_HOST is not set"
+            "or KUBERNETES_SERVICE_HOST is not set; save it with --pool naming the worker pool "
+            "that runs in the target's cluster (its health check then runs there)"
         )
     with rt.session() as session:
         credential_id: str | None = None
