@@ -49,6 +49,7 @@ __all__ = [
     "TargetGroup",
     "TargetGroupMember",
     "TargetResult",
+    "WorkerHeartbeat",
 ]
 
 
@@ -189,6 +190,13 @@ class Target(_ReprMixin, Base):
     adopt_unmanaged: Mapped[bool] = mapped_column(default=False, server_default=false())
     allow_system_namespace: Mapped[bool] = mapped_column(default=False, server_default=false())
     """The namespace may be kube-system, kube-public or kube-node-lease (revision 0003)."""
+    pool: Mapped[str] = mapped_column(String(63), default="default", server_default="default")
+    """The worker pool that must process this target: its per-target work goes to that pool's
+    queue only (revision 0005)."""
+    cluster_identity: Mapped[str | None] = mapped_column(String(80))
+    """In-cluster targets: the identity of the cluster they write to ("ca-sha256:<hex>" of the
+    service-account CA), recorded by the first health check or run in their pool; a worker
+    that sees another cluster refuses to write (revision 0005)."""
     variables: Mapped[dict[str, Any]] = mapped_column(default=dict)
     health_status: Mapped[HealthStatus] = mapped_column(
         _enum(HealthStatus, "health_status"), default=HealthStatus.UNKNOWN
@@ -420,3 +428,20 @@ class RollbackSnapshot(_ReprMixin, Base):
 
     distribution: Mapped[Distribution] = relationship(lazy="raise")
     target: Mapped[Target] = relationship(lazy="raise")
+
+
+class WorkerHeartbeat(_ReprMixin, Base):
+    """A worker's last sign of life, per pool: written by each worker's housekeeper thread.
+
+    ``runs show`` and the reaper read it to tell a pool with pending targets and no live worker
+    (revision 0005).
+    """
+
+    __tablename__ = "worker_heartbeats"
+    _repr_fields = ("worker", "pool", "seen_at")
+
+    worker: Mapped[str] = mapped_column(String(255), primary_key=True)
+    """The worker's Celery node name (``certautopilot@<pod>``)."""
+    pool: Mapped[str] = mapped_column(String(63), index=True)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    seen_at: Mapped[datetime] = mapped_column(default=utcnow)

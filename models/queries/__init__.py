@@ -105,8 +105,17 @@ from models.queries.targets import (
     get_target,
     get_target_by_name,
     list_targets,
+    pin_cluster_identity,
     record_health,
     target_group_names,
+    target_pools,
+)
+from models.queries.workers import (
+    forget_workers_before,
+    last_seen_by_pool,
+    note_waiting,
+    open_targets_by_pool,
+    record_worker_heartbeat,
 )
 
 __all__ = [
@@ -139,6 +148,7 @@ __all__ = [
     "distribution_target_ids",
     "envelope_key_usage",
     "finish_run",
+    "forget_workers_before",
     "get_certificate",
     "get_credential",
     "get_credential_by_name",
@@ -153,6 +163,7 @@ __all__ = [
     "group_target_ids",
     "group_targets",
     "heartbeat",
+    "last_seen_by_pool",
     "list_certificates",
     "list_credentials",
     "list_distributions",
@@ -166,9 +177,13 @@ __all__ = [
     "mark_batch_sent",
     "next_distribution",
     "note_recovery",
+    "note_waiting",
+    "open_targets_by_pool",
+    "pin_cluster_identity",
     "record_health",
     "record_results",
     "record_snapshot_write",
+    "record_worker_heartbeat",
     "recoveries",
     "release_claims",
     "renew_claims",
@@ -190,5 +205,6 @@ __all__ = [
     "store_certificate",
     "store_credential",
     "target_group_names",
+    "target_pools",
     "unseal_credential",
 ]

@@ -477,6 +477,17 @@ def test_unknown_values_key_is_rejected_by_the_schema(helm: Helm, setting: str) 
     assert "additional properties 'bogus' not allowed" in result.stderr, result.stderr
 
 
+def test_the_pool_value_is_the_workers_pool_and_the_queue_keda_reads(helm: Helm) -> None:
+    manifests = helm.render("--values", str(KEDA_VALUES), "--set", "pool=eu-prod-1")
+    (config,) = of_kind(manifests, "ConfigMap")
+    assert config["data"]["CAP_WORKER_POOL"] == "eu-prod-1"
+    (scaled,) = of_kind(manifests, "ScaledObject")
+    (trigger,) = scaled["spec"]["triggers"]
+    assert trigger["metadata"]["listName"] == "kubernetes.eu-prod-1"
+    refused = helm.run("template", "cap", str(CHART), "--set", "pool=EU_prod")
+    assert refused.returncode != 0 and "pool" in refused.stderr, refused.stderr
+
+
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
@@ -751,7 +762,10 @@ def test_rendered_manifests_are_accepted_by_a_real_api_server(
         (scaled,) = of_kind(manifests, "ScaledObject")
         assert of_kind(manifests, "HorizontalPodAutoscaler") == []  # KEDA makes its own
         (trigger,) = scaled["spec"]["triggers"]
-        assert (trigger["type"], trigger["metadata"]["listName"]) == ("redis", "kubernetes")
+        assert (trigger["type"], trigger["metadata"]["listName"]) == (
+            "redis",
+            "kubernetes.default",  # the queue of the release's pool
+        )
         ensure_keda_crd_stand_in(admin)
     server_side_apply(admin, manifests)
     rbac = client.RbacAuthorizationV1Api(admin)

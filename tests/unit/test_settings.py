@@ -116,6 +116,7 @@ def test_every_variable_is_read(env: dict[str, str], tmp_path: Path) -> None:
             "CAP_RESEND_AFTER": "90",
             "CAP_WORKER_CONCURRENCY": "8",
             "CAP_KUBE_QUEUE": "k8s.deploy",
+            "CAP_WORKER_POOL": "eu-prod",
             "CAP_HEARTBEAT_FILE": str(tmp_path / "hb"),
             "CAP_LOG_LEVEL": "debug",
             "FLOWER_BASIC_AUTH": "ops:long-password,viewer:other-password",
@@ -146,6 +147,7 @@ def test_every_variable_is_read(env: dict[str, str], tmp_path: Path) -> None:
     assert (settings.tasks.lease_seconds, settings.tasks.database_retry_seconds) == (30, 15)
     assert settings.tasks.worker_concurrency == 8
     assert settings.tasks.kube_queue == "k8s.deploy"
+    assert settings.tasks.worker_pool == "eu-prod"
     assert settings.tasks.heartbeat_file == tmp_path / "hb"
     assert settings.tasks.log_level == "DEBUG"
     assert settings.flower.basic_auth == "ops:long-password,viewer:other-password"

@@ -58,6 +58,7 @@ from models.errors import DATABASE_OUTAGE_ERRORS
 from worker.app.clients import kube_client
 from worker.app.dispatch import Dispatcher, queue_next_stacked
 from worker.app.fanout import group_fanout
+from worker.app.pools import check_cluster, hold_back_silent_pools
 from worker.app.webhook import redeliver_webhook, run_webhook
 from worker.core.bundle import BundleError, TlsBundle, build_bundle
 from worker.core.crypto import CryptoError
@@ -180,6 +181,11 @@ class TargetJob:
     """The target's sealed kubeconfig, to find the cached client without another query."""
     snapshot_final: bool = False
     """A final rollback snapshot (one our write landed after) existed at the claim."""
+
+    @property
+    def pool(self) -> str:
+        """The worker pool that processes this target (a label for metrics)."""
+        return self.target.pool
 
     @property
     def claim(self) -> queries.HeldClaim:
@@ -412,6 +418,7 @@ def _perform(
             target=job.target.name,
         )
         outcome.secret_name = render_secret_name(job.target.secret_name_template, variables)
+        check_cluster(rt, job.target)  # in-cluster: this worker runs in the target's cluster
         client = _through_outage(
             rt,
             lambda: kube_client(rt, job.target, sealed_credential=job.credential_envelope),
@@ -757,23 +764,29 @@ class ReapReport:
     advanced: tuple[str, ...] = ()
 
 
-def reap(rt: Runtime, dispatch: Dispatcher) -> ReapReport:
+def reap(rt: Runtime, dispatch: Dispatcher, *, now: datetime | None = None) -> ReapReport:
     """Re-send what is really lost: lost target messages, overdue batch callbacks, lost starts.
 
-    Every condition is compared on the database's clock and taken with compare-and-set, so
-    several reapers (one per worker) re-send each lost thing once per period.
+    Every condition is compared on the database's clock (``now`` only for tests) and taken
+    with compare-and-set, so several reapers (one per worker) re-send each lost thing once per
+    period.
     """
     tasks = rt.settings.tasks
     redispatched: dict[str, list[str]] = {}
     advanced: list[tuple[str, int]] = []
     with rt.session() as session:
-        now = queries.database_now(session)
+        now = now or queries.database_now(session)
         resend_before = now - timedelta(seconds=tasks.resend_after)
         stale_before = now - timedelta(seconds=tasks.stale_after)
         restarted = queries.resend_queued_starts(session, now=now, resend_before=resend_before)
         for run in queries.running_runs(session):
             lost = queries.resend_lost(
                 session, run.id, run.current_batch, now=now, resend_before=resend_before
+            )
+            # Targets whose pool has no live worker are held back (their messages wait in that
+            # pool's queue); marked sent now, they are looked at again after CAP_RESEND_AFTER.
+            lost, waiting = hold_back_silent_pools(
+                rt, session, run.id, lost, now=now, stale_before=stale_before
             )
             if lost:
                 queries.note_recovery(
@@ -782,11 +795,14 @@ def reap(rt: Runtime, dispatch: Dispatcher) -> ReapReport:
                     reason=(
                         f"the reaper re-sent {len(lost)} target(s) at {now:%Y-%m-%d %H:%M:%S}Z: "
                         "their worker stopped renewing its claim, or their message was not "
-                        f"claimed within {tasks.resend_after:.0f}s"
+                        f"claimed within {tasks.resend_after:.0f}s{waiting}"
                     ),
                     now=now,
                 )
                 redispatched[run.id] = lost
+                continue
+            if waiting:
+                continue  # only pools with no live worker: noted on the run, nothing re-sent
                 continue
             # A batch without open rows whose callback has not moved the run for stale_after
             # (its advance message was lost): the conditional note wins for one reaper.

@@ -269,6 +269,8 @@ class TargetView:
     health_message: str | None
     health_checked_at: datetime | None
     groups: tuple[str, ...]
+    pool: str = "default"
+    cluster_identity: str | None = None
 
 
 def _target_view(session: Session, row: Target) -> TargetView:
@@ -294,6 +296,8 @@ def _target_view(session: Session, row: Target) -> TargetView:
         health_message=row.health_message,
         health_checked_at=row.health_checked_at,
         groups=tuple(groups),
+        pool=row.pool,
+        cluster_identity=row.cluster_identity,
     )
 
 

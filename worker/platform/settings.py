@@ -46,6 +46,7 @@ from sqlalchemy.exc import ArgumentError
 from worker.core.budget import DATABASE_RETRY_SECONDS, WorstCase, worst_case
 from worker.core.crypto import KEK_BYTES, is_valid_key_id
 from worker.core.fanout import FanoutConfigError, parse_batch_size, parse_failure_threshold
+from worker.core.pools import DEFAULT_POOL, POOL_NAME_RULE, PoolNameError, check_pool_name
 from worker.platform.redaction import redact_url
 
 __all__ = [
@@ -253,6 +254,10 @@ class TaskSettings:
     log_level: str
     """One of DEBUG, INFO, WARNING, ERROR, CRITICAL (``CAP_LOG_LEVEL``, default INFO)."""
 
+    worker_pool: str = "default"
+    """The pool this worker belongs to (``CAP_WORKER_POOL``, default "default"): it takes the
+    per-target work of that pool's targets only, from the queue ``<kube_queue>.<pool>``."""
+
 
 @dataclass(frozen=True, repr=False)
 class FlowerSettings:
@@ -380,6 +385,13 @@ def _log_level(raw: str) -> str | None:
 
 def _queue_name(raw: str) -> str | None:
     return raw if _QUEUE_NAME.fullmatch(raw) else None
+
+
+def _pool_name(raw: str) -> str | None:
+    try:
+        return check_pool_name(raw.strip())
+    except PoolNameError:
+        return None
 
 
 def _step(raw: str) -> int | str:
@@ -562,6 +574,7 @@ KUBE_QUEUE = _Variable(
     "kubernetes",
 )
 HEARTBEAT_FILE = _Variable("CAP_HEARTBEAT_FILE", _text, _PATH)
+WORKER_POOL = _Variable("CAP_WORKER_POOL", _pool_name, POOL_NAME_RULE, DEFAULT_POOL)
 LOG_LEVEL = _Variable("CAP_LOG_LEVEL", _log_level, "one of " + ", ".join(_LOG_LEVELS), "INFO")
 FLOWER_BASIC_AUTH = _Variable(
     "FLOWER_BASIC_AUTH",
@@ -777,6 +790,7 @@ def _tasks(environ: Mapping[str, str], data_dir: Path) -> TaskSettings:
             _path(environ, heartbeat_raw) if heartbeat_raw else data_dir / "worker-heartbeat"
         ),
         log_level=LOG_LEVEL.value(environ),
+        worker_pool=WORKER_POOL.value(environ),
     )
 
 
