@@ -217,7 +217,7 @@ class Round:
         self.namespace = f"chaos-{self.seed % 100000}-{uuid.uuid4().hex[:5]}"
         kubeconfigs: dict[str, str] = {}
         for cluster in self.services.clusters:
-            gate = TcpGate("127.0.0.1", cluster.port)
+            gate = TcpGate("127.0.0.1", cluster.port, stable_port=True)
             self.gates[cluster.name] = gate
             access = create_service_account(
                 self.services.admin_api(cluster), cluster, self.namespace
