@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import signal
 import sys
 import tempfile
 import time
@@ -54,6 +55,9 @@ def _row(index: int, result: RoundResult) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run rounds until the budget is spent; print the table and every violation."""
     args = _parse(argv)
+    # SIGTERM (timeout, CI cancel) unwinds like Ctrl-C: every round's finally stops its
+    # workers by PID and the environment stops its servers; the default would orphan them.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1, 10**9)
     options = RoundOptions(
         targets=args.targets,
