@@ -418,8 +418,8 @@ class _Demo:
                 raise DemoFailed(f"the worker did not start in time:\n{self.worker_log_tail()}")
             time.sleep(0.2)
         self.say(
-            f"  worker pid {self.worker.pid} is consuming the 'kubernetes' and 'control' queues "
-            f"(log: {self.worker_log})"
+            f"  worker pid {self.worker.pid} of pool 'default' is consuming the "
+            f"'kubernetes.default' and 'control' queues (log: {self.worker_log})"
         )
 
     def write_pki(self, stem: str, issued: _Issued) -> tuple[Path, Path]:
@@ -708,7 +708,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="Use your own cluster(s) instead of starting local ones (repeatable; needs rights "
         "to create namespaces; the demo deletes what it created).",
     )
+    parser.add_argument(
+        "--pools",
+        action="store_true",
+        help="The multi-cluster scenario instead: two worker pools, each running in its own "
+        "local cluster, with in-cluster targets (demo/pools.py).",
+    )
     options = parser.parse_args(argv)
+    if options.pools:
+        if options.kubeconfig:
+            parser.error("--pools starts its own local clusters; it takes no --kubeconfig")
+        from demo.pools import run_pools_demo
+
+        return run_pools_demo()
     return run_demo(options.kubeconfig)
 
 

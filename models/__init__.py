@@ -17,6 +17,7 @@ from models.entities import (
     TargetGroup,
     TargetGroupMember,
     TargetResult,
+    WorkerHeartbeat,
 )
 from models.enums import (
     ConnectionMode,
@@ -50,6 +51,7 @@ __all__ = [
     "TargetGroup",
     "TargetGroupMember",
     "TargetResult",
+    "WorkerHeartbeat",
     "new_id",
     "rollback_availability",
     "utcnow",

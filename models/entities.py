@@ -40,6 +40,7 @@ from models.enums import (
 
 __all__ = [
     "Certificate",
+    "CertificateRevision",
     "Credential",
     "Distribution",
     "RollbackSnapshot",
@@ -48,6 +49,7 @@ __all__ = [
     "TargetGroup",
     "TargetGroupMember",
     "TargetResult",
+    "WorkerHeartbeat",
 ]
 
 
@@ -57,8 +59,7 @@ _NAME_LENGTH = 253
 
 #: The runs the one-active-mutation index covers (revision 0002).
 ACTIVE_MUTATION = (
-    "state IN ('queued', 'running') AND action IN ('execute', 'rollback') "
-    "AND parent_run_id IS NULL"
+    "state IN ('queued', 'running') AND action IN ('execute', 'rollback') AND parent_run_id IS NULL"
 )
 
 
@@ -109,6 +110,41 @@ class Certificate(_ReprMixin, Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+class CertificateRevision(_ReprMixin, Base):
+    """One version of a certificate (leaf, chain, CA and key), never changed once written.
+
+    Import writes revision 1 and each renewal the next one; a run pins the revision that was
+    current when it was enqueued (revision 0004), so a renewal during a progressive run
+    cannot deploy a second, never-canaried certificate to its later batches. The key envelope
+    is a copy of the certificate's at that time: it is sealed for the certificate (table
+    "certificates", the certificate's id), so key rotation re-wraps it with that context.
+    """
+
+    __tablename__ = "certificate_revisions"
+    __table_args__ = (UniqueConstraint("certificate_id", "number"),)
+    _repr_fields = ("id", "certificate_id", "number", "serial_hex")
+
+    id: Mapped[str] = id_column()
+    certificate_id: Mapped[str] = mapped_column(
+        ForeignKey("certificates.id", ondelete="CASCADE"), index=True
+    )
+    number: Mapped[int] = mapped_column(Integer)
+    """1 for the imported certificate, then one more per renewal."""
+    common_name: Mapped[str | None] = mapped_column(String(255))
+    sans: Mapped[list[Any]] = mapped_column(default=list)
+    serial_hex: Mapped[str] = mapped_column(String(64))
+    issuer: Mapped[str] = mapped_column(Text)
+    not_before: Mapped[datetime]
+    not_after: Mapped[datetime]
+    sha256_fingerprint: Mapped[str] = mapped_column(String(64))
+    leaf_pem: Mapped[str] = mapped_column(Text)
+    chain_pem: Mapped[str] = mapped_column(Text, default="")
+    ca_pem: Mapped[str | None] = mapped_column(Text)
+    private_key: Mapped[bytes] = mapped_column()
+    """The certificate's sealed key envelope as it was for this revision."""
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 class Credential(_ReprMixin, Base):
     """A module credential: kubeconfig bytes (or a webhook HMAC key), stored sealed."""
 
@@ -154,6 +190,13 @@ class Target(_ReprMixin, Base):
     adopt_unmanaged: Mapped[bool] = mapped_column(default=False, server_default=false())
     allow_system_namespace: Mapped[bool] = mapped_column(default=False, server_default=false())
     """The namespace may be kube-system, kube-public or kube-node-lease (revision 0003)."""
+    pool: Mapped[str] = mapped_column(String(63), default="default", server_default="default")
+    """The worker pool that must process this target: its per-target work goes to that pool's
+    queue only (revision 0005)."""
+    cluster_identity: Mapped[str | None] = mapped_column(String(80))
+    """In-cluster targets: the identity of the cluster they write to ("ca-sha256:<hex>" of the
+    service-account CA), recorded by the first health check or run in their pool; a worker
+    that sees another cluster refuses to write (revision 0005)."""
     variables: Mapped[dict[str, Any]] = mapped_column(default=dict)
     health_status: Mapped[HealthStatus] = mapped_column(
         _enum(HealthStatus, "health_status"), default=HealthStatus.UNKNOWN
@@ -297,6 +340,11 @@ class Run(_ReprMixin, Base):
     finished_at: Mapped[datetime | None]
     heartbeat_at: Mapped[datetime | None]
     """Last progress; a running run silent for CAP_STALE_AFTER seconds is stalled."""
+    certificate_revision_id: Mapped[str | None] = mapped_column(
+        ForeignKey("certificate_revisions.id"), index=True
+    )
+    """The certificate revision this run deploys, pinned when it was enqueued (set for every
+    run; NULL only in a database written before revision 0004 and never upgraded)."""
 
     distribution: Mapped[Distribution] = relationship(lazy="raise")
     results: Mapped[list[TargetResult]] = relationship(
@@ -331,6 +379,12 @@ class TargetResult(_ReprMixin, Base):
     error_reason: Mapped[str | None] = mapped_column(String(64))
     error_message: Mapped[str | None] = mapped_column(Text)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    sent_at: Mapped[datetime | None]
+    """When a message carrying this pending target was last sent (database clock): one that
+    no delivery claimed for CAP_RESEND_AFTER seconds is lost and re-sent by the reaper."""
+    lease_expires_at: Mapped[datetime | None]
+    """While running: the claim holds until then (database clock); the delivering message
+    extends it while it works, so only a claim whose worker died ever expires."""
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
     duration_ms: Mapped[int | None] = mapped_column(Integer)
@@ -374,3 +428,20 @@ class RollbackSnapshot(_ReprMixin, Base):
 
     distribution: Mapped[Distribution] = relationship(lazy="raise")
     target: Mapped[Target] = relationship(lazy="raise")
+
+
+class WorkerHeartbeat(_ReprMixin, Base):
+    """A worker's last sign of life, per pool: written by each worker's housekeeper thread.
+
+    ``runs show`` and the reaper read it to tell a pool with pending targets and no live worker
+    (revision 0005).
+    """
+
+    __tablename__ = "worker_heartbeats"
+    _repr_fields = ("worker", "pool", "seen_at")
+
+    worker: Mapped[str] = mapped_column(String(255), primary_key=True)
+    """The worker's Celery node name (``certautopilot@<pod>``)."""
+    pool: Mapped[str] = mapped_column(String(63), index=True)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    seen_at: Mapped[datetime] = mapped_column(default=utcnow)

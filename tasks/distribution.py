@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import socket
 import threading
 import time
 from collections.abc import Sequence
@@ -20,7 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from celery import group, signals
+from celery.exceptions import SoftTimeLimitExceeded
+from kombu import Queue  # type: ignore[attr-defined]
 
+from worker.app.commands import check_target_health
+from worker.app.pools import pools_of, record_heartbeat
 from worker.app.runs import (
     DATABASE_OUTAGE_ERRORS,
     advance_run,
@@ -28,9 +34,9 @@ from worker.app.runs import (
     reap,
     start_run,
 )
-from worker.platform.celery_app import app, configured_settings
+from worker.platform.celery_app import app, configured_settings, pool_queue_of
 from worker.platform.runtime import Runtime, build_runtime, get_runtime, set_runtime
-from worker.platform.settings import Settings
+from worker.platform.settings import Settings, target_worst_case
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +47,8 @@ ADVANCE_RUN = "cap.run.advance"
 #: One message carries up to MOST_PER_MESSAGE targets of a run; the name is from the time
 #: a message carried one target.
 PROCESS_TARGETS = "cap.kube.target"
+#: A target's health check, run on a worker of the target's pool (see worker.app.pools).
+CHECK_HEALTH = "cap.kube.health"
 
 #: A dispatch is spread over at least this many messages before targets share one, so a
 #: small batch still reaches every pool process of a typical deployment at once.
@@ -64,10 +72,11 @@ def message_chunks(target_ids: Sequence[str]) -> list[list[str]]:
     return [list(target_ids[start : start + size]) for start in range(0, len(target_ids), size)]
 
 
-def worst_target_seconds(settings: Settings) -> float:
-    """How long one target may take at worst: the retry budget plus one last attempt."""
-    kube = settings.kube
-    return kube.retry_max_seconds + kube.connect_timeout + kube.read_timeout
+def start_deadline(settings: Settings, started: float) -> float:
+    """The ``time.monotonic()`` after which a message starts no more targets: a target started
+    before it finishes, at its worst, with the message's record, inside the soft time limit."""
+    worst = target_worst_case(settings.tasks, settings.kube)
+    return started + settings.tasks.soft_time_limit - worst.message_minimum
 
 
 class CeleryDispatcher:
@@ -78,11 +87,24 @@ class CeleryDispatcher:
         start_run_task.apply_async(args=(run_id,))
 
     def process_targets(self, run_id: str, target_ids: Sequence[str]) -> None:
-        """Queue the targets in messages of a few each; workers take them in parallel."""
-        if target_ids:
+        """Queue the targets in messages of a few each, on the queue of each target's pool;
+        the workers of each pool take theirs in parallel."""
+        if not target_ids:
+            return
+        for pool, ids in pools_of(get_runtime(), target_ids).items():
             group(
-                process_target_task.si(run_id, *chunk) for chunk in message_chunks(target_ids)
-            ).apply_async()
+                process_target_task.si(run_id, *chunk) for chunk in message_chunks(ids)
+            ).apply_async(queue=self._queue(pool))
+
+    def check_health(self, target_id: str, pool: str, *, record_cluster: bool) -> None:
+        """Queue a target's health check on its pool's queue (a worker of it records it)."""
+        check_health_task.apply_async(args=(target_id, record_cluster), queue=self._queue(pool))
+
+    @staticmethod
+    def _queue(pool: str) -> Queue:
+        # Declared on publish, so a message sent before any worker of the pool started
+        # waits in the pool's queue instead of being dropped by an exchange with no binding.
+        return pool_queue_of(configured_settings(app), pool)
 
     def advance(self, run_id: str, batch_index: int) -> None:
         """Queue the batch callback of ``batch_index``."""
@@ -119,14 +141,26 @@ def process_target_task(run_id: str, *target_ids: str) -> None:
     together (see worker.app.runs.process_targets); a redelivered message skips the targets
     already final or claimed by another delivery. A target starts only if it can finish
     inside the task's soft time limit even at its worst; the rest go back to the queue in a
-    new message.
+    new message. A target the soft time limit interrupts anyway is given back with them, not
+    recorded as failed (worker.app.runs.process_targets).
     """
     rt = get_runtime()
-    start_before = time.monotonic() + rt.settings.tasks.soft_time_limit
-    start_before -= worst_target_seconds(rt.settings)
-    left = process_targets(rt, dispatcher, run_id, target_ids, start_before=start_before)
+    left = process_targets(
+        rt,
+        dispatcher,
+        run_id,
+        target_ids,
+        start_before=start_deadline(rt.settings, time.monotonic()),
+        interrupted_by=(SoftTimeLimitExceeded,),
+    )
     if left:
         dispatcher.process_targets(run_id, left)
+
+
+@app.task(name=CHECK_HEALTH, **DATABASE_RETRY)
+def check_health_task(target_id: str, record_cluster: bool = False) -> None:
+    """Run a target's health check in this worker's pool and store the outcome on the target."""
+    check_target_health(get_runtime(), target_id, record_cluster=record_cluster)
 
 
 @app.task(name=ADVANCE_RUN, **DATABASE_RETRY)
@@ -164,10 +198,12 @@ class _Housekeeper(threading.Thread):
     several replicas reaping at once is harmless and no singleton beat is needed.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, worker_name: str = "") -> None:
         super().__init__(name="certautopilot-housekeeper", daemon=True)
         self.stopping = threading.Event()
         self.heartbeat_failing = False
+        #: This worker's row in the pool heartbeats (its Celery node name).
+        self.worker_name = worker_name or f"{socket.gethostname()}:{os.getpid()}"
 
     def run(self) -> None:
         rt = get_runtime()
@@ -177,8 +213,13 @@ class _Housekeeper(threading.Thread):
             self.stopping.wait(interval)
 
     def housekeep(self, rt: Runtime) -> None:
-        """One pass: the heartbeat, then the reaper. Neither's failure skips the other."""
+        """One pass: the heartbeats, then the reaper. Neither's failure skips the other."""
         self.beat(rt.settings.tasks.heartbeat_file)
+        try:
+            # Before the reaper: a pool whose only worker is this one is live for it.
+            record_heartbeat(rt, self.worker_name)
+        except Exception:
+            log.exception("recording this worker's pool heartbeat failed; retrying next pass")
         try:
             reap(rt, dispatcher)
         except Exception:  # the housekeeper must outlive a database blip
@@ -213,9 +254,9 @@ _housekeeper: _Housekeeper | None = None
 
 
 @signals.worker_ready.connect
-def _start_housekeeper(**_: Any) -> None:
+def _start_housekeeper(sender: Any = None, **_: Any) -> None:
     global _housekeeper
-    _housekeeper = _Housekeeper()
+    _housekeeper = _Housekeeper(str(getattr(sender, "hostname", "") or ""))
     _housekeeper.start()
 
 

@@ -6,21 +6,25 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Protocol
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from models.base import new_id
-from models.entities import Certificate
+from models.entities import Certificate, CertificateRevision
+from models.errors import NotFoundError
 from models.queries._common import get_row
 from models.sealing import Sealer
 
 __all__ = [
     "BundleLike",
     "CertificateFacts",
+    "current_revision",
     "get_certificate",
+    "get_revision",
     "list_certificates",
     "replace_certificate",
     "reveal_private_key",
+    "reveal_revision_key",
     "store_certificate",
 ]
 
@@ -84,6 +88,7 @@ def store_certificate(
     _apply_bundle(certificate, sealer, bundle)
     session.add(certificate)
     session.flush()
+    _add_revision(session, certificate)
     return certificate
 
 
@@ -94,7 +99,59 @@ def replace_certificate(
     certificate = get_certificate(session, certificate_id)
     _apply_bundle(certificate, sealer, bundle)
     session.flush()
+    _add_revision(session, certificate)
     return certificate
+
+
+def _add_revision(session: Session, certificate: Certificate) -> CertificateRevision:
+    """Record the certificate's content as its next revision (runs enqueued from now on pin it).
+
+    Two renewals racing for the same number: the unique (certificate_id, number) constraint
+    refuses the second transaction, whose caller retries or reports it.
+    """
+    latest = session.scalar(
+        select(func.max(CertificateRevision.number)).where(
+            CertificateRevision.certificate_id == certificate.id
+        )
+    )
+    revision = CertificateRevision(
+        id=new_id(),
+        certificate_id=certificate.id,
+        number=(latest or 0) + 1,
+        common_name=certificate.common_name,
+        sans=list(certificate.sans),
+        serial_hex=certificate.serial_hex,
+        issuer=certificate.issuer,
+        not_before=certificate.not_before,
+        not_after=certificate.not_after,
+        sha256_fingerprint=certificate.sha256_fingerprint,
+        leaf_pem=certificate.leaf_pem,
+        chain_pem=certificate.chain_pem,
+        ca_pem=certificate.ca_pem,
+        private_key=certificate.private_key,
+    )
+    session.add(revision)
+    session.flush()
+    return revision
+
+
+def current_revision(session: Session, certificate_id: str) -> CertificateRevision:
+    """The certificate's newest revision (what a run enqueued now pins), or NotFoundError."""
+    revision = session.scalars(
+        select(CertificateRevision)
+        .where(CertificateRevision.certificate_id == certificate_id)
+        .order_by(CertificateRevision.number.desc())
+        .limit(1)
+    ).first()
+    if revision is None:
+        get_certificate(session, certificate_id)  # NotFoundError names the certificate
+        raise NotFoundError("certificate revision of certificate", certificate_id)
+    return revision
+
+
+def get_revision(session: Session, revision_id: str) -> CertificateRevision:
+    """The certificate revision with this id, or NotFoundError."""
+    return get_row(session, CertificateRevision, revision_id, "certificate revision")
 
 
 def get_certificate(session: Session, certificate_id: str) -> Certificate:
@@ -111,3 +168,13 @@ def reveal_private_key(session: Session, sealer: Sealer, certificate_id: str) ->
     """The certificate's private key PEM, decrypted (only for building the Secret)."""
     certificate = get_certificate(session, certificate_id)
     return sealer.unseal(certificate.private_key, row_id=certificate.id, **_PRIVATE_KEY)
+
+
+def reveal_revision_key(session: Session, sealer: Sealer, revision_id: str) -> bytes:
+    """The private key PEM of one certificate revision, decrypted (only for building the Secret).
+
+    The envelope is sealed for the certificate (see CertificateRevision), so a key copied into
+    another certificate's revision does not open.
+    """
+    revision = get_revision(session, revision_id)
+    return sealer.unseal(revision.private_key, row_id=revision.certificate_id, **_PRIVATE_KEY)

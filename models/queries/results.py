@@ -32,9 +32,11 @@ __all__ = [
     "count_results",
     "list_target_results",
     "load_claimed_targets",
-    "lost_target_ids",
+    "mark_batch_sent",
     "record_results",
     "release_claims",
+    "renew_claims",
+    "resend_lost",
     "results_with_target_names",
     "skip_pending_results",
 ]
@@ -85,25 +87,28 @@ class ResultRecord:
     namespace: str | None
 
 
-#: Free to claim: pending, or running under a lease that expired before ``expired``.
-_CLAIMABLE = or_(
+_NOW = typed_param("now", RESULTS.c.lease_expires_at)
+#: Not held by any delivery: pending, or running under a lease that expired (or that a row
+#: claimed before revision 0004 never had). Times are the database's clock.
+_FREE = or_(
     RESULTS.c.status == ResultStatus.PENDING,
     and_(
         RESULTS.c.status == ResultStatus.RUNNING,
-        RESULTS.c.started_at < typed_param("expired", RESULTS.c.started_at),
+        or_(RESULTS.c.lease_expires_at.is_(None), RESULTS.c.lease_expires_at < _NOW),
     ),
 )
-#: Compare-and-set: a claimable row becomes ours.
+#: Compare-and-set: a free row becomes ours, leased until ``lease_until``.
 _CLAIM = (
     update(RESULTS)
     .where(
         RESULTS.c.run_id == bindparam("b_run_id"),
         RESULTS.c.target_id.in_(bindparam("b_target_ids", expanding=True)),
-        _CLAIMABLE,
+        _FREE,
     )
     .values(
         status=ResultStatus.RUNNING,
         started_at=typed_param("now", RESULTS.c.started_at),
+        lease_expires_at=typed_param("lease_until", RESULTS.c.lease_expires_at),
         attempts=RESULTS.c.attempts + 1,
     )
     .returning(RESULTS.c.target_id, RESULTS.c.batch_index, RESULTS.c.attempts)
@@ -147,11 +152,24 @@ _RECORD = (
     .where(_HELD)
     .values({column: typed_param(f"new_{column}", RESULTS.c[column]) for column in _RECORDED})
 )
-#: A claim given back untouched: pending again, as if this delivery never took it.
+#: A claim given back untouched: pending again, as if this delivery never took it, and sent
+#: again now (the caller re-queues it right after).
 _RELEASE = (
     update(RESULTS)
     .where(_HELD)
-    .values(status=ResultStatus.PENDING, started_at=None, attempts=RESULTS.c.attempts - 1)
+    .values(
+        status=ResultStatus.PENDING,
+        started_at=None,
+        lease_expires_at=None,
+        sent_at=typed_param("now", RESULTS.c.sent_at),
+        attempts=RESULTS.c.attempts - 1,
+    )
+)
+#: The delivering message extends its claims while it works on them.
+_RENEW = (
+    update(RESULTS)
+    .where(_HELD)
+    .values(lease_expires_at=typed_param("lease_until", RESULTS.c.lease_expires_at))
 )
 #: Any open row left in a batch? Stops at the first instead of counting the batch.
 _OPEN_ROW = (
@@ -166,13 +184,23 @@ _OPEN_ROW = (
 
 
 def claim_results(
-    session: Session, run_id: str, target_ids: Sequence[str], *, now: datetime, expired: datetime
+    session: Session,
+    run_id: str,
+    target_ids: Sequence[str],
+    *,
+    now: datetime,
+    lease_until: datetime,
 ) -> dict[str, Claim]:
-    """Claim whichever of the targets' result rows are pending, or running with a claim older
-    than ``expired``; the claims taken, by target id."""
+    """Claim whichever of the targets' result rows nobody holds (pending, or running under a
+    lease expired at ``now``), leased until ``lease_until``; the claims taken, by target id."""
     rows = session.execute(
         _CLAIM,
-        {"b_run_id": run_id, "b_target_ids": list(target_ids), "expired": expired, "now": now},
+        {
+            "b_run_id": run_id,
+            "b_target_ids": list(target_ids),
+            "now": now,
+            "lease_until": lease_until,
+        },
     )
     return {row.target_id: Claim(row.target_id, row.batch_index, row.attempts) for row in rows}
 
@@ -206,9 +234,28 @@ def record_results(session: Session, records: Sequence[ResultRecord]) -> int:
     return int(session.execute(_RECORD, rows).rowcount)  # type: ignore[attr-defined]
 
 
-def release_claims(session: Session, claims: Sequence[HeldClaim]) -> None:
-    """Give back claims untouched (pending again, attempt count restored)."""
-    session.execute(_RELEASE, [_held(claim) for claim in claims])
+def release_claims(session: Session, claims: Sequence[HeldClaim], *, now: datetime) -> None:
+    """Give back claims untouched (pending again, attempt count restored, sent at ``now``)."""
+    session.execute(_RELEASE, [{**_held(claim), "now": now} for claim in claims])
+
+
+def renew_claims(session: Session, claims: Sequence[HeldClaim], *, lease_until: datetime) -> int:
+    """Extend the leases of claims still held to ``lease_until``; how many were extended."""
+    rows = [{**_held(claim), "lease_until": lease_until} for claim in claims]
+    return int(session.execute(_RENEW, rows).rowcount)  # type: ignore[attr-defined]
+
+
+def mark_batch_sent(session: Session, run_id: str, batch_index: int, *, now: datetime) -> None:
+    """Note that the pending targets of a batch were (about to be) sent at ``now``."""
+    session.execute(
+        update(RESULTS)
+        .where(
+            RESULTS.c.run_id == run_id,
+            RESULTS.c.batch_index == batch_index,
+            RESULTS.c.status == ResultStatus.PENDING,
+        )
+        .values(sent_at=now)
+    )
 
 
 def batch_has_open_row(session: Session, run_id: str, batch_index: int) -> bool:
@@ -217,33 +264,58 @@ def batch_has_open_row(session: Session, run_id: str, batch_index: int) -> bool:
     return found is not None
 
 
-#: The reaper's view of a batch: which rows nobody holds, and how many are still held.
-_LOST = select(RESULTS.c.target_id).where(
-    RESULTS.c.run_id == bindparam("run_id"),
-    RESULTS.c.batch_index == bindparam("batch_index"),
-    _CLAIMABLE,
+#: Lost: nobody holds the row, and no message that could still take it is on its way — it was
+#: sent longer ago than ``resend_before`` (or never), or its claim's lease expired after the
+#: last send (the worker holding it died).
+_LOST = and_(
+    _FREE,
+    or_(
+        RESULTS.c.sent_at.is_(None),
+        RESULTS.c.sent_at < typed_param("resend_before", RESULTS.c.sent_at),
+        and_(
+            RESULTS.c.status == ResultStatus.RUNNING,
+            RESULTS.c.sent_at < RESULTS.c.lease_expires_at,
+        ),
+    ),
+)
+#: The reaper's compare-and-set: lost rows of a batch are sent again now, by one reaper only.
+_RESEND = (
+    update(RESULTS)
+    .where(
+        RESULTS.c.run_id == bindparam("b_run_id"),
+        RESULTS.c.batch_index == bindparam("b_batch_index"),
+        _LOST,
+    )
+    .values(sent_at=typed_param("now", RESULTS.c.sent_at))
+    .returning(RESULTS.c.target_id)
 )
 _LIVE = select(func.count()).where(
     RESULTS.c.run_id == bindparam("run_id"),
     RESULTS.c.batch_index == bindparam("batch_index"),
     RESULTS.c.status == ResultStatus.RUNNING,
-    RESULTS.c.started_at >= typed_param("expired", RESULTS.c.started_at),
+    RESULTS.c.lease_expires_at >= _NOW,
 )
 
 
-def lost_target_ids(
-    session: Session, run_id: str, batch_index: int, *, lease_expired: datetime
+def resend_lost(
+    session: Session, run_id: str, batch_index: int, *, now: datetime, resend_before: datetime
 ) -> list[str]:
-    """Targets of the batch nobody holds: pending, or claimed before ``lease_expired``."""
-    params = {"run_id": run_id, "batch_index": batch_index, "expired": lease_expired}
-    return list(session.scalars(_LOST, params))
+    """Mark the batch's lost targets sent at ``now`` and return them, for the caller to re-send.
+
+    Conditional: of concurrent reapers, only one gets each lost target.
+    """
+    params = {
+        "b_run_id": run_id,
+        "b_batch_index": batch_index,
+        "now": now,
+        "resend_before": resend_before,
+    }
+    return sorted(session.scalars(_RESEND, params))
 
 
-def count_live_claims(
-    session: Session, run_id: str, batch_index: int, *, lease_expired: datetime
-) -> int:
-    """Targets of the batch claimed at or after ``lease_expired`` (still being worked on)."""
-    params = {"run_id": run_id, "batch_index": batch_index, "expired": lease_expired}
+def count_live_claims(session: Session, run_id: str, batch_index: int, *, now: datetime) -> int:
+    """Targets of the batch held under a lease that has not expired at ``now``."""
+    params = {"run_id": run_id, "batch_index": batch_index, "now": now}
     return int(session.scalar(_LIVE, params) or 0)
 
 

@@ -4,32 +4,44 @@ looks for. The state machine that drives them is worker.app.runs."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from datetime import datetime
-from typing import Any
+from datetime import UTC, datetime
+from typing import Any, NamedTuple
 
-from sqlalchemy import bindparam, func, insert, literal_column, or_, select, text, update
+from sqlalchemy import (
+    bindparam,
+    func,
+    insert,
+    literal_column,
+    or_,
+    select,
+    text,
+    true,
+    update,
+)
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from models.entities import ACTIVE_MUTATION, Certificate, Distribution, Run, TargetGroup
+from models.entities import ACTIVE_MUTATION, CertificateRevision, Distribution, Run, TargetGroup
 from models.enums import RunAction, RunState
 from models.errors import ActiveRunError, NotFoundError, RunStateError
 from models.queries._statements import RESULTS, RUNS, typed_param
+from models.queries.certificates import current_revision
 from models.queries.distributions import get_distribution
 
 __all__ = [
     "advance_batch",
     "child_run_id",
     "create_run",
+    "database_now",
     "finish_run",
     "get_run",
     "heartbeat",
     "list_runs",
     "load_run_context",
     "note_recovery",
-    "queued_runs_before",
     "recoveries",
-    "stale_runs",
+    "resend_queued_starts",
+    "running_runs",
     "start_run",
 ]
 
@@ -47,16 +59,24 @@ def create_run(
     options: Mapping[str, Any] | None = None,
     cascade: bool = False,
     parent_run_id: str | None = None,
+    certificate_revision_id: str | None = None,
 ) -> Run:
-    """Insert a queued run for a distribution.
+    """Insert a queued run for a distribution, pinned to a certificate revision.
+
+    The run deploys ``certificate_revision_id`` (a stacked run passes its parent's), by default
+    the certificate's newest revision at this moment: a renewal afterwards does not change
+    what this run deploys.
 
     :class:`ActiveRunError` (nothing written) when it is an execute or rollback requested
     directly (no parent) and the distribution has one queued or running already: the database's
     partial unique index decides, so two concurrent callers cannot both get one.
     """
-    get_distribution(session, distribution_id)
+    distribution = get_distribution(session, distribution_id)
+    if certificate_revision_id is None:
+        certificate_revision_id = current_revision(session, distribution.certificate_id).id
     run = Run(
         distribution_id=distribution_id,
+        certificate_revision_id=certificate_revision_id,
         action=RunAction(action),
         state=RunState.QUEUED,
         options=dict(options or {}),
@@ -124,8 +144,14 @@ def start_run(
     run.current_batch = 0
     run.started_at = now
     run.heartbeat_at = now
+    # The first batch is sent right after this commits; later ones when their turn comes.
     rows = [
-        {"run_id": run.id, "target_id": target_id, "batch_index": batch_index}
+        {
+            "run_id": run.id,
+            "target_id": target_id,
+            "batch_index": batch_index,
+            "sent_at": now if batch_index == 0 else None,
+        }
         for batch_index, batch in enumerate(plan)
         for target_id in batch
     ]
@@ -198,11 +224,11 @@ def heartbeat(session: Session, run_id: str, *, now: datetime, unless_since: dat
     session.execute(_HEARTBEAT, {"b_run_id": run_id, "beat_before": unless_since, "now": now})
 
 
-#: The run, its distribution, certificate and group variables, in one statement.
+#: The run, its distribution, pinned certificate revision and group variables, in one statement.
 _LOAD_RUN = (
-    select(Run, Distribution, Certificate, TargetGroup.variables)
+    select(Run, Distribution, CertificateRevision, TargetGroup.variables)
     .join(Distribution, Distribution.id == Run.distribution_id)
-    .join(Certificate, Certificate.id == Distribution.certificate_id)
+    .join(CertificateRevision, CertificateRevision.id == Run.certificate_revision_id)
     .outerjoin(TargetGroup, TargetGroup.id == Distribution.group_id)
     .where(Run.id == bindparam("run_id"))
 )
@@ -210,8 +236,9 @@ _LOAD_RUN = (
 
 def load_run_context(
     session: Session, run_id: str
-) -> tuple[Run, Distribution, Certificate, dict[str, Any]] | None:
-    """The run with its distribution, certificate and group variables (one statement), or None."""
+) -> tuple[Run, Distribution, CertificateRevision, dict[str, Any]] | None:
+    """The run with its distribution, pinned certificate revision and group variables (one
+    statement), or None."""
     loaded = session.execute(_LOAD_RUN, {"run_id": run_id}).one_or_none()
     if loaded is None:
         return None
@@ -219,30 +246,69 @@ def load_run_context(
     return run, distribution, certificate, dict(variables or {})
 
 
-def stale_runs(session: Session, *, heartbeat_before: datetime) -> list[Run]:
-    """Running runs whose last progress is older than ``heartbeat_before`` (for the reaper)."""
+def database_now(session: Session) -> datetime:
+    """The database's clock: leases, send times and heartbeats are compared on one clock,
+    so skew between worker hosts cannot reap live work or delay recovery.
+
+    PostgreSQL's ``now()`` (the transaction's start); SQLite runs inside the worker's own
+    process on one host, so its clock is this host's.
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        moment = session.scalar(select(func.now()))
+        if isinstance(moment, datetime):
+            return moment.astimezone(UTC)
+    return datetime.now(UTC)
+
+
+class RunningRun(NamedTuple):
+    """What the reaper needs of a running run."""
+
+    id: str
+    current_batch: int
+    heartbeat_at: datetime | None
+
+
+def running_runs(session: Session) -> list[RunningRun]:
+    """Every running run (id, current batch, heartbeat), oldest heartbeat first."""
     query = (
-        select(Run)
-        .where(Run.state == RunState.RUNNING, Run.heartbeat_at < heartbeat_before)
+        select(Run.id, Run.current_batch, Run.heartbeat_at)
+        .where(Run.state == RunState.RUNNING)
         .order_by(Run.heartbeat_at)
     )
-    return list(session.scalars(query))
+    return [RunningRun(*row) for row in session.execute(query)]
 
 
-def queued_runs_before(session: Session, created_before: datetime) -> list[str]:
-    """Ids of runs still queued that were created before ``created_before`` (lost starts)."""
-    query = select(Run.id).where(Run.state == RunState.QUEUED, Run.created_at < created_before)
-    return list(session.scalars(query))
+def resend_queued_starts(session: Session, *, now: datetime, resend_before: datetime) -> list[str]:
+    """Runs still queued whose start was last sent before ``resend_before``: marked re-sent at
+    ``now`` (compare-and-set, so one reaper gets each) and returned for the caller to re-send.
+
+    A queued run's heartbeat is when its start was last sent (by the reaper); before that, its
+    creation time is.
+    """
+    last_sent = func.coalesce(Run.heartbeat_at, Run.created_at)
+    statement = (
+        update(Run)
+        .where(Run.state == RunState.QUEUED, last_sent < resend_before)
+        .values(heartbeat_at=now)
+        .returning(Run.id)
+        .execution_options(synchronize_session=False)
+    )
+    return sorted(session.scalars(statement))
 
 
 def note_recovery(
-    session: Session, run_id: str, *, reason: str, now: datetime, stale_before: datetime
+    session: Session,
+    run_id: str,
+    *,
+    reason: str,
+    now: datetime,
+    stale_before: datetime | None = None,
 ) -> bool:
     """Count one more reaper recovery on the run, with the reason, as progress.
 
-    Conditional, so it is True for exactly one caller: only while the run is still running and
-    still stale (a batch callback that finished the run meanwhile keeps its reason, and of
-    concurrent reapers one wins). The counter is incremented in SQL, not read-modify-written.
+    Conditional: only while the run is still running (a batch callback that finished the run
+    meanwhile keeps its reason) and, with ``stale_before``, still stale (of concurrent reapers
+    one wins). The counter is incremented in SQL, not read-modify-written.
     """
     count = func.coalesce(Run.options["reaper_recoveries"].as_integer(), 0) + 1
     options: Any
@@ -253,15 +319,13 @@ def note_recovery(
             func.to_jsonb(count),
         )
     else:
-        options = func.json_set(
-            func.coalesce(Run.options, "{}"), "$.reaper_recoveries", count
-        )
+        options = func.json_set(func.coalesce(Run.options, "{}"), "$.reaper_recoveries", count)
     statement = (
         update(Run)
         .where(
             Run.id == run_id,
             Run.state == RunState.RUNNING,
-            Run.heartbeat_at < stale_before,
+            Run.heartbeat_at < stale_before if stale_before is not None else true(),
         )
         .values(options=options, reason=reason, heartbeat_at=now)
         .execution_options(synchronize_session=False)

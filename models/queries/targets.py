@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from models.base import utcnow
@@ -21,8 +21,10 @@ __all__ = [
     "get_target",
     "get_target_by_name",
     "list_targets",
+    "pin_cluster_identity",
     "record_health",
     "target_group_names",
+    "target_pools",
 ]
 
 
@@ -39,6 +41,7 @@ def create_target(
     adopt_unmanaged: bool = False,
     allow_system_namespace: bool = False,
     variables: Mapping[str, Any] | None = None,
+    pool: str = "default",
 ) -> Target:
     """Insert a Kubernetes target (templates are validated by the caller, worker.core.names)."""
     ensure_unique_name(session, Target, name, "target")
@@ -75,6 +78,7 @@ def create_target(
         adopt_unmanaged=adopt_unmanaged,
         allow_system_namespace=allow_system_namespace,
         variables=dict(variables or {}),
+        pool=pool,
     )
     session.add(target)
     session.flush()
@@ -122,3 +126,29 @@ def record_health(
     target.health_checked_at = checked_at or utcnow()
     session.flush()
     return target
+
+
+def target_pools(session: Session, target_ids: Sequence[str]) -> dict[str, str]:
+    """The pool of each of ``target_ids`` that exists (one statement)."""
+    if not target_ids:
+        return {}
+    query = select(Target.id, Target.pool).where(Target.id.in_(list(dict.fromkeys(target_ids))))
+    return {target_id: pool for target_id, pool in session.execute(query)}
+
+
+def pin_cluster_identity(
+    session: Session, target_id: str, identity: str, *, replace: bool = False
+) -> str | None:
+    """Record the cluster an in-cluster target writes to; the identity recorded afterwards.
+
+    Without ``replace`` the identity is written only where none is recorded yet (a conditional
+    update, so of two workers racing the first one wins and the other reads its value back).
+    """
+    statement = update(Target).where(Target.id == target_id).values(cluster_identity=identity)
+    if not replace:
+        statement = statement.where(Target.cluster_identity.is_(None))
+    session.execute(statement.execution_options(synchronize_session=False))
+    recorded: str | None = session.scalar(
+        select(Target.cluster_identity).where(Target.id == target_id)
+    )
+    return recorded

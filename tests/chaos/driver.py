@@ -342,8 +342,13 @@ class Round:
             if kind == "worker_kill":
                 worker.kill()
             else:
+                # Before Celery has installed its handlers (still booting, nothing consumed),
+                # SIGTERM's default action ends the process: only a ready worker owes a warm
+                # shutdown with status 0.
+                ready = " ready." in worker.log_text()
                 worker.terminate()
-                self.terminated.append(worker)
+                if ready:
+                    self.terminated.append(worker)
             self.log(f"{fault.describe()}: {worker.name} (pid {worker.process.pid})")
             self.restarts_due.append(time.monotonic() + fault.seconds)
         elif kind == "redis_restart":

@@ -11,6 +11,8 @@ the same paths through real Celery workers are in test_pipeline.py and test_faul
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -21,8 +23,10 @@ from typing import Any
 import pytest
 from sqlalchemy import update
 
+from models import queries
 from models.base import utcnow
 from models.entities import TargetResult
+from tests.support.faults import FaultyApiProxy, proxied_kubeconfig
 from tests.support.pipeline import Pipeline, build_fleet, pipeline
 from worker.app import runs as flow
 from worker.app import service
@@ -116,7 +120,7 @@ def test_a_delivery_whose_lease_was_taken_over_records_nothing(
         session.execute(
             update(TargetResult)
             .where(TargetResult.run_id == run_id)
-            .values(started_at=utcnow() - flow.claim_lease(rt) - timedelta(seconds=1))
+            .values(lease_expires_at=utcnow() - timedelta(seconds=1))
         )
     assert flow.process_targets(rt, sent, run_id, target_ids) == []
     taken_over = _results(pipe, run_id)
@@ -129,3 +133,74 @@ def test_a_delivery_whose_lease_was_taken_over_records_nothing(
     assert "3 of 3 outcomes not recorded" in caplog.text
     # Recorded targets are final: no delivery claims them again.
     assert flow._claim(rt, run_id, target_ids) == []
+
+
+class _SoftLimit(Exception):
+    """Raised in the main thread by a signal, as billiard raises the soft time limit."""
+
+
+def test_a_target_the_soft_limit_interrupts_after_its_write_landed_is_given_back_not_failed(
+    pipe: Pipeline, clusters: list[Any], make_service_account: Any, testenv_admin_api: Any
+) -> None:
+    # Issue 17 §3. The pool's parent delivers the soft limit as a signal; here the fault proxy
+    # sends it the moment the API server has answered the second target's create (the write
+    # landed) and before the worker hears the answer.
+    proxy = FaultyApiProxy(clusters[0].server, clusters[0].ca_pem)
+    try:
+        namespace = f"claims-{uuid.uuid4().hex[:6]}"
+        kubeconfig = make_service_account(clusters[0], namespace).kubeconfig
+        fleet = build_fleet(
+            pipe,
+            clusters[:1],
+            make_service_account,
+            targets=3,
+            namespace=namespace,
+            kubeconfigs={
+                clusters[0].name: proxied_kubeconfig(kubeconfig, proxy.server, proxy.ca_pem)
+            },
+        )
+        sent = RecordingDispatcher()
+        run_id = service.enqueue_run(pipe.runtime, sent, fleet.distribution_id, "execute")
+        flow.start_run(pipe.runtime, sent, run_id)
+        target_ids = sent.targets()
+        creates = 0
+
+        def interrupt_on_the_second_create(method: str, path: str, status: int) -> None:
+            nonlocal creates
+            if method == "POST" and "/secrets" in path and status == 201:
+                creates += 1
+                if creates == 2:
+                    os.kill(os.getpid(), signal.SIGUSR1)
+
+        def raise_soft_limit(*_: Any) -> None:
+            raise _SoftLimit
+
+        previous = signal.signal(signal.SIGUSR1, raise_soft_limit)
+        proxy.after_forward = interrupt_on_the_second_create
+        try:
+            left = flow.process_targets(
+                pipe.runtime, sent, run_id, target_ids, interrupted_by=(_SoftLimit,)
+            )
+        finally:
+            signal.signal(signal.SIGUSR1, previous)
+            proxy.after_forward = None
+
+        # The first target is recorded; the interrupted one and the one after are given back
+        # (pending, attempt restored) for the caller to re-queue — none is "failed".
+        assert left == target_ids[1:]
+        results = _results(pipe, run_id)
+        assert results[target_ids[0]].status == "created"
+        for target_id in left:
+            assert (results[target_id].status, results[target_id].attempts) == ("pending", 0)
+        # The re-queued message finishes them: the interrupted write is found in place.
+        assert flow.process_targets(pipe.runtime, sent, run_id, left) == []
+        results = _results(pipe, run_id)
+        assert results[target_ids[1]].status == "unchanged"
+        assert results[target_ids[2]].status == "created"
+        assert ("advance", 0) in sent.sent
+        # And its rollback snapshot knows our write landed (a rollback will not call it drift).
+        with pipe.runtime.session() as session:
+            snapshot = queries.get_snapshot(session, fleet.distribution_id, target_ids[1])
+            assert snapshot is not None and snapshot.written_fingerprint is not None
+    finally:
+        proxy.close()

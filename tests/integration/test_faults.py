@@ -46,9 +46,6 @@ from worker.platform.runtime import set_runtime
 
 WRITTEN = {"created", "updated", "unchanged"}
 
-#: A hard limit of 10 s makes a claim's lease 15 s, so lost work is re-sent sooner; the soft
-#: limit of 8 s lets a claimed target ride out a database outage of up to 4 s in-task.
-SHORT_LEASE = {"CAP_TASK_TIME_LIMIT": "10", "CAP_TASK_SOFT_TIME_LIMIT": "8"}
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -78,7 +75,7 @@ def shared(
     gated_postgres: tuple[str, TcpGate], persistent_redis: Any, tmp_path_factory: Any
 ) -> Iterator[Pipeline]:
     with pipeline(
-        gated_postgres[0], persistent_redis.url, tmp_path_factory.mktemp("faults"), SHORT_LEASE
+        gated_postgres[0], persistent_redis.url, tmp_path_factory.mktemp("faults")
     ) as made:
         yield made
 
@@ -399,7 +396,7 @@ def test_redis_restarted_mid_run_the_reaper_brings_the_run_to_a_truthful_end(
     else:
         broker = make_redis_server(appendonly=False)
         own = pipeline(
-            testenv.postgres().create_database("redis"), broker.url, tmp_path, SHORT_LEASE
+            testenv.postgres().create_database("redis"), broker.url, tmp_path
         )
         pipe = own.__enter__()
     try:

@@ -477,16 +477,27 @@ def test_unknown_values_key_is_rejected_by_the_schema(helm: Helm, setting: str) 
     assert "additional properties 'bogus' not allowed" in result.stderr, result.stderr
 
 
+def test_the_pool_value_is_the_workers_pool_and_the_queue_keda_reads(helm: Helm) -> None:
+    manifests = helm.render("--values", str(KEDA_VALUES), "--set", "pool=eu-prod-1")
+    (config,) = of_kind(manifests, "ConfigMap")
+    assert config["data"]["CAP_WORKER_POOL"] == "eu-prod-1"
+    (scaled,) = of_kind(manifests, "ScaledObject")
+    (trigger,) = scaled["spec"]["triggers"]
+    assert trigger["metadata"]["listName"] == "kubernetes.eu-prod-1"
+    refused = helm.run("template", "cap", str(CHART), "--set", "pool=EU_prod")
+    assert refused.returncode != 0 and "pool" in refused.stderr, refused.stderr
+
+
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
         (
-            ["worker.terminationGracePeriodSeconds=300"],
-            "worker.terminationGracePeriodSeconds (300) must exceed config.taskTimeLimit (300)",
+            ["worker.terminationGracePeriodSeconds=660"],
+            "worker.terminationGracePeriodSeconds (660) must exceed config.taskTimeLimit (660)",
         ),
         (
             ["config.brokerVisibilityTimeout=200"],
-            "config.brokerVisibilityTimeout (200) must exceed config.taskTimeLimit (300)",
+            "config.brokerVisibilityTimeout (200) must exceed config.taskTimeLimit (660)",
         ),
         (["worker.replicaCount=2"], "several worker pods need a shared database and broker"),
         (["autoscaling.enabled=true"], "several worker pods need a shared database and broker"),
@@ -751,7 +762,10 @@ def test_rendered_manifests_are_accepted_by_a_real_api_server(
         (scaled,) = of_kind(manifests, "ScaledObject")
         assert of_kind(manifests, "HorizontalPodAutoscaler") == []  # KEDA makes its own
         (trigger,) = scaled["spec"]["triggers"]
-        assert (trigger["type"], trigger["metadata"]["listName"]) == ("redis", "kubernetes")
+        assert (trigger["type"], trigger["metadata"]["listName"]) == (
+            "redis",
+            "kubernetes.default",  # the queue of the release's pool
+        )
         ensure_keda_crd_stand_in(admin)
     server_side_apply(admin, manifests)
     rbac = client.RbacAuthorizationV1Api(admin)

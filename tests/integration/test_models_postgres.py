@@ -10,7 +10,7 @@ upgrade/downgrade/upgrade cycle with data) follow.
 from __future__ import annotations
 
 import threading
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -45,13 +45,18 @@ from tests.unit.test_models_sqlite import (  # noqa: F401 - fixtures and shared 
     downgrade,
     engine,
     factory,
+    other_bundle,
     ring,
     sealer,
     session,
+    test_a_claim_is_lost_when_its_lease_runs_out_not_while_it_is_renewed,
     test_a_database_filled_at_0001_upgrades_with_every_row_and_secret_intact,
+    test_a_database_filled_at_0003_upgrades_with_revisions_pinned_and_secrets_intact,
     test_a_final_snapshot_is_never_overwritten,
+    test_a_pending_target_is_lost_only_once_its_message_is_overdue,
     test_a_provisional_snapshot_is_replaced_by_the_next_attempt_in_place,
     test_a_reaper_recovery_is_counted_in_sql_only_on_a_running_and_still_stale_run,
+    test_a_revision_key_copied_into_another_certificate_does_not_open,
     test_certificate_round_trips_with_a_sealed_private_key,
     test_child_process_after_fork_uses_its_own_connections,
     test_claims_are_exclusive_until_released_or_expired,
@@ -74,6 +79,7 @@ from tests.unit.test_models_sqlite import (  # noqa: F401 - fixtures and shared 
     test_one_result_per_run_and_target,
     test_position_is_unique_per_certificate,
     test_relationships_never_lazy_load,
+    test_renewal_adds_a_revision_and_runs_keep_the_one_they_were_enqueued_with,
     test_renewed_certificate_replaces_content_and_keeps_its_id,
     test_rollback_availability_explains_the_greyed_out_button,
     test_rotation_rewraps_every_envelope_and_old_kek_can_be_dropped,
@@ -87,9 +93,10 @@ from tests.unit.test_models_sqlite import (  # noqa: F401 - fixtures and shared 
     test_snapshot_of_an_absent_secret_stores_no_content,
     test_snapshot_records_what_we_wrote_for_drift_detection,
     test_snapshots_sealed_before_the_one_snapshot_type_still_read_back,
-    test_stale_runs_are_running_runs_with_an_old_heartbeat,
     test_target_result_records_outcome_and_duration,
     test_target_round_trips_every_field,
+    test_the_database_clock_is_aware_utc,
+    test_the_reaper_finds_running_runs_and_resends_each_lost_start_once,
     test_timestamps_come_back_timezone_aware_in_utc,
     test_unknown_enum_values_are_refused,
     test_upgrade_creates_every_table_and_matches_the_models,
@@ -168,7 +175,9 @@ def _populate_every_model(
         )
         run = queries.create_run(db, distribution_id=distribution.id, action="execute")
         queries.start_run(db, run.id, batch_plan=[[target.id]], now=now)
-        claims = queries.claim_results(db, run.id, [target.id], now=now, expired=now)
+        claims = queries.claim_results(
+            db, run.id, [target.id], now=now, lease_until=now + timedelta(seconds=60)
+        )
         record = queries.ResultRecord(
             claim=queries.HeldClaim(run.id, target.id, claims[target.id].attempts),
             status=ResultStatus.CREATED,
@@ -249,8 +258,9 @@ def test_kek_rotation_end_to_end(db_url: str, bundle: TlsBundle) -> None:  # noq
     pg_engine = make_engine(db_url)
     try:
         with session_scope(make_session_factory(pg_engine)) as db:
-            assert queries.envelope_key_usage(db, both) == {"kek1": 3}
-            assert queries.rotate_keys(db, both, "kek2") == 3
+            # The key, its revision's copy, the kubeconfig, the snapshot.
+            assert queries.envelope_key_usage(db, both) == {"kek1": 4}
+            assert queries.rotate_keys(db, both, "kek2") == 4
     finally:
         pg_engine.dispose()
 
@@ -258,9 +268,11 @@ def test_kek_rotation_end_to_end(db_url: str, bundle: TlsBundle) -> None:  # noq
     pg_engine = make_engine(db_url)
     try:
         with session_scope(make_session_factory(pg_engine)) as db:
-            assert queries.envelope_key_usage(db, only_kek2) == {"kek2": 3}
+            assert queries.envelope_key_usage(db, only_kek2) == {"kek2": 4}
             assert queries.reveal_credential(db, only_kek2, ids["credential"]) == KUBECONFIG
             assert queries.reveal_private_key(db, only_kek2, ids["certificate"]) == bundle.key_pem
+            revision = queries.current_revision(db, ids["certificate"])
+            assert queries.reveal_revision_key(db, only_kek2, revision.id) == bundle.key_pem
             snapshot = _reveal(
                 db, only_kek2, distribution_id=ids["distribution"], target_id=ids["target"]
             )

@@ -13,10 +13,11 @@ import uuid
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives import hashes
 from kubernetes import client as k8s
 
 from tests.certfactory import make_chain
-from tests.support.faults import seed_previous_secrets
+from tests.support.faults import FaultyApiProxy, proxied_kubeconfig, seed_previous_secrets
 from tests.support.pipeline import Pipeline, build_fleet, read_secret
 from worker.app import service
 
@@ -97,10 +98,6 @@ def test_a_snapshot_from_a_failed_first_attempt_is_replaced_by_what_is_live_at_t
     assert base64.b64decode(restored.data["tls.key"]) == theirs.key_pem
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 17 §4: every message reloads the certificate; a run does not pin a revision",
-)
 def test_a_run_deploys_the_certificate_revision_it_was_enqueued_with(
     pipe: Pipeline, clusters: list[Any], make_service_account: Any, testenv_admin_api: Any
 ) -> None:
@@ -130,6 +127,18 @@ def test_a_run_deploys_the_certificate_revision_it_was_enqueued_with(
         secret = read_secret(testenv_admin_api, cluster, namespace, secret_name)
         assert secret is not None, name
         assert base64.b64decode(secret.data["tls.key"]) == fleet.chain.key_pem, name
+        assert base64.b64decode(secret.data["tls.crt"]).startswith(fleet.chain.leaf_pem), name
+    assert report.certificate is not None and report.certificate.revision == 1
+
+    # The next run is enqueued after the renewal: it pins and deploys revision 2.
+    renewal = pipe.wait(pipe.enqueue(fleet.distribution_id, "execute"))
+    assert renewal.state == "succeeded", renewal.reason
+    assert renewal.certificate is not None and renewal.certificate.revision == 2
+    assert renewal.certificate.sha256_fingerprint == renewed.leaf.fingerprint(hashes.SHA256()).hex()
+    for name, (cluster, namespace, secret_name) in fleet.placement.items():
+        secret = read_secret(testenv_admin_api, cluster, namespace, secret_name)
+        assert base64.b64decode(secret.data["tls.key"]) == renewed.key_pem, name
+        assert base64.b64decode(secret.data["tls.crt"]).startswith(renewed.leaf_pem), name
 
 
 def test_a_rollback_is_refused_while_an_execute_of_the_distribution_is_active(
@@ -259,3 +268,37 @@ def test_a_certificate_cannot_steer_a_secret_into_a_system_namespace(
     assert (result.status, result.error_reason) == ("failed", "system_namespace"), result
     assert "--allow-system-namespace" in (result.error_message or "")
     assert read_secret(testenv_admin_api, cluster, "kube-system", f"{prefix}-tls") is None
+
+
+def test_a_long_healthy_run_is_left_alone_by_the_reaper(
+    pipe: Pipeline, clusters: list[Any], make_service_account: Any
+) -> None:
+    # Issue 17 §6. Every API call is held 3 s, so one target takes about 6 s — longer than
+    # the 5 s lease (CAP_STALE_AFTER) — and with one worker process the other messages wait
+    # in the queue meanwhile. Nothing is lost: the reaper (every second) must not re-send.
+    proxy = FaultyApiProxy(clusters[0].server, clusters[0].ca_pem)
+    proxy.latency = 3.0
+    try:
+        namespace = _namespace("long")
+        kubeconfig = make_service_account(clusters[0], namespace).kubeconfig
+        fleet = build_fleet(
+            pipe,
+            clusters[:1],
+            make_service_account,
+            targets=3,
+            namespace=namespace,
+            kubeconfigs={
+                clusters[0].name: proxied_kubeconfig(kubeconfig, proxy.server, proxy.ca_pem)
+            },
+        )
+        pipe.start_worker(concurrency=1)
+
+        report = pipe.wait(pipe.enqueue(fleet.distribution_id, "execute"), timeout=120)
+
+        assert report.state == "succeeded", report.reason
+        assert "reaper" not in (report.reason or ""), report.reason
+        assert {result.attempts for result in report.results} == {1}
+        writes = [entry for entry in proxy.log if entry[0] == "POST"]
+        assert len(writes) == 3, writes  # each Secret written once: no duplicate message ran
+    finally:
+        proxy.close()

@@ -21,12 +21,15 @@ from worker.platform.celery_app import app, configure
 from worker.platform.runtime import Runtime, build_runtime, migration_engine, set_runtime
 from worker.platform.settings import Settings, load_settings
 
-#: Short limits so recovery paths (leases, reaper) run within a test's time.
+#: Short leases so recovery paths (leases, reaper) run within a test's time: a claim holds 5 s
+#: unless renewed, a message nobody claimed is re-sent after 20 s. The soft limit is the least
+#: these retry settings allow (worker.core.budget: 8 API calls x 16 s, 7 database steps x 2.5 s).
 FAST_RECOVERY = {
-    "CAP_TASK_TIME_LIMIT": "20",
-    "CAP_TASK_SOFT_TIME_LIMIT": "15",
-    "CAP_BROKER_VISIBILITY_TIMEOUT": "60",
+    "CAP_TASK_TIME_LIMIT": "170",
+    "CAP_TASK_SOFT_TIME_LIMIT": "160",
+    "CAP_BROKER_VISIBILITY_TIMEOUT": "200",
     "CAP_STALE_AFTER": "5",
+    "CAP_RESEND_AFTER": "20",
     "CAP_REAPER_INTERVAL": "1",
     "CAP_KUBE_RETRY_ATTEMPTS": "3",
     "CAP_KUBE_RETRY_MAX_SECONDS": "4",

@@ -31,7 +31,7 @@ def test_visibility_timeout_exceeds_the_hard_time_limit_wherever_celery_reads_it
 
 def test_settings_refuse_a_visibility_timeout_not_above_the_hard_limit() -> None:
     with pytest.raises(ValueError, match="CAP_BROKER_VISIBILITY_TIMEOUT"):
-        _settings(CAP_TASK_TIME_LIMIT="300", CAP_BROKER_VISIBILITY_TIMEOUT="300")
+        _settings(CAP_TASK_TIME_LIMIT="700", CAP_BROKER_VISIBILITY_TIMEOUT="700")
 
 
 def test_embedded_broker_gets_no_transport_options_it_would_pass_to_create_engine(
@@ -51,9 +51,15 @@ def test_late_acks_single_prefetch_json_only_events_and_routing() -> None:
     assert config["task_serializer"] == config["result_serializer"] == "json"
     assert config["worker_send_task_events"] is True
     assert config["broker_connection_retry_on_startup"] is True
-    assert config["task_routes"]["cap.kube.*"]["queue"] == "kubernetes"
+    # Per-target work goes to the queue of a pool (this process's own by default); the
+    # un-pooled "kubernetes" queue is still declared so the default pool can drain it.
+    assert config["task_routes"]["cap.kube.*"]["queue"] == "kubernetes.default"
     assert config["task_default_queue"] == CONTROL_QUEUE
-    assert {queue.name for queue in config["task_queues"]} == {"kubernetes", CONTROL_QUEUE}
+    assert {queue.name for queue in config["task_queues"]} == {
+        "kubernetes.default",
+        "kubernetes",
+        CONTROL_QUEUE,
+    }
 
 
 def test_every_task_has_a_stable_explicit_name(tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -66,9 +72,11 @@ def test_every_task_has_a_stable_explicit_name(tmp_path) -> None:  # type: ignor
         tasks.start_run_task.name,
         tasks.process_target_task.name,
         tasks.advance_run_task.name,
+        tasks.check_health_task.name,
     }
-    assert names == {"cap.run.start", "cap.kube.target", "cap.run.advance"}
-    # The scheduler's contract: exactly these three, no task nobody sends.
+    assert names == {"cap.run.start", "cap.kube.target", "cap.run.advance", "cap.kube.health"}
+    # The scheduler's contract: exactly these (the health check is sent by `targets add` and
+    # `targets check` for a target of another pool), no task nobody sends.
     assert {name for name in app.tasks if name.startswith("cap.")} == names
     assert tasks.PROCESS_TARGETS == "cap.kube.target"
 

@@ -244,6 +244,7 @@ def test_each_container_gets_only_the_secrets_it_needs() -> None:
         "postgres": {"postgres_password"},
         "migrate": {"cap_kek", "cap_database_url"},
         "worker": {"cap_kek", "cap_database_url"},
+        "worker-edge": {"cap_kek", "cap_database_url"},
         # Flower reads no stored credential: no KEK, no database.
         "flower": {"flower_basic_auth"},
     }
@@ -254,11 +255,18 @@ def test_every_worker_setting_is_documented_in_env_example() -> None:
 
 
 def test_worker_accepts_the_environment_compose_gives_it(secrets_folder: Path) -> None:
-    for service in ("migrate", "worker"):
+    for service in ("migrate", "worker", "worker-edge"):
         settings = load_settings(mounted_environment(service, secrets_folder))
         assert settings.ignored_variables == (), service
         assert settings.database.backend == "postgresql", service
         assert not settings.database.is_default, service
+    # Two pools: the second worker takes only the per-target work of pool "edge".
+    assert load_settings(mounted_environment("worker", secrets_folder)).tasks.worker_pool == (
+        "default"
+    )
+    edge = load_settings(mounted_environment("worker-edge", secrets_folder))
+    assert edge.tasks.worker_pool == "edge"
+    assert COMPOSE["services"]["worker-edge"]["profiles"] == ["pools"]
 
 
 def test_flower_reads_its_login_from_its_file_and_no_stored_credential(
@@ -326,7 +334,14 @@ def cli_command_path(args: list[str]) -> list[str]:
 
 
 def test_services_form_the_documented_stack() -> None:
-    assert set(COMPOSE["services"]) == {"redis", "postgres", "migrate", "worker", "flower"}
+    assert set(COMPOSE["services"]) == {
+        "redis",
+        "postgres",
+        "migrate",
+        "worker",
+        "worker-edge",
+        "flower",
+    }
 
 
 def test_redis_persists_and_never_evicts_queued_tasks() -> None:

@@ -49,6 +49,7 @@ def worker(tmp_path: Path) -> Iterator[Worker]:
                 "CAP_HEARTBEAT_FILE": str(blocker / "heartbeat"),
                 "CAP_REAPER_INTERVAL": "0.1",
                 "CAP_STALE_AFTER": "0.1",
+                "CAP_RESEND_AFTER": "0.1",  # every pass finds the target lost again
             }
         )
     )

@@ -83,6 +83,7 @@ from worker.platform.settings import load_settings
 KEK1 = bytes(range(32))
 KEK2 = bytes(range(64, 96))
 KUBECONFIG = b"apiVersion: v1\nkind: Config\nusers: [{name: u, user: {token: t0ken-s3cret}}]\n"
+LEASE = timedelta(seconds=60)
 NOW = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 TABLES = {
     "certificates",
@@ -173,6 +174,15 @@ def runtime(db_url: str, tmp_path: Path) -> Iterator[Runtime]:
 @pytest.fixture(scope="module")
 def bundle() -> TlsBundle:
     chain = make_chain(cn="app.example.com", sans=["app.example.com", "www.example.com"])
+    return build_bundle(
+        chain.leaf_pem, chain.key_pem, chain.chain_pem, chain.root_pem, now=datetime.now(UTC)
+    )
+
+
+@pytest.fixture(scope="module")
+def other_bundle() -> TlsBundle:
+    """A second certificate (another key): what a renewal brings."""
+    chain = make_chain(cn="app.example.com", sans=["app.example.com"])
     return build_bundle(
         chain.leaf_pem, chain.key_pem, chain.chain_pem, chain.root_pem, now=datetime.now(UTC)
     )
@@ -331,6 +341,84 @@ def test_a_database_filled_at_0001_upgrades_with_every_row_and_secret_intact(
     # And the index now holds: a second execute is refused, naming the active one.
     with session_scope(factory) as session, pytest.raises(queries.ActiveRunError, match=older_id):
         queries.create_run(session, distribution_id=distribution.id, action="execute")
+
+
+def test_a_database_filled_at_0003_upgrades_with_revisions_pinned_and_secrets_intact(
+    factory: sessionmaker[Session], engine: Engine, sealer: Sealer, bundle: TlsBundle, db_url: str
+) -> None:
+    # Revision 0004 adds certificate revisions (each certificate gets revision 1, a copy of its
+    # content), pins every run to it, and adds send times and leases to results. The rows are
+    # written through today's models, then the database goes back to 0003 (rows kept).
+    with session_scope(factory) as session:
+        distribution, target = _distribution(session, sealer, bundle)
+        ids: dict[str, Any] = {"distribution_id": distribution.id, "target_id": target.id}
+        assert _save(session, sealer, PREVIOUS, **ids)
+        running = _started_run(session, distribution, [[target.id]])
+        dry = queries.create_run(session, distribution_id=distribution.id, action="dry_run")
+        certificate_id, credential_id = distribution.certificate_id, target.credential_id
+        run_ids = {running.id, dry.id}
+    downgrade(db_url, "0003")
+    assert "certificate_revisions" not in inspect(engine).get_table_names()
+    columns_at_0003 = _columns(engine)
+    before = _all_rows(engine, columns_at_0003)
+
+    upgrade(db_url, "0004")
+
+    assert _all_rows(engine, columns_at_0003) == before  # nothing that 0003 had changed
+    with session_scope(factory) as session:
+        revision = queries.current_revision(session, certificate_id)
+        certificate = queries.get_certificate(session, certificate_id)
+        assert revision.number == 1
+        for column in ("serial_hex", "sha256_fingerprint", "leaf_pem", "chain_pem", "ca_pem"):
+            assert getattr(revision, column) == getattr(certificate, column), column
+        assert revision.not_after == certificate.not_after
+        # The copied envelope opens (sealed for the certificate), as does everything else.
+        assert queries.reveal_revision_key(session, sealer, revision.id) == bundle.key_pem
+        assert queries.reveal_private_key(session, sealer, certificate_id) == bundle.key_pem
+        assert credential_id is not None
+        assert queries.reveal_credential(session, sealer, credential_id) == KUBECONFIG
+        assert _reveal(session, sealer, **ids) == PREVIOUS
+        for run_id in run_ids:
+            assert queries.get_run(session, run_id).certificate_revision_id == revision.id
+        loaded = queries.load_run_context(session, running.id)
+        assert loaded is not None and loaded[2].id == revision.id
+        result = session.scalars(select(TargetResult)).one()
+        assert result.sent_at is None and result.lease_expires_at is None
+
+
+def test_renewal_adds_a_revision_and_runs_keep_the_one_they_were_enqueued_with(
+    session: Session, sealer: Sealer, bundle: TlsBundle, other_bundle: TlsBundle
+) -> None:
+    distribution, _ = _distribution(session, sealer, bundle)
+    certificate_id = distribution.certificate_id
+    before = queries.create_run(session, distribution_id=distribution.id, action="dry_run")
+    first = queries.current_revision(session, certificate_id)
+
+    queries.replace_certificate(session, sealer, certificate_id, other_bundle)
+    after = queries.create_run(session, distribution_id=distribution.id, action="dry_run")
+    second = queries.current_revision(session, certificate_id)
+
+    assert (first.number, second.number) == (1, 2)
+    assert before.certificate_revision_id == first.id
+    assert after.certificate_revision_id == second.id
+    assert first.sha256_fingerprint == bundle.leaf.sha256_fingerprint
+    assert second.sha256_fingerprint == other_bundle.leaf.sha256_fingerprint
+    # Each revision pairs its own leaf with its own key: never the old leaf with the new key.
+    assert queries.reveal_revision_key(session, sealer, first.id) == bundle.key_pem
+    assert queries.reveal_revision_key(session, sealer, second.id) == other_bundle.key_pem
+
+
+def test_a_revision_key_copied_into_another_certificate_does_not_open(
+    session: Session, sealer: Sealer, bundle: TlsBundle, other_bundle: TlsBundle
+) -> None:
+    mine = queries.store_certificate(session, sealer, bundle)
+    theirs = queries.store_certificate(session, sealer, other_bundle)
+    stolen = queries.current_revision(session, mine.id)
+    target = queries.current_revision(session, theirs.id)
+    target.private_key = stolen.private_key
+    session.flush()
+    with pytest.raises(DecryptionError):
+        queries.reveal_revision_key(session, sealer, target.id)
 
 
 # ------------------------------------------------------------------------------ engine / db
@@ -975,18 +1063,73 @@ def test_queued_run_cannot_succeed_without_running(
         queries.finish_run(session, run.id, RunState.RUNNING, now=NOW, reason=None)
 
 
-def test_stale_runs_are_running_runs_with_an_old_heartbeat(
+def test_the_reaper_finds_running_runs_and_resends_each_lost_start_once(
     session: Session, sealer: Sealer, bundle: TlsBundle
 ) -> None:
     distribution, target = _distribution(session, sealer, bundle)
     # Dry-runs: several may be active at once (only one execute or rollback may).
-    stale = _started_run(session, distribution, [[target.id]], "dry_run")
-    fresh = _started_run(session, distribution, [[target.id]], "dry_run")
-    beat = NOW + timedelta(minutes=5)
-    queries.heartbeat(session, fresh.id, now=beat, unless_since=beat)
-    queries.create_run(session, distribution_id=distribution.id, action="dry_run")  # queued
-    found = queries.stale_runs(session, heartbeat_before=NOW + timedelta(minutes=1))
-    assert [run.id for run in found] == [stale.id]
+    running = _started_run(session, distribution, [[target.id]], "dry_run")
+    queued = queries.create_run(session, distribution_id=distribution.id, action="dry_run")
+    session.flush()
+    assert [run.id for run in queries.running_runs(session)] == [running.id]
+    created = queries.get_run(session, queued.id).created_at
+    # Not yet overdue: nothing to re-send.
+    assert queries.resend_queued_starts(session, now=created, resend_before=created) == []
+    later = created + timedelta(minutes=10)
+    overdue = created + timedelta(seconds=1)
+    assert queries.resend_queued_starts(session, now=later, resend_before=overdue) == [queued.id]
+    # Marked re-sent at `later`: another reaper with the same view gets nothing.
+    assert queries.resend_queued_starts(session, now=later, resend_before=overdue) == []
+
+
+def test_a_pending_target_is_lost_only_once_its_message_is_overdue(
+    session: Session, sealer: Sealer, bundle: TlsBundle
+) -> None:
+    distribution, target = _distribution(session, sealer, bundle)
+    run_id = _started_run(session, distribution, [[target.id]]).id  # batch 0 sent at NOW
+
+    def resend(now: datetime) -> list[str]:
+        return queries.resend_lost(
+            session, run_id, 0, now=now, resend_before=now - timedelta(minutes=5)
+        )
+
+    assert resend(NOW + timedelta(minutes=4)) == []  # merely queued
+    assert resend(NOW + timedelta(minutes=6)) == [target.id]  # sent 6 min ago, never claimed
+    assert resend(NOW + timedelta(minutes=6)) == []  # re-sent just now (one reaper wins)
+    assert resend(NOW + timedelta(minutes=12)) == [target.id]  # that message was lost too
+
+
+def test_a_claim_is_lost_when_its_lease_runs_out_not_while_it_is_renewed(
+    session: Session, sealer: Sealer, bundle: TlsBundle
+) -> None:
+    distribution, target = _distribution(session, sealer, bundle)
+    run_id = _started_run(session, distribution, [[target.id]]).id
+    claim = queries.claim_results(session, run_id, [target.id], now=NOW, lease_until=NOW + LEASE)
+    held = queries.HeldClaim(run_id, target.id, claim[target.id].attempts)
+
+    def resend(now: datetime) -> list[str]:
+        return queries.resend_lost(session, run_id, 0, now=now, resend_before=now - LEASE * 5)
+
+    # A long, healthy target: its message renews the lease, the reaper leaves it alone.
+    for minute in range(1, 4):
+        now = NOW + timedelta(minutes=minute)
+        assert queries.renew_claims(session, [held], lease_until=now + LEASE) == 1
+        assert resend(now + timedelta(seconds=30)) == []
+        assert queries.count_live_claims(session, run_id, 0, now=now) == 1
+    # The worker died after its last renewal (at minute 3): lost as soon as the lease ends.
+    dead = NOW + timedelta(minutes=4, seconds=1)
+    assert queries.count_live_claims(session, run_id, 0, now=dead) == 0
+    assert resend(dead) == [target.id]
+    assert resend(dead + timedelta(seconds=1)) == []  # re-sent; not again until overdue
+    # A renewal of another attempt (a delivery that lost its claim) extends nothing.
+    stale = queries.HeldClaim(run_id, target.id, held.attempt + 1)
+    assert queries.renew_claims(session, [stale], lease_until=dead + LEASE) == 0
+
+
+def test_the_database_clock_is_aware_utc(session: Session) -> None:
+    now = queries.database_now(session)
+    assert now.tzinfo is not None and now.utcoffset() == timedelta(0)
+    assert abs(now - datetime.now(UTC)) < timedelta(seconds=5)
 
 
 def test_a_reaper_recovery_is_counted_in_sql_only_on_a_running_and_still_stale_run(
@@ -1083,7 +1226,9 @@ def test_target_result_records_outcome_and_duration(
         distribution, target = _distribution(session, sealer, bundle)
         run_id = _started_run(session, distribution, [[target.id]]).id
         target_id = target.id
-        claims = queries.claim_results(session, run_id, [target_id], now=NOW, expired=NOW)
+        claims = queries.claim_results(
+            session, run_id, [target_id], now=NOW, lease_until=NOW + LEASE
+        )
         assert claims == {target_id: queries.Claim(target_id, 0, 1)}
         written = _record(
             session,
@@ -1126,11 +1271,13 @@ def test_claims_are_exclusive_until_released_or_expired(
 ) -> None:
     distribution, target = _distribution(session, sealer, bundle)
     run_id = _started_run(session, distribution, [[target.id]]).id
-    first = queries.claim_results(session, run_id, [target.id], now=NOW, expired=NOW)
-    assert queries.claim_results(session, run_id, [target.id], now=NOW, expired=NOW) == {}
+    first = queries.claim_results(session, run_id, [target.id], now=NOW, lease_until=NOW + LEASE)
+    assert (
+        queries.claim_results(session, run_id, [target.id], now=NOW, lease_until=NOW + LEASE) == {}
+    )
     assert queries.batch_has_open_row(session, run_id, 0)
     queries.release_claims(
-        session, [queries.HeldClaim(run_id, target.id, first[target.id].attempts)]
+        session, [queries.HeldClaim(run_id, target.id, first[target.id].attempts)], now=NOW
     )
     session.expire_all()
     released = _result(session, run_id, target.id)
@@ -1139,9 +1286,11 @@ def test_claims_are_exclusive_until_released_or_expired(
         0,
         None,
     )
-    again = queries.claim_results(session, run_id, [target.id], now=NOW, expired=NOW)
-    later = NOW + timedelta(minutes=1)
-    taken_over = queries.claim_results(session, run_id, [target.id], now=later, expired=later)
+    again = queries.claim_results(session, run_id, [target.id], now=NOW, lease_until=NOW + LEASE)
+    later = NOW + LEASE + timedelta(seconds=1)  # the lease expired, nobody renewed it
+    taken_over = queries.claim_results(
+        session, run_id, [target.id], now=later, lease_until=later + LEASE
+    )
     assert (again[target.id].attempts, taken_over[target.id].attempts) == (1, 2)
     assert _record(session, run_id, again, "created") == 0  # the lease was taken over
     assert _record(session, run_id, taken_over, "created") == 1
@@ -1165,8 +1314,12 @@ def test_counts_and_skipping_drive_batch_decisions(
     others = [_target(session, sealer, f"t{n}") for n in range(3)]
     plan = [[first.id, others[0].id], [others[1].id], [others[2].id]]
     run = _started_run(session, distribution, plan)
-    first_claim = queries.claim_results(session, run.id, [first.id], now=NOW, expired=NOW)
-    other_claim = queries.claim_results(session, run.id, [others[0].id], now=NOW, expired=NOW)
+    first_claim = queries.claim_results(
+        session, run.id, [first.id], now=NOW, lease_until=NOW + LEASE
+    )
+    other_claim = queries.claim_results(
+        session, run.id, [others[0].id], now=NOW, lease_until=NOW + LEASE
+    )
     _record(session, run.id, first_claim, "failed")
     _record(session, run.id, other_claim, "created")
     assert queries.count_results(session, run.id, batch_index=0) == {
@@ -1489,13 +1642,15 @@ def test_rotation_rewraps_every_envelope_and_old_kek_can_be_dropped(
         credential_id = target.credential_id
         assert credential_id is not None
         before = {row.id: row.private_key for row in session.scalars(select(Certificate))}
-        assert queries.envelope_key_usage(session, old_ring) == {"k1": 3}
+        revision_id = queries.current_revision(session, certificate_id).id
+        # The certificate's key, its revision's copy, the kubeconfig, the snapshot.
+        assert queries.envelope_key_usage(session, old_ring) == {"k1": 4}
 
     both = ring({"k1": KEK1, "k2": KEK2}, current_key_id="k2")
     with session_scope(factory) as session:
-        assert queries.rotate_keys(session, both, "k2") == 3
+        assert queries.rotate_keys(session, both, "k2") == 4
     with session_scope(factory) as session:
-        assert queries.envelope_key_usage(session, both) == {"k2": 3}
+        assert queries.envelope_key_usage(session, both) == {"k2": 4}
         assert queries.rotate_keys(session, both, "k2") == 0  # idempotent / resumable
         after = queries.get_certificate(session, certificate_id).private_key
         tail = len(bundle.key_pem) + 12 + 16
@@ -1504,6 +1659,7 @@ def test_rotation_rewraps_every_envelope_and_old_kek_can_be_dropped(
     only_new = ring({"k2": KEK2})
     with session_scope(factory) as session:
         assert queries.reveal_private_key(session, only_new, certificate_id) == bundle.key_pem
+        assert queries.reveal_revision_key(session, only_new, revision_id) == bundle.key_pem
         assert queries.reveal_credential(session, only_new, credential_id) == KUBECONFIG
         assert _reveal(session, only_new, **ids).data == PREVIOUS.data
         with pytest.raises(UnknownKeyError, match="no KEK 'k2' loaded"):

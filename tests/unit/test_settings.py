@@ -49,7 +49,8 @@ def test_nothing_set_gives_the_embedded_default(tmp_path: Path) -> None:
     assert settings.kube.server_dry_run is True
     assert settings.fanout.default_batch_size == "100%"
     assert settings.fanout.default_failure_threshold == 0
-    assert (settings.tasks.soft_time_limit, settings.tasks.time_limit) == (240, 300)
+    assert (settings.tasks.soft_time_limit, settings.tasks.time_limit) == (600, 660)
+    assert (settings.tasks.stale_after, settings.tasks.resend_after) == (60, 300)
     assert (settings.tasks.reaper_interval, settings.tasks.stale_after) == (15, 60)
     assert settings.tasks.worker_concurrency == 4
     assert settings.tasks.kube_queue == "kubernetes"
@@ -106,13 +107,16 @@ def test_every_variable_is_read(env: dict[str, str], tmp_path: Path) -> None:
             "CAP_SERVER_DRY_RUN": "false",
             "CAP_DEFAULT_BATCH_SIZE": "1,5,20%",
             "CAP_DEFAULT_FAILURE_THRESHOLD": "10%",
-            "CAP_TASK_SOFT_TIME_LIMIT": "50",
-            "CAP_TASK_TIME_LIMIT": "60",
-            "CAP_BROKER_VISIBILITY_TIMEOUT": "120",
+            # The least these retries allow: 8 calls x 21.5 s + 7 database steps x 15 s.
+            "CAP_TASK_SOFT_TIME_LIMIT": "277",
+            "CAP_TASK_TIME_LIMIT": "300",
+            "CAP_BROKER_VISIBILITY_TIMEOUT": "400",
             "CAP_REAPER_INTERVAL": "5",
             "CAP_STALE_AFTER": "30",
+            "CAP_RESEND_AFTER": "90",
             "CAP_WORKER_CONCURRENCY": "8",
             "CAP_KUBE_QUEUE": "k8s.deploy",
+            "CAP_WORKER_POOL": "eu-prod",
             "CAP_HEARTBEAT_FILE": str(tmp_path / "hb"),
             "CAP_LOG_LEVEL": "debug",
             "FLOWER_BASIC_AUTH": "ops:long-password,viewer:other-password",
@@ -136,11 +140,14 @@ def test_every_variable_is_read(env: dict[str, str], tmp_path: Path) -> None:
     assert settings.kube.server_dry_run is False
     assert settings.fanout.default_batch_size == (1, 5, "20%")
     assert settings.fanout.default_failure_threshold == "10%"
-    assert (settings.tasks.soft_time_limit, settings.tasks.time_limit) == (50, 60)
-    assert settings.broker.visibility_timeout == 120
+    assert (settings.tasks.soft_time_limit, settings.tasks.time_limit) == (277, 300)
+    assert settings.broker.visibility_timeout == 400
     assert (settings.tasks.reaper_interval, settings.tasks.stale_after) == (5, 30)
+    assert settings.tasks.resend_after == 90
+    assert (settings.tasks.lease_seconds, settings.tasks.database_retry_seconds) == (30, 15)
     assert settings.tasks.worker_concurrency == 8
     assert settings.tasks.kube_queue == "k8s.deploy"
+    assert settings.tasks.worker_pool == "eu-prod"
     assert settings.tasks.heartbeat_file == tmp_path / "hb"
     assert settings.tasks.log_level == "DEBUG"
     assert settings.flower.basic_auth == "ops:long-password,viewer:other-password"
@@ -192,11 +199,12 @@ def test_failure_threshold_forms(env: dict[str, str], raw: str, expected: object
         ("CAP_DEFAULT_FAILURE_THRESHOLD", "12.5%", "a count >= 0"),
         ("CAP_DEFAULT_BATCH_SIZE", "[true]", "a count >= 1"),
         ("CAP_TASK_SOFT_TIME_LIMIT", "0", "a number of seconds > 0"),
-        ("CAP_TASK_SOFT_TIME_LIMIT", "300", "must be lower than CAP_TASK_TIME_LIMIT=300"),
+        ("CAP_TASK_SOFT_TIME_LIMIT", "660", "must be lower than CAP_TASK_TIME_LIMIT=660"),
         ("CAP_TASK_TIME_LIMIT", "3600", "CAP_BROKER_VISIBILITY_TIMEOUT=3600 must exceed"),
-        ("CAP_BROKER_VISIBILITY_TIMEOUT", "300", "must exceed CAP_TASK_TIME_LIMIT=300"),
+        ("CAP_BROKER_VISIBILITY_TIMEOUT", "660", "must exceed CAP_TASK_TIME_LIMIT=660"),
         ("CAP_REAPER_INTERVAL", "never", "a number of seconds > 0"),
         ("CAP_STALE_AFTER", "0", "a number of seconds > 0"),
+        ("CAP_RESEND_AFTER", "0", "a number of seconds > 0"),
         ("CAP_WORKER_CONCURRENCY", "many", "a whole number >= 1"),
         ("CAP_KUBE_QUEUE", "bad queue", "a queue name"),
         ("CAP_LOG_LEVEL", "LOUD", "one of DEBUG, INFO, WARNING, ERROR, CRITICAL"),

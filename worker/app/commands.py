@@ -15,6 +15,7 @@ from models.base import utcnow
 from models.enums import ConnectionMode, CredentialKind, DistributionKind, RunAction
 from worker.app.clients import kube_client
 from worker.app.dispatch import Dispatcher
+from worker.app.pools import HealthSender, pool_last_seen, wait_for_health_check
 from worker.app.views import (
     GroupView,
     distribution_rollback_availability,
@@ -37,9 +38,11 @@ from worker.core.names import (
     render_namespace,
     validate_template,
 )
+from worker.core.pools import DEFAULT_POOL, PoolNameError, check_pool_name
 from worker.kube.connect import in_cluster_available, minimal_kubeconfig, vet_kubeconfig
 from worker.kube.deploy import HealthReport, health_check
 from worker.kube.errors import InClusterUnavailable, KubeError
+from worker.kube.identity import in_cluster_identity, refuse_other_cluster
 from worker.platform.runtime import Runtime
 
 
@@ -151,26 +154,46 @@ class TargetSpec:
     adopt_unmanaged: bool = False
     allow_system_namespace: bool = False
     variables: Mapping[str, Any] = field(default_factory=dict)
+    pool: str = DEFAULT_POOL
+    """The worker pool that processes the target (in-cluster: a pool running in its cluster)."""
 
 
 def create_target(
-    rt: Runtime, spec: TargetSpec, *, check: bool = True
+    rt: Runtime,
+    spec: TargetSpec,
+    *,
+    check: bool = True,
+    sender: HealthSender | None = None,
+    check_timeout: float = 30.0,
 ) -> tuple[str, HealthResult | None]:
-    """Validate and save a target, then (like the UI's Save) run its health check."""
+    """Validate and save a target, then (like the UI's Save) run its health check.
+
+    The check runs where the target's work will: here when the target's pool is this
+    process's (``CAP_WORKER_POOL``), else as a task on a worker of that pool through
+    ``sender`` (see :func:`check_target_health_in_pool`).
+    """
     check_name("target", spec.name)
+    try:
+        check_pool_name(spec.pool, what=f"target {spec.name!r}: pool")
+    except PoolNameError as exc:
+        raise ServiceError(str(exc)) from None
+    own_pool = spec.pool == rt.settings.tasks.worker_pool
     check_variables(spec.variables)
     known = [*CERTIFICATE_VARIABLES, *spec.variables]
     validate_template(spec.namespace, "namespace", known)
     validate_template(spec.secret_name, "secret name", known)
     _refuse_a_known_system_namespace(spec)
     mode = ConnectionMode(spec.connection_mode)
-    if mode is ConnectionMode.IN_CLUSTER and not in_cluster_available(
-        rt.settings.kube.serviceaccount_dir, rt.environ
+    if (
+        mode is ConnectionMode.IN_CLUSTER
+        and own_pool
+        and not in_cluster_available(rt.settings.kube.serviceaccount_dir, rt.environ)
     ):
         raise InClusterUnavailable(
             "in-cluster connection mode is available only when CertAutoPilot runs inside "
             f"Kubernetes: no service-account token in {rt.settings.kube.serviceaccount_dir} "
-            "or KUBERNETES_SERVICE_HOST is not set"
+            "or KUBERNETES_SERVICE_HOST is not set; save it with --pool naming the worker pool "
+            "that runs in the target's cluster (its health check then runs there)"
         )
     with rt.session() as session:
         credential_id: str | None = None
@@ -192,9 +215,14 @@ def create_target(
             adopt_unmanaged=spec.adopt_unmanaged,
             allow_system_namespace=spec.allow_system_namespace,
             variables=dict(spec.variables),
+            pool=spec.pool,
         )
         target_id = target.id
-    report = check_target_health(rt, target_id) if check else None
+    report = (
+        check_target_health_in_pool(rt, target_id, sender=sender, timeout=check_timeout)
+        if check
+        else None
+    )
     return target_id, report
 
 
@@ -219,8 +247,14 @@ class HealthResult:
     report: HealthReport | None
 
 
-def check_target_health(rt: Runtime, target_id: str) -> HealthResult:
-    """Read the namespace and review the secret verbs; store the outcome on the target."""
+def check_target_health(
+    rt: Runtime, target_id: str, *, record_cluster: bool = False
+) -> HealthResult:
+    """Read the namespace and review the secret verbs; store the outcome on the target.
+
+    For an in-cluster target it also compares the cluster this process runs in with the one
+    recorded on the target (recording it when none is, or when ``record_cluster``).
+    """
     with rt.session() as session:
         target = queries.get_target(session, target_id)
     report: HealthReport | None = None
@@ -236,6 +270,7 @@ def check_target_health(rt: Runtime, target_id: str) -> HealthResult:
         )
     else:
         try:
+            _check_cluster_for_health(rt, target, record=record_cluster)
             report = health_check(kube_client(rt, target), namespace)
             healthy, message = report.healthy, report.message
         except KubeError as exc:
@@ -243,6 +278,74 @@ def check_target_health(rt: Runtime, target_id: str) -> HealthResult:
     with rt.session() as session:
         stored = queries.record_health(session, target_id, healthy=healthy, message=message)
         return HealthResult(target_id, stored.health_status.value, message, report)
+
+
+def _check_cluster_for_health(rt: Runtime, target: Any, *, record: bool) -> None:
+    """In-cluster: record the cluster this process sees (if none is, or asked to), or refuse
+    (WrongCluster) when another one is recorded."""
+    if target.connection_mode is not ConnectionMode.IN_CLUSTER:
+        return
+    seen = in_cluster_identity(rt.settings.kube.serviceaccount_dir)
+    with rt.session() as session:
+        recorded = queries.pin_cluster_identity(session, target.id, seen, replace=record)
+    refuse_other_cluster(
+        target=target.name,
+        pool=rt.settings.tasks.worker_pool,
+        expected=recorded or seen,
+        seen=seen,
+    )
+
+
+def check_target_health_in_pool(
+    rt: Runtime,
+    target_id: str,
+    *,
+    sender: HealthSender | None,
+    timeout: float = 30.0,
+    record_cluster: bool = False,
+) -> HealthResult:
+    """Run the health check where the target's work runs: here if its pool is this process's,
+    else as a task on its pool, waiting at most ``timeout`` seconds for a worker to record it.
+
+    No answer in time is not an error of the target: the result's status is "unknown" and
+    the message names the pool, when a worker of it was last seen, and the fix. The queued
+    check still runs once a worker of the pool starts.
+    """
+    with rt.session() as session:
+        target = queries.get_target(session, target_id)
+        pool, name, checked_before = target.pool, target.name, target.health_checked_at
+    if pool == rt.settings.tasks.worker_pool:
+        return check_target_health(rt, target_id, record_cluster=record_cluster)
+    if sender is None:
+        return HealthResult(
+            target_id,
+            "unknown",
+            f"not checked: target {name!r} belongs to pool {pool!r} and this process is in pool "
+            f"{rt.settings.tasks.worker_pool!r}; run `certautopilot targets check {name}`",
+            None,
+        )
+    sender.check_health(target_id, pool, record_cluster=record_cluster)
+    if wait_for_health_check(rt, target_id, checked_before, timeout=timeout):
+        with rt.session() as session:
+            stored = queries.get_target(session, target_id)
+            return HealthResult(
+                target_id, stored.health_status.value, stored.health_message or "", None
+            )
+    silent_for = pool_last_seen(rt, pool)
+    seen = (
+        "no worker of that pool has ever been seen"
+        if silent_for is None
+        else f"a worker of that pool was last seen {silent_for:.0f}s ago"
+    )
+    return HealthResult(
+        target_id,
+        "unknown",
+        f"no worker of pool {pool!r} answered the health check within {timeout:g}s ({seen}); "
+        f"the check stays queued and runs when one starts. Start a worker with "
+        f"CAP_WORKER_POOL={pool} where it reaches this target's cluster (the chart's `pool` "
+        f"value), then run `certautopilot targets check {name}`",
+        None,
+    )
 
 
 # -------------------------------------------------------------------------------- groups

@@ -36,11 +36,19 @@ def queue_next_stacked(session: Session, distribution: Distribution, run_id: str
     following = queries.next_distribution(session, distribution)
     if following is None:
         return None
+    parent = queries.get_run(session, run_id)
     run = queries.create_run(
         session,
         distribution_id=following.id,
         action=RunAction.EXECUTE,
         cascade=True,
         parent_run_id=run_id,
+        # The stack is one deployment: every stacked run (and the webhook that reports it)
+        # carries the revision its first run was enqueued with, not one renewed since.
+        certificate_revision_id=(
+            parent.certificate_revision_id
+            if following.certificate_id == distribution.certificate_id
+            else None
+        ),
     )
     return run.id

@@ -8,19 +8,22 @@ message delivered twice, late, or never is harmless:
 * ``start_run`` moves a queued run to running with compare-and-set and creates
   one pending result per target; a duplicate start finds the run running.
 * ``process_targets`` claims the result rows of one message's targets with
-  compare-and-set (a lease as long as the task's hard time limit), does each target's
-  work in turn outside any transaction, and records each outcome only if it still holds
-  that claim (one transaction for the claims, one for the records). It never raises for
-  a target's failure: the failure is recorded and the batch goes on.
+  compare-and-set (a lease of ``stale_after`` seconds on the database's clock, renewed by a
+  thread while the message works), does each target's work in turn outside any transaction,
+  and records each outcome only if it still holds that claim (one transaction for the
+  claims, one for the records). It never raises for a target's failure: the failure is
+  recorded and the batch goes on.
 * After its last record, each message checks (in a new transaction) whether its
   batch has an open row left; the one that finishes the batch last, as the
   database sees it, asks for ``advance_run``; the advance compares-and-sets the
   batch index, so of several concurrent advances exactly one acts. This replaces a
   chord counter, which would live only in the result backend and would
   double-count redeliveries.
-* ``reap`` finds runs that made no progress for ``stale_after`` seconds (a worker
-  was SIGKILLed, a message was lost with a Redis restart) and re-sends what they
-  need; it writes on the run that it did so.
+* ``reap`` re-sends only work that is really lost: targets whose claim's lease expired (the
+  worker holding them died), targets sent longer than ``resend_after`` ago that nobody
+  claimed (a message lost with a Redis restart), a finished batch whose callback did not
+  come within ``stale_after``, and starts of runs still queued after ``resend_after``; it
+  writes on the run that it did so. A long, healthy run is never touched.
 
 Celery is not imported here: tasks/ hands in a :class:`~worker.app.dispatch.Dispatcher`. The
 statements live in :mod:`models.queries` (runs, results); the webhook run is
@@ -30,6 +33,7 @@ statements live in :mod:`models.queries` (runs, results); the webhook run is
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -48,12 +52,13 @@ from tenacity import (
 
 from models import queries
 from models.base import utcnow
-from models.entities import Certificate, Distribution, Run, Target, TargetGroup
+from models.entities import CertificateRevision, Distribution, Run, Target, TargetGroup
 from models.enums import DistributionKind, ResultStatus, RunAction, RunState
 from models.errors import DATABASE_OUTAGE_ERRORS
 from worker.app.clients import kube_client
 from worker.app.dispatch import Dispatcher, queue_next_stacked
 from worker.app.fanout import group_fanout
+from worker.app.pools import check_cluster, hold_back_silent_pools
 from worker.app.webhook import redeliver_webhook, run_webhook
 from worker.core.bundle import BundleError, TlsBundle, build_bundle
 from worker.core.crypto import CryptoError
@@ -103,11 +108,11 @@ _OPEN = (ResultStatus.PENDING, ResultStatus.RUNNING)
 
 def start_run(rt: Runtime, dispatch: Dispatcher, run_id: str) -> None:
     """Plan a queued run into batches and dispatch its first batch (idempotent)."""
-    now = utcnow()
     first_batch: list[str] = []
     webhook = False
     try:
         with rt.session() as session:
+            now = queries.database_now(session)
             try:
                 run = queries.get_run(session, run_id)
             except queries.NotFoundError:
@@ -165,7 +170,8 @@ class TargetJob:
     distribution_id: str
     store_content: bool
     target: Target
-    certificate: Certificate
+    certificate: CertificateRevision
+    """The revision the run was pinned to when it was enqueued (every message deploys it)."""
     group_variables: Mapping[str, Any]
     batch_index: int
     attempt: int
@@ -175,6 +181,11 @@ class TargetJob:
     """The target's sealed kubeconfig, to find the cached client without another query."""
     snapshot_final: bool = False
     """A final rollback snapshot (one our write landed after) existed at the claim."""
+
+    @property
+    def pool(self) -> str:
+        """The worker pool that processes this target (a label for metrics)."""
+        return self.target.pool
 
     @property
     def claim(self) -> queries.HeldClaim:
@@ -205,30 +216,49 @@ def process_targets(
     target_ids: Sequence[str],
     *,
     start_before: float | None = None,
+    interrupted_by: tuple[type[BaseException], ...] = (),
 ) -> list[str]:
     """Process the targets of one message, then ask for the batch to advance if it is done.
 
     The targets are claimed together (one transaction), processed in turn outside any
     transaction, and recorded together (one transaction): per-target transactions were
-    half of a worker's CPU per target (bench/). A target after the first starts only while
-    ``time.monotonic()`` is below ``start_before``; the claims of those not started are
-    released and their ids returned for the caller to re-queue.
+    half of a worker's CPU per target (bench/). While they are processed, a thread renews
+    the message's claims, so a long healthy message never looks lost.
+
+    A target after the first starts only while ``time.monotonic()`` is below
+    ``start_before``. A target interrupted by one of ``interrupted_by`` (the task's soft
+    time limit) is not a failure of the target: it is given back with those not started, and
+    their ids are returned for the caller to re-queue; what finished before is recorded.
     """
     # A database outage while claiming rolls the claims back and propagates: the task retries.
     jobs = _claim(rt, run_id, target_ids)
     finished: list[tuple[TargetJob, TargetOutcome]] = []
     not_started: list[TargetJob] = []
-    for index, job in enumerate(jobs):
-        if index and start_before is not None and time.monotonic() > start_before:
-            not_started = jobs[index:]
-            break
-        finished.append((job, _process_one(rt, job)))
-    # Once claimed, no other delivery may take these targets before the lease expires, so
-    # this delivery rides out a database outage itself instead of leaving claims stranded.
-    if not_started:
-        _through_outage(rt, partial(_release, rt, not_started))
+    with _LeaseKeeper(rt, [job.claim for job in jobs]) as keeper:
+        for index, job in enumerate(jobs):
+            if index and start_before is not None and time.monotonic() > start_before:
+                not_started = jobs[index:]
+                break
+            try:
+                outcome = _process_one(rt, job, interrupted_by)
+            except interrupted_by:
+                log.warning(
+                    "run %s target %s: interrupted by the task's time limit; given back to be "
+                    "done again (%d target(s) of this message re-queued)",
+                    run_id,
+                    job.target.id,
+                    len(jobs) - index,
+                )
+                not_started = jobs[index:]
+                break
+            finished.append((job, outcome))
+            keeper.finished(job.claim)
+    # What landed is recorded first: an outage that outlasts the retries after this loses
+    # only the give-back (those claims expire and the reaper re-sends them).
     if finished:
         _through_outage(rt, partial(_record, rt, finished))
+    if not_started:
+        _through_outage(rt, partial(_release, rt, not_started))
     # One check per batch after the record committed is enough: whoever records a batch's
     # last open row checks after that commit and sees every earlier one.
     for batch_index in sorted({job.batch_index for job, _ in finished}):
@@ -237,10 +267,59 @@ def process_targets(
     return [job.target.id for job in not_started]
 
 
-def _process_one(rt: Runtime, job: TargetJob) -> TargetOutcome:
+class _LeaseKeeper:
+    """Renews a message's claims while it works on them (a thread in the pool process).
+
+    A claim holds for ``lease_seconds`` on the database's clock; the keeper extends those not
+    finished yet every quarter of that. If the process dies, renewals stop and the claims
+    expire: that, not a long target, is what lets another delivery or the reaper take over.
+    """
+
+    def __init__(self, rt: Runtime, claims: Sequence[queries.HeldClaim]) -> None:
+        self._rt = rt
+        self._held = {(claim.target_id, claim.attempt): claim for claim in claims}
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, name="certautopilot-lease-keeper", daemon=True
+        )
+
+    def __enter__(self) -> _LeaseKeeper:
+        if self._held:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stopping.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def finished(self, claim: queries.HeldClaim) -> None:
+        """Stop renewing a claim whose outcome is about to be recorded."""
+        with self._lock:
+            self._held.pop((claim.target_id, claim.attempt), None)
+
+    def _run(self) -> None:
+        lease = self._rt.settings.tasks.lease_seconds
+        while not self._stopping.wait(lease / 4):
+            with self._lock:
+                held = list(self._held.values())
+            if not held:
+                continue
+            try:
+                with self._rt.session() as session:
+                    now = queries.database_now(session)
+                    queries.renew_claims(session, held, lease_until=now + timedelta(seconds=lease))
+            except Exception as exc:  # noqa: BLE001 - a renewal that fails is retried next turn
+                log.warning("could not renew %d claim(s) (%s)", len(held), type(exc).__name__)
+
+
+def _process_one(
+    rt: Runtime, job: TargetJob, interrupted_by: tuple[type[BaseException], ...] = ()
+) -> TargetOutcome:
     """Deploy, dry-run or roll back one claimed target; its outcome is recorded later."""
     started = time.monotonic()
-    outcome = _through_outage(rt, lambda: _perform(rt, job))
+    outcome = _perform(rt, job, interrupted_by)
     outcome.duration_ms = round((time.monotonic() - started) * 1000)
     outcome.finished_at = utcnow()
     log.info(
@@ -255,12 +334,13 @@ def _process_one(rt: Runtime, job: TargetJob) -> TargetOutcome:
 
 
 def _through_outage(rt: Runtime, step: Callable[[], T]) -> T:
-    """Run ``step``, repeating it while the database is unreachable (bounded well inside the
-    task's soft time limit, hence inside the claim's lease); then let the error propagate."""
+    """Run ``step``, repeating it while the database is unreachable, for at most the database
+    retry time (shorter than a claim's lease, which cannot be renewed meanwhile; counted in
+    worker.core.budget); then let the error propagate."""
     retrying = Retrying(
         retry=retry_if_exception_type(DATABASE_OUTAGE_ERRORS),
         wait=wait_exponential(multiplier=0.25, max=5),
-        stop=stop_after_delay(min(60.0, rt.settings.tasks.soft_time_limit / 2)),
+        stop=stop_after_delay(rt.settings.tasks.database_retry_seconds),
         before_sleep=_log_outage,
         reraise=True,
     )
@@ -274,22 +354,22 @@ def _log_outage(state: RetryCallState) -> None:
 
 
 def claim_lease(rt: Runtime) -> timedelta:
-    """How long a claimed target stays claimed: a task cannot outlive its hard limit."""
-    return timedelta(seconds=rt.settings.tasks.time_limit + 5)
+    """How long a claim holds unless its message renews it."""
+    return timedelta(seconds=rt.settings.tasks.lease_seconds)
 
 
 def _claim(rt: Runtime, run_id: str, target_ids: Sequence[str]) -> list[TargetJob]:
     """Claim whichever of ``target_ids`` are free, in one transaction; their jobs, in order."""
     # Three statements for the whole message: every round trip here used to be paid once
     # per target, and the database, not the Kubernetes API, dominated (py-spy, bench/).
-    now = utcnow()
     with rt.session() as session:
         loaded = queries.load_run_context(session, run_id)
         if loaded is None or loaded[0].state is not RunState.RUNNING:
             return []
         run, distribution, certificate, variables = loaded
+        now = queries.database_now(session)
         claims = queries.claim_results(
-            session, run_id, target_ids, now=now, expired=now - claim_lease(rt)
+            session, run_id, target_ids, now=now, lease_until=now + claim_lease(rt)
         )
         if not claims:
             return []  # all final already, or held by other deliveries
@@ -320,7 +400,9 @@ def _claim(rt: Runtime, run_id: str, target_ids: Sequence[str]) -> list[TargetJo
     return jobs
 
 
-def _perform(rt: Runtime, job: TargetJob) -> TargetOutcome:
+def _perform(
+    rt: Runtime, job: TargetJob, interrupted_by: tuple[type[BaseException], ...] = ()
+) -> TargetOutcome:
     outcome = TargetOutcome(status=ResultStatus.FAILED)
     try:
         bundle = _bundle(rt, job.certificate)
@@ -336,7 +418,11 @@ def _perform(rt: Runtime, job: TargetJob) -> TargetOutcome:
             target=job.target.name,
         )
         outcome.secret_name = render_secret_name(job.target.secret_name_template, variables)
-        client = kube_client(rt, job.target, sealed_credential=job.credential_envelope)
+        check_cluster(rt, job.target)  # in-cluster: this worker runs in the target's cluster
+        client = _through_outage(
+            rt,
+            lambda: kube_client(rt, job.target, sealed_credential=job.credential_envelope),
+        )
         if job.action is RunAction.ROLLBACK:
             deployed = _rollback(rt, job, client, outcome.namespace, outcome.secret_name)
         else:
@@ -362,7 +448,9 @@ def _perform(rt: Runtime, job: TargetJob) -> TargetOutcome:
     except queries.NotFoundError as exc:
         outcome.error_reason, outcome.error_message = "not_found", str(exc)
     except DATABASE_OUTAGE_ERRORS:
-        raise  # not the target's fault: the caller retries the whole step
+        raise  # not the target's fault, and longer than the in-task retries: the task retries
+    except interrupted_by:
+        raise  # the task's time limit, not the target's failure: the caller gives it back
     except ValueError as exc:  # e.g. a target variable whose name templates cannot use
         outcome.error_reason, outcome.error_message = "invalid_configuration", str(exc)
     except Exception as exc:  # a target's failure must never stop its batch
@@ -385,13 +473,19 @@ def _result_status(action: RunAction, deploy_action: str) -> ResultStatus:
     return ResultStatus(deploy_action)
 
 
-def _bundle(rt: Runtime, certificate: Certificate) -> TlsBundle:
-    key = (certificate.id, certificate.sha256_fingerprint)
+def _bundle(rt: Runtime, certificate: CertificateRevision) -> TlsBundle:
+    # A revision never changes: its id alone names the bundle, and the leaf, chain and key
+    # all come from that one row (a renewal in between cannot pair an old leaf with a new key).
+    key = certificate.id
     cached: TlsBundle | None = rt.bundles.get(key)
     if cached is not None:
         return cached
-    with rt.session() as session:
-        key_pem = queries.reveal_private_key(session, rt.sealer, certificate.id)
+
+    def reveal_key() -> bytes:
+        with rt.session() as session:
+            return queries.reveal_revision_key(session, rt.sealer, certificate.id)
+
+    key_pem = _through_outage(rt, reveal_key)
     bundle = build_bundle(
         certificate.leaf_pem.encode("ascii"),
         key_pem,
@@ -418,14 +512,17 @@ class _DatabaseSnapshotStore:
         return self._final
 
     def save_snapshot(self, previous: PreviousSecret) -> None:
-        with self._rt.session() as session:
-            queries.save_snapshot(
-                session,
-                self._rt.sealer,
-                distribution_id=self._distribution_id,
-                target_id=self._target_id,
-                previous=previous.to_dict(),
-            )
+        def save() -> None:
+            with self._rt.session() as session:
+                queries.save_snapshot(
+                    session,
+                    self._rt.sealer,
+                    distribution_id=self._distribution_id,
+                    target_id=self._target_id,
+                    previous=previous.to_dict(),
+                )
+
+        _through_outage(self._rt, save)
 
 
 def _deploy(
@@ -480,11 +577,14 @@ def _deploy(
 def _rollback(
     rt: Runtime, job: TargetJob, client: KubeClient, namespace: str, secret_name: str
 ) -> DeployOutcome:
-    with rt.session() as session:
-        snapshot, previous = queries.reveal_snapshot(
-            session, rt.sealer, job.distribution_id, job.target.id
-        )
-        written_fingerprint = snapshot.written_fingerprint
+    def reveal() -> tuple[str | None, dict[str, Any]]:
+        with rt.session() as session:
+            snapshot, previous = queries.reveal_snapshot(
+                session, rt.sealer, job.distribution_id, job.target.id
+            )
+            return snapshot.written_fingerprint, previous
+
+    written_fingerprint, previous = _through_outage(rt, reveal)
     outcome = rollback_secret(
         client,
         namespace=namespace,
@@ -524,10 +624,12 @@ def _record(rt: Runtime, finished: Sequence[tuple[TargetJob, TargetOutcome]]) ->
     run_id = finished[0][0].run_id
     with rt.session() as session:
         written = queries.record_results(session, records)
-        # The heartbeat only tells the reaper the run is alive; writing it at most every
-        # HEARTBEAT_EVERY keeps concurrent messages from queueing on the run row's lock.
+        # The heartbeat tells the reaper when the run last recorded (a finished batch whose
+        # callback is overdue); writing it at most every HEARTBEAT_EVERY keeps concurrent
+        # messages from queueing on the run row's lock.
+        beat = queries.database_now(session)
         every = timedelta(seconds=min(HEARTBEAT_EVERY, rt.settings.tasks.stale_after / 10))
-        queries.heartbeat(session, run_id, now=now, unless_since=now - every)
+        queries.heartbeat(session, run_id, now=beat, unless_since=beat - every)
     if 0 <= written < len(records):
         # A lease expired (the message outlived it) and another delivery took those
         # targets over: it records its own outcomes.
@@ -542,7 +644,8 @@ def _record(rt: Runtime, finished: Sequence[tuple[TargetJob, TargetOutcome]]) ->
 def _release(rt: Runtime, jobs: Sequence[TargetJob]) -> None:
     """Give back claims this delivery will not start (re-queued by the caller)."""
     with rt.session() as session:
-        queries.release_claims(session, [job.claim for job in jobs])
+        now = queries.database_now(session)
+        queries.release_claims(session, [job.claim for job in jobs], now=now)
 
 
 def _batch_is_done(rt: Runtime, run_id: str, batch_index: int) -> bool:
@@ -563,11 +666,11 @@ def advance_run(rt: Runtime, dispatch: Dispatcher, run_id: str, batch_index: int
     (which the reaper sends when the delivering worker went silent) claims the next attempt
     with the same compare-and-set, so of concurrent advances exactly one redelivers.
     """
-    now = utcnow()
     next_batch: list[str] = []
     cascade_run_id: str | None = None
     redeliver = False
     with rt.session() as session:
+        now = queries.database_now(session)
         try:
             run = queries.get_run(session, run_id)
         except queries.NotFoundError:
@@ -632,6 +735,7 @@ def _after_batch(
         if run.cascade and run.action is RunAction.EXECUTE:
             return [], queue_next_stacked(session, distribution, run_id)
     else:
+        queries.mark_batch_sent(session, run_id, batch_index + 1, now=now)
         return list(run.batch_plan[batch_index + 1]), None
     return [], None
 
@@ -661,46 +765,69 @@ class ReapReport:
 
 
 def reap(rt: Runtime, dispatch: Dispatcher, *, now: datetime | None = None) -> ReapReport:
-    """Re-send what stalled runs need: their start, lost target messages, or their advance."""
-    now = now or utcnow()
-    stale_before = now - timedelta(seconds=rt.settings.tasks.stale_after)
-    lease_expired = now - claim_lease(rt)
+    """Re-send what is really lost: lost target messages, overdue batch callbacks, lost starts.
+
+    Every condition is compared on the database's clock (``now`` only for tests) and taken
+    with compare-and-set, so several reapers (one per worker) re-send each lost thing once per
+    period.
+    """
+    tasks = rt.settings.tasks
     redispatched: dict[str, list[str]] = {}
     advanced: list[tuple[str, int]] = []
     with rt.session() as session:
-        restarted = queries.queued_runs_before(session, stale_before)
-        for run in queries.stale_runs(session, heartbeat_before=stale_before):
-            batch = run.current_batch
-            lost = queries.lost_target_ids(session, run.id, batch, lease_expired=lease_expired)
-            if not lost and queries.count_live_claims(
-                session, run.id, batch, lease_expired=lease_expired
-            ):
+        now = now or queries.database_now(session)
+        resend_before = now - timedelta(seconds=tasks.resend_after)
+        stale_before = now - timedelta(seconds=tasks.stale_after)
+        restarted = queries.resend_queued_starts(session, now=now, resend_before=resend_before)
+        for run in queries.running_runs(session):
+            lost = queries.resend_lost(
+                session, run.id, run.current_batch, now=now, resend_before=resend_before
+            )
+            # Targets whose pool has no live worker are held back (their messages wait in that
+            # pool's queue); marked sent now, they are looked at again after CAP_RESEND_AFTER.
+            lost, waiting = hold_back_silent_pools(
+                rt, session, run.id, lost, now=now, stale_before=stale_before
+            )
+            if lost:
+                queries.note_recovery(
+                    session,
+                    run.id,
+                    reason=(
+                        f"the reaper re-sent {len(lost)} target(s) at {now:%Y-%m-%d %H:%M:%S}Z: "
+                        "their worker stopped renewing its claim, or their message was not "
+                        f"claimed within {tasks.resend_after:.0f}s{waiting}"
+                    ),
+                    now=now,
+                )
+                redispatched[run.id] = lost
                 continue
-            # Only the reaper whose conditional update wins re-sends anything; a run that
-            # finished meanwhile keeps its own reason.
-            if not queries.note_recovery(
+            if waiting:
+                continue  # only pools with no live worker: noted on the run, nothing re-sent
+                continue
+            # A batch without open rows whose callback has not moved the run for stale_after
+            # (its advance message was lost): the conditional note wins for one reaper.
+            stale = run.heartbeat_at is None or run.heartbeat_at < stale_before
+            if not stale or queries.batch_has_open_row(session, run.id, run.current_batch):
+                continue
+            if queries.note_recovery(
                 session,
                 run.id,
                 reason=(
-                    f"resumed by the reaper at {now:%Y-%m-%d %H:%M:%S}Z after "
-                    f"{rt.settings.tasks.stale_after:.0f}s without progress "
-                    f"({len(lost)} target(s) re-sent)"
+                    f"the reaper re-sent the callback of batch {run.current_batch + 1} at "
+                    f"{now:%Y-%m-%d %H:%M:%S}Z after {tasks.stale_after:.0f}s without it"
                 ),
                 now=now,
                 stale_before=stale_before,
             ):
-                continue
-            if lost:
-                redispatched[run.id] = lost
-            else:
-                advanced.append((run.id, batch))
+                advanced.append((run.id, run.current_batch))
     for run_id in restarted:
+        log.warning("reaper: run %s still queued; re-sending its start", run_id)
         dispatch.start(run_id)
     for run_id, target_ids in redispatched.items():
-        log.warning("reaper: run %s stalled; re-sending %d target(s)", run_id, len(target_ids))
+        log.warning("reaper: run %s: re-sending %d lost target(s)", run_id, len(target_ids))
         dispatch.process_targets(run_id, target_ids)
     for run_id, batch_index in advanced:
-        log.warning("reaper: run %s stalled after batch %d; advancing", run_id, batch_index)
+        log.warning("reaper: run %s: re-sending the callback of batch %d", run_id, batch_index)
         dispatch.advance(run_id, batch_index)
     return ReapReport(
         restarted=tuple(restarted),

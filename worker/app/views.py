@@ -48,6 +48,24 @@ class TargetResultView:
 
 
 @dataclass(frozen=True)
+class RevisionView:
+    """Which version of a certificate a run deploys."""
+
+    certificate_id: str
+    revision: int
+    serial: str
+    sha256_fingerprint: str
+    not_after: datetime
+
+    def describe(self) -> str:
+        """One line for people: revision, serial, fingerprint prefix, not-after."""
+        return (
+            f"revision {self.revision} (serial {self.serial}, sha256 "
+            f"{self.sha256_fingerprint[:16]}…, not after {self.not_after:%Y-%m-%d %H:%M}Z)"
+        )
+
+
+@dataclass(frozen=True)
 class RunReport:
     """A run's state and its per-target results (what `runs show` prints)."""
 
@@ -58,6 +76,8 @@ class RunReport:
     reason: str | None
     current_batch: int
     batches: int
+    certificate: RevisionView | None
+    """The certificate revision the run deploys (pinned when it was enqueued)."""
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
@@ -83,6 +103,19 @@ def run_report(rt: Runtime, run_id: str) -> RunReport:
         return _report(session, run)
 
 
+def _revision_view(session: Session, run: Run) -> RevisionView | None:
+    if run.certificate_revision_id is None:
+        return None
+    revision = queries.get_revision(session, run.certificate_revision_id)
+    return RevisionView(
+        certificate_id=revision.certificate_id,
+        revision=revision.number,
+        serial=revision.serial_hex,
+        sha256_fingerprint=revision.sha256_fingerprint,
+        not_after=revision.not_after,
+    )
+
+
 def _report(session: Session, run: Run) -> RunReport:
     rows = queries.results_with_target_names(session, run.id)
     return RunReport(
@@ -93,6 +126,7 @@ def _report(session: Session, run: Run) -> RunReport:
         reason=run.reason,
         current_batch=run.current_batch,
         batches=len(run.batch_plan or []),
+        certificate=_revision_view(session, run),
         created_at=run.created_at,
         started_at=run.started_at,
         finished_at=run.finished_at,
@@ -235,6 +269,8 @@ class TargetView:
     health_message: str | None
     health_checked_at: datetime | None
     groups: tuple[str, ...]
+    pool: str = "default"
+    cluster_identity: str | None = None
 
 
 def _target_view(session: Session, row: Target) -> TargetView:
@@ -260,6 +296,8 @@ def _target_view(session: Session, row: Target) -> TargetView:
         health_message=row.health_message,
         health_checked_at=row.health_checked_at,
         groups=tuple(groups),
+        pool=row.pool,
+        cluster_identity=row.cluster_identity,
     )
 
 

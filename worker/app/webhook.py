@@ -112,7 +112,12 @@ def sign(secret: bytes, timestamp: str, body: bytes) -> str:
 
 def webhook_payload(session: Session, run: Run, distribution: Distribution) -> dict[str, Any]:
     """The JSON body describing the distribution that triggered this webhook (no key material)."""
-    certificate = queries.get_certificate(session, distribution.certificate_id)
+    # The revision the run was pinned to: what was deployed, even if renewed since.
+    certificate = (
+        queries.get_revision(session, run.certificate_revision_id)
+        if run.certificate_revision_id is not None
+        else queries.current_revision(session, distribution.certificate_id)
+    )
     targets: list[dict[str, Any]] = []
     parent: Run | None = None
     if run.parent_run_id is not None:
@@ -134,7 +139,8 @@ def webhook_payload(session: Session, run: Run, distribution: Distribution) -> d
         "trigger_run_id": parent.id if parent is not None else None,
         "trigger_state": parent.state.value if parent is not None else None,
         "certificate": {
-            "id": certificate.id,
+            "id": certificate.certificate_id,
+            "revision": certificate.number,
             "common_name": certificate.common_name,
             "sans": list(certificate.sans),
             "serial": certificate.serial_hex,
@@ -203,7 +209,6 @@ def deliver_webhook(
 
 def run_webhook(rt: Runtime, dispatch: Dispatcher, run_id: str) -> None:
     """Deliver a started webhook run's notification and finish the run with the outcome."""
-    now = utcnow()
     try:
         with rt.session() as session:
             run = queries.get_run(session, run_id)
@@ -215,7 +220,9 @@ def run_webhook(rt: Runtime, dispatch: Dispatcher, run_id: str) -> None:
                 secret = queries.reveal_credential(
                     session, rt.sealer, distribution.webhook_credential_id
                 )
-            # A fresh heartbeat: the reaper leaves a delivery in progress alone.
+            # A fresh heartbeat (on the database's clock, which the reaper compares with): the
+            # reaper leaves a delivery in progress alone.
+            now = queries.database_now(session)
             queries.heartbeat(session, run_id, now=now, unless_since=now)
     except (CryptoError, queries.NotFoundError) as exc:
         # Not transient: no redelivery can fix it, so the run ends now with the reason.

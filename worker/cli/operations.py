@@ -64,16 +64,16 @@ def worker(
         ),
     ] = "certautopilot@%h",
 ) -> None:
-    """Run a Celery worker consuming the Kubernetes and control queues (with events for Flower)."""
-    from worker.platform.celery_app import CONTROL_QUEUE
+    """Run a Celery worker of pool CAP_WORKER_POOL: its pool's queue and the control queue."""
     from worker.platform.celery_app import app as celery_app
+    from worker.platform.celery_app import worker_queues
 
     loaded = settings()
     ensure_schema(loaded)
     celery_dispatcher(loaded)  # the app must use exactly these settings
     argv = [
         "worker",
-        f"--queues={loaded.tasks.kube_queue},{CONTROL_QUEUE}",
+        f"--queues={','.join(worker_queues(loaded))}",
         "--task-events",
         f"--concurrency={concurrency or loaded.tasks.worker_concurrency}",
         f"--loglevel={(loglevel or loaded.tasks.log_level)}",

@@ -7,6 +7,7 @@ import time
 from typing import TYPE_CHECKING, Annotated
 
 import typer
+from rich.text import Text
 
 from worker.cli.common import (
     NoWaitOption,
@@ -24,8 +25,10 @@ from worker.cli.output import (
     follow_run,
     format_time,
     make_console,
+    plain,
     print_report,
     run_headline,
+    to_jsonable,
 )
 
 if TYPE_CHECKING:
@@ -202,12 +205,15 @@ def show(
     output: OutputOption = OutputFormat.TEXT,
 ) -> None:
     """Show a run: state, timing and the per-target table with a diff summary."""
+    from worker.app.pools import silent_pools_of_run
     from worker.app.service import run_report
 
     with runtime() as rt:
         report = run_report(rt, run_id)
+        # A running run whose open targets wait in a pool with no live worker says so.
+        waiting = silent_pools_of_run(rt, report.id)
     if output is OutputFormat.JSON:
-        emit_json(report)
+        emit_json({**to_jsonable(report), "waiting_pools": waiting})
         return
     say(
         f"run {report.id} ({report.action}) of distribution {report.distribution_id}\n"
@@ -215,5 +221,8 @@ def show(
         f"  created:  {format_time(report.created_at)}  started: {format_time(report.started_at)}"
         f"  finished: {format_time(report.finished_at)}\n"
         f"  batches:  {report.batches} (current {min(report.current_batch + 1, report.batches)})"
+        + (f"\n  deploys:  {report.certificate.describe()}" if report.certificate else "")
     )
+    for pool in waiting:
+        say(Text.assemble("  waiting:  ", plain(pool.describe(), style="bold yellow")))
     print_report(make_console(), report, diffs=diff)

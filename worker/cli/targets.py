@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
@@ -14,7 +14,22 @@ from worker.cli.errors import EXIT_FAILED, CliError, handled
 from worker.cli.inputs import variables
 from worker.cli.output import OutputFormat, emit_json, format_time, plain
 
+if TYPE_CHECKING:
+    from worker.app.pools import HealthSender
+    from worker.platform.runtime import Runtime
+
 app = new_typer("Kubernetes targets: one cluster + namespace each.")
+
+
+CheckTimeoutOption = Annotated[
+    float,
+    typer.Option(
+        "--check-timeout",
+        min=0.1,
+        help="Seconds to wait for a worker of the target's pool to run the health check, when "
+        "the pool is not this process's.",
+    ),
+]
 
 
 @app.command("add")
@@ -58,10 +73,20 @@ def add(
             help="Allow kube-system, kube-public or kube-node-lease as the namespace.",
         ),
     ] = False,
+    pool: Annotated[
+        str,
+        typer.Option(
+            "--pool",
+            help="Worker pool that processes the target (CAP_WORKER_POOL of workers that reach "
+            "its cluster; for --in-cluster, a pool running in that cluster).",
+        ),
+    ] = "default",
     no_check: Annotated[bool, typer.Option("--no-check", help="Skip the health check.")] = False,
+    check_timeout: CheckTimeoutOption = 30.0,
     output: OutputOption = OutputFormat.TEXT,
 ) -> None:
-    """Save a Kubernetes target, then run its health check (reads the namespace)."""
+    """Save a Kubernetes target, then run its health check (reads the namespace) on a worker
+    of its pool (here, when the pool is this process's CAP_WORKER_POOL)."""
     from models.enums import ConnectionMode
     from worker.app.service import TargetSpec, create_target, get_target
     from worker.core.names import DEFAULT_SECRET_NAME_TEMPLATE
@@ -81,18 +106,37 @@ def add(
         adopt_unmanaged=adopt_unmanaged,
         allow_system_namespace=allow_system_namespace,
         variables=variables(var),
+        pool=pool,
     )
     with runtime() as rt:
-        target_id, _ = create_target(rt, spec, check=not no_check)
+        target_id, result = create_target(
+            rt,
+            spec,
+            check=not no_check,
+            sender=_health_sender(rt),
+            check_timeout=check_timeout,
+        )
         view = get_target(rt, target_id)
     if output is OutputFormat.JSON:
         emit_json(view)
         return
-    say(f"saved target {view.name!r} (id {view.id})")
+    say(f"saved target {view.name!r} (id {view.id}, pool {view.pool!r})")
     if no_check:
         say(f"  health: not checked (--no-check); run `certautopilot targets check {name}`")
+    elif result is not None and result.status == "unknown":
+        _print_health(result.status, result.message, name)
     else:
         _print_health(view.health_status, view.health_message, name)
+
+
+def _health_sender(rt: Runtime) -> HealthSender:
+    """Health checks of another pool's targets are sent as tasks through the broker."""
+    from tasks.distribution import CeleryDispatcher
+    from worker.cli.context import celery_dispatcher
+
+    sender = celery_dispatcher(rt.settings)
+    assert isinstance(sender, CeleryDispatcher)
+    return sender
 
 
 def _print_health(status: str, message: str | None, name: str) -> None:
@@ -151,6 +195,8 @@ def show(
         ("allow insecure", str(view.allow_insecure)),
         ("variables", ", ".join(f"{k}={v}" for k, v in view.variables.items()) or "-"),
         ("groups", ", ".join(view.groups) or "-"),
+        ("pool", view.pool),
+        ("cluster", _cluster(view.connection_mode, view.cluster_identity)),
         ("health", f"{view.health_status} ({format_time(view.health_checked_at)})"),
         ("health message", view.health_message or "-"),
     ):
@@ -158,18 +204,41 @@ def show(
     print_table(table)
 
 
+def _cluster(connection_mode: str, identity: str | None) -> str:
+    if connection_mode != "in_cluster":
+        return "from the kubeconfig"
+    return identity or "not recorded yet (the first health check or run in its pool records it)"
+
+
 @app.command("check")
 @handled
 def check(
     name: Annotated[str, typer.Argument(help="Target name or id.")],
+    record_cluster: Annotated[
+        bool,
+        typer.Option(
+            "--record-cluster",
+            help="In-cluster: record the cluster the pool's worker runs in as the target's "
+            "(after the cluster's CA was rotated); otherwise a different one is refused.",
+        ),
+    ] = False,
+    check_timeout: CheckTimeoutOption = 30.0,
     output: OutputOption = OutputFormat.TEXT,
 ) -> None:
-    """Run the health check: namespace readable, get/create/update/patch on secrets allowed."""
-    from worker.app.service import check_target_health, get_target
+    """Run the health check: namespace readable, get/create/update/patch on secrets allowed
+    (on a worker of the target's pool when that is not this process's pool)."""
+    from worker.app.commands import check_target_health_in_pool
+    from worker.app.service import get_target
 
     with runtime() as rt:
         target = get_target(rt, name)
-        result = check_target_health(rt, target.id)
+        result = check_target_health_in_pool(
+            rt,
+            target.id,
+            sender=_health_sender(rt),
+            timeout=check_timeout,
+            record_cluster=record_cluster,
+        )
     if output is OutputFormat.JSON:
         emit_json(
             {

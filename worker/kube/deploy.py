@@ -26,6 +26,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
+from worker.core.budget import MAX_CONFLICT_RETRIES
 from worker.core.secret import (
     ANN_CERTIFICATE_SHA256,
     ANN_CONTENT_SHA256,
@@ -227,7 +228,7 @@ def deploy_secret(
     server_dry_run: bool,
     adopt_unmanaged: bool,
     snapshot_store: SnapshotStore | None,
-    max_conflict_retries: int = 3,
+    max_conflict_retries: int = MAX_CONFLICT_RETRIES,
 ) -> DeployOutcome:
     """Make the live Secret equal ``desired`` (or, in a dry run, say what that would do)."""
     meta = _meta(desired)
@@ -282,7 +283,7 @@ def rollback_secret(
     previous: PreviousSecret,
     written_fingerprint: str | None,
     force: bool,
-    max_conflict_retries: int = 3,
+    max_conflict_retries: int = MAX_CONFLICT_RETRIES,
 ) -> DeployOutcome:
     """Put the snapshot back with Update + resourceVersion; refuse on drift unless forced."""
     where = f'Secret "{namespace}/{name}"'

@@ -21,17 +21,38 @@ from weakref import WeakKeyDictionary
 from celery import Celery
 from kombu import Exchange, Queue  # type: ignore[attr-defined]
 
+from worker.core.pools import DEFAULT_POOL, pool_queue
 from worker.platform.settings import Settings
 
-#: Queue for orchestration (start a run, advance a batch). The Kubernetes work (messages of
-#: up to 32 targets each, see tasks/distribution.py) has its own queue, CAP_KUBE_QUEUE, so
-#: an operator can scale or drain the two apart.
+#: Queue for orchestration (start a run, advance a batch), shared by every pool. The
+#: Kubernetes work (messages of up to 32 targets each, see tasks/distribution.py, and health
+#: checks) goes to the queue of the targets' pool, ``<CAP_KUBE_QUEUE>.<pool>``, so each pool's
+#: workers take only the targets they can reach, and an operator can scale or drain apart.
 CONTROL_QUEUE = "control"
+
+
+def pool_queue_of(settings: Settings, pool: str) -> Queue:
+    """The queue of ``pool``'s per-target work (``kubernetes.<pool>``), as Celery declares it."""
+    name = pool_queue(settings.tasks.kube_queue, pool)
+    return Queue(name, Exchange(name), routing_key=name)
+
+
+def worker_queues(settings: Settings) -> list[str]:
+    """The queues a worker consumes: its pool's and the control queue.
+
+    Workers of the default pool also drain the un-pooled queue (``kubernetes``) that releases
+    before pools sent per-target work to, so messages queued across an upgrade still run.
+    """
+    queues = [pool_queue(settings.tasks.kube_queue, settings.tasks.worker_pool), CONTROL_QUEUE]
+    if settings.tasks.worker_pool == DEFAULT_POOL:
+        queues.append(settings.tasks.kube_queue)
+    return queues
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
     """Return the complete Celery configuration for ``settings`` (pure; used by tests)."""
     kube_queue = settings.tasks.kube_queue
+    own = pool_queue_of(settings, settings.tasks.worker_pool)
     # The broker must not redeliver a message while the task that holds it may
     # still legitimately run, so the visibility timeout exceeds the hard limit.
     # Celery reads it in two places (broker transport and the Redis result
@@ -74,13 +95,16 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_send_task_events": True,
         "task_send_sent_event": True,
         "task_track_started": True,
-        # Routing: Kubernetes work on its own queue, orchestration on "control".
+        # Routing: Kubernetes work on the pool's queue, orchestration on "control". The
+        # dispatcher names the queue of each target's pool; this process's own pool is the
+        # default route (and what Flower lists when no worker reports its queues).
         "task_queues": (
-            Queue(kube_queue, Exchange(kube_queue), routing_key=kube_queue),
+            own,
             Queue(CONTROL_QUEUE, Exchange(CONTROL_QUEUE), routing_key=CONTROL_QUEUE),
+            Queue(kube_queue, Exchange(kube_queue), routing_key=kube_queue),
         ),
         "task_default_queue": CONTROL_QUEUE,
-        "task_routes": {"cap.kube.*": {"queue": kube_queue, "routing_key": kube_queue}},
+        "task_routes": {"cap.kube.*": {"queue": own.name, "routing_key": own.routing_key}},
         # Reconnects and restarts must not leave half-run work behind silently.
         "worker_cancel_long_running_tasks_on_connection_loss": True,
         "worker_hijack_root_logger": False,

@@ -67,8 +67,8 @@ class Runtime:
     environ: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
     """The process environment, read once (in-cluster detection needs KUBERNETES_SERVICE_*)."""
     pid: int = field(default_factory=os.getpid)
-    bundles: LruCache[tuple[str, str], TlsBundle] = field(default_factory=lambda: LruCache(256))
-    """Parsed certificate bundles by (certificate id, fingerprint): parse once per process."""
+    bundles: LruCache[str, TlsBundle] = field(default_factory=lambda: LruCache(256))
+    """Parsed certificate bundles by certificate revision id: parse once per process."""
 
     @contextmanager
     def session(self) -> Iterator[Session]:

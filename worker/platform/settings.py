@@ -43,8 +43,10 @@ from typing import Any, Generic, TypeVar
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
+from worker.core.budget import DATABASE_RETRY_SECONDS, WorstCase, worst_case
 from worker.core.crypto import KEK_BYTES, is_valid_key_id
 from worker.core.fanout import FanoutConfigError, parse_batch_size, parse_failure_threshold
+from worker.core.pools import DEFAULT_POOL, POOL_NAME_RULE, PoolNameError, check_pool_name
 from worker.platform.redaction import redact_url
 
 __all__ = [
@@ -65,6 +67,7 @@ __all__ = [
     "load_settings",
     "normalize_database_url",
     "read_kek_file",
+    "target_worst_case",
 ]
 
 GENERATED_KEK_ID = "k1"
@@ -204,17 +207,38 @@ class TaskSettings:
     """Celery worker and task behaviour."""
 
     soft_time_limit: float
-    """Seconds before a task gets SoftTimeLimitExceeded (``CAP_TASK_SOFT_TIME_LIMIT``, 240)."""
+    """Seconds before a task gets SoftTimeLimitExceeded (``CAP_TASK_SOFT_TIME_LIMIT``, 600).
+    Must hold one target at its worst (worker.core.budget), which the retry settings decide;
+    a message starts a target only while that worst case still fits."""
 
     time_limit: float
-    """Seconds before a task's process is killed (``CAP_TASK_TIME_LIMIT``, default 300)."""
+    """Seconds before a task's process is killed (``CAP_TASK_TIME_LIMIT``, default 660)."""
 
     reaper_interval: float
     """Seconds between scans for stalled runs (``CAP_REAPER_INTERVAL``, default 15)."""
 
     stale_after: float
-    """Seconds without progress after which a running run counts as stalled
-    (``CAP_STALE_AFTER``, default 60)."""
+    """Seconds a claim holds without being renewed (``CAP_STALE_AFTER``, default 60): the
+    delivering message renews its claims while it works, so only a dead worker's claims
+    expire, and the reaper re-sends them. Also how long a finished batch may wait for its
+    callback before the reaper sends it again."""
+
+    resend_after: float
+    """Seconds after which a sent target message that no worker claimed counts as lost and is
+    re-sent (``CAP_RESEND_AFTER``, default 300); raise it if your queue legitimately holds work
+    longer (a backlog of long runs on few workers)."""
+
+    @property
+    def lease_seconds(self) -> float:
+        """How long a claim holds unless renewed (the stale-after period)."""
+        return self.stale_after
+
+    @property
+    def database_retry_seconds(self) -> float:
+        """How long a database step inside a task rides out an outage: shorter than the lease
+        (which cannot be renewed while the database is down), at most
+        worker.core.budget.DATABASE_RETRY_SECONDS."""
+        return min(DATABASE_RETRY_SECONDS, self.stale_after / 2)
 
     worker_concurrency: int
     """Worker processes per worker (``CAP_WORKER_CONCURRENCY``, default 4)."""
@@ -229,6 +253,10 @@ class TaskSettings:
 
     log_level: str
     """One of DEBUG, INFO, WARNING, ERROR, CRITICAL (``CAP_LOG_LEVEL``, default INFO)."""
+
+    worker_pool: str = "default"
+    """The pool this worker belongs to (``CAP_WORKER_POOL``, default "default"): it takes the
+    per-target work of that pool's targets only, from the queue ``<kube_queue>.<pool>``."""
 
 
 @dataclass(frozen=True, repr=False)
@@ -357,6 +385,13 @@ def _log_level(raw: str) -> str | None:
 
 def _queue_name(raw: str) -> str | None:
     return raw if _QUEUE_NAME.fullmatch(raw) else None
+
+
+def _pool_name(raw: str) -> str | None:
+    try:
+        return check_pool_name(raw.strip())
+    except PoolNameError:
+        return None
 
 
 def _step(raw: str) -> int | str:
@@ -523,11 +558,12 @@ DEFAULT_FAILURE_THRESHOLD: _Variable[ThresholdValue] = _Variable(
     'a count >= 0 ("2") or a whole percentage in [0%, 100%] ("10%")',
     0,
 )
-TASK_SOFT_TIME_LIMIT = _seconds("CAP_TASK_SOFT_TIME_LIMIT", 240)
-TASK_TIME_LIMIT = _seconds("CAP_TASK_TIME_LIMIT", 300)
+TASK_SOFT_TIME_LIMIT = _seconds("CAP_TASK_SOFT_TIME_LIMIT", 600)
+TASK_TIME_LIMIT = _seconds("CAP_TASK_TIME_LIMIT", 660)
 BROKER_VISIBILITY_TIMEOUT = _seconds("CAP_BROKER_VISIBILITY_TIMEOUT", 3600)
 REAPER_INTERVAL = _seconds("CAP_REAPER_INTERVAL", 15)
 STALE_AFTER = _seconds("CAP_STALE_AFTER", 60)
+RESEND_AFTER = _seconds("CAP_RESEND_AFTER", 300)
 WORKER_CONCURRENCY = _Variable(
     "CAP_WORKER_CONCURRENCY", _positive_int, "a whole number >= 1, e.g. 4", 4
 )
@@ -538,6 +574,7 @@ KUBE_QUEUE = _Variable(
     "kubernetes",
 )
 HEARTBEAT_FILE = _Variable("CAP_HEARTBEAT_FILE", _text, _PATH)
+WORKER_POOL = _Variable("CAP_WORKER_POOL", _pool_name, POOL_NAME_RULE, DEFAULT_POOL)
 LOG_LEVEL = _Variable("CAP_LOG_LEVEL", _log_level, "one of " + ", ".join(_LOG_LEVELS), "INFO")
 FLOWER_BASIC_AUTH = _Variable(
     "FLOWER_BASIC_AUTH",
@@ -746,13 +783,38 @@ def _tasks(environ: Mapping[str, str], data_dir: Path) -> TaskSettings:
         time_limit=hard,
         reaper_interval=REAPER_INTERVAL.value(environ),
         stale_after=STALE_AFTER.value(environ),
+        resend_after=RESEND_AFTER.value(environ),
         worker_concurrency=WORKER_CONCURRENCY.value(environ),
         kube_queue=KUBE_QUEUE.value(environ),
         heartbeat_file=(
             _path(environ, heartbeat_raw) if heartbeat_raw else data_dir / "worker-heartbeat"
         ),
         log_level=LOG_LEVEL.value(environ),
+        worker_pool=WORKER_POOL.value(environ),
     )
+
+
+def target_worst_case(tasks: TaskSettings, kube: KubeSettings) -> WorstCase:
+    """One target's longest time, and a message's closing steps, under these settings."""
+    return worst_case(
+        attempts=kube.retry_attempts,
+        retry_max_seconds=kube.retry_max_seconds,
+        connect_timeout=kube.connect_timeout,
+        read_timeout=kube.read_timeout,
+        database_retry_seconds=tasks.database_retry_seconds,
+    )
+
+
+def _check_soft_limit_holds_a_target(tasks: TaskSettings, kube: KubeSettings) -> None:
+    worst = target_worst_case(tasks, kube)
+    if tasks.soft_time_limit < worst.message_minimum:
+        raise SettingsError(
+            f"CAP_TASK_SOFT_TIME_LIMIT={tasks.soft_time_limit:g} cannot hold one target at its "
+            f"worst: {worst.explain()}, so it must be at least {worst.message_minimum:g}. Raise "
+            "CAP_TASK_SOFT_TIME_LIMIT (and CAP_TASK_TIME_LIMIT above it), or lower "
+            "CAP_KUBE_RETRY_MAX_SECONDS, CAP_KUBE_RETRY_ATTEMPTS, CAP_KUBE_CONNECT_TIMEOUT or "
+            "CAP_KUBE_READ_TIMEOUT"
+        )
 
 
 def load_settings(environ: Mapping[str, str] = os.environ) -> Settings:
@@ -801,6 +863,7 @@ def load_settings(environ: Mapping[str, str] = os.environ) -> Settings:
         retry_max_seconds=KUBE_RETRY_MAX_SECONDS.value(environ),
         server_dry_run=SERVER_DRY_RUN.value(environ),
     )
+    _check_soft_limit_holds_a_target(tasks, kube)
     fanout = FanoutSettings(
         default_batch_size=DEFAULT_BATCH_SIZE.value(environ),
         default_failure_threshold=DEFAULT_FAILURE_THRESHOLD.value(environ),
