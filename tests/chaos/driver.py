@@ -96,6 +96,8 @@ class RoundOptions:
     concurrency: int = 2
     fault_seconds: float = 75.0
     settle_seconds: float = 150.0
+    quiet_seconds: float = 60.0
+    """Bound for the quiet rollback after the checks (no faults by then: a few seconds)."""
     skip: frozenset[str] = frozenset()
     """Fault kinds left out of the schedule (``--skip``)."""
 
@@ -688,7 +690,7 @@ class Round:
         except service.RollbackUnavailable as exc:
             self.log(f"quiet rollback: unavailable ({exc})")
             return []
-        report = pipe.wait(run_id, timeout=self.options.settle_seconds)
+        report = pipe.wait(run_id, timeout=self.options.quiet_seconds)
         record = RunRecord(
             run_id=report.id,
             action="rollback",
