@@ -55,9 +55,6 @@ def _row(index: int, result: RoundResult) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run rounds until the budget is spent; print the table and every violation."""
     args = _parse(argv)
-    # SIGTERM (timeout, CI cancel) unwinds like Ctrl-C: every round's finally stops its
-    # workers by PID and the environment stops its servers; the default would orphan them.
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1, 10**9)
     options = RoundOptions(
         targets=args.targets,
@@ -72,6 +69,16 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"python -m tests.chaos: {exc}", file=sys.stderr)
         return 2
+    # SIGTERM (timeout, CI cancel) unwinds like Ctrl-C: every round's finally stops its
+    # workers by PID and the environment stops its servers; the default would orphan them.
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        return _rounds(args, seed, options)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _rounds(args: argparse.Namespace, seed: int, options: RoundOptions) -> int:
     deadline = time.monotonic() + args.minutes * 60
     results: list[RoundResult] = []
     header = f"{'round':>5} {'seed':>10} {'seconds':>7} {'faults':>6} {'violations':>10}  runs"
