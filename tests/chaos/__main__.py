@@ -38,7 +38,16 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         metavar="KIND",
         help="leave a fault kind out (repeatable), e.g. --skip renew while issue 17 §4 is open",
     )
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an extra setting for the workers (repeatable), to try a change on the same seeds",
+    )
     args = parser.parse_args(argv)
+    if any("=" not in item or item.startswith("=") for item in args.env):
+        parser.error("--env takes KEY=VALUE, e.g. --env CAP_STALE_AFTER=10")
     if args.minutes <= 0 or args.targets < 3 or args.workers < 1 or args.clusters < 1:
         parser.error("--minutes must be > 0, --targets >= 3, --workers and --clusters >= 1")
     return args
@@ -63,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         fault_seconds=args.fault_seconds,
         settle_seconds=args.settle_seconds,
         skip=frozenset(args.skip),
+        env=tuple(tuple(item.split("=", 1)) for item in args.env),  # type: ignore[misc]
     )
     try:
         fault_schedule(seed, duration=args.fault_seconds, skip=options.skip)

@@ -100,6 +100,9 @@ class RoundOptions:
     """Bound for the quiet rollback after the checks (no faults by then: a few seconds)."""
     skip: frozenset[str] = frozenset()
     """Fault kinds left out of the schedule (``--skip``)."""
+    env: tuple[tuple[str, str], ...] = ()
+    """Extra settings for this process and the workers (``--env KEY=VALUE``), e.g. to try a
+    configuration change against the same schedule."""
 
 
 @dataclass
@@ -183,7 +186,9 @@ class Round:
         runs: dict[str, int] = {}
         try:
             with (
-                pipeline(database, self.services.redis.url, workdir) as pipe,
+                pipeline(
+                    database, self.services.redis.url, workdir, dict(self.options.env)
+                ) as pipe,
                 WebhookReceiver() as hook,
             ):
                 try:

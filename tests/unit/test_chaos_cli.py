@@ -25,3 +25,10 @@ def test_sizes_that_cannot_make_a_round_are_refused(
         main(argv)
     assert exit_info.value.code == 2
     assert "--targets >= 3" in capsys.readouterr().err
+
+
+def test_an_env_setting_without_a_value_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--env", "CAP_STALE_AFTER"])
+    assert exit_info.value.code == 2
+    assert "--env takes KEY=VALUE" in capsys.readouterr().err
