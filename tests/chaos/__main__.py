@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import signal
 import sys
 import tempfile
 import time
@@ -37,7 +38,16 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         metavar="KIND",
         help="leave a fault kind out (repeatable), e.g. --skip renew while issue 17 §4 is open",
     )
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an extra setting for the workers (repeatable), to try a change on the same seeds",
+    )
     args = parser.parse_args(argv)
+    if any("=" not in item or item.startswith("=") for item in args.env):
+        parser.error("--env takes KEY=VALUE, e.g. --env CAP_STALE_AFTER=10")
     if args.minutes <= 0 or args.targets < 3 or args.workers < 1 or args.clusters < 1:
         parser.error("--minutes must be > 0, --targets >= 3, --workers and --clusters >= 1")
     return args
@@ -62,12 +72,23 @@ def main(argv: list[str] | None = None) -> int:
         fault_seconds=args.fault_seconds,
         settle_seconds=args.settle_seconds,
         skip=frozenset(args.skip),
+        env=tuple(tuple(item.split("=", 1)) for item in args.env),  # type: ignore[misc]
     )
     try:
         fault_schedule(seed, duration=args.fault_seconds, skip=options.skip)
     except ValueError as exc:
         print(f"python -m tests.chaos: {exc}", file=sys.stderr)
         return 2
+    # SIGTERM (timeout, CI cancel) unwinds like Ctrl-C: every round's finally stops its
+    # workers by PID and the environment stops its servers; the default would orphan them.
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        return _rounds(args, seed, options)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _rounds(args: argparse.Namespace, seed: int, options: RoundOptions) -> int:
     deadline = time.monotonic() + args.minutes * 60
     results: list[RoundResult] = []
     header = f"{'round':>5} {'seed':>10} {'seconds':>7} {'faults':>6} {'violations':>10}  runs"

@@ -96,8 +96,13 @@ class RoundOptions:
     concurrency: int = 2
     fault_seconds: float = 75.0
     settle_seconds: float = 150.0
+    quiet_seconds: float = 60.0
+    """Bound for the quiet rollback after the checks (no faults by then: a few seconds)."""
     skip: frozenset[str] = frozenset()
     """Fault kinds left out of the schedule (``--skip``)."""
+    env: tuple[tuple[str, str], ...] = ()
+    """Extra settings for this process and the workers (``--env KEY=VALUE``), e.g. to try a
+    configuration change against the same schedule."""
 
 
 @dataclass
@@ -181,7 +186,9 @@ class Round:
         runs: dict[str, int] = {}
         try:
             with (
-                pipeline(database, self.services.redis.url, workdir) as pipe,
+                pipeline(
+                    database, self.services.redis.url, workdir, dict(self.options.env)
+                ) as pipe,
                 WebhookReceiver() as hook,
             ):
                 try:
@@ -217,7 +224,7 @@ class Round:
         self.namespace = f"chaos-{self.seed % 100000}-{uuid.uuid4().hex[:5]}"
         kubeconfigs: dict[str, str] = {}
         for cluster in self.services.clusters:
-            gate = TcpGate("127.0.0.1", cluster.port)
+            gate = TcpGate("127.0.0.1", cluster.port, stable_port=True)
             self.gates[cluster.name] = gate
             access = create_service_account(
                 self.services.admin_api(cluster), cluster, self.namespace
@@ -688,7 +695,7 @@ class Round:
         except service.RollbackUnavailable as exc:
             self.log(f"quiet rollback: unavailable ({exc})")
             return []
-        report = pipe.wait(run_id, timeout=self.options.settle_seconds)
+        report = pipe.wait(run_id, timeout=self.options.quiet_seconds)
         record = RunRecord(
             run_id=report.id,
             action="rollback",

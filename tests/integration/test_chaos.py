@@ -19,9 +19,15 @@ from tests.chaos.driver import RoundOptions, Services, run_round
 #: Fixed so CI is repeatable; the long mode explores other seeds.
 CI_SEED = 1717
 
-#: About 3 to 4 minutes on a 2-core machine: 75 s of faults, then the settle bound.
+#: About 2 minutes on a 2-core machine (setup ~20 s, 75 s of faults, settling in seconds);
+#: at most about 4 if the settle (100 s) and quiet-rollback (30 s) bounds are used up.
 CI_ROUND = RoundOptions(
-    targets=12, workers=3, concurrency=2, fault_seconds=75.0, settle_seconds=100.0
+    targets=12,
+    workers=3,
+    concurrency=2,
+    fault_seconds=75.0,
+    settle_seconds=100.0,
+    quiet_seconds=30.0,
 )
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import http.client
+import random
 import socket
 import ssl
 import tempfile
@@ -46,7 +47,9 @@ _HOP_BY_HOP = frozenset(
 class TcpGate:
     """A loopback TCP relay to ``upstream`` that can refuse and drop connections on demand."""
 
-    def __init__(self, upstream_host: str, upstream_port: int) -> None:
+    def __init__(
+        self, upstream_host: str, upstream_port: int, *, stable_port: bool = False
+    ) -> None:
         self.upstream = (upstream_host, upstream_port)
         self._lock = threading.Lock()
         self._connections: set[socket.socket] = set()
@@ -54,7 +57,10 @@ class TcpGate:
         self._stopping = threading.Event()
         self.port = 0
         self.cuts = 0
-        self._listen()
+        if stable_port:
+            self._listen_below_ephemeral_range()
+        else:
+            self._listen()
         self._acceptor = threading.Thread(target=self._accept_loop, daemon=True)
         self._acceptor.start()
 
@@ -67,6 +73,22 @@ class TcpGate:
         self.port = listener.getsockname()[1]
         with self._lock:
             self._listener = listener
+
+    def _listen_below_ephemeral_range(self) -> None:
+        # An ephemeral port, once cut, can be taken by any outgoing connection before
+        # restore() binds it again; ports below the kernel's ephemeral range are not handed
+        # out that way (gates cut and restored many times: the randomized fault test).
+        low = _ephemeral_range()[0]
+        ports = list(range(max(1024, low - 12_000), low))
+        random.SystemRandom().shuffle(ports)
+        for port in ports[:200]:
+            self.port = port
+            try:
+                self._listen()
+                return
+            except OSError:
+                continue
+        raise OSError(f"no free loopback port below the ephemeral range (from {low})")
 
     @property
     def is_open(self) -> bool:
@@ -89,8 +111,16 @@ class TcpGate:
 
     def restore(self) -> None:
         """Accept and relay again, on the same port."""
-        if not self.is_open:
-            self._listen()
+        # The acceptor thread may still be inside accept() on the closed listener for up to
+        # its 0.1 s timeout, which keeps the port bound: retry the bind briefly.
+        deadline = time.monotonic() + 2.0
+        while not self.is_open:
+            try:
+                self._listen()
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
 
     def close(self) -> None:
         """Stop relaying for good."""
@@ -138,6 +168,15 @@ class TcpGate:
             with self._lock:
                 self._connections.discard(source)
                 self._connections.discard(sink)
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    """The kernel's range for outgoing connections' local ports (Linux; a default elsewhere)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
 
 
 class _Injection:
