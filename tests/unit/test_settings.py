@@ -119,6 +119,10 @@ def test_every_variable_is_read(env: dict[str, str], tmp_path: Path) -> None:
             "CAP_WORKER_POOL": "eu-prod",
             "CAP_HEARTBEAT_FILE": str(tmp_path / "hb"),
             "CAP_LOG_LEVEL": "debug",
+            "CAP_METRICS_PORT": "9808",
+            "CAP_METRICS_ADDRESS": "127.0.0.1",
+            "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "metrics"),
+            "CAP_LOG_FORMAT": "JSON",
             "FLOWER_BASIC_AUTH": "ops:long-password,viewer:other-password",
         }
     )
@@ -151,6 +155,10 @@ def test_every_variable_is_read(env: dict[str, str], tmp_path: Path) -> None:
     assert settings.tasks.heartbeat_file == tmp_path / "hb"
     assert settings.tasks.log_level == "DEBUG"
     assert settings.flower.basic_auth == "ops:long-password,viewer:other-password"
+    assert settings.observability.metrics_port == 9808
+    assert settings.observability.metrics_address == "127.0.0.1"
+    assert settings.observability.metrics_dir == tmp_path / "metrics"
+    assert settings.observability.log_format == "json"
     assert Keyring.from_settings(settings).key_ids == ("k1", "k2")
 
 

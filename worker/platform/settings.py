@@ -60,6 +60,7 @@ __all__ = [
     "FanoutSettings",
     "FlowerSettings",
     "KubeSettings",
+    "ObservabilitySettings",
     "Settings",
     "SettingsError",
     "TaskSettings",
@@ -273,6 +274,25 @@ class FlowerSettings:
 
 
 @dataclass(frozen=True)
+class ObservabilitySettings:
+    """Prometheus metrics and the log format (see the README's Observability section)."""
+
+    metrics_port: int | None = None
+    """TCP port of the worker's ``/metrics`` endpoint (``CAP_METRICS_PORT``); None (the
+    default) serves no metrics. The Helm chart sets 9808."""
+
+    metrics_address: str = "0.0.0.0"  # noqa: S104 - Prometheus scrapes the pod's address
+    """Address the metrics endpoint binds (``CAP_METRICS_ADDRESS``, default 0.0.0.0)."""
+
+    metrics_dir: Path | None = None
+    """Folder for prometheus_client's per-process metric files (``PROMETHEUS_MULTIPROC_DIR``);
+    emptied when the worker starts. None: a private temporary folder per worker."""
+
+    log_format: str = "text"
+    """``text`` (Celery's layout) or ``json``, one object per line (``CAP_LOG_FORMAT``)."""
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything the worker is configured with, grouped by concern."""
 
@@ -294,6 +314,8 @@ class Settings:
     """Worker and task limits (``CAP_TASK_*``, ``CAP_WORKER_CONCURRENCY``, ...)."""
     flower: FlowerSettings = field(default_factory=lambda: FlowerSettings(basic_auth=None))
     """Flower's login (``FLOWER_BASIC_AUTH``)."""
+    observability: ObservabilitySettings = field(default_factory=ObservabilitySettings)
+    """Metrics endpoint and log format (``CAP_METRICS_*``, ``CAP_LOG_FORMAT``)."""
 
     ignored_variables: tuple[str, ...] = field(default=())
     """``CAP_*`` variables that were set but are not settings (likely typos); for a warning."""
@@ -381,6 +403,14 @@ def _boolean(raw: str) -> bool | None:
 
 def _log_level(raw: str) -> str | None:
     return raw.upper() if raw.upper() in _LOG_LEVELS else None
+
+
+def _port(raw: str) -> int | None:
+    return int(raw) if raw.isdigit() and 1 <= int(raw) <= 65535 else None
+
+
+def _log_format(raw: str) -> str | None:
+    return raw.lower() if raw.lower() in ("text", "json") else None
 
 
 def _queue_name(raw: str) -> str | None:
@@ -576,6 +606,10 @@ KUBE_QUEUE = _Variable(
 HEARTBEAT_FILE = _Variable("CAP_HEARTBEAT_FILE", _text, _PATH)
 WORKER_POOL = _Variable("CAP_WORKER_POOL", _pool_name, POOL_NAME_RULE, DEFAULT_POOL)
 LOG_LEVEL = _Variable("CAP_LOG_LEVEL", _log_level, "one of " + ", ".join(_LOG_LEVELS), "INFO")
+METRICS_PORT = _Variable("CAP_METRICS_PORT", _port, "a TCP port 1-65535, e.g. 9808")
+METRICS_ADDRESS = _Variable("CAP_METRICS_ADDRESS", _text, "an address to bind, e.g. 0.0.0.0")
+METRICS_DIR = _Variable("PROMETHEUS_MULTIPROC_DIR", _text, _PATH)
+LOG_FORMAT = _Variable("CAP_LOG_FORMAT", _log_format, "text or json", "text")
 FLOWER_BASIC_AUTH = _Variable(
     "FLOWER_BASIC_AUTH",
     _basic_auth,
@@ -817,6 +851,16 @@ def _check_soft_limit_holds_a_target(tasks: TaskSettings, kube: KubeSettings) ->
         )
 
 
+def _observability(environ: Mapping[str, str]) -> ObservabilitySettings:
+    metrics_dir = METRICS_DIR.read(environ)
+    return ObservabilitySettings(
+        metrics_port=METRICS_PORT.read(environ),
+        metrics_address=METRICS_ADDRESS.read(environ) or ObservabilitySettings.metrics_address,
+        metrics_dir=_path(environ, metrics_dir) if metrics_dir else None,
+        log_format=LOG_FORMAT.value(environ),
+    )
+
+
 def load_settings(environ: Mapping[str, str] = os.environ) -> Settings:
     """Read and validate every setting from ``environ`` (see module docstring); writes nothing."""
     data_raw = DATA_DIR.read(environ)
@@ -879,5 +923,6 @@ def load_settings(environ: Mapping[str, str] = os.environ) -> Settings:
         fanout=fanout,
         tasks=tasks,
         flower=FlowerSettings(basic_auth=FLOWER_BASIC_AUTH.read(environ)),
+        observability=_observability(environ),
         ignored_variables=ignored,
     )
