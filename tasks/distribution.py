@@ -38,7 +38,7 @@ from worker.app.runs import (
 from worker.platform import logs, metrics
 from worker.platform.celery_app import CONTROL_QUEUE, app, configured_settings, pool_queue_of
 from worker.platform.runtime import Runtime, build_runtime, get_runtime, set_runtime
-from worker.platform.settings import Settings, target_worst_case
+from worker.platform.settings import Settings, require_kek, target_worst_case
 
 log = logging.getLogger(__name__)
 
@@ -179,6 +179,7 @@ def _runtime_from_the_app_settings(**_: Any) -> None:
     # In the worker's main process, before the pool forks: the runtime gets exactly the
     # settings the app was configured (and bootstrapped) with. Pool processes inherit it and
     # get_runtime() rebuilds its connections after the fork, keeping those settings.
+    require_kek(configured_settings(app))  # a worker opens secrets: refuse to start without
     set_runtime(build_runtime(configured_settings(app)))
     # Metrics (when CAP_METRICS_PORT is set): the multiprocess folder before the pool forks.
     metrics.enable(configured_settings(app).observability)

@@ -12,6 +12,7 @@ import pytest
 
 from worker.core.crypto import Keyring
 from worker.platform.bootstrap import bootstrap
+from worker.platform.runtime import build_runtime
 from worker.platform.settings import (
     ENV_VARS,
     FILE_VARIANTS,
@@ -19,6 +20,7 @@ from worker.platform.settings import (
     Settings,
     SettingsError,
     load_settings,
+    require_kek,
 )
 
 KEK_A = base64.b64encode(bytes(range(32))).decode()
@@ -238,12 +240,24 @@ def test_bad_values_name_the_variable_value_and_expected_form(
         assert repr(value) in message
 
 
-def test_non_default_database_without_a_kek_is_refused(env: dict[str, str]) -> None:
+def test_non_default_database_without_a_kek_is_refused_where_a_key_is_needed(
+    env: dict[str, str],
+) -> None:
     env["CAP_DATABASE_URL"] = PG_URL
+    settings = load_settings(env)  # reading runs and targets needs no key
     with pytest.raises(SettingsError, match="no KEK configured") as caught:
-        load_settings(env)
+        require_kek(settings)
     assert "CAP_KEK" in str(caught.value) and "CAP_KEK_FILE" in str(caught.value)
     assert not (Path(env["CAP_DATA_DIR"]) / "kek").exists()
+    runtime = build_runtime(settings)
+    try:
+        with pytest.raises(SettingsError, match="no KEK configured"):
+            runtime.sealer.seal(b"x", table="t", row_id="r", purpose="p")
+    finally:
+        runtime.close()
+    env["CAP_KEK_CURRENT"] = "k1"
+    with pytest.raises(SettingsError, match="CAP_KEK_CURRENT is set but no KEK"):
+        load_settings(env)
 
 
 def test_sqlite_database_elsewhere_counts_as_non_default(
@@ -251,7 +265,7 @@ def test_sqlite_database_elsewhere_counts_as_non_default(
 ) -> None:
     env["CAP_DATABASE_URL"] = f"sqlite:///{tmp_path}/other.db"
     with pytest.raises(SettingsError, match="no KEK configured"):
-        load_settings(env)
+        require_kek(load_settings(env))
     env["CAP_KEK"] = f"k1:{KEK_A}"
     settings = load_settings(env)
     assert not settings.embedded_default

@@ -68,7 +68,10 @@ def worker(
     from worker.platform.celery_app import app as celery_app
     from worker.platform.celery_app import worker_queues
 
+    from worker.platform.settings import require_kek
+
     loaded = settings()
+    require_kek(loaded)  # a worker opens keys and kubeconfigs: it needs the KEK
     ensure_schema(loaded)
     celery_dispatcher(loaded)  # the app must use exactly these settings
     argv = [

@@ -68,6 +68,7 @@ __all__ = [
     "load_settings",
     "normalize_database_url",
     "read_kek_file",
+    "require_kek",
     "target_worst_case",
 ]
 
@@ -155,6 +156,12 @@ class CryptoSettings:
     generated_file: Path | None = None
     """The embedded default's KEK file (``{data_dir}/kek``), generated once by the bootstrap;
     None when KEKs are configured."""
+
+    missing: str | None = None
+    """Why no KEK is available (a non-default database and no ``CAP_KEK``/``CAP_KEK_FILE``);
+    None when keys are loaded. Commands that decrypt or encrypt nothing (listings, shows,
+    probes, ``version``) work without a KEK; anything that seals or opens a secret, and the
+    worker itself, stops with this message (:func:`require_kek`)."""
 
     def __repr__(self) -> str:
         # Key ids are fine to show; the key bytes never are.
@@ -755,6 +762,20 @@ def read_kek_file(path: Path, variable: str, keys: dict[str, bytes]) -> None:
         )
 
 
+_NO_KEK = (
+    "no KEK configured: CAP_DATABASE_URL points at a non-default database, so set "
+    "CAP_KEK='keyid:base64' or CAP_KEK_FILE=/path/to/file (one 'keyid:base64' per "
+    f"line) on every worker ({_KEK_HINT}). Only the embedded default SQLite "
+    "database generates a KEK by itself"
+)
+
+
+def require_kek(settings: Settings) -> None:
+    """Refuse, naming the fix, when no KEK is configured (before anything seals or opens)."""
+    if settings.crypto.missing is not None:
+        raise SettingsError(settings.crypto.missing)
+
+
 def _crypto(environ: Mapping[str, str], data_dir: Path, embedded: bool) -> CryptoSettings:
     keys: dict[str, bytes] = {}
     sources: list[str] = []
@@ -777,11 +798,14 @@ def _crypto(environ: Mapping[str, str], data_dir: Path, embedded: bool) -> Crypt
     key_ids = list(keys)
     if not keys:
         if not embedded:
-            raise SettingsError(
-                "no KEK configured: CAP_DATABASE_URL points at a non-default database, so set "
-                "CAP_KEK='keyid:base64' or CAP_KEK_FILE=/path/to/file (one 'keyid:base64' per "
-                f"line) on every worker ({_KEK_HINT}). Only the embedded default SQLite "
-                "database generates a KEK by itself"
+            if KEK_CURRENT.read(environ) is not None:
+                raise SettingsError(
+                    f"{KEK_CURRENT.name} is set but no KEK is configured: set CAP_KEK or "
+                    f"CAP_KEK_FILE ({_KEK_HINT})"
+                )
+            # Not an error yet: reading runs, targets and groups needs no key (require_kek).
+            return CryptoSettings(
+                keys=MappingProxyType({}), current_key_id="", source="none", missing=_NO_KEK
             )
         # The bootstrap generates this file (with this one key id) and loads it.
         generated_file = data_dir / "kek"
