@@ -64,7 +64,13 @@ def worker(
         ),
     ] = "certautopilot@%h",
 ) -> None:
-    """Run a Celery worker of pool CAP_WORKER_POOL: its pool's queue and the control queue."""
+    """Run a Celery worker of pool CAP_WORKER_POOL: its pool's queue and the control queue.
+
+    \b
+    Examples:
+      certautopilot migrate && certautopilot worker --concurrency 8
+      CAP_LOG_FORMAT=json CAP_METRICS_PORT=9808 certautopilot worker
+    """
     from worker.platform.celery_app import app as celery_app
     from worker.platform.celery_app import worker_queues
 
