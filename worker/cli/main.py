@@ -62,6 +62,14 @@ app.command("completion")(meta.completion)
 
 def main() -> None:
     """Console-script entry point (``certautopilot``)."""
+    import os
+
+    if os.environ.get(meta.COMPLETE_VAR):
+        # A completion script is asking (see `certautopilot completion`): typer answers it
+        # once its shell classes are registered, which add_completion=False leaves undone.
+        from typer._completion_classes import completion_init
+
+        completion_init()
     app()
 
 
