@@ -58,13 +58,13 @@ from models.errors import DATABASE_OUTAGE_ERRORS
 from worker.app.clients import kube_client
 from worker.app.dispatch import Dispatcher, queue_next_stacked
 from worker.app.fanout import group_fanout
-from worker.app.pools import check_cluster, hold_back_silent_pools
 from worker.app.metrics import (
     observe_reaper,
     observe_run_finished,
     observe_skipped,
     observe_target,
 )
+from worker.app.pools import check_cluster, hold_back_silent_pools
 from worker.app.webhook import redeliver_webhook, run_webhook
 from worker.core.bundle import BundleError, TlsBundle, build_bundle
 from worker.core.crypto import CryptoError

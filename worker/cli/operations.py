@@ -73,7 +73,6 @@ def worker(
     """
     from worker.platform.celery_app import app as celery_app
     from worker.platform.celery_app import worker_queues
-
     from worker.platform.settings import require_kek
 
     loaded = settings()

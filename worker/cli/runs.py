@@ -29,8 +29,8 @@ from worker.cli.output import (
     print_report,
     reason_words,
     run_headline,
-    to_jsonable,
     status_words,
+    to_jsonable,
 )
 
 if TYPE_CHECKING:
