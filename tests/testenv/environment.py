@@ -17,6 +17,7 @@ from typing import TextIO, TypeVar
 
 from tests.testenv.binaries import find_binaries
 from tests.testenv.cluster import Cluster, ClusterSet
+from tests.testenv.node import Node, NodeError, find_node_binaries
 from tests.testenv.process import ManagedProcess, StartupError
 from tests.testenv.services import PostgresServer, RedisServer
 
@@ -63,8 +64,10 @@ class TestEnvironment:
         cluster_count: int,
         environ: Mapping[str, str],
         progress: Callable[[], TextIO] = lambda: sys.stderr,
+        node: bool = False,
     ) -> None:
         self.cluster_count = cluster_count
+        self.node_enabled = node
         self._environ = dict(environ)
         self._progress = progress
         tmp_root = Path(tempfile.gettempdir())
@@ -80,6 +83,7 @@ class TestEnvironment:
         self._redis: RedisServer | None = None
         self._postgres: PostgresServer | None = None
         self._extra_redis: list[RedisServer] = []
+        self._node: Node | None = None
         self._failures: dict[str, BaseException] = {}
         self.timings: dict[str, float] = {}
         self._closed = False
@@ -151,6 +155,30 @@ class TestEnvironment:
             self._postgres = self._once("postgres", start)
         return self._postgres
 
+    def node(self, *, sync_frequency: int = 10) -> Node:
+        """Start the node cluster (tests/testenv/node.py) on first call and return it: one more
+        API server on the clusters' etcd, with containerd, kubelet, controller-manager,
+        scheduler and kube-proxy running real pods on this host."""
+        if not self.node_enabled:
+            raise NodeError("this test environment was made without node=True")
+        if self._node is None:
+
+            def start() -> Node:
+                binaries = find_binaries(self._environ, progress=self._progress())
+                node_binaries = find_node_binaries(self._environ, progress=self._progress())
+                self.clusters()
+                assert self._cluster_set is not None
+                node = Node(
+                    node_binaries, binaries.kube_apiserver, self._cluster_set.etcd_url,
+                    self.workdir / "node", self.logs, sync_frequency=sync_frequency,
+                    progress=self._progress(),
+                )  # fmt: skip
+                node.start()
+                return node
+
+            self._node = self._once("node", start)
+        return self._node
+
     def processes(self) -> list[ManagedProcess]:
         """Every server process started so far."""
         found: list[ManagedProcess] = []
@@ -161,6 +189,8 @@ class TestEnvironment:
                 found.append(redis_server.process)
         if self._postgres is not None and self._postgres.process is not None:
             found.append(self._postgres.process)
+        if self._node is not None:
+            found += [*self._node.processes.values(), self._node.apiserver.process]
         return found
 
     def dead_components(self) -> list[str]:
@@ -174,6 +204,8 @@ class TestEnvironment:
         self._closed = True
         errors: list[str] = []
         stops: list[Callable[[], None]] = [server.stop for server in self._extra_redis]
+        if self._node is not None:
+            stops.append(self._node.stop)  # before etcd: its API server keeps data there
         for component in (self._redis, self._postgres, self._cluster_set):
             if component is not None:
                 stops.append(component.stop)
