@@ -162,6 +162,15 @@ def pod_ready(pod: k8s.V1Pod) -> bool:
     return any(c.type == "Ready" and c.status == "True" for c in conditions)
 
 
+def pod_memory_peak(node: Node, pod: k8s.V1Pod) -> int | None:
+    """The most memory the pod's cgroup ever charged (cgroup v1), or None if not found."""
+    for hierarchy in ("memory", "memory,memsw"):
+        root = Path("/sys/fs/cgroup") / hierarchy / node.cgroup_root.lstrip("/") / "kubepods"
+        for folder in root.glob(f"**/pod{pod.metadata.uid}"):
+            return int((folder / "memory.max_usage_in_bytes").read_text())
+    return None
+
+
 def wait_for(what: str, predicate: Callable[[], Any], timeout: float, every: float = 1) -> Any:
     deadline = time.monotonic() + timeout
     while True:
@@ -176,13 +185,17 @@ def wait_for(what: str, predicate: Callable[[], Any], timeout: float, every: flo
 @pytest.fixture(scope="module")
 def worker_image(node: Node, pytestconfig: pytest.Config) -> str:
     """The project's image, built from this checkout and imported into the node."""
-    with _uncaptured(pytestconfig), Timer("worker image: docker build + save"):
-        archive = export_worker_image(
-            REPO, f"{IMAGE_REPOSITORY}:{IMAGE_TAG}", node.workdir / "images", os.environ
-        )
+    given = os.environ.get("CAP_NODE_WORKER_IMAGE")
+    if given:
+        # A `docker save` tarball of this image made elsewhere (tag IMAGE_REPOSITORY:IMAGE_TAG).
+        archive = Path(given)
+        assert archive.is_file(), f"CAP_NODE_WORKER_IMAGE={given} is not a file"
+    else:
+        with _uncaptured(pytestconfig), Timer("worker image: docker build + save (cached)"):
+            archive = export_worker_image(REPO, f"{IMAGE_REPOSITORY}:{IMAGE_TAG}", os.environ)
+    FACTS["worker image"] = f"{archive} ({archive.stat().st_size / 1e6:.0f} MB)"
     with Timer("worker image: ctr import into the node"):
         node.import_image(archive)
-    archive.unlink()
     return f"{IMAGE_REPOSITORY}:{IMAGE_TAG}"
 
 
@@ -202,7 +215,11 @@ def release(
     helm += ["--registry-config", str(home / "registry.json"),
              "--repository-cache", str(home / "cache"),
              "--repository-config", str(home / "repositories.yaml")]  # fmt: skip
-    api = admin_api_client(node.cluster)  # type: ignore[arg-type]
+    cluster = node.cluster
+    assert cluster is not None
+    api = admin_api_client(cluster)
+    # The exec websocket reads the CA from a file only (it ignores ca_cert_data).
+    api.configuration.ssl_ca_cert = str(cluster.ca_file)
     core = k8s.CoreV1Api(api)
     for namespace in (RELEASE_NAMESPACE, TARGET_NAMESPACE, OUTSIDE_NAMESPACE):
         core.create_namespace(k8s.V1Namespace(metadata=k8s.V1ObjectMeta(name=namespace)))
@@ -218,12 +235,8 @@ def release(
             "brokerUrl": broker,
             "resultBackend": broker.rsplit("/", 1)[0] + "/1",
         },
-        "worker": {
-            "replicaCount": 2,
-            # Quicker probes than production, so the test waits less; same commands.
-            "readinessProbe": {"periodSeconds": 5, "timeoutSeconds": 15, "failureThreshold": 3},
-            "startupProbe": {"periodSeconds": 3, "timeoutSeconds": 15, "failureThreshold": 60},
-        },
+        # The chart's own probes, resources and security context: only the replica count set.
+        "worker": {"replicaCount": 2},
         "config": {"reaperInterval": 5, "staleAfter": 30},
         "flower": {"enabled": True, "basicAuth": FLOWER_LOGIN},
         "rbac": {"targetNamespaces": [TARGET_NAMESPACE]},
@@ -251,6 +264,10 @@ def release(
     try:
         yield made
     finally:
+        for pod in made.worker_pods():
+            peak = pod_memory_peak(node, pod)
+            if peak is not None:
+                FACTS[f"memory peak of worker pod {pod.metadata.name}"] = f"{peak / 2**20:.0f} MiB"
         reporter = pytestconfig.pluginmanager.get_plugin("terminalreporter")
         with _uncaptured(pytestconfig):
             if reporter is not None:
@@ -492,6 +509,10 @@ def _fan_out_run(release: Release, prefix: str, count: int, tmp: Path) -> tuple[
 def _finish(release: Release, run_id: str, count: int, prefix: str, chain: Any) -> None:
     wait_for("the run finishing", lambda: release.run_state(run_id)[0] != "running", 600)
     assert release.run_state(run_id) == ("succeeded", count)
+    # No worker container restarted meanwhile (an OOM kill or a failed liveness probe would).
+    for pod in release.worker_pods():
+        for status in pod.status.container_statuses or []:
+            assert status.restart_count == 0, (pod.metadata.name, status.last_state)
     for index in range(count):
         secret = release.core.read_namespaced_secret(f"{prefix}{index}-tls", TARGET_NAMESPACE)
         assert base64.b64decode(secret.data["tls.crt"]) == chain.fullchain_pem

@@ -155,12 +155,19 @@ class TestEnvironment:
             self._postgres = self._once("postgres", start)
         return self._postgres
 
-    def node(self, *, sync_frequency: int = 10) -> Node:
+    def node(self) -> Node:
         """Start the node cluster (tests/testenv/node.py) on first call and return it: one more
         API server on the clusters' etcd, with containerd, kubelet, controller-manager,
-        scheduler and kube-proxy running real pods on this host."""
+        scheduler and kube-proxy running real pods on this host. CAP_NODE_SYNC_FREQUENCY
+        (seconds, default 60 as kubelet's) sets kubelet's syncFrequency."""
         if not self.node_enabled:
             raise NodeError("this test environment was made without node=True")
+        raw = self._environ.get("CAP_NODE_SYNC_FREQUENCY", "60")
+        if not raw.isdigit() or not 1 <= int(raw) <= 3600:
+            raise NodeError(
+                f"CAP_NODE_SYNC_FREQUENCY must be whole seconds from 1 to 3600, got {raw!r}"
+            )
+        sync_frequency = int(raw)
         if self._node is None:
 
             def start() -> Node:

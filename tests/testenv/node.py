@@ -540,42 +540,56 @@ def build_pause_image(workdir: Path) -> Path:
 
 
 def export_worker_image(
-    repo: Path, tag: str, folder: Path, environ: Mapping[str, str],
-    progress: TextIO | None = None,
-) -> Path:  # fmt: skip
-    """Build the project's image from `repo`'s tracked files with a private dockerd (the
-    container tests' engine and base images, tests/testenv/docker.py) and `docker save` it
-    into `folder`; return the tarball (`Node.import_image` reads it)."""
+    repo: Path, tag: str, environ: Mapping[str, str], progress: TextIO | None = None
+) -> Path:
+    """The project's image as a `docker save` tarball (`Node.import_image` reads it).
+
+    Built from `repo`'s tracked files with a private dockerd (the container tests' engine and
+    base images, tests/testenv/docker.py) and kept in ``$XDG_CACHE_HOME/certautopilot/images``
+    under a hash of those files, the commit and `tag`: an unchanged checkout reuses it.
+    """
     from tests.testenv.docker import DockerEngine, cache_root, ensure_base_images
 
-    folder.mkdir(parents=True, exist_ok=True)
-    tree = folder / "source"
+    images = cache_root(environ) / "images"
     listed = subprocess.run(
         ["git", "-C", str(repo), "ls-files", "-z"], capture_output=True, check=True
     ).stdout.decode()
-    for relative in filter(None, listed.split("\0")):
-        source = repo / relative
-        if source.is_file():
-            (tree / relative).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, tree / relative)
+    files = [r for r in filter(None, listed.split("\0")) if (repo / r).is_file()]
     revision = _run(["git", "-C", str(repo), "rev-parse", "HEAD"]).strip() or "unknown"
-    archive = folder / "worker-image.tar"
-    with DockerEngine(
-        folder / "docker", data_root=cache_root(environ) / "docker", progress=progress
-    ) as engine:
-        base = ensure_base_images(engine, environ)
-        engine.docker(
-            "build", "--network", "host",
-            "--build-arg", f"PYTHON_IMAGE={base['PYTHON_IMAGE']}",
-            "--build-arg", f"REVISION={revision}",
-            "--build-arg", f"SOURCE=file://{repo}",
-            "--tag", tag, str(tree),
-            timeout=1500,
-        )  # fmt: skip
-        engine.docker("save", "--output", str(archive), tag, timeout=600)
-    shutil.rmtree(tree, ignore_errors=True)
-    if engine.host_changes:
-        raise NodeError(f"building the image changed the host: {engine.host_changes}")
+    digest = hashlib.sha256(f"{tag}\0{revision}".encode())
+    for relative in files:
+        digest.update(relative.encode() + b"\0" + (repo / relative).read_bytes() + b"\0")
+    archive = images / f"worker-node-{digest.hexdigest()[:16]}.tar"
+    with exclusive_lock(images / ".worker-node.lock", progress or sys.stderr,
+                        "[node] another run is building the worker image; waiting"):  # fmt: skip
+        if archive.exists():
+            return archive
+        work = Path(tempfile.mkdtemp(prefix="cap-node-image-"))
+        try:
+            tree = work / "source"
+            for relative in files:
+                (tree / relative).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(repo / relative, tree / relative)
+            with DockerEngine(
+                work / "docker", data_root=cache_root(environ) / "docker", progress=progress
+            ) as engine:
+                base = ensure_base_images(engine, environ)
+                engine.docker(
+                    "build", "--network", "host",
+                    "--build-arg", f"PYTHON_IMAGE={base['PYTHON_IMAGE']}",
+                    "--build-arg", f"REVISION={revision}",
+                    "--build-arg", f"SOURCE=file://{repo}",
+                    "--tag", tag, str(tree),
+                    timeout=1500,
+                )  # fmt: skip
+                engine.docker("save", "--output", str(work / "image.tar"), tag, timeout=600)
+            if engine.host_changes:
+                raise NodeError(f"building the image changed the host: {engine.host_changes}")
+            for old in images.glob("worker-node-*.tar"):
+                old.unlink()  # one checkout's image at a time: they are ~400 MB each
+            shutil.move(work / "image.tar", archive)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
     return archive
 
 
@@ -612,7 +626,7 @@ class Node:
         workdir: Path,
         logs: Path,
         *,
-        sync_frequency: int = 10,
+        sync_frequency: int = 60,
         progress: TextIO | None = None,
     ) -> None:
         problems = node_problems()
@@ -837,7 +851,7 @@ disabled_plugins = [
                 f"--secure-port={free_port()}",
                 # The kube-root-ca.crt ConfigMap every projected token volume mounts as ca.crt.
                 f"--root-ca-file={server.ca_file}",
-                # Each controller under its own ServiceAccount and bootstrap role (as kubeadm runs it).
+                # Each controller with its own ServiceAccount and bootstrap role (as kubeadm does).
                 "--use-service-account-credentials=true",
                 "--leader-elect=false",
                 "--v=1",
