@@ -368,7 +368,15 @@ def _in_pod(release: Release, script: str) -> str:
     """A shell script in a Ready worker pod (where in-cluster mode is available)."""
     pod = release.ready_worker().metadata.name
     status, output = release.exec(RELEASE_NAMESPACE, pod, ["sh", "-c", script])
-    assert status == 0, output
+    if status != 0:
+        found = release.core.read_namespaced_pod(pod, RELEASE_NAMESPACE)
+        events = release.core.list_namespaced_event(
+            RELEASE_NAMESPACE, field_selector=f"involvedObject.name={pod}"
+        ).items
+        raise AssertionError(
+            f"exit {status} in {pod}: {output}\n{found.status.container_statuses}\n"
+            + "\n".join(f"{e.reason}: {e.message}" for e in events)
+        )
     return output
 
 
