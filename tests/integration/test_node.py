@@ -497,8 +497,9 @@ def test_a_pod_mounting_the_secret_sees_the_new_certificate(
 # --------------------------------------------------------------------------- 4: disruption
 
 
-def _fan_out_run(release: Release, prefix: str, count: int, tmp: Path) -> tuple[str, Any]:
-    """`count` in-cluster targets in one group of batches of one; return (run id, chain)."""
+def _fan_out(release: Release, prefix: str, count: int, tmp: Path) -> tuple[str, Any]:
+    """`count` in-cluster targets in one group of batches of one, a certificate attached to
+    it; return (distribution id, chain)."""
     _in_pod(release, f"for i in $(seq 0 {count - 1}); do certautopilot targets add {prefix}$i "
                      f"--namespace {TARGET_NAMESPACE} --in-cluster --secret-name {prefix}$i-tls"
                      " --no-check >/dev/null || exit 1; done")  # fmt: skip
@@ -510,8 +511,12 @@ def _fan_out_run(release: Release, prefix: str, count: int, tmp: Path) -> tuple[
     attached = json.loads(release.cli(
         "distributions", "attach", imported["cert"]["id"], "--group", prefix, "-o", "json",
     ))  # fmt: skip
-    queued = json.loads(release.cli("run", attached["id"], "--execute", "--no-wait", "-o", "json"))
-    return queued["run_id"], imported["chain"]
+    return attached["id"], imported["chain"]
+
+
+def _start_run(release: Release, distribution_id: str) -> str:
+    queued = json.loads(release.cli("run", distribution_id, "--execute", "--no-wait", "-o", "json"))
+    return str(queued["run_id"])
 
 
 def _finish(release: Release, run_id: str, count: int, prefix: str, chain: Any) -> None:
@@ -530,7 +535,8 @@ def test_a_deleted_worker_pod_is_replaced_and_the_run_finishes(
     release: Release, tmp_path: Path
 ) -> None:
     count = 30
-    run_id, chain = _fan_out_run(release, "del", count, tmp_path)
+    distribution_id, chain = _fan_out(release, "del", count, tmp_path)
+    run_id = _start_run(release, distribution_id)
     wait_for("the run starting", lambda: release.run_state(run_id)[1] >= 1, 120, every=0.1)
     before = {p.metadata.name for p in release.worker_pods()}
     victim = sorted(before)[0]
@@ -553,17 +559,35 @@ def test_helm_upgrade_rolls_the_workers_without_losing_a_run(
 ) -> None:
     count = 30
     before = {p.metadata.name for p in release.worker_pods()}
-    run_id, chain = _fan_out_run(release, "upg", count, tmp_path)
-    wait_for("the run starting", lambda: release.run_state(run_id)[1] >= 1, 120, every=0.1)
+    distribution_id, chain = _fan_out(release, "upg", count, tmp_path)
     with Timer("helm upgrade (config.logLevel) during a run -> rolled -> run finished"):
         # A changed value changes the ConfigMap, whose checksum rolls the Deployment.
-        release.helm_run(
-            "upgrade", RELEASE, str(CHART), "--values", str(release.values_file),
-            "--set", "config.logLevel=DEBUG", "--wait", "--timeout", "10m",
+        upgrade = subprocess.Popen(
+            [*release.helm, "upgrade", RELEASE, str(CHART), "--values", str(release.values_file),
+             "--set", "config.logLevel=DEBUG", "--wait", "--timeout", "10m"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )  # fmt: skip
+        # The run starts when the first new worker is Ready: the rollout (maxSurge 1,
+        # maxUnavailable 0) then stops an old worker at once, and the second one after the
+        # next new worker is Ready, while the run goes on.
+        wait_for(
+            "a new worker pod Ready",
+            lambda: any(pod_ready(p) and p.metadata.name not in before
+                        for p in release.worker_pods()),
+            600, every=0.2,
+        )  # fmt: skip
+        run_id = _start_run(release, distribution_id)
+        seen_during_run: set[str] = set()
+        while release.run_state(run_id)[0] == "running":
+            seen_during_run |= {p.metadata.name for p in release.worker_pods()}
+            time.sleep(0.2)
+        output, _ = upgrade.communicate(timeout=900)
+        assert upgrade.returncode == 0, output
         _finish(release, run_id, count, "upg", chain)
     after = {p.metadata.name for p in release.worker_pods() if pod_ready(p)}
     assert len(after) == 2 and not after & before, (before, after)
+    # The roll happened during the run: workers it started and workers it stopped both served.
+    assert seen_during_run & before and seen_during_run - before, (seen_during_run, before)
     config = release.core.read_namespaced_config_map(
         f"{RELEASE}-certautopilot-k8s-worker", RELEASE_NAMESPACE
     )

@@ -84,6 +84,7 @@ CNI_DIRS = (Path("/usr/lib/cni"), Path("/opt/cni/bin"))
 CNI_PLUGINS = ("bridge", "host-local", "loopback")
 APT_PACKAGES = "containerd runc containernetworking-plugins nftables gcc"
 NODE_READY_TIMEOUT = 180.0
+NODE_CPU_WEIGHT = 4
 # Every kernel setting kubelet (kernel.*, vm.*), kube-proxy (route_localnet, conntrack, only
 # in some modes) and the bridge CNI plugin (forwarding) are known to write. HostState records
 # and restores them all, whichever mode runs.
@@ -883,6 +884,12 @@ disabled_plugins = [
                 parent = hierarchy / name
                 if parent.exists():
                     (folder / name).write_text(parent.read_text())
+            # On a shared machine the whole node would weigh as much as one busy process of the
+            # host (cpu.shares 1024), and a pod's exec probes time out while they wait for CPU.
+            # A real node's pods have its CPUs: weigh the node as NODE_CPU_WEIGHT processes.
+            shares = folder / "cpu.shares"
+            if shares.exists():
+                shares.write_text(str(1024 * NODE_CPU_WEIGHT))
 
     def _start_kubelet(self) -> None:
         folder = self.workdir / "kubelet"
