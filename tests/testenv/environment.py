@@ -13,13 +13,15 @@ import tempfile
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TextIO, TypeVar
+from typing import TYPE_CHECKING, TextIO, TypeVar
 
 from tests.testenv.binaries import find_binaries
 from tests.testenv.cluster import Cluster, ClusterSet
-from tests.testenv.node import Node, NodeError, find_node_binaries
 from tests.testenv.process import ManagedProcess, StartupError
 from tests.testenv.services import PostgresServer, RedisServer
+
+if TYPE_CHECKING:
+    from tests.testenv.node import Node
 
 WORKDIR_PREFIX = "cap-testenv-"
 _OWNER_FILE = "owner.pid"
@@ -160,6 +162,9 @@ class TestEnvironment:
         API server on the clusters' etcd, with containerd, kubelet, controller-manager,
         scheduler and kube-proxy running real pods on this host. CAP_NODE_SYNC_FREQUENCY
         (seconds, default 60 as kubelet's) sets kubelet's syncFrequency."""
+        # Imported here: `python -m tests.testenv.node` must not find it imported already.
+        from tests.testenv.node import Node, NodeError, find_node_binaries
+
         if not self.node_enabled:
             raise NodeError("this test environment was made without node=True")
         raw = self._environ.get("CAP_NODE_SYNC_FREQUENCY", "60")

@@ -243,11 +243,14 @@ def _nft_tables() -> list[str]:
 
 
 def _links() -> list[str]:
+    """The node's bridge and the veths on it (other engines' links are theirs to judge)."""
     names = []
     for line in _run(["ip", "-o", "link", "show"]).splitlines():
         if line.count(":") >= 2:
-            names.append(line.split(":")[1].strip().split("@")[0])
-    return sorted(n for n in names if n == BRIDGE or n.startswith("veth"))
+            name = line.split(":")[1].strip().split("@")[0]
+            if name == BRIDGE or f" master {BRIDGE} " in line:
+                names.append(name)
+    return sorted(names)
 
 
 def _cgroups() -> list[str]:
