@@ -36,7 +36,7 @@ from worker.app.runs import (
     start_run,
 )
 from worker.platform import logs, metrics
-from worker.platform.celery_app import CONTROL_QUEUE, app, configured_settings, pool_queue_of
+from worker.platform.celery_app import app, configured_settings, pool_queue_of, worker_queues
 from worker.platform.runtime import Runtime, build_runtime, get_runtime, set_runtime
 from worker.platform.settings import Settings, require_kek, target_worst_case
 
@@ -222,7 +222,9 @@ def _clear_task_context(**_: Any) -> None:
 @signals.worker_ready.connect
 def _serve_metrics(**_: Any) -> None:
     settings = configured_settings(app)
-    queues = (settings.tasks.kube_queue, CONTROL_QUEUE)
+    # The queues this worker consumes: its pool's (kubernetes.<pool>), the un-pooled one that
+    # default-pool workers still drain, and control.
+    queues = tuple(worker_queues(settings))
     metrics.serve(settings.observability, app_metrics.collectors(get_runtime, app, queues))
 
 

@@ -56,7 +56,7 @@ def _samples(scrape: str, name: str) -> dict[tuple[tuple[str, str], ...], float]
 def _expected_target_counts(
     reports: list[service.RunReport], fleets: list[tuple[Fleet, str]]
 ) -> Counter[tuple[tuple[str, str], ...]]:
-    """From the database: one count per (action, outcome, reason, cluster)."""
+    """From the database: one count per (action, outcome, reason, cluster, pool)."""
     cluster_of: dict[str, str] = {}
     for fleet, namespace in fleets:
         for name, (cluster, _, _) in fleet.placement.items():
@@ -70,6 +70,7 @@ def _expected_target_counts(
                 "outcome": result.status,
                 "reason": "halted" if skipped else (result.error_reason or "none"),
                 "cluster": "" if skipped else cluster_of[result.target_name],
+                "pool": "" if skipped else "default",  # every target here is in pool default
             }
             counts[tuple(sorted(labels.items()))] += 1
     return counts
@@ -116,13 +117,14 @@ def test_a_scrape_after_real_runs_counts_exactly_the_results_in_the_database(
     assert reports[2].counts() == {"created": 1, "failed": 1, "skipped": 4}
 
     scrape = _scrape(port)
+    print(scrape)  # the README's example scrape comes from here (pytest -s)
 
     # Targets: the counters are the database's results, label for label.
     counted = _samples(scrape, "certautopilot_targets_processed_total")
     expected = _expected_target_counts(reports, [(good, good_ns), (bad, dead_ns)])
     assert counted == {labels: float(n) for labels, n in expected.items()}
     assert (("action", "execute"), ("cluster", f"{dead_ns}-dead-cluster"), ("outcome", "failed"),
-            ("reason", "unreachable")) in counted  # fmt: skip
+            ("pool", "default"), ("reason", "unreachable")) in counted  # fmt: skip
     # The stale file of the "earlier worker" was wiped, not merged.
     timings = _samples(scrape, "certautopilot_target_processing_seconds_count")
     assert timings == {(("action", "execute"),): 6 + 2, (("action", "dry_run"),): 6}

@@ -167,7 +167,7 @@ def test_metric_labels_never_carry_target_ids_or_urls() -> None:
         "api_retries": created.api_retries._labelnames,
     }
     assert labels == {
-        "targets_processed": ("action", "outcome", "reason", "cluster"),
+        "targets_processed": ("action", "outcome", "reason", "cluster", "pool"),
         "target_seconds": ("action",),
         "runs_finished": ("kind", "action", "state"),
         "run_seconds": ("kind", "action"),

@@ -78,7 +78,9 @@ def observe_target(
     except Exception as exc:  # noqa: BLE001 - a metric must never fail a target
         log.debug("no cluster name for the metrics (%s)", type(exc).__name__)
         cluster = "unknown"
-    recorded.targets_processed.labels(action.value, status.value, reason or "none", cluster).inc()
+    recorded.targets_processed.labels(
+        action.value, status.value, reason or "none", cluster, target.pool
+    ).inc()
     recorded.target_seconds.labels(action.value).observe(seconds)
 
 
@@ -86,9 +88,9 @@ def observe_skipped(action: RunAction, count: int, reason: str = "halted") -> No
     """Targets a halted run recorded as skipped (they reached no cluster: empty cluster)."""
     recorded = metrics.current()
     if recorded is not None and count > 0:
-        recorded.targets_processed.labels(action.value, ResultStatus.SKIPPED.value, reason, "").inc(
-            count
-        )
+        recorded.targets_processed.labels(
+            action.value, ResultStatus.SKIPPED.value, reason, "", ""
+        ).inc(count)
 
 
 def observe_run_finished(kind: DistributionKind, run: Run) -> None:

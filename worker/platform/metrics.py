@@ -84,9 +84,10 @@ class Metrics:
             targets_processed=Counter(
                 PREFIX + "targets_processed",
                 "Targets processed, by run action, outcome (the result's status), reason code "
-                "(none on success) and cluster (the kubeconfig credential's name, in-cluster, "
-                "or empty for targets skipped before reaching a cluster).",
-                ["action", "outcome", "reason", "cluster"],
+                "(none on success), cluster (the kubeconfig credential's name, in-cluster, "
+                "or empty for targets skipped before reaching a cluster) and worker pool "
+                "(empty for skipped targets).",
+                ["action", "outcome", "reason", "cluster", "pool"],
                 registry=None,
             ),
             target_seconds=Histogram(
