@@ -144,7 +144,12 @@ def test_a_scrape_after_real_runs_counts_exactly_the_results_in_the_database(
     assert retries.get((("status_class", "connection"),), 0) >= 1  # the dead cluster's
 
     queues = _samples(scrape, "certautopilot_queue_length")
-    assert queues == {(("queue", "kubernetes"),): 0, (("queue", "control"),): 0}
+    # The queues this worker consumes: its pool's, the un-pooled one, control.
+    assert queues == {
+        (("queue", "kubernetes.default"),): 0,
+        (("queue", "kubernetes"),): 0,
+        (("queue", "control"),): 0,
+    }
     assert _samples(scrape, "certautopilot_queue_length_up") == {(): 1}
 
     expiry = _samples(scrape, "certautopilot_certificate_expiration_timestamp_seconds")
