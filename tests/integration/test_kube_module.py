@@ -633,6 +633,20 @@ def test_our_own_earlier_write_is_never_snapshotted(
     assert store.saved == [] and store.save_calls == 0
 
 
+def test_our_own_write_of_an_earlier_revision_is_never_snapshotted(
+    cluster: Cluster, namespace: str, connect: Connect
+) -> None:
+    # Found by the randomized fault test (seed 109): our write of OLD landed but its answer was
+    # lost (nothing recorded, the snapshot still provisional), then the certificate was renewed.
+    # The next write must not take our OLD for "what was there before", or a rollback restores
+    # our own content.
+    kube = connect(cluster, namespace)
+    deploy(kube, manifest(namespace, OLD))  # landed; no store saw it
+    store = MemoryStore()
+    assert deploy(kube, manifest(namespace, NEW), store=store).action == "updated"
+    assert store.saved == [] and store.save_calls == 0
+
+
 # --- refusals and every error class ----------------------------------------------------------
 
 

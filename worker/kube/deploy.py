@@ -12,9 +12,9 @@ The write rules (DESIGN.md decisions 2 and 3):
   typo in a Secret name can never silently replace somebody else's certificate.
 * with a snapshot store, the previous Secret is saved *before* each write until the store
   says its snapshot is final (our write landed after it); a final snapshot is never
-  replaced, and a live Secret that already carries this distribution's id and this
-  certificate's fingerprint is our own earlier write (a redelivered task), which is never
-  snapshotted.
+  replaced, and a live Secret that already carries this distribution's id is our own earlier
+  write (a redelivered task, or an earlier revision whose landing was never recorded), which
+  is never snapshotted.
 
 Persistence is not imported here: the caller hands in a :class:`SnapshotStore`.
 """
@@ -173,13 +173,13 @@ def _refuse_unwritable(live: Mapping[str, Any], diff: SecretDiff, adopt_unmanage
 
 
 def _is_our_own_write(live: Mapping[str, Any], desired: Mapping[str, Any]) -> bool:
-    # Live already holds this distribution's write of this certificate: a redelivered task
-    # after our own write. Snapshotting it would make rollback restore our own content.
-    return _annotation(live, ANN_DISTRIBUTION_ID) is not None and (
-        _annotation(live, ANN_DISTRIBUTION_ID) == _annotation(desired, ANN_DISTRIBUTION_ID)
-        and _annotation(live, ANN_CERTIFICATE_SHA256)
-        == _annotation(desired, ANN_CERTIFICATE_SHA256)
-    )
+    # Live already holds a write of this distribution — of this certificate revision (a
+    # redelivered task) or of an earlier one whose landing was never recorded (its answer was
+    # lost, then the certificate was renewed). Either way it is not what was there before our
+    # first write: snapshotting it would make a rollback restore our own content.
+    return _annotation(live, ANN_DISTRIBUTION_ID) is not None and _annotation(
+        live, ANN_DISTRIBUTION_ID
+    ) == _annotation(desired, ANN_DISTRIBUTION_ID)
 
 
 def _drift(live: Mapping[str, Any] | None, written_fingerprint: str | None) -> str | None:
