@@ -38,10 +38,11 @@ REPO = Path(__file__).resolve().parents[1]
 #: Production settings (the tests' short recovery limits would make the reaper run every
 #: second); identical to the defaults in worker/platform/settings.py, spelled out for the record.
 PRODUCTION_ENV = {
-    "CAP_TASK_TIME_LIMIT": "300",
-    "CAP_TASK_SOFT_TIME_LIMIT": "240",
+    "CAP_TASK_TIME_LIMIT": "660",
+    "CAP_TASK_SOFT_TIME_LIMIT": "600",
     "CAP_BROKER_VISIBILITY_TIMEOUT": "3600",
     "CAP_STALE_AFTER": "60",
+    "CAP_RESEND_AFTER": "300",
     "CAP_REAPER_INTERVAL": "15",
     "CAP_KUBE_RETRY_ATTEMPTS": "5",
     "CAP_KUBE_RETRY_MAX_SECONDS": "30",

@@ -25,6 +25,7 @@ from celery import group, signals
 from celery.exceptions import SoftTimeLimitExceeded
 from kombu import Queue  # type: ignore[attr-defined]
 
+from worker.app import metrics as app_metrics
 from worker.app.commands import check_target_health
 from worker.app.pools import pools_of, record_heartbeat
 from worker.app.runs import (
@@ -34,9 +35,10 @@ from worker.app.runs import (
     reap,
     start_run,
 )
-from worker.platform.celery_app import app, configured_settings, pool_queue_of
+from worker.platform import logs, metrics
+from worker.platform.celery_app import app, configured_settings, pool_queue_of, worker_queues
 from worker.platform.runtime import Runtime, build_runtime, get_runtime, set_runtime
-from worker.platform.settings import Settings, target_worst_case
+from worker.platform.settings import Settings, require_kek, target_worst_case
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +179,10 @@ def _runtime_from_the_app_settings(**_: Any) -> None:
     # In the worker's main process, before the pool forks: the runtime gets exactly the
     # settings the app was configured (and bootstrapped) with. Pool processes inherit it and
     # get_runtime() rebuilds its connections after the fork, keeping those settings.
+    require_kek(configured_settings(app))  # a worker opens secrets: refuse to start without
     set_runtime(build_runtime(configured_settings(app)))
+    # Metrics (when CAP_METRICS_PORT is set): the multiprocess folder before the pool forks.
+    metrics.enable(configured_settings(app).observability)
 
 
 @signals.worker_process_init.connect
@@ -189,6 +194,43 @@ def _fresh_resources_after_fork(**_: Any) -> None:
 @signals.worker_process_shutdown.connect
 def _close_resources(**_: Any) -> None:
     get_runtime().close()
+    metrics.process_died(os.getpid())
+
+
+# ------------------------------------------------------------------ logs and metrics
+
+
+@signals.after_setup_logger.connect
+@signals.after_setup_task_logger.connect
+def _log_format(logger: logging.Logger, **_: Any) -> None:
+    # CAP_LOG_FORMAT=json: the handlers Celery just set up write one JSON object per line.
+    loggers = [logger, logging.getLogger("celery.redirected")]
+    logs.apply_format(configured_settings(app).observability.log_format, loggers)
+
+
+@signals.task_prerun.connect
+def _bind_task_context(task_id: str | None = None, args: Sequence[Any] = (), **_: Any) -> None:
+    # Every task's first argument is its run id; the context starts empty for each task.
+    logs.set_context(run_id=args[0] if args else None, task_id=task_id)
+
+
+@signals.task_postrun.connect
+def _clear_task_context(**_: Any) -> None:
+    logs.set_context()
+
+
+@signals.worker_ready.connect
+def _serve_metrics(**_: Any) -> None:
+    settings = configured_settings(app)
+    # The queues this worker consumes: its pool's (kubernetes.<pool>), the un-pooled one that
+    # default-pool workers still drain, and control.
+    queues = tuple(worker_queues(settings))
+    metrics.serve(settings.observability, app_metrics.collectors(get_runtime, app, queues))
+
+
+@signals.worker_shutdown.connect
+def _stop_metrics(**_: Any) -> None:
+    metrics.disable()
 
 
 class _Housekeeper(threading.Thread):

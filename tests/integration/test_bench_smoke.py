@@ -49,7 +49,10 @@ def test_tiny_benchmark_fills_every_column_and_the_rerun_writes_nothing(
     assert cell.kubectl_s is not None and writes(cell.kubectl_api_requests) == 6
     assert cell.rerun_counts == {"unchanged": 6}
     assert cell.rerun_api_requests == {"GET": 6}
-    assert cell.db_transactions > 0 and cell.broker_calls.get("lpush", 0) >= 6
+    # The transaction count is a lower bound that lags (bench/metrics.py: idle backends publish
+    # their counters up to ten seconds late) and reads negative on a loaded machine; the
+    # statement count below is synchronous and is the one the table shows.
+    assert cell.broker_calls.get("lpush", 0) >= 6
     assert cell.db_statements is not None and cell.db_statements > 0  # pg_stat_statements
     assert cell.rss_mb_max > 0 and cell.threads >= len(cell.rss_mb_pool) == 3
     formatted = row(cell)

@@ -102,16 +102,16 @@ def test_demo_runs_the_main_job_end_to_end_on_a_fresh_machine(tmp_path: Path) ->
         "$ certautopilot distributions attach",
         "Dry-run: batch 3/3: 4/4 target(s) done",
         "would update (live resourceVersion",
-        "succeeded: 4 would_update",
+        "succeeded: 4 would update",
         "(nothing was written)",
         "Execute: batch 3/3: 4/4 target(s) done",
         "succeeded: 4 updated",
         "(the new certificate)",
         "Step 10/13 · Renewal",
-        "succeeded: 4 would_update",
+        "succeeded: 4 would update",
         "succeeded: 4 updated",
         "rollback button: enabled",
-        "succeeded: 4 rolled_back",
+        "succeeded: 4 rolled back",
         "(the hand-made Secret is back)",
         "stopped the worker",
         "stopped the local clusters",
@@ -325,7 +325,7 @@ def test_cli_dry_run_writes_nothing_execute_creates_the_secret_and_a_failure_exi
 
     dry = ok("run", distribution["id"], "--dry-run")
     assert f'Secret "{namespace}/shop-example-com-tls": would create' in dry
-    assert "succeeded: 1 would_create" in dry
+    assert "succeeded: 1 would create" in dry
     assert _live_secret(admin, namespace, "shop-example-com-tls") is None
 
     executed = ok("run", distribution["id"], "--execute")

@@ -106,6 +106,10 @@ class Suite:
     needles: Needles
     pipe: Pipeline
     worker_log: bytes
+    json_log: bytes
+    """The second worker's log (CAP_LOG_FORMAT=json); also part of ``worker_log``."""
+    metrics: bytes
+    """A scrape of the second worker's /metrics endpoint after every run."""
     cli_output: dict[str, bytes]
     redis_dump: dict[bytes, bytes]
     redis_monitor: bytes
@@ -210,6 +214,8 @@ def suite(
     runs: dict[str, service.RunReport] = {}
     processes: list[subprocess.Popen[bytes]] = []
     worker_log_path = tmp / "worker-debug.log"
+    json_log_path = tmp / "worker-json.log"
+    metrics_port = _free_port()
     try:
         with pipeline(url, broker.url, tmp) as pipe:
             env = dict(pipe.env)
@@ -220,6 +226,23 @@ def suite(
                     subprocess.Popen(
                         [CLI, "worker", "--concurrency", "3", "--loglevel", "DEBUG"],
                         env={**os.environ, **env},
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                    )
+                )
+            # A second worker logging JSON lines and serving metrics: both are searched too.
+            with json_log_path.open("wb") as log:
+                processes.append(
+                    subprocess.Popen(
+                        [CLI, "worker", "--concurrency=2", "--loglevel=DEBUG", "--hostname=j@%h"],
+                        env={
+                            **os.environ,
+                            **env,
+                            "CAP_LOG_FORMAT": "json",
+                            "CAP_METRICS_PORT": str(metrics_port),
+                            "CAP_METRICS_ADDRESS": "127.0.0.1",
+                        },
                         stdout=log,
                         stderr=subprocess.STDOUT,
                         start_new_session=True,
@@ -237,6 +260,7 @@ def suite(
                     )
                 )
             _wait_for(lambda: b" ready." in worker_log_path.read_bytes(), 60, "worker ready")
+            _wait_for(lambda: b" ready." in json_log_path.read_bytes(), 60, "JSON worker ready")
 
             namespace = f"leak-{uuid.uuid4().hex[:6]}"
             sa = {
@@ -381,6 +405,8 @@ def suite(
             dispatcher.process_targets(runs["execute"].id, fleet.target_names[:2])
 
             flower = _flower_pages(flower_port)
+            scrape = urllib3.request("GET", f"http://127.0.0.1:{metrics_port}/metrics", timeout=30)
+            assert scrape.status == 200, scrape.data[:500]
             redis_dump = _dump_redis(broker.url)
             monitor.stopping.set()
             monitor.join(timeout=5)
@@ -390,7 +416,11 @@ def suite(
             yield Suite(
                 needles=needles,
                 pipe=pipe,
-                worker_log=worker_log_path.read_bytes() + (tmp / "flower.log").read_bytes(),
+                worker_log=worker_log_path.read_bytes()
+                + json_log_path.read_bytes()
+                + (tmp / "flower.log").read_bytes(),
+                json_log=json_log_path.read_bytes(),
+                metrics=scrape.data,
                 cli_output=cli_output,
                 redis_dump=redis_dump,
                 redis_monitor=b"\n".join(repr(line).encode() for line in monitor.lines),
@@ -490,9 +520,29 @@ def test_the_suite_exercised_every_path_it_claims(suite: Suite) -> None:
     assert suite.needles.find(b'{"body": "' + wrapped + b'"}') == ["KEK"]
 
 
-@pytest.mark.parametrize("source", ["worker and flower logs (DEBUG)", "CLI output"])
+def test_the_json_worker_logged_json_lines_with_their_context(suite: Suite) -> None:
+    lines = [json.loads(line) for line in suite.json_log.splitlines() if line.startswith(b"{")]
+    # Everything that went through logging is JSON: no line in Celery's text layout.
+    assert not re.search(
+        rb"(?m)^\[\d{4}-\d\d-\d\d [^]]*: (DEBUG|INFO|WARNING|ERROR)", suite.json_log
+    )
+    assert len(lines) >= 20
+    assert all({"time", "level", "logger", "message"} <= set(line) for line in lines)
+    targets = [line for line in lines if "target_id" in line]
+    assert targets, "the JSON worker processed no target"
+    assert all({"run_id", "task_id", "batch"} <= set(line) for line in targets)
+    run_ids = {report.id for report in suite.runs.values()}
+    assert {line["run_id"] for line in targets} <= run_ids
+
+
+@pytest.mark.parametrize(
+    "source", ["worker and flower logs (DEBUG, text and JSON)", "CLI output", "metrics"]
+)
 def test_no_secret_in_logs_or_cli_output(suite: Suite, source: str) -> None:
-    if source == "CLI output":
+    if source == "metrics":
+        assert b"certautopilot_targets_processed_total" in suite.metrics
+        _assert_clean(suite, source, suite.metrics)
+    elif source == "CLI output":
         for command, output in suite.cli_output.items():
             _assert_clean(suite, f"`certautopilot {command}`", output)
     else:

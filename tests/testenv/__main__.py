@@ -1,7 +1,9 @@
 """Command line for the test environment.
 
-    python -m tests.testenv up [--clusters N]   start everything, print how to reach it, stay up
-                                                until Ctrl-C / SIGTERM, then clean up everything
+    python -m tests.testenv up [--clusters N] [--node]
+                                                start everything, print how to reach it, stay up
+                                                until Ctrl-C / SIGTERM, then clean up everything;
+                                                --node adds a real node (tests/testenv/node.py)
     python -m tests.testenv binaries            find or build kube-apiserver and etcd; print folder
 """
 
@@ -31,11 +33,11 @@ def _write_private(path: Path, text: str) -> None:
     path.write_text(text)
 
 
-def up(cluster_count: int) -> int:
+def up(cluster_count: int, node: bool = False) -> int:
     """Start clusters, Redis and PostgreSQL; print paths and URLs; wait for a signal; clean up."""
     signal.signal(signal.SIGTERM, _interrupt)
     started = time.monotonic()
-    environment = TestEnvironment(cluster_count=cluster_count, environ=os.environ)
+    environment = TestEnvironment(cluster_count=cluster_count, environ=os.environ, node=node)
     try:
         clusters = environment.clusters()
         redis_server = environment.redis()
@@ -50,6 +52,14 @@ def up(cluster_count: int) -> int:
             print(f"  {cluster.name}: {cluster.server}")
             print(f"    admin kubeconfig: {path}")
             print(f"    try: kubectl --kubeconfig {path} get namespaces")
+        if node:
+            running = environment.node()
+            print(f"  node: {running.apiserver.server} (pods run on this host)")
+            print(f"    admin kubeconfig: {running.kubeconfig_path}")
+            print(f"    try: kubectl --kubeconfig {running.kubeconfig_path} get nodes")
+            print(f"    containerd: {' '.join(running.ctr())}")
+            print(f"    pod-reachable Redis port {running.redis.port}, PostgreSQL port "
+                  f"{running.postgres.port} on {running.address}")
         print(f"\n  Redis:      {redis_server.url}")
         print(f"  PostgreSQL: {database_url}")
         print(f"  Logs:       {environment.logs}")
@@ -64,7 +74,7 @@ def up(cluster_count: int) -> int:
     except KeyboardInterrupt:
         print("\nstopping ...", flush=True)
         return 0
-    except (StartupError, BinariesError) as exc:
+    except (StartupError, BinariesError) as exc:  # NodeError is a StartupError
         print(f"error: {exc}", file=sys.stderr)
         return 1
     finally:
@@ -91,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     up_parser = commands.add_parser("up", help="start the environment until interrupted")
     up_parser.add_argument("--clusters", type=int, default=None,
                            help="number of clusters (default: CAP_TEST_CLUSTERS or 3)")
+    up_parser.add_argument("--node", action="store_true",
+                           help="also run a node: containerd, kubelet, controller-manager, "
+                                "scheduler, kube-proxy (root; see tests/testenv/node.py)")
     commands.add_parser("binaries", help="find or build kube-apiserver and etcd")
     args = parser.parse_args(argv)
     if args.command == "binaries":
@@ -98,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     count = args.clusters if args.clusters is not None else cluster_count_from(os.environ)
     if count < 1:
         parser.error("--clusters must be at least 1")
-    return up(count)
+    return up(count, node=args.node)
 
 
 if __name__ == "__main__":

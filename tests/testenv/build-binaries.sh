@@ -6,12 +6,19 @@
 # pkg@version` refuses. A throwaway main module that requires the release and replaces
 # each sibling with its published version builds the same code.
 #
-# Usage: build-binaries.sh OUT_DIR   (OUT_DIR gets kube-apiserver and etcd)
+# Usage: build-binaries.sh OUT_DIR [COMPONENT...]
+#   COMPONENT: etcd, crictl or a k8s.io/kubernetes command (kube-apiserver, kubelet,
+#   kube-controller-manager, kube-scheduler, kube-proxy); default: etcd kube-apiserver.
+#   Components already in OUT_DIR are kept.
 set -euo pipefail
 
 K8S_VERSION="${CAP_K8S_VERSION:-1.37.2}"
 ETCD_VERSION="${CAP_ETCD_VERSION:-3.7.3}"
-out="${1:?usage: build-binaries.sh OUT_DIR}"
+CRI_TOOLS_VERSION="${CAP_CRI_TOOLS_VERSION:-1.37.0}"
+out="${1:?usage: build-binaries.sh OUT_DIR [COMPONENT...]}"
+shift
+components=("$@")
+[ "${#components[@]}" -gt 0 ] || components=(etcd kube-apiserver)
 mkdir -p "$out"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
@@ -20,8 +27,11 @@ export CGO_ENABLED=0
 
 log() { printf '[testenv-build %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 
-build_kube_apiserver() {
+kube_module_ready=""
+kube_module() {
+  # The wrapper module, written once per run; every kubernetes command builds in it.
   local dir="$work/kube"
+  [ -n "$kube_module_ready" ] && return 0
   mkdir -p "$dir"
   local minor="${K8S_VERSION#*.}"
   local staging_version="v0.${minor}"
@@ -42,14 +52,29 @@ build_kube_apiserver() {
     done
     echo ")"
   } > "$dir/go.mod"
-  # sample-* modules are not published; nothing kube-apiserver imports needs them.
+  # sample-* modules are not published; nothing the commands built here import needs them.
   sed -i '/k8s.io\/sample-/d' "$dir/go.mod"
-  log "downloading kube-apiserver dependencies"
-  (cd "$dir" && go get "k8s.io/kubernetes/cmd/kube-apiserver@v${K8S_VERSION}")
-  log "compiling kube-apiserver (several minutes on 2 cores)"
+  kube_module_ready=1
+}
+
+build_kube_command() {
+  local command="$1" dir="$work/kube"
+  local minor="${K8S_VERSION#*.}"
+  kube_module
+  log "downloading $command dependencies"
+  (cd "$dir" && go get "k8s.io/kubernetes/cmd/${command}@v${K8S_VERSION}")
+  log "compiling $command (minutes on 2 cores with a cold Go build cache)"
   (cd "$dir" && go build -trimpath -ldflags "-s -w -X k8s.io/component-base/version.gitVersion=v${K8S_VERSION} -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=${minor%%.*}" \
-      -o "$out/kube-apiserver.tmp" k8s.io/kubernetes/cmd/kube-apiserver)
-  mv "$out/kube-apiserver.tmp" "$out/kube-apiserver"
+      -o "$out/${command}.tmp" "k8s.io/kubernetes/cmd/${command}")
+  mv "$out/${command}.tmp" "$out/${command}"
+}
+
+build_crictl() {
+  # cri-tools has no replace directives: a plain install from the module proxy works.
+  log "compiling crictl v${CRI_TOOLS_VERSION}"
+  GOBIN="$work/crictl-bin" go install -trimpath -ldflags "-s -w" \
+    "sigs.k8s.io/cri-tools/cmd/crictl@v${CRI_TOOLS_VERSION}"
+  mv "$work/crictl-bin/crictl" "$out/crictl"
 }
 
 build_etcd() {
@@ -76,6 +101,16 @@ MOD
   mv "$out/etcd.tmp" "$out/etcd"
 }
 
-[ -x "$out/etcd" ] || build_etcd
-[ -x "$out/kube-apiserver" ] || build_kube_apiserver
+for component in "${components[@]}"; do
+  [ -x "$out/$component" ] && continue
+  started=$(date +%s)
+  case "$component" in
+    etcd) build_etcd ;;
+    crictl) build_crictl ;;
+    kube-apiserver|kubelet|kube-controller-manager|kube-scheduler|kube-proxy)
+      build_kube_command "$component" ;;
+    *) echo "build-binaries.sh: unknown component '$component'" >&2; exit 2 ;;
+  esac
+  log "$component built in $(( $(date +%s) - started ))s"
+done
 log "done: $out"

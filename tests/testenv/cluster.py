@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import http.client
+import ipaddress
 import json
 import ssl
 import time
@@ -21,7 +22,7 @@ import yaml
 
 from tests.testenv.binaries import Binaries
 from tests.testenv.pki import CertificateAuthority, new_private_key, private_key_pem, public_key_pem
-from tests.testenv.process import ManagedProcess, StartupError, free_port
+from tests.testenv.process import ManagedProcess, StartupError, free_port, free_port_on
 
 APISERVER_START_TIMEOUT = 180.0
 ETCD_START_TIMEOUT = 60.0
@@ -43,8 +44,8 @@ class Cluster:
 
     @property
     def host(self) -> str:
-        """The loopback address the API server listens on."""
-        return "127.0.0.1"
+        """The address the API server listens on (loopback, or the node cluster's interface)."""
+        return self.server.removeprefix("https://").rsplit(":", 1)[0]
 
     @property
     def port(self) -> int:
@@ -146,16 +147,50 @@ class ApiServer:
         workdir: Path,
         logs: Path,
         extra_args: Sequence[str] = (),
+        *,
+        address: str = "127.0.0.1",
+        service_ip: str | None = None,
     ) -> None:
+        """`address` and `service_ip` make a node cluster (tests/testenv/node.py): the server
+        listens on the host's interface, keeps the `kubernetes` Service's endpoints (pods reach
+        it at `service_ip`), admits pods with their ServiceAccount and authorizes kubelets
+        with the Node authorizer. Without them it is an envtest-like loopback server."""
         self.name = name
-        self.port = free_port()
-        self.server = f"https://127.0.0.1:{self.port}"
+        self.port = free_port() if address == "127.0.0.1" else free_port_on(address)
+        self.server = f"https://{address}:{self.port}"
         self.issuer = f"https://{name}.test"
+        self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
 
         serving_ca = CertificateAuthority(f"{name} serving CA")
-        serving = serving_ca.issue_serving("kube-apiserver")
+        if service_ip is None:
+            serving = serving_ca.issue_serving("kube-apiserver")
+            mode_args = [
+                "--authorization-mode=RBAC",
+                # As in envtest: no controller creates the "default" ServiceAccount, so the
+                # admission plugin that requires it would reject every pod.
+                "--disable-admission-plugins=ServiceAccount",
+                # Loopback may not appear in the "kubernetes" Service's endpoints; nothing
+                # here routes through that Service, so do not maintain it.
+                "--endpoint-reconciler-type=none",
+                "--service-cluster-ip-range=10.0.0.0/24",
+            ]
+        else:
+            serving = serving_ca.issue_serving(
+                "kube-apiserver",
+                dns_names=("localhost", "kubernetes", "kubernetes.default",
+                           "kubernetes.default.svc", "kubernetes.default.svc.cluster.local"),
+                ip_addresses=("127.0.0.1", address, service_ip),
+            )  # fmt: skip
+            mode_args = [
+                "--authorization-mode=Node,RBAC",
+                "--enable-admission-plugins=NodeRestriction",
+                f"--service-cluster-ip-range={ipaddress.ip_interface(service_ip + '/24').network}",
+                # kubectl logs / exec reach the kubelet on the node's InternalIP.
+                "--kubelet-preferred-address-types=InternalIP",
+            ]
         client_ca = CertificateAuthority(f"{name} client CA")
+        self.client_ca = client_ca
         admin = client_ca.issue_client("testenv-admin", organizations=["system:masters"])
         sa_key = new_private_key()
 
@@ -182,26 +217,19 @@ class ApiServer:
                 f"--etcd-servers={etcd_url}",
                 # Separate key spaces in the shared etcd make the clusters independent.
                 f"--etcd-prefix=/{name}",
-                "--bind-address=127.0.0.1",
-                "--advertise-address=127.0.0.1",
+                f"--bind-address={address}",
+                f"--advertise-address={address}",
                 f"--secure-port={self.port}",
                 f"--cert-dir={workdir}",
                 f"--tls-cert-file={workdir / 'serving.crt'}",
                 f"--tls-private-key-file={workdir / 'serving.key'}",
                 f"--client-ca-file={workdir / 'client-ca.crt'}",
-                "--authorization-mode=RBAC",
                 f"--service-account-issuer={self.issuer}",
                 f"--api-audiences={self.issuer}",
                 f"--service-account-key-file={workdir / 'sa.pub'}",
                 f"--service-account-signing-key-file={workdir / 'sa.key'}",
-                "--service-cluster-ip-range=10.0.0.0/24",
                 "--allow-privileged=true",
-                # As in envtest: no controller creates the "default" ServiceAccount, so the
-                # admission plugin that requires it would reject every pod.
-                "--disable-admission-plugins=ServiceAccount",
-                # Loopback may not appear in the "kubernetes" Service's endpoints; nothing
-                # here routes through that Service, so do not maintain it.
-                "--endpoint-reconciler-type=none",
+                *mode_args,
                 *extra_args,
             ],
             logs / f"kube-apiserver-{name}.log",
@@ -217,10 +245,10 @@ class ApiServer:
         context = ssl.create_default_context(cadata=self.ca_pem.decode("ascii"))
         context.load_cert_chain(self.admin_cert_file, self.admin_key_file)
 
+        host = self.server.removeprefix("https://").rsplit(":", 1)[0]
+
         def ready() -> bool:
-            connection = http.client.HTTPSConnection(
-                "127.0.0.1", self.port, context=context, timeout=5
-            )
+            connection = http.client.HTTPSConnection(host, self.port, context=context, timeout=5)
             try:
                 connection.request("GET", "/readyz")
                 return connection.getresponse().status == 200
@@ -292,6 +320,13 @@ class ClusterSet:
         self.clusters = [server.cluster() for server in self._servers]
         self.startup_seconds = time.monotonic() - started
         return self.clusters
+
+    @property
+    def etcd_url(self) -> str:
+        """The shared etcd's client URL (a node cluster keeps its data there too)."""
+        if self._etcd is None:
+            raise RuntimeError("the cluster set is not started")
+        return self._etcd.url
 
     def processes(self) -> list[ManagedProcess]:
         """The etcd and API server processes."""

@@ -350,9 +350,9 @@ def ensure_base_image(
     engine.docker("import", *changes, str(tarball), tag, timeout=600)
     # Images of older recipes in the cached store are dead weight.
     listed = engine.docker("images", "--format", "{{.Repository}}:{{.Tag}}", tag.split(":")[0])
-    for stale in listed.stdout.split():
-        if stale != tag:
-            engine.docker("rmi", stale, check=False)
+    for old_tag in listed.stdout.split():
+        if old_tag != tag:
+            engine.docker("rmi", old_tag, check=False)
     return tag
 
 

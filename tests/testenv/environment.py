@@ -13,12 +13,15 @@ import tempfile
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TextIO, TypeVar
+from typing import TYPE_CHECKING, TextIO, TypeVar
 
 from tests.testenv.binaries import find_binaries
 from tests.testenv.cluster import Cluster, ClusterSet
 from tests.testenv.process import ManagedProcess, StartupError
 from tests.testenv.services import PostgresServer, RedisServer
+
+if TYPE_CHECKING:
+    from tests.testenv.node import Node
 
 WORKDIR_PREFIX = "cap-testenv-"
 _OWNER_FILE = "owner.pid"
@@ -63,8 +66,10 @@ class TestEnvironment:
         cluster_count: int,
         environ: Mapping[str, str],
         progress: Callable[[], TextIO] = lambda: sys.stderr,
+        node: bool = False,
     ) -> None:
         self.cluster_count = cluster_count
+        self.node_enabled = node
         self._environ = dict(environ)
         self._progress = progress
         tmp_root = Path(tempfile.gettempdir())
@@ -81,6 +86,7 @@ class TestEnvironment:
         self._postgres: PostgresServer | None = None
         self._extra_redis: list[RedisServer] = []
         self._extra_postgres: list[PostgresServer] = []
+        self._node: Node | None = None
         self._failures: dict[str, BaseException] = {}
         self.timings: dict[str, float] = {}
         self._closed = False
@@ -161,6 +167,40 @@ class TestEnvironment:
             self._postgres = self._once("postgres", start)
         return self._postgres
 
+    def node(self) -> Node:
+        """Start the node cluster (tests/testenv/node.py) on first call and return it: one more
+        API server on the clusters' etcd, with containerd, kubelet, controller-manager,
+        scheduler and kube-proxy running real pods on this host. CAP_NODE_SYNC_FREQUENCY
+        (seconds, default 60 as kubelet's) sets kubelet's syncFrequency."""
+        # Imported here: `python -m tests.testenv.node` must not find it imported already.
+        from tests.testenv.node import Node, NodeError, find_node_binaries
+
+        if not self.node_enabled:
+            raise NodeError("this test environment was made without node=True")
+        raw = self._environ.get("CAP_NODE_SYNC_FREQUENCY", "60")
+        if not raw.isdigit() or not 1 <= int(raw) <= 3600:
+            raise NodeError(
+                f"CAP_NODE_SYNC_FREQUENCY must be whole seconds from 1 to 3600, got {raw!r}"
+            )
+        sync_frequency = int(raw)
+        if self._node is None:
+
+            def start() -> Node:
+                binaries = find_binaries(self._environ, progress=self._progress())
+                node_binaries = find_node_binaries(self._environ, progress=self._progress())
+                self.clusters()
+                assert self._cluster_set is not None
+                node = Node(
+                    node_binaries, binaries.kube_apiserver, self._cluster_set.etcd_url,
+                    self.workdir / "node", self.logs, sync_frequency=sync_frequency,
+                    progress=self._progress(),
+                )  # fmt: skip
+                node.start()
+                return node
+
+            self._node = self._once("node", start)
+        return self._node
+
     def processes(self) -> list[ManagedProcess]:
         """Every server process started so far."""
         found: list[ManagedProcess] = []
@@ -172,6 +212,8 @@ class TestEnvironment:
         for postgres_server in (self._postgres, *self._extra_postgres):
             if postgres_server is not None and postgres_server.process is not None:
                 found.append(postgres_server.process)
+        if self._node is not None:
+            found += [*self._node.processes.values(), self._node.apiserver.process]
         return found
 
     def dead_components(self) -> list[str]:
@@ -186,6 +228,8 @@ class TestEnvironment:
         errors: list[str] = []
         stops: list[Callable[[], None]] = [server.stop for server in self._extra_redis]
         stops += [server.stop for server in self._extra_postgres]
+        if self._node is not None:
+            stops.append(self._node.stop)  # before etcd: its API server keeps data there
         for component in (self._redis, self._postgres, self._cluster_set):
             if component is not None:
                 stops.append(component.stop)

@@ -16,6 +16,7 @@ Fixtures:
   make_redis_server     session   (appendonly=True) -> a private RedisServer for fault tests
   postgres_url          function  URL of a fresh, empty database (dropped afterwards)
   testenv               session   the TestEnvironment itself
+  node                  session   Node: a real single-node cluster (pods run on this host)
 """
 
 from __future__ import annotations
@@ -41,9 +42,11 @@ from tests.testenv.access import (
 from tests.testenv.binaries import BinariesError, find_binaries
 from tests.testenv.cluster import Cluster
 from tests.testenv.environment import TestEnvironment, cluster_count_from
+from tests.testenv.node import Node, NodeError, find_node_binaries
 from tests.testenv.services import RedisServer
 
 _binaries_failure = pytest.StashKey[BinariesError]()
+_node_binaries_failure = pytest.StashKey[NodeError]()
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
@@ -54,13 +57,19 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     """
     if session.config.option.collectonly:
         return
-    if not any("clusters" in getattr(item, "fixturenames", ()) for item in session.items):
+    wanted = [set(getattr(item, "fixturenames", ())) for item in session.items]
+    if not any({"clusters", "node"} & names for names in wanted):
         return
     with _uncaptured(session.config):
         try:
             find_binaries(os.environ)
         except BinariesError as exc:
             session.config.stash[_binaries_failure] = exc
+        if any("node" in names for names in wanted):
+            try:
+                find_node_binaries(os.environ)
+            except NodeError as exc:
+                session.config.stash[_node_binaries_failure] = exc
 
 
 @pytest.fixture(scope="session")
@@ -70,6 +79,7 @@ def testenv(pytestconfig: pytest.Config) -> Iterator[TestEnvironment]:
         cluster_count=cluster_count_from(os.environ),
         environ=os.environ,
         progress=lambda: sys.stderr,
+        node=True,  # started only when a test asks for the `node` fixture
     )
     try:
         yield environment
@@ -179,3 +189,17 @@ def postgres_url(testenv: TestEnvironment) -> Iterator[str]:
     url = server.create_database()
     yield url
     server.drop_database(url)
+
+
+@pytest.fixture(scope="session")
+def node(testenv: TestEnvironment, pytestconfig: pytest.Config) -> Node:
+    """The node cluster with containerd, kubelet, controller-manager, scheduler, kube-proxy.
+
+    A host that cannot run it makes the requesting tests error with the reason (NodeError
+    names what to install or set), never skip.
+    """
+    failure = pytestconfig.stash.get(_node_binaries_failure, None)
+    if failure is not None:
+        raise failure
+    with _uncaptured(pytestconfig):
+        return testenv.node()

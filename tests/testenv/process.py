@@ -48,15 +48,20 @@ class StartupError(RuntimeError):
 
 def free_port() -> int:
     """Return a loopback TCP port that is free now and was not handed out before by this process."""
+    return free_port_on("127.0.0.1")
+
+
+def free_port_on(address: str) -> int:
+    """Return a TCP port free on `address` now and not handed out before by this process."""
     with _ports_lock:
         for _ in range(100):
             with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-                sock.bind(("127.0.0.1", 0))
+                sock.bind((address, 0))
                 port = int(sock.getsockname()[1])
             if port not in _handed_out_ports:
                 _handed_out_ports.add(port)
                 return port
-    raise StartupError("no free loopback port found after 100 attempts")
+    raise StartupError(f"no free port on {address} found after 100 attempts")
 
 
 def log_tail(path: Path, lines: int = 40) -> str:

@@ -36,7 +36,11 @@ class RedisServer:
         appendonly: bool = False,
         binary: str | None = None,
         name: str = "redis",
+        addresses: tuple[str, ...] = ("127.0.0.1",),
+        password: str | None = None,
     ) -> None:
+        """`addresses`: where it listens (the first is in `url`); `password`: requirepass, for
+        a server reachable beyond loopback (the test node's pods)."""
         found = binary or shutil.which("redis-server")
         if found is None or not Path(found).exists():
             raise StartupError(
@@ -44,15 +48,18 @@ class RedisServer:
                 "(`apt-get install -y redis-server`, which .ci/run does for you)"
             )
         self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.password = password
+        credentials = f":{password}@" if password else ""
+        self.url = f"redis://{credentials}{addresses[0]}:{self.port}/0"
         self.appendonly = appendonly
         workdir.mkdir(parents=True, exist_ok=True)
         self.process = ManagedProcess(
             name,
             [
                 found,
-                "--bind", "127.0.0.1",
+                "--bind", *addresses,
                 "--port", str(self.port),
+                *(["--requirepass", password] if password else []),
                 "--dir", str(workdir),
                 "--save", "",
                 "--appendonly", "yes" if appendonly else "no",
@@ -66,7 +73,7 @@ class RedisServer:
         )
 
     def __repr__(self) -> str:
-        return f"RedisServer(url={self.url!r}, appendonly={self.appendonly})"
+        return f"RedisServer(port={self.port}, appendonly={self.appendonly})"
 
     def start(self) -> None:
         """Start redis-server and wait until it answers PING."""
@@ -77,6 +84,10 @@ class RedisServer:
         """True when the server answers PING with PONG (not while it is still loading data)."""
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=2) as sock:
+                if self.password:
+                    sock.sendall(f"AUTH {self.password}\r\n".encode())
+                    if not sock.recv(64).startswith(b"+OK"):
+                        return False
                 sock.sendall(b"PING\r\n")
                 return sock.recv(64).startswith(b"+PONG")
         except OSError:
@@ -140,10 +151,21 @@ class PostgresServer:
     SUPERUSER = "postgres"
 
     def __init__(
-        self, workdir: Path, logs: Path, *, bindir: Path | None = None, name: str = "postgres"
+        self,
+        workdir: Path,
+        logs: Path,
+        *,
+        bindir: Path | None = None,
+        name: str = "postgres",
+        address: str = "127.0.0.1",
+        allow_from: tuple[str, ...] = (),
     ) -> None:
+        """`address`: a second listen address besides loopback (the test node's pods reach
+        the host there); `allow_from`: networks that may log in with the password."""
         self._bindir = bindir or find_postgres_bindir()
         self.name = name
+        self.address = address
+        self._allow_from = allow_from
         self.port = free_port()
         self._password = secrets.token_urlsafe(24)
         # postgres refuses to run as root; as root we run it as the "postgres" user.
@@ -167,11 +189,11 @@ class PostgresServer:
     def __repr__(self) -> str:
         return f"PostgresServer(port={self.port}, data={str(self._data)!r})"
 
-    def url(self, database: str) -> str:
+    def url(self, database: str, *, host: str = "127.0.0.1") -> str:
         """SQLAlchemy URL (psycopg 3 driver) for `database` as the superuser."""
         return (
             f"postgresql+psycopg://{self.SUPERUSER}:{self._password}"
-            f"@127.0.0.1:{self.port}/{database}"
+            f"@{host}:{self.port}/{database}"
         )
 
     def _conninfo(self, database: str) -> str:
@@ -216,12 +238,17 @@ class PostgresServer:
             )
         finally:
             password_file.unlink(missing_ok=True)
+        if self._allow_from:
+            with (self._data / "pg_hba.conf").open("a") as hba:
+                for network in self._allow_from:
+                    hba.write(f"host all all {network} scram-sha-256\n")
+        listen = "127.0.0.1" if self.address == "127.0.0.1" else f"127.0.0.1,{self.address}"
         self.process = ManagedProcess(
             self.name,
             [
                 str(self._bindir / "postgres"),
                 "-D", str(self._data),
-                "-h", "127.0.0.1",
+                "-h", listen,
                 "-p", str(self.port),
                 "-k", str(self._sockets),
                 # Disposable data: durability costs time and buys nothing here.

@@ -12,6 +12,7 @@ import pytest
 
 from worker.core.crypto import Keyring
 from worker.platform.bootstrap import bootstrap
+from worker.platform.runtime import build_runtime
 from worker.platform.settings import (
     ENV_VARS,
     FILE_VARIANTS,
@@ -19,6 +20,7 @@ from worker.platform.settings import (
     Settings,
     SettingsError,
     load_settings,
+    require_kek,
 )
 
 KEK_A = base64.b64encode(bytes(range(32))).decode()
@@ -119,6 +121,10 @@ def test_every_variable_is_read(env: dict[str, str], tmp_path: Path) -> None:
             "CAP_WORKER_POOL": "eu-prod",
             "CAP_HEARTBEAT_FILE": str(tmp_path / "hb"),
             "CAP_LOG_LEVEL": "debug",
+            "CAP_METRICS_PORT": "9808",
+            "CAP_METRICS_ADDRESS": "127.0.0.1",
+            "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "metrics"),
+            "CAP_LOG_FORMAT": "JSON",
             "FLOWER_BASIC_AUTH": "ops:long-password,viewer:other-password",
         }
     )
@@ -151,6 +157,10 @@ def test_every_variable_is_read(env: dict[str, str], tmp_path: Path) -> None:
     assert settings.tasks.heartbeat_file == tmp_path / "hb"
     assert settings.tasks.log_level == "DEBUG"
     assert settings.flower.basic_auth == "ops:long-password,viewer:other-password"
+    assert settings.observability.metrics_port == 9808
+    assert settings.observability.metrics_address == "127.0.0.1"
+    assert settings.observability.metrics_dir == tmp_path / "metrics"
+    assert settings.observability.log_format == "json"
     assert Keyring.from_settings(settings).key_ids == ("k1", "k2")
 
 
@@ -230,12 +240,24 @@ def test_bad_values_name_the_variable_value_and_expected_form(
         assert repr(value) in message
 
 
-def test_non_default_database_without_a_kek_is_refused(env: dict[str, str]) -> None:
+def test_non_default_database_without_a_kek_is_refused_where_a_key_is_needed(
+    env: dict[str, str],
+) -> None:
     env["CAP_DATABASE_URL"] = PG_URL
+    settings = load_settings(env)  # reading runs and targets needs no key
     with pytest.raises(SettingsError, match="no KEK configured") as caught:
-        load_settings(env)
+        require_kek(settings)
     assert "CAP_KEK" in str(caught.value) and "CAP_KEK_FILE" in str(caught.value)
     assert not (Path(env["CAP_DATA_DIR"]) / "kek").exists()
+    runtime = build_runtime(settings)
+    try:
+        with pytest.raises(SettingsError, match="no KEK configured"):
+            runtime.sealer.seal(b"x", table="t", row_id="r", purpose="p")
+    finally:
+        runtime.close()
+    env["CAP_KEK_CURRENT"] = "k1"
+    with pytest.raises(SettingsError, match="CAP_KEK_CURRENT is set but no KEK"):
+        load_settings(env)
 
 
 def test_sqlite_database_elsewhere_counts_as_non_default(
@@ -243,7 +265,7 @@ def test_sqlite_database_elsewhere_counts_as_non_default(
 ) -> None:
     env["CAP_DATABASE_URL"] = f"sqlite:///{tmp_path}/other.db"
     with pytest.raises(SettingsError, match="no KEK configured"):
-        load_settings(env)
+        require_kek(load_settings(env))
     env["CAP_KEK"] = f"k1:{KEK_A}"
     settings = load_settings(env)
     assert not settings.embedded_default

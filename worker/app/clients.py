@@ -11,6 +11,7 @@ from __future__ import annotations
 from models import queries
 from models.entities import Target
 from models.enums import ConnectionMode
+from worker.app.metrics import kube_retry
 from worker.kube.client import KubeClient, RetryPolicy
 from worker.platform.runtime import Runtime
 
@@ -21,7 +22,7 @@ def kube_client(
     rt: Runtime, target: Target, *, sealed_credential: bytes | None = None
 ) -> KubeClient:
     """A client for the target's cluster; ``sealed_credential`` saves reading it again."""
-    retry = RetryPolicy.from_settings(rt.settings.kube)
+    retry = RetryPolicy.from_settings(rt.settings.kube, on_retry=kube_retry)
     if target.connection_mode is ConnectionMode.IN_CLUSTER:
         api = rt.clients.for_in_cluster(rt.settings.kube.serviceaccount_dir, rt.environ)
         return KubeClient(api, retry=retry)

@@ -58,6 +58,12 @@ from models.errors import DATABASE_OUTAGE_ERRORS
 from worker.app.clients import kube_client
 from worker.app.dispatch import Dispatcher, queue_next_stacked
 from worker.app.fanout import group_fanout
+from worker.app.metrics import (
+    observe_reaper,
+    observe_run_finished,
+    observe_skipped,
+    observe_target,
+)
 from worker.app.pools import check_cluster, hold_back_silent_pools
 from worker.app.webhook import redeliver_webhook, run_webhook
 from worker.core.bundle import BundleError, TlsBundle, build_bundle
@@ -76,6 +82,7 @@ from worker.core.snapshot import PreviousSecret
 from worker.kube.client import KubeClient
 from worker.kube.deploy import DeployOutcome, deploy_secret, rollback_secret
 from worker.kube.errors import KubeError
+from worker.platform.logs import log_context
 from worker.platform.runtime import Runtime
 
 __all__ = [
@@ -131,6 +138,7 @@ def start_run(rt: Runtime, dispatch: Dispatcher, run_id: str) -> None:
                     queries.finish_run(
                         session, run_id, RunState.FAILED, now=now, reason=f"cannot plan: {exc}"
                     )
+                    observe_run_finished(distribution.kind, run)
                     return
                 queries.start_run(session, run_id, batch_plan=plan, now=now)
                 first_batch = plan[0]
@@ -240,7 +248,8 @@ def process_targets(
                 not_started = jobs[index:]
                 break
             try:
-                outcome = _process_one(rt, job, interrupted_by)
+                with log_context(target_id=job.target.id, batch=job.batch_index + 1):
+                    outcome = _process_one(rt, job, interrupted_by)
             except interrupted_by:
                 log.warning(
                     "run %s target %s: interrupted by the task's time limit; given back to be "
@@ -329,6 +338,9 @@ def _process_one(
         outcome.status.value,
         f" [{outcome.error_reason}]" if outcome.error_reason else "",
         outcome.duration_ms,
+    )
+    observe_target(
+        rt, job.action, job.target, outcome.status, outcome.error_reason, outcome.duration_ms / 1000
     )
     return outcome
 
@@ -723,15 +735,19 @@ def _after_batch(
                 session, run_id, from_batch=batch_index + 1, reason=f"skipped: {reason}", now=now
             )
             reason += f"; {skipped} target(s) skipped"
+            observe_skipped(run.action, skipped)
         queries.finish_run(session, run_id, RunState.HALTED, now=now, reason=reason + recovered)
+        observe_run_finished(distribution.kind, run)
     elif last and failed:
         reason = (
             f"partially failed: {failed} of {total} target(s) failed, within the failure threshold"
         )
         queries.finish_run(session, run_id, RunState.FAILED, now=now, reason=reason + recovered)
+        observe_run_finished(distribution.kind, run)
     elif last:
         reason = _success_reason(all_counts) + recovered
         queries.finish_run(session, run_id, RunState.SUCCEEDED, now=now, reason=reason)
+        observe_run_finished(distribution.kind, run)
         if run.cascade and run.action is RunAction.EXECUTE:
             return [], queue_next_stacked(session, distribution, run_id)
     else:
@@ -820,6 +836,9 @@ def reap(rt: Runtime, dispatch: Dispatcher, *, now: datetime | None = None) -> R
                 stale_before=stale_before,
             ):
                 advanced.append((run.id, run.current_batch))
+    observe_reaper("start", len(restarted))
+    observe_reaper("targets", len(redispatched))
+    observe_reaper("advance", len(advanced))
     for run_id in restarted:
         log.warning("reaper: run %s still queued; re-sending its start", run_id)
         dispatch.start(run_id)

@@ -45,8 +45,9 @@ from tenacity import (
 from models import queries
 from models.base import utcnow
 from models.entities import Distribution, Run
-from models.enums import RunState
+from models.enums import DistributionKind, RunState
 from worker.app.dispatch import Dispatcher, queue_next_stacked
+from worker.app.metrics import observe_run_finished
 from worker.core.crypto import CryptoError
 from worker.platform.runtime import Runtime
 
@@ -269,6 +270,7 @@ def _finish(rt: Runtime, dispatch: Dispatcher, run_id: str, state: RunState, rea
         if run.state.is_terminal:
             return  # a concurrent delivery of this run finished it first
         run = queries.finish_run(session, run_id, state, now=utcnow(), reason=reason)
+        observe_run_finished(DistributionKind.WEBHOOK, run)
         if state is RunState.SUCCEEDED and run.cascade:
             distribution = queries.get_distribution(session, run.distribution_id)
             cascade_run_id = queue_next_stacked(session, distribution, run_id)

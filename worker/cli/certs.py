@@ -12,7 +12,7 @@ from worker.cli.common import OutputOption, list_rows, new_typer, now, say
 from worker.cli.context import runtime
 from worker.cli.errors import handled
 from worker.cli.inputs import read_optional
-from worker.cli.output import OutputFormat, emit_json, format_time, plain
+from worker.cli.output import OutputFormat, emit, format_time, plain
 from worker.core.limits import PEM_FILE
 
 app = new_typer("Certificates: import, list, renew.")
@@ -22,20 +22,32 @@ app = new_typer("Certificates: import, list, renew.")
 @handled
 def import_(
     cert: Annotated[
-        Path, typer.Option("--cert", help="Leaf certificate PEM (may hold the chain).")
+        Path,
+        typer.Option("--cert", help="Leaf certificate PEM (may hold the chain); - for stdin."),
     ],
-    key: Annotated[Path, typer.Option("--key", help="Private key PEM.")],
-    chain: Annotated[Path | None, typer.Option("--chain", help="Intermediates PEM.")] = None,
-    ca: Annotated[Path | None, typer.Option("--ca", help="Issuing root CA PEM.")] = None,
+    key: Annotated[Path, typer.Option("--key", help="Private key PEM; - for stdin.")],
+    chain: Annotated[
+        Path | None, typer.Option("--chain", help="Intermediates PEM; - for stdin.")
+    ] = None,
+    ca: Annotated[
+        Path | None, typer.Option("--ca", help="Issuing root CA PEM; - for stdin.")
+    ] = None,
     allow_expired: Annotated[
         bool, typer.Option("--allow-expired", help="Accept an expired certificate.")
     ] = False,
-    output: OutputOption = OutputFormat.TEXT,
+    output: OutputOption = OutputFormat.TABLE,
 ) -> None:
-    """Import a certificate with its key (the key is stored encrypted)."""
-    from worker.app.service import get_certificate, import_certificate
-    from worker.cli.files import read_file
+    """Import a certificate with its key (the key is stored encrypted).
 
+    \b
+    Examples:
+      certautopilot certs import --cert tls.crt --key tls.key --chain chain.pem
+      vault read -field=key pki/cert/shop | certautopilot certs import --cert tls.crt --key -
+    """
+    from worker.app.service import get_certificate, import_certificate
+    from worker.cli.files import one_stdin, read_file
+
+    one_stdin({"--cert": cert, "--key": key, "--chain": chain, "--ca": ca})
     cert_pem, key_pem = read_file(cert, PEM_FILE), read_file(key, PEM_FILE)
     with runtime() as rt:
         certificate_id = import_certificate(
@@ -47,8 +59,8 @@ def import_(
             allow_expired=allow_expired,
         )
         view = get_certificate(rt, certificate_id)
-    if output is OutputFormat.JSON:
-        emit_json(view)
+    if output.machine:
+        emit(output, view)
         return
     say(
         f"imported certificate {view.id}\n"
@@ -67,7 +79,7 @@ def _days_left_text(days: int) -> Text:
 
 @app.command("list")
 @handled
-def list_(output: OutputOption = OutputFormat.TEXT) -> None:
+def list_(output: OutputOption = OutputFormat.TABLE) -> None:
     """List certificates with their expiry."""
     from worker.app.service import list_certificates
 
@@ -91,16 +103,29 @@ def list_(output: OutputOption = OutputFormat.TEXT) -> None:
 @handled
 def renew(
     certificate_id: Annotated[str, typer.Argument(help="Id of the certificate to renew.")],
-    cert: Annotated[Path, typer.Option("--cert", help="Renewed leaf certificate PEM.")],
-    key: Annotated[Path, typer.Option("--key", help="Its private key PEM.")],
-    chain: Annotated[Path | None, typer.Option("--chain", help="Intermediates PEM.")] = None,
-    ca: Annotated[Path | None, typer.Option("--ca", help="Issuing root CA PEM.")] = None,
-    output: OutputOption = OutputFormat.TEXT,
+    cert: Annotated[
+        Path, typer.Option("--cert", help="Renewed leaf certificate PEM; - for stdin.")
+    ],
+    key: Annotated[Path, typer.Option("--key", help="Its private key PEM; - for stdin.")],
+    chain: Annotated[
+        Path | None, typer.Option("--chain", help="Intermediates PEM; - for stdin.")
+    ] = None,
+    ca: Annotated[
+        Path | None, typer.Option("--ca", help="Issuing root CA PEM; - for stdin.")
+    ] = None,
+    output: OutputOption = OutputFormat.TABLE,
 ) -> None:
-    """Replace a certificate with its renewal; its distributions deliver the new one."""
-    from worker.app.service import get_certificate, list_distributions, renew_certificate
-    from worker.cli.files import read_file
+    """Replace a certificate with its renewal; its distributions deliver the new one.
 
+    \b
+    Examples:
+      certautopilot certs renew CERT_ID --cert new.crt --key new.key --chain chain.pem
+      certautopilot run DIST --dry-run    # then see what the renewal changes
+    """
+    from worker.app.service import get_certificate, list_distributions, renew_certificate
+    from worker.cli.files import one_stdin, read_file
+
+    one_stdin({"--cert": cert, "--key": key, "--chain": chain, "--ca": ca})
     pems = {"cert": read_file(cert, PEM_FILE), "key": read_file(key, PEM_FILE)}
     for name, path in (("chain", chain), ("ca", ca)):
         if path is not None:
@@ -110,8 +135,8 @@ def renew(
         renew_certificate(rt, certificate_id, pems)
         after = get_certificate(rt, certificate_id)
         distributions = list_distributions(rt, certificate_id)
-    if output is OutputFormat.JSON:
-        emit_json({"before": before, "after": after})
+    if output.machine:
+        emit(output, {"before": before, "after": after})
         return
     say(
         f"renewed certificate {after.id}: serial {before.serial} -> {after.serial}, not after "

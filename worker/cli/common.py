@@ -13,7 +13,7 @@ from rich.table import Table
 from rich.text import Text
 
 from worker.cli.context import runtime
-from worker.cli.output import OutputFormat, emit_json, make_console, plain
+from worker.cli.output import OutputFormat, emit, make_console, plain
 
 if TYPE_CHECKING:
     from worker.platform.runtime import Runtime
@@ -41,7 +41,13 @@ def new_typer(help_text: str, **options: Any) -> typer.Typer:
 
 
 OutputOption = Annotated[
-    OutputFormat, typer.Option("--output", "-o", help="text (tables) or json (for scripts).")
+    OutputFormat,
+    typer.Option(
+        "--output",
+        "-o",
+        help="table (for people; 'text' is the same), json or yaml (every value, status codes "
+        "as stored), or name (the ids only, one per line).",
+    ),
 ]
 TimeoutOption = Annotated[
     float, typer.Option("--timeout", help="Seconds to follow the run before giving up.", min=1)
@@ -73,8 +79,8 @@ def list_rows(
     """Fetch rows with a fresh runtime and print them as JSON or as a table."""
     with runtime() as rt:
         rows = fetch(rt)
-    if output is OutputFormat.JSON:
-        emit_json(rows)
+    if output.machine:
+        emit(output, rows)
         return
     table = Table(*columns)
     for row in rows:

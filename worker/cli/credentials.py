@@ -21,10 +21,19 @@ app = new_typer("Module credentials: kubeconfigs and webhook secrets.")
 @handled
 def add_kubeconfig(
     name: Annotated[str, typer.Argument(help="Credential name, e.g. prod-eu-1.")],
-    file: Annotated[Path | None, typer.Option("--file", help="Kubeconfig file.")] = None,
+    file: Annotated[
+        Path | None, typer.Option("--file", help="Kubeconfig file; - for stdin.")
+    ] = None,
     stdin: Annotated[bool, typer.Option("--stdin", help="Read the kubeconfig from stdin.")] = False,
 ) -> None:
-    """Store a kubeconfig (encrypted). exec, auth-provider and file paths are refused."""
+    """Store a kubeconfig (encrypted). exec, auth-provider and file paths are refused.
+
+    \b
+    Examples:
+      certautopilot credentials add-kubeconfig prod-eu-1 --file ~/.kube/prod-eu-1.yaml
+      kubectl config view --minify --flatten --raw | \\
+        certautopilot credentials add-kubeconfig prod-eu-1 --file -
+    """
     from worker.app.service import add_kubeconfig_credential
 
     kubeconfig = read_input(file, stdin, "kubeconfig", KUBECONFIG)
@@ -38,7 +47,9 @@ def add_kubeconfig(
 @handled
 def add_webhook_secret(
     name: Annotated[str, typer.Argument(help="Credential name.")],
-    file: Annotated[Path | None, typer.Option("--file", help="File holding the secret.")] = None,
+    file: Annotated[
+        Path | None, typer.Option("--file", help="File holding the secret; - for stdin.")
+    ] = None,
     stdin: Annotated[bool, typer.Option("--stdin", help="Read the secret from stdin.")] = False,
 ) -> None:
     """Store an HMAC secret for signing webhook notifications (trailing newline dropped)."""
@@ -52,7 +63,7 @@ def add_webhook_secret(
 
 @app.command("list")
 @handled
-def list_(output: OutputOption = OutputFormat.TEXT) -> None:
+def list_(output: OutputOption = OutputFormat.TABLE) -> None:
     """List credentials (names and kinds only; contents are never shown)."""
     from worker.app.service import list_credentials
 

@@ -9,7 +9,7 @@ import typer
 from worker.cli.common import OutputOption, list_rows, new_typer, say
 from worker.cli.context import runtime
 from worker.cli.errors import CliError, handled
-from worker.cli.output import OutputFormat, emit_json, plain
+from worker.cli.output import OutputFormat, emit, plain
 
 app = new_typer("Attach certificates to targets, groups or webhooks.")
 
@@ -27,9 +27,15 @@ def attach(
             help="Keep the previous Secret so Rollback can restore it (off: no rollback).",
         ),
     ] = False,
-    output: OutputOption = OutputFormat.TEXT,
+    output: OutputOption = OutputFormat.TABLE,
 ) -> None:
-    """Attach a certificate to a target or a group (a Kubernetes distribution)."""
+    """Attach a certificate to a target or a group (a Kubernetes distribution).
+
+    \b
+    Examples:
+      certautopilot distributions attach CERT_ID --group fleet --store-content
+      certautopilot distributions attach CERT_ID --target edge-eu -o name
+    """
     from worker.app.service import attach as attach_certificate
     from worker.app.service import get_distribution
 
@@ -40,8 +46,8 @@ def attach(
             rt, certificate_id, target=target, group=group, store_content=store_content
         )
         view = get_distribution(rt, distribution_id)
-    if output is OutputFormat.JSON:
-        emit_json(view)
+    if output.machine:
+        emit(output, view)
         return
     say(
         f"attached certificate {certificate_id} to {view.destination}: distribution {view.id}\n"
@@ -58,7 +64,7 @@ def attach_webhook(
     secret: Annotated[
         str | None, typer.Option("--secret", help="Webhook-secret credential for HMAC signing.")
     ] = None,
-    output: OutputOption = OutputFormat.TEXT,
+    output: OutputOption = OutputFormat.TABLE,
 ) -> None:
     """Stack a webhook after the certificate's distributions (fires after they succeed)."""
     from worker.app.service import attach_webhook as stack_webhook
@@ -67,8 +73,8 @@ def attach_webhook(
     with runtime() as rt:
         distribution_id = stack_webhook(rt, certificate_id, url, secret=secret)
         view = get_distribution(rt, distribution_id)
-    if output is OutputFormat.JSON:
-        emit_json(view)
+    if output.machine:
+        emit(output, view)
         return
     say(
         f"stacked webhook {url} as distribution {view.id} (position {view.position}); it fires "
@@ -80,9 +86,14 @@ def attach_webhook(
 @handled
 def list_(
     cert: Annotated[str | None, typer.Option("--cert", help="Only this certificate's.")] = None,
-    output: OutputOption = OutputFormat.TEXT,
+    output: OutputOption = OutputFormat.TABLE,
 ) -> None:
-    """List distributions in stacking order, with the rollback button's state."""
+    """List distributions in stacking order, with the rollback button's state.
+
+    \b
+    Examples:
+      certautopilot distributions list --cert CERT_ID
+    """
     from worker.app.service import list_distributions
 
     list_rows(

@@ -10,14 +10,14 @@ from worker.cli.common import OutputOption, list_rows, new_typer, say
 from worker.cli.context import runtime
 from worker.cli.errors import handled
 from worker.cli.inputs import variables
-from worker.cli.output import OutputFormat, emit_json
+from worker.cli.output import OutputFormat, emit
 
 app = new_typer("Target groups: fan out over many targets in batches.")
 
 
 def _print_group(view: Any, output: OutputFormat) -> None:
-    if output is OutputFormat.JSON:
-        emit_json(view)
+    if output.machine:
+        emit(output, view)
         return
     say(
         f"group {view.name!r} (id {view.id})\n"
@@ -47,9 +47,15 @@ def create(
     var: Annotated[
         list[str] | None, typer.Option("--var", help="Template variable name=value (repeatable).")
     ] = None,
-    output: OutputOption = OutputFormat.TEXT,
+    output: OutputOption = OutputFormat.TABLE,
 ) -> None:
-    """Create a group of targets with its batch size and failure threshold."""
+    """Create a group of targets with its batch size and failure threshold.
+
+    \b
+    Examples:
+      certautopilot groups create fleet --target edge-eu --target edge-us \\
+        --batch-size 1,5,20% --failure-threshold 10%
+    """
     from worker.app.service import create_group, get_group
 
     with runtime() as rt:
@@ -70,7 +76,7 @@ def create(
 def add_targets(
     group: Annotated[str, typer.Argument(help="Group name or id.")],
     target: Annotated[list[str], typer.Option("--target", help="Target to append (repeatable).")],
-    output: OutputOption = OutputFormat.TEXT,
+    output: OutputOption = OutputFormat.TABLE,
 ) -> None:
     """Append targets to a group (they run after the current members)."""
     from worker.app.service import add_group_targets
@@ -82,7 +88,7 @@ def add_targets(
 
 @app.command("list")
 @handled
-def list_(output: OutputOption = OutputFormat.TEXT) -> None:
+def list_(output: OutputOption = OutputFormat.TABLE) -> None:
     """List groups."""
     from worker.app.service import list_groups
 
@@ -104,7 +110,7 @@ def list_(output: OutputOption = OutputFormat.TEXT) -> None:
 @handled
 def show(
     name: Annotated[str, typer.Argument(help="Group name or id.")],
-    output: OutputOption = OutputFormat.TEXT,
+    output: OutputOption = OutputFormat.TABLE,
 ) -> None:
     """Show a group: members and the batches a run would use."""
     from worker.app.service import get_group

@@ -15,6 +15,7 @@ from worker.cli import (
     distributions,
     groups,
     keys,
+    meta,
     operations,
     probes,
     runs,
@@ -26,11 +27,18 @@ __all__ = ["app", "main"]
 
 app = new_typer(
     "CertAutoPilot Kubernetes distribution worker: deploy TLS certificates as "
-    "kubernetes.io/tls Secrets into one or many clusters.",
+    "kubernetes.io/tls Secrets into one or many clusters.\n\n"
+    "\b\nExamples:\n"
+    "  certautopilot certs import --cert tls.crt --key tls.key --chain chain.pem\n"
+    "  certautopilot targets add edge --namespace ingress --kubeconfig-credential prod\n"
+    "  certautopilot distributions attach CERT_ID --target edge --store-content\n"
+    "  certautopilot run DIST --dry-run\n"
+    "  certautopilot runs list -o name | head -1 | xargs certautopilot runs show",
     name="certautopilot",
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+app.callback()(meta.root_options)
 for _name, _group in (
     ("credentials", credentials.app),
     ("certs", certs.app),
@@ -48,10 +56,20 @@ app.command("migrate")(operations.migrate)
 app.command("worker")(operations.worker)
 app.command("flower")(operations.flower)
 app.command("demo")(demo.demo)
+app.command("version")(meta.version)
+app.command("completion")(meta.completion)
 
 
 def main() -> None:
     """Console-script entry point (``certautopilot``)."""
+    import os
+
+    if os.environ.get(meta.COMPLETE_VAR):
+        # A completion script is asking (see `certautopilot completion`): typer answers it
+        # once its shell classes are registered, which add_completion=False leaves undone.
+        from typer._completion_classes import completion_init
+
+        completion_init()
     app()
 
 

@@ -64,11 +64,19 @@ def worker(
         ),
     ] = "certautopilot@%h",
 ) -> None:
-    """Run a Celery worker of pool CAP_WORKER_POOL: its pool's queue and the control queue."""
+    """Run a Celery worker of pool CAP_WORKER_POOL: its pool's queue and the control queue.
+
+    \b
+    Examples:
+      certautopilot migrate && certautopilot worker --concurrency 8
+      CAP_LOG_FORMAT=json CAP_METRICS_PORT=9808 certautopilot worker
+    """
     from worker.platform.celery_app import app as celery_app
     from worker.platform.celery_app import worker_queues
+    from worker.platform.settings import require_kek
 
     loaded = settings()
+    require_kek(loaded)  # a worker opens keys and kubeconfigs: it needs the KEK
     ensure_schema(loaded)
     celery_dispatcher(loaded)  # the app must use exactly these settings
     argv = [

@@ -20,7 +20,7 @@ import json
 import re
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from datetime import UTC, datetime
 from enum import Enum, StrEnum
 from typing import TYPE_CHECKING, Any
@@ -45,20 +45,26 @@ if TYPE_CHECKING:  # the service layer (SQLAlchemy, kubernetes) is not needed fo
     from worker.app.service import RunReport, TargetResultView
 
 __all__ = [
+    "ColorMode",
     "OutputFormat",
     "SafeConsole",
     "diff_from_dict",
     "diff_summary",
+    "emit",
     "emit_json",
     "follow_run",
     "make_console",
+    "names_of",
     "plain",
     "print_report",
+    "reason_words",
     "render_diff_dict",
     "result_table",
     "run_headline",
     "safe_text",
+    "set_color_mode",
     "status_text",
+    "status_words",
     "to_jsonable",
 ]
 
@@ -67,10 +73,40 @@ PIPE_WIDTH = 160
 
 
 class OutputFormat(StrEnum):
-    """What listing and show commands print."""
+    """What listing and show commands print (``--output``, like kubectl's ``-o``)."""
 
+    TABLE = "table"
+    """Tables and words for people (the default)."""
     TEXT = "text"
+    """The same as ``table`` (the name before ``table`` existed; kept for scripts)."""
     JSON = "json"
+    """The exact values, status codes included (``would_update``)."""
+    YAML = "yaml"
+    """The same values as ``json``, as YAML."""
+    NAME = "name"
+    """Ids only, one per line (``runs list -o name | xargs ...``)."""
+
+    @property
+    def machine(self) -> bool:
+        """True for the formats scripts read: json, yaml, name."""
+        return self in (OutputFormat.JSON, OutputFormat.YAML, OutputFormat.NAME)
+
+
+class ColorMode(StrEnum):
+    """``--color``: colour and box drawing on a terminal (auto), always, or never."""
+
+    AUTO = "auto"
+    ALWAYS = "always"
+    NEVER = "never"
+
+
+_color = ColorMode.AUTO
+
+
+def set_color_mode(mode: ColorMode) -> None:
+    """Set ``--color`` for every console this process makes afterwards."""
+    global _color
+    _color = mode
 
 
 # ------------------------------------------------------------------------- untrusted text
@@ -113,24 +149,43 @@ class SafeConsole(Console):
     :func:`plain` instead.
     """
 
+    plain_tables: bool = False
+    """Tables without box drawing (output to a pipe or a file, unless ``--color=always``)."""
+
     def render_str(self, text: str, **options: Any) -> Text:
         options.update(markup=False, emoji=False)
         return super().render_str(safe_text(text), **options)
+
+    def print(self, *objects: Any, **options: Any) -> None:
+        """Print; on a pipe, tables lose their borders (columns stay aligned with spaces)."""
+        if self.plain_tables:
+            for item in objects:
+                if isinstance(item, Table):
+                    item.box = None
+                    item.show_edge = False
+                    item.pad_edge = False
+        super().print(*objects, **options)
 
 
 def make_console(*, stderr: bool = False) -> Console:
     """A safe console for the current stdout (or stderr); wide and plain when not a terminal."""
     stream = sys.stderr if stderr else sys.stdout
-    width = None if stream.isatty() else PIPE_WIDTH
+    terminal = stream.isatty()
+    width = None if terminal else PIPE_WIDTH
     # Pipes get whole lines (soft wrap): scripts and logs grep messages, not screen rows.
-    return SafeConsole(
+    console = SafeConsole(
         stderr=stderr,
         width=width,
         highlight=False,
         soft_wrap=width is not None,
         markup=False,
         emoji=False,
+        force_terminal=True if _color is ColorMode.ALWAYS else None,
+        no_color=True if _color is ColorMode.NEVER else None,
     )
+    # Piped output is plain (no colour: Rich sees no terminal; no box drawing: here).
+    console.plain_tables = not terminal and _color is not ColorMode.ALWAYS
+    return console
 
 
 # ------------------------------------------------------------------------------------ JSON
@@ -155,6 +210,36 @@ def emit_json(value: Any) -> None:
     """Print ``value`` as indented JSON on stdout (for scripts: ``--output json``)."""
     sys.stdout.write(json.dumps(to_jsonable(value), indent=2) + "\n")
     sys.stdout.flush()
+
+
+def emit(output: OutputFormat, value: Any) -> None:
+    """Print ``value`` in a machine format: json, yaml, or the ids only (``name``)."""
+    if output is OutputFormat.NAME:
+        sys.stdout.write("".join(f"{name}\n" for name in names_of(value)))
+    elif output is OutputFormat.YAML:
+        import yaml
+
+        sys.stdout.write(yaml.safe_dump(to_jsonable(value), sort_keys=False, allow_unicode=True))
+    else:
+        emit_json(value)
+        return
+    sys.stdout.flush()
+
+
+def names_of(value: Any) -> list[str]:
+    """The ids ``--output name`` prints: of each item of a listing, or of the one shown."""
+    if isinstance(value, list | tuple):
+        return [name for item in value for name in names_of(item)]
+    if isinstance(value, Mapping):
+        for key in ("id", "run_id"):
+            if key in value:
+                return [str(value[key])]
+        for key in ("run", "after"):  # {"run": report, "stacked": ...}, {"before", "after"}
+            if key in value:
+                return names_of(value[key])
+        return []
+    identifier = getattr(value, "id", None)
+    return [str(identifier)] if identifier is not None else []
 
 
 def _utc(moment: datetime) -> datetime:
@@ -220,9 +305,11 @@ def diff_from_dict(data: Mapping[str, Any]) -> SecretDiff:
     )
 
 
-def render_diff_dict(data: Mapping[str, Any], *, dry_run: bool = True) -> str:
+def render_diff_dict(
+    data: Mapping[str, Any], *, dry_run: bool = True, adopt_unmanaged: bool | None = None
+) -> str:
     """The operator-readable diff text for a stored diff dict (no key material)."""
-    return render_diff(diff_from_dict(data), dry_run=dry_run)
+    return render_diff(diff_from_dict(data), dry_run=dry_run, adopt_unmanaged=adopt_unmanaged)
 
 
 def diff_summary(data: Mapping[str, Any] | None) -> str:
@@ -286,9 +373,25 @@ _ACTION_WORDS = {
 }
 
 
+def status_words(status: str) -> str:
+    """A status code as people read it in tables: ``would_update`` -> ``would update``.
+
+    ``--output json/yaml`` keep the codes.
+    """
+    return status.replace("_", " ")
+
+
+_CODES = re.compile(r"\b(?:" + "|".join(s.value for s in ResultStatus if "_" in s.value) + r")\b")
+
+
+def reason_words(text: str) -> str:
+    """A run's reason with its status codes in words (``6 would_update`` -> ``6 would update``)."""
+    return _CODES.sub(lambda match: status_words(match.group(0)), text)
+
+
 def status_text(status: str) -> Text:
-    """A target status, coloured."""
-    return plain(status, style=_STATUS_STYLES.get(ResultStatus(status), ""))
+    """A target status in words, coloured."""
+    return plain(status_words(status), style=_STATUS_STYLES.get(ResultStatus(status), ""))
 
 
 def run_headline(report: RunReport) -> Text:
@@ -296,7 +399,7 @@ def run_headline(report: RunReport) -> Text:
     line = plain(f"{_ACTION_WORDS.get(report.action, report.action)} run {report.id}: ")
     line.append_text(plain(report.state, style=_STATE_STYLES.get(RunState(report.state), "")))
     if report.reason:
-        line.append_text(plain(f" — {report.reason}"))
+        line.append_text(plain(f" — {reason_words(report.reason)}"))
     return line
 
 
@@ -401,8 +504,18 @@ def follow_run(
             report = fetch()
 
 
-def print_report(console: Console, report: RunReport, *, diffs: bool) -> None:
-    """A finished run: each target's diff (with ``diffs``), the table and the headline."""
+def print_report(
+    console: Console,
+    report: RunReport,
+    *,
+    diffs: bool,
+    adopting: Collection[str] | None = None,
+) -> None:
+    """A finished run: each target's diff (with ``diffs``), the table and the headline.
+
+    ``adopting``: ids of the run's targets that adopt unmanaged Secrets (None: unknown), so a
+    diff of an unmanaged Secret says what execute will do for its target.
+    """
     if diffs:
         for result in report.results:
             console.print(
@@ -414,7 +527,11 @@ def print_report(console: Console, report: RunReport, *, diffs: bool) -> None:
                 )
             )
             if result.diff:
-                text = render_diff_dict(result.diff, dry_run=report.action == "dry_run")
+                text = render_diff_dict(
+                    result.diff,
+                    dry_run=report.action == "dry_run",
+                    adopt_unmanaged=None if adopting is None else result.target_id in adopting,
+                )
                 console.print(plain(text))
             elif result.error_message:
                 console.print(plain(f"  [{result.error_reason}] {result.error_message}"))

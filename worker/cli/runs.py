@@ -21,17 +21,20 @@ from worker.cli.context import celery_dispatcher, runtime
 from worker.cli.errors import EXIT_FAILED, CliError, fail, handled
 from worker.cli.output import (
     OutputFormat,
-    emit_json,
+    emit,
     follow_run,
     format_time,
     make_console,
     plain,
     print_report,
+    reason_words,
     run_headline,
+    status_words,
     to_jsonable,
 )
 
 if TYPE_CHECKING:
+    from worker.app.service import RunReport
     from worker.platform.runtime import Runtime
 
 app = new_typer("Runs of distributions and their per-target results.")
@@ -50,7 +53,7 @@ def _follow_and_report(
     from worker.app.service import run_report, stacked_runs
 
     console = make_console()
-    quiet = output is OutputFormat.JSON
+    quiet = output.machine
     deadline = time.monotonic() + timeout
     report = follow_run(
         functools.partial(run_report, rt, run_id),
@@ -85,13 +88,26 @@ def _follow_and_report(
             if child.state != RunState.SUCCEEDED:
                 break
     if quiet:
-        emit_json({"run": reports[0], "stacked": reports[1:]})
+        emit(output, {"run": reports[0], "stacked": reports[1:]})
     else:
-        print_report(console, reports[0], diffs=reports[0].action == "dry_run")
+        print_report(
+            console,
+            reports[0],
+            diffs=reports[0].action == "dry_run",
+            adopting=_adopting(rt, reports[0]),
+        )
         for child in reports[1:]:
             console.print(run_headline(child))
     failed = any(item.state != RunState.SUCCEEDED for item in reports)
     return EXIT_FAILED if failed else 0
+
+
+def _adopting(rt: Runtime, report: RunReport) -> set[str]:
+    """Ids of the run's targets that adopt unmanaged Secrets (for the diff's wording)."""
+    from worker.app.service import list_targets
+
+    in_run = {result.target_id for result in report.results}
+    return {t.id for t in list_targets(rt) if t.id in in_run and t.adopt_unmanaged}
 
 
 def _start_run(
@@ -111,12 +127,12 @@ def _start_run(
             rt, celery_dispatcher(rt.settings), distribution_id, action, force=force
         )
         if not wait:
-            if output is OutputFormat.JSON:
-                emit_json({"run_id": run_id})
+            if output.machine:
+                emit(output, {"run_id": run_id})
             else:
                 say(f"queued run {run_id}; follow it with `certautopilot runs show {run_id}`")
             return
-        if output is OutputFormat.TEXT:
+        if not output.machine:
             say(
                 f"queued {action.replace('_', '-')} run {run_id} of distribution "
                 f"{distribution.id} ({distribution.destination}, {distribution.target_count} "
@@ -138,9 +154,16 @@ def run(
     execute: Annotated[bool, typer.Option("--execute", help="Write the Secrets.")] = False,
     no_wait: NoWaitOption = False,
     timeout: TimeoutOption = 600.0,
-    output: OutputOption = OutputFormat.TEXT,
+    output: OutputOption = OutputFormat.TABLE,
 ) -> None:
-    """Dry-run or execute a distribution and follow it (exit 1 if it fails or halts)."""
+    """Dry-run or execute a distribution and follow it (exit 1 if it fails or halts).
+
+    \b
+    Examples:
+      certautopilot run DIST --dry-run      # the diff per target; writes nothing
+      certautopilot run DIST --execute
+      certautopilot run DIST --execute --no-wait -o name    # prints the run id
+    """
     if dry_run == execute:
         raise CliError("choose exactly one of --dry-run (show the diff) or --execute (write)")
     _start_run(
@@ -162,9 +185,15 @@ def rollback(
     ] = False,
     no_wait: NoWaitOption = False,
     timeout: TimeoutOption = 600.0,
-    output: OutputOption = OutputFormat.TEXT,
+    output: OutputOption = OutputFormat.TABLE,
 ) -> None:
-    """Restore the Secrets as they were before the distribution's first write."""
+    """Restore the Secrets as they were before the distribution's first write.
+
+    \b
+    Examples:
+      certautopilot rollback DIST
+      certautopilot rollback DIST --force   # even where the Secret drifted
+    """
     _start_run(
         distribution_id, "rollback", force=force, wait=not no_wait, timeout=timeout, output=output
     )
@@ -177,9 +206,15 @@ def list_(
         str | None, typer.Option("--distribution", help="Only this distribution's runs.")
     ] = None,
     limit: Annotated[int, typer.Option("--limit", help="How many runs.", min=1)] = 20,
-    output: OutputOption = OutputFormat.TEXT,
+    output: OutputOption = OutputFormat.TABLE,
 ) -> None:
-    """List recent runs, newest first."""
+    """List recent runs, newest first.
+
+    \b
+    Examples:
+      certautopilot runs list --limit 5
+      certautopilot runs list -o name | head -1
+    """
     from worker.app.service import list_runs
 
     list_rows(
@@ -190,9 +225,10 @@ def list_(
             row.id,
             row.action,
             row.state,
-            ", ".join(f"{n} {status}" for status, n in sorted(row.counts().items())) or "-",
+            ", ".join(f"{n} {status_words(status)}" for status, n in sorted(row.counts().items()))
+            or "-",
             format_time(row.created_at),
-            row.reason or "",
+            reason_words(row.reason or ""),
         ),
     )
 
@@ -202,9 +238,15 @@ def list_(
 def show(
     run_id: Annotated[str, typer.Argument(help="Run id.")],
     diff: Annotated[bool, typer.Option("--diff", help="Print the full diff per target.")] = False,
-    output: OutputOption = OutputFormat.TEXT,
+    output: OutputOption = OutputFormat.TABLE,
 ) -> None:
-    """Show a run: state, timing and the per-target table with a diff summary."""
+    """Show a run: state, timing and the per-target table with a diff summary.
+
+    \b
+    Examples:
+      certautopilot runs show RUN_ID --diff
+      certautopilot runs show RUN_ID -o json
+    """
     from worker.app.pools import silent_pools_of_run
     from worker.app.service import run_report
 
@@ -212,8 +254,9 @@ def show(
         report = run_report(rt, run_id)
         # A running run whose open targets wait in a pool with no live worker says so.
         waiting = silent_pools_of_run(rt, report.id)
-    if output is OutputFormat.JSON:
-        emit_json({**to_jsonable(report), "waiting_pools": waiting})
+        adopting = _adopting(rt, report) if diff else None
+    if output.machine:
+        emit(output, {**to_jsonable(report), "waiting_pools": waiting})
         return
     say(
         f"run {report.id} ({report.action}) of distribution {report.distribution_id}\n"
@@ -225,4 +268,4 @@ def show(
     )
     for pool in waiting:
         say(Text.assemble("  waiting:  ", plain(pool.describe(), style="bold yellow")))
-    print_report(make_console(), report, diffs=diff)
+    print_report(make_console(), report, diffs=diff, adopting=adopting)

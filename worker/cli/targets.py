@@ -12,7 +12,7 @@ from worker.cli.common import OutputOption, list_rows, new_typer, print_table, s
 from worker.cli.context import runtime
 from worker.cli.errors import EXIT_FAILED, CliError, handled
 from worker.cli.inputs import variables
-from worker.cli.output import OutputFormat, emit_json, format_time, plain
+from worker.cli.output import OutputFormat, emit, format_time, plain
 
 if TYPE_CHECKING:
     from worker.app.pools import HealthSender
@@ -83,10 +83,17 @@ def add(
     ] = "default",
     no_check: Annotated[bool, typer.Option("--no-check", help="Skip the health check.")] = False,
     check_timeout: CheckTimeoutOption = 30.0,
-    output: OutputOption = OutputFormat.TEXT,
+    output: OutputOption = OutputFormat.TABLE,
 ) -> None:
     """Save a Kubernetes target, then run its health check (reads the namespace) on a worker
-    of its pool (here, when the pool is this process's CAP_WORKER_POOL)."""
+    of its pool (here, when the pool is this process's CAP_WORKER_POOL).
+
+    \b
+    Examples:
+      certautopilot targets add edge-eu --namespace ingress --kubeconfig-credential prod-eu
+      certautopilot targets add tenant --namespace '{{ .tenant }}-edge' --var tenant=acme \\
+        --kubeconfig-credential prod-eu --adopt-unmanaged
+    """
     from models.enums import ConnectionMode
     from worker.app.service import TargetSpec, create_target, get_target
     from worker.core.names import DEFAULT_SECRET_NAME_TEMPLATE
@@ -117,8 +124,8 @@ def add(
             check_timeout=check_timeout,
         )
         view = get_target(rt, target_id)
-    if output is OutputFormat.JSON:
-        emit_json(view)
+    if output.machine:
+        emit(output, view)
         return
     say(f"saved target {view.name!r} (id {view.id}, pool {view.pool!r})")
     if no_check:
@@ -148,8 +155,14 @@ def _print_health(status: str, message: str | None, name: str) -> None:
 
 @app.command("list")
 @handled
-def list_(output: OutputOption = OutputFormat.TEXT) -> None:
-    """List targets with their connection and last health check."""
+def list_(output: OutputOption = OutputFormat.TABLE) -> None:
+    """List targets with their connection and last health check.
+
+    \b
+    Examples:
+      certautopilot targets list
+      certautopilot targets list -o name
+    """
     from worker.app.service import list_targets
 
     list_rows(
@@ -171,15 +184,20 @@ def list_(output: OutputOption = OutputFormat.TEXT) -> None:
 @handled
 def show(
     name: Annotated[str, typer.Argument(help="Target name or id.")],
-    output: OutputOption = OutputFormat.TEXT,
+    output: OutputOption = OutputFormat.TABLE,
 ) -> None:
-    """Show one target."""
+    """Show one target.
+
+    \b
+    Examples:
+      certautopilot targets show edge-eu -o yaml
+    """
     from worker.app.service import get_target
 
     with runtime() as rt:
         view = get_target(rt, name)
-    if output is OutputFormat.JSON:
-        emit_json(view)
+    if output.machine:
+        emit(output, view)
         return
     table = Table(show_header=False, box=None)
     for label, value in (
@@ -223,7 +241,7 @@ def check(
         ),
     ] = False,
     check_timeout: CheckTimeoutOption = 30.0,
-    output: OutputOption = OutputFormat.TEXT,
+    output: OutputOption = OutputFormat.TABLE,
 ) -> None:
     """Run the health check: namespace readable, get/create/update/patch on secrets allowed
     (on a worker of the target's pool when that is not this process's pool)."""
@@ -239,14 +257,15 @@ def check(
             timeout=check_timeout,
             record_cluster=record_cluster,
         )
-    if output is OutputFormat.JSON:
-        emit_json(
+    if output.machine:
+        emit(
+            output,
             {
                 "target": target.name,
                 "status": result.status,
                 "message": result.message,
                 "report": result.report.to_dict() if result.report else None,
-            }
+            },
         )
     else:
         say(f"target {target.name!r}:")

@@ -524,8 +524,14 @@ def _render_meta(title: str, changes: tuple[MetaChange, ...]) -> list[str]:
     return lines
 
 
-def render_diff(diff: SecretDiff, *, dry_run: bool = True) -> str:
-    """Return the diff as text an operator reads in dry-run output (no key material)."""
+def render_diff(
+    diff: SecretDiff, *, dry_run: bool = True, adopt_unmanaged: bool | None = None
+) -> str:
+    """Return the diff as text an operator reads in dry-run output (no key material).
+
+    ``adopt_unmanaged`` is the target's setting when the caller knows it: an unmanaged
+    Secret's line then says what execute will do for this target (adopt it, or refuse).
+    """
     verbs = {
         "create": ("would create", "create"),
         "update": ("would update", "update"),
@@ -539,10 +545,22 @@ def render_diff(diff: SecretDiff, *, dry_run: bool = True) -> str:
         head += f" (live resourceVersion {diff.live_resource_version})"
     lines = [head]
     if diff.unmanaged:
-        lines.append(
-            f"  WARNING: not managed by CertAutoPilot (no {MANAGED_BY_LABEL}={MANAGED_BY_VALUE} "
-            "label); execute refuses unless the target adopts unmanaged Secrets"
-        )
+        unmanaged = f"not managed by CertAutoPilot (no {MANAGED_BY_LABEL}={MANAGED_BY_VALUE} label)"
+        if adopt_unmanaged is True:
+            lines.append(
+                f"  NOTE: {unmanaged}; this target adopts unmanaged Secrets: execute will adopt "
+                "it (its other labels and annotations are kept)"
+            )
+        elif adopt_unmanaged is False:
+            lines.append(
+                f"  WARNING: {unmanaged}; execute refuses: this target does not adopt "
+                "unmanaged Secrets (add it with --adopt-unmanaged to adopt it)"
+            )
+        else:
+            lines.append(
+                f"  WARNING: {unmanaged}; execute refuses unless the target adopts unmanaged "
+                "Secrets"
+            )
     if diff.type_changes:
         lines.append(
             f"  WARNING: type {diff.old_type} -> {diff.new_type} is impossible (type is "

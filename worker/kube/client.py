@@ -39,6 +39,7 @@ from tenacity import (
 from worker.kube.errors import (
     KubeApiError,
     KubeError,
+    KubeTimeout,
     Operation,
     UnexpectedResponse,
     error_from_response,
@@ -48,7 +49,7 @@ from worker.kube.errors import (
 if TYPE_CHECKING:
     from worker.platform.settings import KubeSettings
 
-__all__ = ["FIELD_MANAGER", "AccessReview", "KubeClient", "RetryPolicy"]
+__all__ = ["FIELD_MANAGER", "AccessReview", "KubeClient", "RetryPolicy", "retry_status_class"]
 
 #: Recorded in managedFields so `kubectl get -o yaml --show-managed-fields` names us.
 FIELD_MANAGER = "certautopilot"
@@ -79,11 +80,25 @@ class RetryPolicy:
     max_backoff: float = 8.0
     jitter: float = 0.5
     sleep: Callable[[float], None] = field(default=time.sleep, compare=False, repr=False)
+    on_retry: Callable[[str], None] | None = field(default=None, compare=False, repr=False)
+    """Told the status class (:func:`retry_status_class`) of each retried failure (metrics)."""
 
     @classmethod
-    def from_settings(cls, kube: KubeSettings) -> RetryPolicy:
+    def from_settings(
+        cls, kube: KubeSettings, on_retry: Callable[[str], None] | None = None
+    ) -> RetryPolicy:
         """Return the policy configured by CAP_KUBE_RETRY_ATTEMPTS / CAP_KUBE_RETRY_MAX_SECONDS."""
-        return cls(attempts=kube.retry_attempts, max_seconds=kube.retry_max_seconds)
+        return cls(
+            attempts=kube.retry_attempts, max_seconds=kube.retry_max_seconds, on_retry=on_retry
+        )
+
+
+def retry_status_class(exc: BaseException | None) -> str:
+    """A retried failure's class for metrics: ``429``, ``5xx``, ``timeout`` or ``connection``."""
+    status = getattr(exc, "status", None)
+    if isinstance(status, int):
+        return "429" if status == 429 else f"{status // 100}xx"
+    return "timeout" if isinstance(exc, KubeTimeout) else "connection"
 
 
 @dataclass(frozen=True)
@@ -272,6 +287,9 @@ class KubeClient:
     def _count_retry(self, state: RetryCallState) -> None:
         with self._lock:
             self.retries_made += 1
+        if self._retry.on_retry is not None:
+            failed = state.outcome.exception() if state.outcome is not None else None
+            self._retry.on_retry(retry_status_class(failed))
 
     def _send(
         self,

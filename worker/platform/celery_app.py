@@ -105,8 +105,13 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         ),
         "task_default_queue": CONTROL_QUEUE,
         "task_routes": {"cap.kube.*": {"queue": own.name, "routing_key": own.routing_key}},
-        # Reconnects and restarts must not leave half-run work behind silently.
-        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        # A task running when the broker connection drops finishes its work: its claims are
+        # leases in the database and its outcomes are recorded there, so nothing depends on
+        # its acknowledgement (the message comes back after the visibility timeout and finds
+        # its targets final). Cancelling it instead (True) wasted the work and, in Celery 5.6,
+        # announced the cancel to the result backend on the Redis that had just gone away: an
+        # "unrecoverable error" that ended the worker (found by tests/chaos, seed 300).
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
         "worker_hijack_root_logger": False,
         "timezone": "UTC",
         "enable_utc": True,

@@ -23,7 +23,7 @@ from worker.core.lru import LruCache
 from worker.kube.connect import ClientCache
 from worker.platform.bootstrap import bootstrap
 from worker.platform.db import dispose_after_fork, make_engine, make_session_factory, session_scope
-from worker.platform.settings import Settings, load_settings
+from worker.platform.settings import Settings, SettingsError, load_settings, require_kek
 
 if TYPE_CHECKING:
     from worker.core.bundle import TlsBundle
@@ -61,7 +61,8 @@ class Runtime:
     settings: Settings
     engine: Engine
     sessions: sessionmaker[Session]
-    keyring: Keyring
+    keys: Keyring | None
+    """None without a configured KEK (see :attr:`keyring`)."""
     clients: ClientCache
     """The process's API clients (one per credential, rebuilt when its sealed bytes change)."""
     environ: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
@@ -75,6 +76,14 @@ class Runtime:
         """A transaction: commits on success, rolls back on error."""
         with session_scope(self.sessions) as session:
             yield session
+
+    @property
+    def keyring(self) -> Keyring:
+        """The KEKs; without one configured, the settings' error naming the fix."""
+        if self.keys is None:
+            require_kek(self.settings)
+            raise SettingsError("no KEK loaded")  # unreachable: require_kek raised
+        return self.keys
 
     @property
     def sealer(self) -> KeyringSealer:
@@ -104,7 +113,7 @@ def build_runtime(settings: Settings) -> Runtime:
         settings=settings,
         engine=engine,
         sessions=make_session_factory(engine),
-        keyring=Keyring.from_settings(settings),
+        keys=None if settings.crypto.missing else Keyring.from_settings(settings),
         clients=ClientCache(
             connect_timeout=settings.kube.connect_timeout,
             read_timeout=settings.kube.read_timeout,
@@ -129,7 +138,7 @@ def get_runtime() -> Runtime:
                 settings=current.settings,
                 engine=current.engine,
                 sessions=current.sessions,
-                keyring=current.keyring,
+                keys=current.keys,
                 clients=current.clients,
                 environ=current.environ,
             )

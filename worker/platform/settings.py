@@ -60,6 +60,7 @@ __all__ = [
     "FanoutSettings",
     "FlowerSettings",
     "KubeSettings",
+    "ObservabilitySettings",
     "Settings",
     "SettingsError",
     "TaskSettings",
@@ -67,6 +68,7 @@ __all__ = [
     "load_settings",
     "normalize_database_url",
     "read_kek_file",
+    "require_kek",
     "target_worst_case",
 ]
 
@@ -154,6 +156,12 @@ class CryptoSettings:
     generated_file: Path | None = None
     """The embedded default's KEK file (``{data_dir}/kek``), generated once by the bootstrap;
     None when KEKs are configured."""
+
+    missing: str | None = None
+    """Why no KEK is available (a non-default database and no ``CAP_KEK``/``CAP_KEK_FILE``);
+    None when keys are loaded. Commands that decrypt or encrypt nothing (listings, shows,
+    probes, ``version``) work without a KEK; anything that seals or opens a secret, and the
+    worker itself, stops with this message (:func:`require_kek`)."""
 
     def __repr__(self) -> str:
         # Key ids are fine to show; the key bytes never are.
@@ -273,6 +281,25 @@ class FlowerSettings:
 
 
 @dataclass(frozen=True)
+class ObservabilitySettings:
+    """Prometheus metrics and the log format (see the README's Observability section)."""
+
+    metrics_port: int | None = None
+    """TCP port of the worker's ``/metrics`` endpoint (``CAP_METRICS_PORT``); None (the
+    default) serves no metrics. The Helm chart sets 9808."""
+
+    metrics_address: str = "0.0.0.0"  # noqa: S104 - Prometheus scrapes the pod's address
+    """Address the metrics endpoint binds (``CAP_METRICS_ADDRESS``, default 0.0.0.0)."""
+
+    metrics_dir: Path | None = None
+    """Folder for prometheus_client's per-process metric files (``PROMETHEUS_MULTIPROC_DIR``);
+    emptied when the worker starts. None: a private temporary folder per worker."""
+
+    log_format: str = "text"
+    """``text`` (Celery's layout) or ``json``, one object per line (``CAP_LOG_FORMAT``)."""
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything the worker is configured with, grouped by concern."""
 
@@ -294,6 +321,8 @@ class Settings:
     """Worker and task limits (``CAP_TASK_*``, ``CAP_WORKER_CONCURRENCY``, ...)."""
     flower: FlowerSettings = field(default_factory=lambda: FlowerSettings(basic_auth=None))
     """Flower's login (``FLOWER_BASIC_AUTH``)."""
+    observability: ObservabilitySettings = field(default_factory=ObservabilitySettings)
+    """Metrics endpoint and log format (``CAP_METRICS_*``, ``CAP_LOG_FORMAT``)."""
 
     ignored_variables: tuple[str, ...] = field(default=())
     """``CAP_*`` variables that were set but are not settings (likely typos); for a warning."""
@@ -381,6 +410,14 @@ def _boolean(raw: str) -> bool | None:
 
 def _log_level(raw: str) -> str | None:
     return raw.upper() if raw.upper() in _LOG_LEVELS else None
+
+
+def _port(raw: str) -> int | None:
+    return int(raw) if raw.isdigit() and 1 <= int(raw) <= 65535 else None
+
+
+def _log_format(raw: str) -> str | None:
+    return raw.lower() if raw.lower() in ("text", "json") else None
 
 
 def _queue_name(raw: str) -> str | None:
@@ -576,6 +613,10 @@ KUBE_QUEUE = _Variable(
 HEARTBEAT_FILE = _Variable("CAP_HEARTBEAT_FILE", _text, _PATH)
 WORKER_POOL = _Variable("CAP_WORKER_POOL", _pool_name, POOL_NAME_RULE, DEFAULT_POOL)
 LOG_LEVEL = _Variable("CAP_LOG_LEVEL", _log_level, "one of " + ", ".join(_LOG_LEVELS), "INFO")
+METRICS_PORT = _Variable("CAP_METRICS_PORT", _port, "a TCP port 1-65535, e.g. 9808")
+METRICS_ADDRESS = _Variable("CAP_METRICS_ADDRESS", _text, "an address to bind, e.g. 0.0.0.0")
+METRICS_DIR = _Variable("PROMETHEUS_MULTIPROC_DIR", _text, _PATH)
+LOG_FORMAT = _Variable("CAP_LOG_FORMAT", _log_format, "text or json", "text")
 FLOWER_BASIC_AUTH = _Variable(
     "FLOWER_BASIC_AUTH",
     _basic_auth,
@@ -721,6 +762,20 @@ def read_kek_file(path: Path, variable: str, keys: dict[str, bytes]) -> None:
         )
 
 
+_NO_KEK = (
+    "no KEK configured: CAP_DATABASE_URL points at a non-default database, so set "
+    "CAP_KEK='keyid:base64' or CAP_KEK_FILE=/path/to/file (one 'keyid:base64' per "
+    f"line) on every worker ({_KEK_HINT}). Only the embedded default SQLite "
+    "database generates a KEK by itself"
+)
+
+
+def require_kek(settings: Settings) -> None:
+    """Refuse, naming the fix, when no KEK is configured (before anything seals or opens)."""
+    if settings.crypto.missing is not None:
+        raise SettingsError(settings.crypto.missing)
+
+
 def _crypto(environ: Mapping[str, str], data_dir: Path, embedded: bool) -> CryptoSettings:
     keys: dict[str, bytes] = {}
     sources: list[str] = []
@@ -743,11 +798,14 @@ def _crypto(environ: Mapping[str, str], data_dir: Path, embedded: bool) -> Crypt
     key_ids = list(keys)
     if not keys:
         if not embedded:
-            raise SettingsError(
-                "no KEK configured: CAP_DATABASE_URL points at a non-default database, so set "
-                "CAP_KEK='keyid:base64' or CAP_KEK_FILE=/path/to/file (one 'keyid:base64' per "
-                f"line) on every worker ({_KEK_HINT}). Only the embedded default SQLite "
-                "database generates a KEK by itself"
+            if KEK_CURRENT.read(environ) is not None:
+                raise SettingsError(
+                    f"{KEK_CURRENT.name} is set but no KEK is configured: set CAP_KEK or "
+                    f"CAP_KEK_FILE ({_KEK_HINT})"
+                )
+            # Not an error yet: reading runs, targets and groups needs no key (require_kek).
+            return CryptoSettings(
+                keys=MappingProxyType({}), current_key_id="", source="none", missing=_NO_KEK
             )
         # The bootstrap generates this file (with this one key id) and loads it.
         generated_file = data_dir / "kek"
@@ -817,6 +875,16 @@ def _check_soft_limit_holds_a_target(tasks: TaskSettings, kube: KubeSettings) ->
         )
 
 
+def _observability(environ: Mapping[str, str]) -> ObservabilitySettings:
+    metrics_dir = METRICS_DIR.read(environ)
+    return ObservabilitySettings(
+        metrics_port=METRICS_PORT.read(environ),
+        metrics_address=METRICS_ADDRESS.read(environ) or ObservabilitySettings.metrics_address,
+        metrics_dir=_path(environ, metrics_dir) if metrics_dir else None,
+        log_format=LOG_FORMAT.value(environ),
+    )
+
+
 def load_settings(environ: Mapping[str, str] = os.environ) -> Settings:
     """Read and validate every setting from ``environ`` (see module docstring); writes nothing."""
     data_raw = DATA_DIR.read(environ)
@@ -879,5 +947,6 @@ def load_settings(environ: Mapping[str, str] = os.environ) -> Settings:
         fanout=fanout,
         tasks=tasks,
         flower=FlowerSettings(basic_auth=FLOWER_BASIC_AUTH.read(environ)),
+        observability=_observability(environ),
         ignored_variables=ignored,
     )
