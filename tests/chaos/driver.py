@@ -318,10 +318,16 @@ class Round:
                 # Not one of ours: a worker that exits by itself is a finding (its log tail goes
                 # into the event log); the fleet keeps its size, as a Deployment would.
                 self.workers.remove(worker)
-                self.exited.append(worker.name)
+                # A worker that never became ready and stops with an error at boot (a
+                # dependency down at that moment) fails fast by design, and is only logged;
+                # a ready worker must survive every fault the schedule holds.
+                ready = " ready." in worker.log_text()
+                if ready:
+                    self.exited.append(worker.name)
                 tail = " | ".join(worker.log_text().strip().splitlines()[-6:])
                 self.log(
-                    f"worker {worker.name} exited by itself (status "
+                    f"worker {worker.name} exited by itself "
+                    f"{'' if ready else 'during boot '}(status "
                     f"{worker.process.returncode}); its log ends: {tail[-1500:]}"
                 )
                 self._start_worker(pipe)
