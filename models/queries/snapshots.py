@@ -42,8 +42,12 @@ def save_snapshot(
     target_id: str,
     previous: Mapping[str, Any],
     taken_at: datetime | None = None,
+    replace_provisional: bool = True,
 ) -> bool:
     """Keep the Secret as it is before our write; True if this call stored it.
+
+    ``replace_provisional=False`` only inserts (the live Secret is this distribution's write of
+    another certificate, so a provisional snapshot is kept).
 
     A snapshot is *provisional* until :func:`record_snapshot_write` says our write landed, and
     *final* after that. A provisional one is replaced by what is live at the next attempt (a
@@ -80,7 +84,7 @@ def save_snapshot(
             return True
         existing = _locked_snapshot(session, distribution_id, target_id)
         assert existing is not None  # the conflicting row
-    if existing.written_fingerprint is not None:
+    if existing.written_fingerprint is not None or not replace_provisional:
         return False
     # The sealed content stays bound to the row's own id (associated data).
     existing.existed = bool(previous["existed"])

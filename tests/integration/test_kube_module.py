@@ -123,7 +123,7 @@ class MemoryStore:
     def snapshot_is_final(self) -> bool:
         return bool(self.saved)
 
-    def save_snapshot(self, previous: PreviousSecret) -> None:
+    def save_snapshot(self, previous: PreviousSecret, *, replace_provisional: bool = True) -> None:
         self.save_calls += 1
         if not self.saved:
             self.saved.append(previous)
@@ -633,18 +633,35 @@ def test_our_own_earlier_write_is_never_snapshotted(
     assert store.saved == [] and store.save_calls == 0
 
 
-def test_our_own_write_of_an_earlier_revision_is_never_snapshotted(
+class ProvisionalStore:
+    """A SnapshotStore holding a provisional snapshot (our write after it was never recorded)."""
+
+    def __init__(self, previous: PreviousSecret) -> None:
+        self.previous = previous
+        self.replace_flags: list[bool] = []
+
+    def snapshot_is_final(self) -> bool:
+        return False
+
+    def save_snapshot(self, previous: PreviousSecret, *, replace_provisional: bool = True) -> None:
+        self.replace_flags.append(replace_provisional)
+        if replace_provisional:
+            self.previous = previous
+
+
+def test_our_unrecorded_write_of_an_earlier_revision_never_replaces_the_provisional_snapshot(
     cluster: Cluster, namespace: str, connect: Connect
 ) -> None:
-    # Found by the randomized fault test (seed 109): our write of OLD landed but its answer was
-    # lost (nothing recorded, the snapshot still provisional), then the certificate was renewed.
-    # The next write must not take our OLD for "what was there before", or a rollback restores
-    # our own content.
+    # Found by the randomized fault test (seed 109): the first attempt snapshotted "no Secret",
+    # its create of OLD landed but the answer was lost (nothing recorded: the snapshot stays
+    # provisional), then the certificate was renewed. The write of NEW must keep "no Secret" as
+    # what was there before, or a rollback would restore our own OLD.
     kube = connect(cluster, namespace)
-    deploy(kube, manifest(namespace, OLD))  # landed; no store saw it
-    store = MemoryStore()
+    store = ProvisionalStore(PreviousSecret.absent())
+    deploy(kube, manifest(namespace, OLD))  # landed; its outcome never reached the store
     assert deploy(kube, manifest(namespace, NEW), store=store).action == "updated"
-    assert store.saved == [] and store.save_calls == 0
+    assert store.previous == PreviousSecret.absent()
+    assert store.replace_flags == [False]
 
 
 # --- refusals and every error class ----------------------------------------------------------

@@ -57,6 +57,7 @@ from tests.unit.test_models_sqlite import (  # noqa: F401 - fixtures and shared 
     test_a_provisional_snapshot_is_replaced_by_the_next_attempt_in_place,
     test_a_reaper_recovery_is_counted_in_sql_only_on_a_running_and_still_stale_run,
     test_a_revision_key_copied_into_another_certificate_does_not_open,
+    test_a_snapshot_of_our_own_other_revision_is_taken_only_when_none_exists,
     test_certificate_round_trips_with_a_sealed_private_key,
     test_child_process_after_fork_uses_its_own_connections,
     test_claims_are_exclusive_until_released_or_expired,

@@ -1417,6 +1417,26 @@ def test_a_provisional_snapshot_is_replaced_by_the_next_attempt_in_place(
         assert _reveal(session, sealer, **ids).labels == newer.labels
 
 
+def test_a_snapshot_of_our_own_other_revision_is_taken_only_when_none_exists(
+    session: Session, sealer: Sealer, bundle: TlsBundle
+) -> None:
+    distribution, target = _distribution(session, sealer, bundle)
+    ids: dict[str, Any] = {"distribution_id": distribution.id, "target_id": target.id}
+
+    def save_ours(previous: PreviousSecret) -> bool:
+        return queries.save_snapshot(
+            session, sealer, previous=previous.to_dict(), replace_provisional=False, **ids
+        )
+
+    # None yet (store content turned on after our earlier write): it is the first snapshot.
+    assert save_ours(PREVIOUS)
+    assert _reveal(session, sealer, **ids).data == PREVIOUS.data
+    # A provisional one exists: our unrecorded write never replaces it.
+    assert not save_ours(replace(PREVIOUS, labels={"ours": "older-revision"}))
+    assert _reveal(session, sealer, **ids).data == PREVIOUS.data
+    assert _reveal(session, sealer, **ids).labels == PREVIOUS.labels
+
+
 def test_snapshot_of_an_absent_secret_stores_no_content(
     session: Session, sealer: Sealer, bundle: TlsBundle
 ) -> None:

@@ -523,7 +523,7 @@ class _DatabaseSnapshotStore:
         # that became final meanwhile.
         return self._final
 
-    def save_snapshot(self, previous: PreviousSecret) -> None:
+    def save_snapshot(self, previous: PreviousSecret, *, replace_provisional: bool = True) -> None:
         def save() -> None:
             with self._rt.session() as session:
                 queries.save_snapshot(
@@ -532,6 +532,7 @@ class _DatabaseSnapshotStore:
                     distribution_id=self._distribution_id,
                     target_id=self._target_id,
                     previous=previous.to_dict(),
+                    replace_provisional=replace_provisional,
                 )
 
         _through_outage(self._rt, save)

@@ -12,9 +12,11 @@ The write rules (DESIGN.md decisions 2 and 3):
   typo in a Secret name can never silently replace somebody else's certificate.
 * with a snapshot store, the previous Secret is saved *before* each write until the store
   says its snapshot is final (our write landed after it); a final snapshot is never
-  replaced, and a live Secret that already carries this distribution's id is our own earlier
-  write (a redelivered task, or an earlier revision whose landing was never recorded), which
-  is never snapshotted.
+  replaced. A live Secret that already carries this distribution's id and this certificate's
+  fingerprint is our own earlier write (a redelivered task), which is never snapshotted; one
+  of this distribution with another certificate is snapshotted only when no snapshot exists
+  (it may be our write whose landing was never recorded, which must not replace what was
+  there before it).
 
 Persistence is not imported here: the caller hands in a :class:`SnapshotStore`.
 """
@@ -83,8 +85,9 @@ class SnapshotStore(Protocol):
         """Return whether a snapshot is stored and our write already landed after it."""
         ...
 
-    def save_snapshot(self, previous: PreviousSecret) -> None:
-        """Store ``previous``, replacing a provisional snapshot but never a final one."""
+    def save_snapshot(self, previous: PreviousSecret, *, replace_provisional: bool = True) -> None:
+        """Store ``previous`` when no snapshot exists; replace a provisional one only with
+        ``replace_provisional``; never replace a final one."""
         ...
 
 
@@ -172,14 +175,18 @@ def _refuse_unwritable(live: Mapping[str, Any], diff: SecretDiff, adopt_unmanage
         )
 
 
-def _is_our_own_write(live: Mapping[str, Any], desired: Mapping[str, Any]) -> bool:
-    # Live already holds a write of this distribution — of this certificate revision (a
-    # redelivered task) or of an earlier one whose landing was never recorded (its answer was
-    # lost, then the certificate was renewed). Either way it is not what was there before our
-    # first write: snapshotting it would make a rollback restore our own content.
+def _written_by_this_distribution(live: Mapping[str, Any], desired: Mapping[str, Any]) -> bool:
     return _annotation(live, ANN_DISTRIBUTION_ID) is not None and _annotation(
         live, ANN_DISTRIBUTION_ID
     ) == _annotation(desired, ANN_DISTRIBUTION_ID)
+
+
+def _is_our_own_write(live: Mapping[str, Any], desired: Mapping[str, Any]) -> bool:
+    # Live already holds this distribution's write of this certificate: a redelivered task
+    # after our own write. Snapshotting it would make rollback restore our own content.
+    return _written_by_this_distribution(live, desired) and _annotation(
+        live, ANN_CERTIFICATE_SHA256
+    ) == _annotation(desired, ANN_CERTIFICATE_SHA256)
 
 
 def _drift(live: Mapping[str, Any] | None, written_fingerprint: str | None) -> str | None:
@@ -195,9 +202,11 @@ def _drift(live: Mapping[str, Any] | None, written_fingerprint: str | None) -> s
     return None
 
 
-def _snapshot(store: SnapshotStore | None, previous: PreviousSecret) -> None:
+def _snapshot(
+    store: SnapshotStore | None, previous: PreviousSecret, *, replace_provisional: bool = True
+) -> None:
     if store is not None and not store.snapshot_is_final():
-        store.save_snapshot(previous)
+        store.save_snapshot(previous, replace_provisional=replace_provisional)
 
 
 def _conflicts_exhausted(where: str, attempts: int, last: Conflict, diff: SecretDiff) -> Conflict:
@@ -264,7 +273,16 @@ def deploy_secret(
                     created = client.create_secret(namespace, desired)
                     return done("created", created, fingerprint)
                 if not _is_our_own_write(live, desired):
-                    _snapshot(snapshot_store, PreviousSecret.from_live(live))
+                    # This distribution's write of another revision: the first snapshot when
+                    # there is none yet (store content turned on after it), but never in place
+                    # of a provisional one — that one holds what was there before a write of
+                    # ours that landed without being recorded (its answer lost), and a later
+                    # write (after a renewal) must not make a rollback restore our own content.
+                    _snapshot(
+                        snapshot_store,
+                        PreviousSecret.from_live(live),
+                        replace_provisional=not _written_by_this_distribution(live, desired),
+                    )
                 updated = client.replace_secret(namespace, name, prepare_update(live, desired))
                 return done("updated", updated, fingerprint)
         except Conflict as exc:  # also AlreadyExists: someone created it meanwhile
