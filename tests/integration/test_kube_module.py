@@ -664,6 +664,26 @@ def test_our_unrecorded_write_of_an_earlier_revision_never_replaces_the_provisio
     assert store.replace_flags == [False]
 
 
+def test_an_owners_edit_of_our_secret_replaces_the_provisional_snapshot(
+    cluster: Cluster, namespace: str, connect: Connect, admin: Admin
+) -> None:
+    # The owner changed the data and kept our annotations (kubectl edit): that is the state
+    # before our next write, so it replaces a provisional snapshot (found by the fault test,
+    # seed 1717, when the rule above looked at the distribution id alone).
+    kube = connect(cluster, namespace)
+    deploy(kube, manifest(namespace, OLD))
+
+    def owner_edit(secret: Manifest) -> None:
+        secret["data"]["tls.crt"] = base64.b64encode(b"the owner's own certificate").decode()
+
+    admin.change(namespace, owner_edit)
+    store = ProvisionalStore(PreviousSecret.absent())
+    assert deploy(kube, manifest(namespace, NEW), store=store).action == "updated"
+    assert store.replace_flags == [True]
+    edited = base64.b64encode(b"the owner's own certificate").decode()
+    assert store.previous.existed and store.previous.data["tls.crt"] == edited
+
+
 # --- refusals and every error class ----------------------------------------------------------
 
 

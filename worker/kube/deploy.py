@@ -14,9 +14,9 @@ The write rules (DESIGN.md decisions 2 and 3):
   says its snapshot is final (our write landed after it); a final snapshot is never
   replaced. A live Secret that already carries this distribution's id and this certificate's
   fingerprint is our own earlier write (a redelivered task), which is never snapshotted; one
-  of this distribution with another certificate is snapshotted only when no snapshot exists
-  (it may be our write whose landing was never recorded, which must not replace what was
-  there before it).
+  of this distribution with another certificate and unedited data is snapshotted only when no
+  snapshot exists (it may be our write whose landing was never recorded, which must not
+  replace what was there before it).
 
 Persistence is not imported here: the caller hands in a :class:`SnapshotStore`.
 """
@@ -181,6 +181,16 @@ def _written_by_this_distribution(live: Mapping[str, Any], desired: Mapping[str,
     ) == _annotation(desired, ANN_DISTRIBUTION_ID)
 
 
+def _unedited_write_of_this_distribution(
+    live: Mapping[str, Any], desired: Mapping[str, Any]
+) -> bool:
+    # Carries this distribution's id and data that still matches the content hash written
+    # with it: nobody edited it since a write of ours (kubectl edit keeps our annotations).
+    return _written_by_this_distribution(live, desired) and _annotation(
+        live, ANN_CONTENT_SHA256
+    ) == content_sha256(decoded_data(live))
+
+
 def _is_our_own_write(live: Mapping[str, Any], desired: Mapping[str, Any]) -> bool:
     # Live already holds this distribution's write of this certificate: a redelivered task
     # after our own write. Snapshotting it would make rollback restore our own content.
@@ -273,15 +283,18 @@ def deploy_secret(
                     created = client.create_secret(namespace, desired)
                     return done("created", created, fingerprint)
                 if not _is_our_own_write(live, desired):
-                    # This distribution's write of another revision: the first snapshot when
-                    # there is none yet (store content turned on after it), but never in place
-                    # of a provisional one — that one holds what was there before a write of
-                    # ours that landed without being recorded (its answer lost), and a later
-                    # write (after a renewal) must not make a rollback restore our own content.
+                    # An unedited write of this distribution (another certificate): the first
+                    # snapshot when there is none yet (store content turned on after it), but
+                    # never in place of a provisional one — that one holds what was there
+                    # before a write of ours that landed without being recorded (its answer
+                    # lost), and a later write (after a renewal) must not make a rollback
+                    # restore our own content. An owner's edit is snapshotted as usual.
                     _snapshot(
                         snapshot_store,
                         PreviousSecret.from_live(live),
-                        replace_provisional=not _written_by_this_distribution(live, desired),
+                        replace_provisional=not _unedited_write_of_this_distribution(
+                            live, desired
+                        ),
                     )
                 updated = client.replace_secret(namespace, name, prepare_update(live, desired))
                 return done("updated", updated, fingerprint)
