@@ -26,7 +26,7 @@ from sqlalchemy import update
 from models import queries
 from models.base import utcnow
 from models.entities import TargetResult
-from tests.support.faults import FaultyApiProxy, proxied_kubeconfig
+from tests.support.faults import FaultyApiProxy, build_faulty_fleet
 from tests.support.pipeline import Pipeline, build_fleet, pipeline
 from worker.app import runs as flow
 from worker.app import service
@@ -147,17 +147,13 @@ def test_a_target_the_soft_limit_interrupts_after_its_write_landed_is_given_back
     # landed) and before the worker hears the answer.
     proxy = FaultyApiProxy(clusters[0].server, clusters[0].ca_pem)
     try:
-        namespace = f"claims-{uuid.uuid4().hex[:6]}"
-        kubeconfig = make_service_account(clusters[0], namespace).kubeconfig
-        fleet = build_fleet(
+        fleet = build_faulty_fleet(
             pipe,
             clusters[:1],
             make_service_account,
+            f"claims-{uuid.uuid4().hex[:6]}",
             targets=3,
-            namespace=namespace,
-            kubeconfigs={
-                clusters[0].name: proxied_kubeconfig(kubeconfig, proxy.server, proxy.ca_pem)
-            },
+            proxy_for={clusters[0].name: proxy},
         )
         sent = RecordingDispatcher()
         run_id = service.enqueue_run(pipe.runtime, sent, fleet.distribution_id, "execute")

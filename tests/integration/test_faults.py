@@ -34,11 +34,10 @@ from tests.certfactory import Chain
 from tests.support.faults import (
     FaultyApiProxy,
     TcpGate,
-    gated_kubeconfig,
-    proxied_kubeconfig,
+    build_faulty_fleet,
     seed_previous_secrets,
 )
-from tests.support.pipeline import Fleet, Pipeline, build_fleet, pipeline, read_secret
+from tests.support.pipeline import Fleet, Pipeline, pipeline, read_secret
 from worker.app import service
 from worker.app.runs import DATABASE_OUTAGE_ERRORS
 from worker.platform.celery_app import app, configure
@@ -175,32 +174,10 @@ def _fleet(
     clusters: list[Any],
     make_service_account: Any,
     prefix: str,
-    *,
-    targets: int,
-    proxy_for: dict[str, FaultyApiProxy] | None = None,
-    gate_for: dict[str, TcpGate] | None = None,
     **options: Any,
 ) -> Fleet:
-    """A fleet whose kubeconfigs may lead through a fault proxy or a gate per cluster."""
-    namespace = _namespace(prefix)
-    kubeconfigs: dict[str, str] = {}
-    for cluster in clusters:
-        kubeconfig = make_service_account(cluster, namespace).kubeconfig
-        if proxy_for and cluster.name in proxy_for:
-            proxy = proxy_for[cluster.name]
-            kubeconfig = proxied_kubeconfig(kubeconfig, proxy.server, proxy.ca_pem)
-        if gate_for and cluster.name in gate_for:
-            kubeconfig = gated_kubeconfig(kubeconfig, gate_for[cluster.name])
-        kubeconfigs[cluster.name] = kubeconfig
-    return build_fleet(
-        pipe,
-        clusters,
-        make_service_account,
-        targets=targets,
-        namespace=namespace,
-        kubeconfigs=kubeconfigs,
-        **options,
-    )
+    """A faulty fleet in a fresh namespace named after ``prefix``."""
+    return build_faulty_fleet(pipe, clusters, make_service_account, _namespace(prefix), **options)
 
 
 def _seed_previous(fleet: Fleet, admin_api: Any) -> Chain:

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives import hashes
 from kubernetes import client as k8s
 
 from tests.certfactory import make_chain
-from tests.support.faults import FaultyApiProxy, proxied_kubeconfig, seed_previous_secrets
+from tests.support.faults import FaultyApiProxy, build_faulty_fleet, seed_previous_secrets
 from tests.support.pipeline import Pipeline, build_fleet, read_secret
 from worker.app import service
 
@@ -279,17 +279,13 @@ def test_a_long_healthy_run_is_left_alone_by_the_reaper(
     proxy = FaultyApiProxy(clusters[0].server, clusters[0].ca_pem)
     proxy.latency = 3.0
     try:
-        namespace = _namespace("long")
-        kubeconfig = make_service_account(clusters[0], namespace).kubeconfig
-        fleet = build_fleet(
+        fleet = build_faulty_fleet(
             pipe,
             clusters[:1],
             make_service_account,
+            _namespace("long"),
             targets=3,
-            namespace=namespace,
-            kubeconfigs={
-                clusters[0].name: proxied_kubeconfig(kubeconfig, proxy.server, proxy.ca_pem)
-            },
+            proxy_for={clusters[0].name: proxy},
         )
         pipe.start_worker(concurrency=1)
 

@@ -25,7 +25,7 @@ import ssl
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -407,3 +407,38 @@ def seed_previous_secrets(
         body = managed_secret(name, namespace, old, distribution_id)
         k8s.CoreV1Api(admin_api(cluster)).create_namespaced_secret(namespace, body)
     return old
+
+
+def build_faulty_fleet(
+    pipe: Any,
+    clusters: Sequence[Any],
+    make_service_account: Any,
+    namespace: str,
+    *,
+    targets: int,
+    proxy_for: Mapping[str, FaultyApiProxy] | None = None,
+    gate_for: Mapping[str, TcpGate] | None = None,
+    **options: Any,
+) -> Any:
+    """A fleet (tests.support.pipeline.build_fleet) whose kubeconfigs may lead through a fault
+    proxy or a gate per cluster name."""
+    from tests.support.pipeline import build_fleet
+
+    kubeconfigs: dict[str, str] = {}
+    for cluster in clusters:
+        kubeconfig = make_service_account(cluster, namespace).kubeconfig
+        if proxy_for and cluster.name in proxy_for:
+            proxy = proxy_for[cluster.name]
+            kubeconfig = proxied_kubeconfig(kubeconfig, proxy.server, proxy.ca_pem)
+        if gate_for and cluster.name in gate_for:
+            kubeconfig = gated_kubeconfig(kubeconfig, gate_for[cluster.name])
+        kubeconfigs[cluster.name] = kubeconfig
+    return build_fleet(
+        pipe,
+        list(clusters),
+        make_service_account,
+        targets=targets,
+        namespace=namespace,
+        kubeconfigs=kubeconfigs,
+        **options,
+    )
