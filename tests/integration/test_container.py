@@ -15,7 +15,6 @@ the path of the exported image.
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 import os
 import re
@@ -36,6 +35,7 @@ from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
 
 from tests.certfactory import make_chain
+from tests.support.phases import PhaseLog
 from tests.testenv import Cluster, ServiceAccountAccess
 from tests.testenv.docker import (
     COMPOSE_VERSION,
@@ -51,21 +51,7 @@ REPO = Path(__file__).resolve().parents[2]
 HOST_NETWORK_OVERRIDE = REPO / "tests" / "testenv" / "compose.host-network.yml"
 IMAGE = "certautopilot-k8s-worker:ci"
 APP_UID = "10001"
-TIMINGS: dict[str, float] = {}
-FACTS: dict[str, str] = {}
-
-
-class Timer:
-    """Adds the wall time of a `with` block to TIMINGS[name]."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def __enter__(self) -> None:
-        self.started = time.monotonic()
-
-    def __exit__(self, *exc: object) -> None:
-        TIMINGS[self.name] = TIMINGS.get(self.name, 0.0) + time.monotonic() - self.started
+PHASES = PhaseLog("container phase")
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -76,44 +62,30 @@ def engine(
     tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config
 ) -> Iterator[DockerEngine]:
     """dockerd for this module; afterwards the host must be exactly as it was found."""
-    with Timer("compose v2 (build once from the Go module proxy)"):
+    with PHASES.timed("compose v2 (build once from the Go module proxy)"):
         find_compose(os.environ)
     engine = DockerEngine(
         tmp_path_factory.mktemp("docker"), data_root=cache_root(os.environ) / "docker"
     )
-    with Timer("dockerd start"):
+    with PHASES.timed("dockerd start"):
         engine.start()
     try:
         yield engine
     finally:
-        with Timer("dockerd stop"):
+        with PHASES.timed("dockerd stop"):
             engine.stop()
-        reporter = pytestconfig.pluginmanager.get_plugin("terminalreporter")
-        capture = pytestconfig.pluginmanager.get_plugin("capturemanager")
-        # The report goes to the terminal, not into the teardown's captured output.
-        with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
-            _report(reporter, engine)
+        PHASES.report(
+            pytestconfig,
+            ["host left as found (links, iptables, nat, mounts): "
+             + ("yes" if not engine.host_changes else f"NO: {engine.host_changes}")],
+        )  # fmt: skip
     assert engine.host_changes == {}, f"the engine changed the host: {engine.host_changes}"
-
-
-def _report(reporter: Any, engine: DockerEngine) -> None:
-    """Each step's time, the image size and the exported file, and whether the host is clean."""
-    if reporter is not None:
-        reporter.write_line("")
-        for name, seconds in TIMINGS.items():
-            reporter.write_line(f"[container phase] {name}: {seconds:.1f}s")
-        for name, fact in FACTS.items():
-            reporter.write_line(f"[container phase] {name}: {fact}")
-        reporter.write_line(
-            "[container phase] host left as found (links, iptables, nat, mounts): "
-            + ("yes" if not engine.host_changes else f"NO: {engine.host_changes}")
-        )
 
 
 @pytest.fixture(scope="module")
 def base_images(engine: DockerEngine) -> dict[str, str]:
     """PYTHON_IMAGE, REDIS_IMAGE and POSTGRES_IMAGE: local images from Debian packages."""
-    with Timer("base images (debootstrap + docker import; cached by recipe hash)"):
+    with PHASES.timed("base images (debootstrap + docker import; cached by recipe hash)"):
         return ensure_base_images(engine, os.environ)
 
 
@@ -139,7 +111,7 @@ def image(engine: DockerEngine, base_images: dict[str, str], source_tree: Path) 
     revision = subprocess.run(
         ["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
     ).stdout.strip()
-    with Timer("image build (docker build, classic builder)"):
+    with PHASES.timed("image build (docker build, classic builder)"):
         engine.docker(
             "build", "--network", "host",
             "--build-arg", f"PYTHON_IMAGE={base_images['PYTHON_IMAGE']}",
@@ -152,7 +124,7 @@ def image(engine: DockerEngine, base_images: dict[str, str], source_tree: Path) 
     # of all would empty the cache of the dependency stage and rebuild it every run).
     engine.docker("image", "prune", "--force", "--filter", "until=168h")
     size = int(engine.docker("image", "inspect", "--format", "{{.Size}}", IMAGE).stdout)
-    FACTS["image size"] = f"{size / 1e6:.0f} MB ({size} bytes)"
+    PHASES.facts["image size"] = f"{size / 1e6:.0f} MB ({size} bytes)"
     return IMAGE
 
 
@@ -243,15 +215,15 @@ def test_probes_work_inside_the_image(
 def test_image_exports_to_a_tarball_containerd_imports(engine: DockerEngine, image: str) -> None:
     export = cache_root(os.environ) / "images" / "certautopilot-k8s-worker-ci.tar"
     export.parent.mkdir(parents=True, exist_ok=True)
-    with Timer("docker save"):
+    with PHASES.timed("docker save"):
         engine.docker("save", "--output", str(export), image, timeout=600)
-    FACTS["exported image (docker save; `ctr -n k8s.io images import` reads it)"] = (
+    PHASES.facts["exported image (docker save; `ctr -n k8s.io images import` reads it)"] = (
         f"{export} ({export.stat().st_size / 1e6:.0f} MB)"
     )
     # The engine's own containerd, in the namespace the kubelet uses: the import a node does.
     ctr = ["ctr", "--address", str(engine.exec_root / "containerd" / "containerd.sock"),
            "--namespace", "k8s.io"]  # fmt: skip
-    with Timer("ctr images import"):
+    with PHASES.timed("ctr images import"):
         imported = subprocess.run(
             [*ctr, "images", "import", str(export)],
             capture_output=True, text=True, timeout=600, check=False,
@@ -348,12 +320,12 @@ def stack(
     subprocess.run(["bash", "-euc", documented_secret_commands()], cwd=folder, check=True)
     compose = ComposeStack(engine, folder, binary)
     try:
-        with Timer("compose up (until the worker is healthy)"):
+        with PHASES.timed("compose up (until the worker is healthy)"):
             compose("up", "--detach", "--wait", "--wait-timeout", "240", timeout=300)
         yield compose
     finally:
         logs = compose.logs()
-        with Timer("compose down"):
+        with PHASES.timed("compose down"):
             compose("down", "--volumes", "--timeout", "10", check=False)
         (engine.workdir / "compose.log").write_text(logs)
 
@@ -420,7 +392,7 @@ def test_distribution_dry_run_execute_and_rollback_through_the_containers(
     k8s.CoreV1Api(admin).create_namespaced_secret(namespace, original)
     chain = make_chain(cn="shop.example.com", intermediates=1)
 
-    with Timer("distribution through the containers (dry-run, execute, rollback)"):
+    with PHASES.timed("distribution through the containers (dry-run, execute, rollback)"):
         stack.cli("credentials", "add-kubeconfig", "c1", "--stdin", input=access.kubeconfig)
         cert = json.loads(_import_cert(stack, chain))
         # The Secret exists and is not ours yet: the target may adopt it (its previous
@@ -519,7 +491,7 @@ def test_a_killed_worker_is_replaced_and_the_reaper_finishes_its_run(
     while _run_state(stack, run_id)[1] < 1:
         assert time.monotonic() < deadline, "the run never started"
         time.sleep(0.05)
-    with Timer("worker killed -> restarted -> run finished by the reaper"):
+    with PHASES.timed("worker killed -> restarted -> run finished by the reaper"):
         # A crash: the worker's main process dies by SIGKILL (as on an OOM kill). Not
         # `docker kill`, which Docker takes as the user stopping the container on purpose and
         # which no restart policy undoes (shown below).

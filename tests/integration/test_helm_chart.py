@@ -31,6 +31,7 @@ from kubernetes.client.exceptions import ApiException
 from kubernetes.dynamic import DynamicClient
 
 from tests.certfactory import make_chain, utcnow
+from tests.support.phases import uncaptured
 from tests.testenv import SPEC_MINIMUM_RULES, Cluster, InClusterEnv, request_token
 from tests.testenv.helm import HELM_VERSION, HelmError, find_helm, helm_cache_path
 from worker.core.bundle import build_bundle
@@ -94,11 +95,7 @@ class Helm:
 @pytest.fixture(scope="module")
 def helm(pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFactory) -> Helm:
     """helm; a first run builds it, with its progress shown through pytest's capture."""
-    capture = pytestconfig.pluginmanager.getplugin("capturemanager")
-    uncaptured = (
-        capture.global_and_fixture_disabled() if capture is not None else contextlib.nullcontext()
-    )
-    with uncaptured:
+    with uncaptured(pytestconfig):
         binary = find_helm(os.environ)
     return Helm(binary, tmp_path_factory.mktemp("helm-home"))
 

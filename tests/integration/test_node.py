@@ -13,7 +13,6 @@ Timings (helm install, Secret volume sync delays, ...) are printed at the end of
 from __future__ import annotations
 
 import base64
-import contextlib
 import datetime
 import json
 import os
@@ -37,6 +36,7 @@ from kubernetes.client.exceptions import ApiException
 from kubernetes.stream import stream
 
 from tests.certfactory import make_chain
+from tests.support.phases import PhaseLog, uncaptured
 from tests.testenv.access import admin_api_client
 from tests.testenv.helm import find_helm
 from tests.testenv.node import Node, export_worker_image
@@ -53,26 +53,7 @@ TARGET_NAMESPACE = "edge"
 OUTSIDE_NAMESPACE = "outside"
 KEK = "k1:" + base64.b64encode(bytes(range(32))).decode()
 FLOWER_LOGIN = "admin:" + uuid.uuid4().hex
-TIMINGS: dict[str, float] = {}
-FACTS: dict[str, str] = {}
-
-
-class Timer:
-    """Adds the wall time of a `with` block to TIMINGS[name]."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def __enter__(self) -> None:
-        self.started = time.monotonic()
-
-    def __exit__(self, *exc: object) -> None:
-        TIMINGS[self.name] = TIMINGS.get(self.name, 0.0) + time.monotonic() - self.started
-
-
-def _uncaptured(config: pytest.Config) -> contextlib.AbstractContextManager[object]:
-    capture = config.pluginmanager.getplugin("capturemanager")
-    return capture.global_and_fixture_disabled() if capture else contextlib.nullcontext()
+PHASES = PhaseLog("node phase")
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -191,10 +172,10 @@ def worker_image(node: Node, pytestconfig: pytest.Config) -> str:
         archive = Path(given)
         assert archive.is_file(), f"CAP_NODE_WORKER_IMAGE={given} is not a file"
     else:
-        with _uncaptured(pytestconfig), Timer("worker image: docker build + save (cached)"):
+        with uncaptured(pytestconfig), PHASES.timed("worker image: docker build + save (cached)"):
             archive = export_worker_image(REPO, f"{IMAGE_REPOSITORY}:{IMAGE_TAG}", os.environ)
-    FACTS["worker image"] = f"{archive} ({archive.stat().st_size / 1e6:.0f} MB)"
-    with Timer("worker image: ctr import into the node"):
+    PHASES.facts["worker image"] = f"{archive} ({archive.stat().st_size / 1e6:.0f} MB)"
+    with PHASES.timed("worker image: ctr import into the node"):
         node.import_image(archive)
     return f"{IMAGE_REPOSITORY}:{IMAGE_TAG}"
 
@@ -205,7 +186,7 @@ def release(
     pytestconfig: pytest.Config,
 ) -> Iterator[Release]:  # fmt: skip
     """`helm install --wait` of the chart with the project's image, PostgreSQL and Redis."""
-    with _uncaptured(pytestconfig):
+    with uncaptured(pytestconfig):
         helm_binary = find_helm(os.environ)
     home = tmp_path_factory.mktemp("helm-home")
     helm = [
@@ -256,7 +237,7 @@ def release(
     }
     made = Release(node, api, helm, values_file, cli_env,
                    host_database.replace("postgresql+psycopg://", "postgresql://"))  # fmt: skip
-    with Timer("helm install --wait (hook Job, 2 workers, Flower)"):
+    with PHASES.timed("helm install --wait (hook Job, 2 workers, Flower)"):
         made.helm_run(
             "install", RELEASE, str(CHART), "--values", str(values_file),
             "--wait", "--timeout", "10m",
@@ -267,17 +248,13 @@ def release(
         for pod in made.worker_pods():
             peak = pod_memory_peak(node, pod)
             if peak is not None:
-                FACTS[f"memory peak of worker pod {pod.metadata.name}"] = f"{peak / 2**20:.0f} MiB"
-        reporter = pytestconfig.pluginmanager.get_plugin("terminalreporter")
-        with _uncaptured(pytestconfig):
-            if reporter is not None:
-                reporter.write_line("")
-                for what, seconds in TIMINGS.items():
-                    reporter.write_line(f"[node phase] {what}: {seconds:.1f}s")
-                for what, fact in FACTS.items():
-                    reporter.write_line(f"[node phase] {what}: {fact}")
-                for what, seconds in node.timings.items():
-                    reporter.write_line(f"[node phase] start {what}: {seconds:.1f}s")
+                PHASES.facts[f"memory peak of worker pod {pod.metadata.name}"] = (
+                    f"{peak / 2**20:.0f} MiB"
+                )
+        PHASES.report(
+            pytestconfig,
+            [f"start {what}: {seconds:.1f}s" for what, seconds in node.timings.items()],
+        )
         api.close()  # type: ignore[no-untyped-call]
 
 
@@ -486,7 +463,7 @@ def test_a_pod_mounting_the_secret_sees_the_new_certificate(
         )  # fmt: skip
         seen = datetime.datetime.now(datetime.UTC)
         delays.append((seen - written).total_seconds())
-        FACTS[f"Secret volume sync delay, update {round_ + 1}"] = (
+        PHASES.facts[f"Secret volume sync delay, update {round_ + 1}"] = (
             f"{delays[-1]:.0f}s (kubelet syncFrequency {release.node.sync_frequency}s)"
         )
     release.core.delete_namespaced_pod("consumer", TARGET_NAMESPACE, grace_period_seconds=0)
@@ -540,7 +517,7 @@ def test_a_deleted_worker_pod_is_replaced_and_the_run_finishes(
     wait_for("the run starting", lambda: release.run_state(run_id)[1] >= 1, 120, every=0.1)
     before = {p.metadata.name for p in release.worker_pods()}
     victim = sorted(before)[0]
-    with Timer("worker pod deleted mid-run -> replaced -> run finished"):
+    with PHASES.timed("worker pod deleted mid-run -> replaced -> run finished"):
         release.core.delete_namespaced_pod(victim, RELEASE_NAMESPACE)  # kubectl delete pod
         state, done = release.run_state(run_id)
         assert state == "running" and done < count, (state, done)
@@ -560,7 +537,7 @@ def test_helm_upgrade_rolls_the_workers_without_losing_a_run(
     count = 30
     before = {p.metadata.name for p in release.worker_pods()}
     distribution_id, chain = _fan_out(release, "upg", count, tmp_path)
-    with Timer("helm upgrade (config.logLevel) during a run -> rolled -> run finished"):
+    with PHASES.timed("helm upgrade (config.logLevel) during a run -> rolled -> run finished"):
         # A changed value changes the ConfigMap, whose checksum rolls the Deployment.
         upgrade = subprocess.Popen(
             [*release.helm, "upgrade", RELEASE, str(CHART), "--values", str(release.values_file),
