@@ -32,10 +32,13 @@ from tests.certfactory import (
 )
 from worker.core.bundle import (
     BundleError,
+    NameChange,
     TlsBundle,
     build_bundle,
+    certificate_names,
     describe_certificate,
     describe_certificates,
+    name_change,
     public_key_fingerprint_of_private_key,
 )
 from worker.core.limits import BUNDLE, PEM_FILE, InputTooLarge
@@ -817,3 +820,39 @@ def test_the_base64_of_the_key_is_long_enough_for_the_secrecy_checks_to_mean_som
     lines = key_body_lines(_TABLE_CHAIN.key_pem)
     assert lines and all(len(line) > 20 for line in lines)
     assert base64.b64decode(b"".join(lines))
+
+
+_NAMES = st.lists(st.sampled_from(["a.example", "B.example", "c.example", "10.0.0.1", "d.example"]))
+
+
+@given(cn=st.none() | st.sampled_from(["a.example", "A.EXAMPLE", "e.example"]), sans=_NAMES)
+def test_certificate_names_are_lower_cased_unique_and_keep_their_order(
+    cn: str | None, sans: list[str]
+) -> None:
+    names = certificate_names(cn, sans)
+    assert len(set(names)) == len(names)
+    assert all(name == name.lower() for name in names)
+    assert set(names) == {name.lower() for name in ([cn] if cn else []) + sans}
+    if cn:
+        assert names[0] == cn.lower()
+
+
+@given(before=_NAMES, after=_NAMES)
+def test_a_name_change_partitions_both_sides(before: list[str], after: list[str]) -> None:
+    old, new = certificate_names(None, before), certificate_names(None, after)
+    change = name_change(old, new)
+    assert set(change.kept) | set(change.added) == set(new)
+    assert set(change.kept) | set(change.removed) == set(old)
+    assert not set(change.kept) & (set(change.added) | set(change.removed))
+    assert change.unrelated == (not set(old) & set(new))
+    assert change.changed == (set(old) != set(new))
+
+
+def test_a_renewal_that_only_changes_case_keeps_every_name() -> None:
+    change = name_change(
+        certificate_names("Shop.Example.com", ["shop.example.com"]),
+        certificate_names("shop.example.com", ["SHOP.example.COM", "www.shop.example.com"]),
+    )
+    assert change == NameChange(
+        kept=("shop.example.com",), added=("www.shop.example.com",), removed=()
+    )

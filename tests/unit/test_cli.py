@@ -556,6 +556,31 @@ def test_renewal_with_a_mismatched_key_is_refused_and_keeps_the_old_certificate(
     assert cli.json("certs", "list") == before
 
 
+def test_a_renewal_for_other_names_is_refused_unless_allowed_and_changes_are_shown(
+    cli: Cli, setup: dict[str, str]
+) -> None:
+    other = make_chain(cn="billing.example.org", intermediates=0, fresh_leaf_key=True)
+    cert, key = cli.write("other.pem", other.leaf_pem), cli.write("other.key", other.key_pem)
+    before = cli.json("certs", "list")
+    assert_refused(
+        cli("certs", "renew", setup["cert"], "--cert", cert, "--key", key),
+        "billing.example.org", "app.example.com", "no name in common", "--allow-name-change",
+    )  # fmt: skip
+    assert cli.json("certs", "list") == before
+    widened = make_chain(
+        cn="app.example.com", sans=["app.example.com", "APP2.example.com"], intermediates=0,
+        fresh_leaf_key=True,
+    )  # fmt: skip
+    cert, key = cli.write("w.pem", widened.leaf_pem), cli.write("w.key", widened.key_pem)
+    text = cli.ok("certs", "renew", setup["cert"], "--cert", cert, "--key", key).stdout
+    assert "names: +app2.example.com" in text
+    cert, key = cli.write("other.pem", other.leaf_pem), cli.write("other.key", other.key_pem)
+    allowed = cli.json(
+        "certs", "renew", setup["cert"], "--cert", cert, "--key", key, "--allow-name-change"
+    )
+    assert allowed["after"]["common_name"] == "billing.example.org"
+
+
 # ----------------------------------------------------------------------- schema and health
 
 

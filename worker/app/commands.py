@@ -25,7 +25,7 @@ from worker.app.views import (
     resolve_target,
 )
 from worker.app.webhook import WebhookError, check_webhook_url
-from worker.core.bundle import TlsBundle, build_bundle
+from worker.core.bundle import TlsBundle, build_bundle, certificate_names, name_change
 from worker.core.crypto import UnknownKeyError
 from worker.core.fanout import FanoutConfigError, parse_batch_size, parse_failure_threshold
 from worker.core.limits import WEBHOOK_SECRET, WEBHOOK_URL, check_name, check_size
@@ -121,9 +121,18 @@ def import_certificate(
 
 
 def renew_certificate(
-    rt: Runtime, certificate_id: str, bundle_pems: Mapping[str, bytes]
+    rt: Runtime,
+    certificate_id: str,
+    bundle_pems: Mapping[str, bytes],
+    *,
+    allow_name_change: bool = False,
 ) -> TlsBundle:
-    """Replace a certificate's content with a renewed bundle (same id, so distributions follow)."""
+    """Replace a certificate's content with a renewed bundle (same id, so distributions follow).
+
+    A renewal that shares no name with the certificate it replaces is refused unless
+    allow_name_change: every distribution would push another service's certificate to its
+    whole fleet, which is almost always the wrong file, not a renewal.
+    """
     bundle = build_bundle(
         bundle_pems["cert"],
         bundle_pems["key"],
@@ -132,6 +141,17 @@ def renew_certificate(
         now=utcnow(),
     )
     with rt.session() as session:
+        current = queries.get_certificate(session, certificate_id)
+        before = certificate_names(current.common_name, current.sans)
+        after = certificate_names(bundle.leaf.common_name, bundle.leaf.sans)
+        if before and after and name_change(before, after).unrelated and not allow_name_change:
+            raise ServiceError(
+                f"the renewal is for {', '.join(after)} but certificate {certificate_id} is for "
+                f"{', '.join(before)}: no name in common, so this looks like another service's "
+                "certificate. Import it as a new certificate (certautopilot certs import), or, "
+                "if this service really changed all its names, renew with --allow-name-change "
+                "(Python API: allow_name_change=True)"
+            )
         queries.replace_certificate(session, rt.sealer, certificate_id, bundle)
     return bundle
 

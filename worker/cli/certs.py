@@ -113,9 +113,19 @@ def renew(
     ca: Annotated[
         Path | None, typer.Option("--ca", help="Issuing root CA PEM; - for stdin.")
     ] = None,
+    allow_name_change: Annotated[
+        bool,
+        typer.Option(
+            "--allow-name-change",
+            help="Accept a renewal that shares no name (CN/SAN) with the current certificate.",
+        ),
+    ] = False,
     output: OutputOption = OutputFormat.TABLE,
 ) -> None:
     """Replace a certificate with its renewal; its distributions deliver the new one.
+
+    A renewal whose names (CN and SANs) share none with the current certificate is refused
+    unless --allow-name-change; names added or dropped are shown.
 
     \b
     Examples:
@@ -124,6 +134,7 @@ def renew(
     """
     from worker.app.service import get_certificate, list_distributions, renew_certificate
     from worker.cli.files import one_stdin, read_file
+    from worker.core.bundle import certificate_names, name_change
 
     one_stdin({"--cert": cert, "--key": key, "--chain": chain, "--ca": ca})
     pems = {"cert": read_file(cert, PEM_FILE), "key": read_file(key, PEM_FILE)}
@@ -132,7 +143,7 @@ def renew(
             pems[name] = read_file(path, PEM_FILE)
     with runtime() as rt:
         before = get_certificate(rt, certificate_id)
-        renew_certificate(rt, certificate_id, pems)
+        renew_certificate(rt, certificate_id, pems, allow_name_change=allow_name_change)
         after = get_certificate(rt, certificate_id)
         distributions = list_distributions(rt, certificate_id)
     if output.machine:
@@ -142,6 +153,13 @@ def renew(
         f"renewed certificate {after.id}: serial {before.serial} -> {after.serial}, not after "
         f"{format_time(before.not_after)} -> {format_time(after.not_after)}"
     )
+    names = name_change(
+        certificate_names(before.common_name, before.sans),
+        certificate_names(after.common_name, after.sans),
+    )
+    if names.changed:
+        added = [f"+{name}" for name in names.added]
+        say("  names: " + " ".join([*added, *(f"-{name}" for name in names.removed)]))
     for distribution in distributions:
         if distribution.kind == "kubernetes":
             say(

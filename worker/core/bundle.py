@@ -186,6 +186,42 @@ def public_key_fingerprint_of_private_key(
     return _spki_sha256(key.public_key())
 
 
+@dataclass(frozen=True)
+class NameChange:
+    """How a renewal's names (common name + SANs) differ from those of the certificate it
+    replaces. DNS names compare case-insensitively, as TLS clients match them."""
+
+    kept: tuple[str, ...]
+    added: tuple[str, ...]
+    removed: tuple[str, ...]
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.added or self.removed)
+
+    @property
+    def unrelated(self) -> bool:
+        """No name in common: most likely another service's certificate, renewed by mistake."""
+        return not self.kept
+
+
+def certificate_names(common_name: str | None, sans: Sequence[str]) -> tuple[str, ...]:
+    """The names a certificate answers for, lower-cased, first occurrence first."""
+    ordered = [common_name] if common_name else []
+    ordered.extend(sans)
+    return tuple(dict.fromkeys(name.lower() for name in ordered))
+
+
+def name_change(before: Sequence[str], after: Sequence[str]) -> NameChange:
+    """Compare two certificate_names() results."""
+    old, new = set(before), set(after)
+    return NameChange(
+        kept=tuple(name for name in after if name in old),
+        added=tuple(name for name in after if name not in old),
+        removed=tuple(name for name in before if name not in new),
+    )
+
+
 def build_bundle(
     cert_pem: bytes,
     key_pem: bytes,
