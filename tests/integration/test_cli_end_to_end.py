@@ -348,17 +348,19 @@ def test_cli_dry_run_writes_nothing_execute_creates_the_secret_and_a_failure_exi
     assert refused.returncode == 2
     assert STORE_CONTENT_OFF in refused.stderr
 
-    # A target whose namespace does not exist: saved (unhealthy), and its run exits 1.
+    # A target whose namespace does not exist: saved (unhealthy, `targets add` exits 1), and its
+    # run exits 1.
     _, other = _write_pems(tmp_path, "gone.example.com")
     ok("credentials", "add-kubeconfig", "admin", "--stdin", stdin=cluster.admin_kubeconfig)
     other_cert = json.loads(
         ok("certs", "import", "--cert", other["cert"], "--key", other["key"], "-o", "json")
     )
-    saved = ok(
+    saved = operator(
         "targets", "add", "missing", "--namespace", "no-such-namespace",
         "--kubeconfig-credential", "admin",
     )  # fmt: skip
-    assert "health: unhealthy" in saved
+    assert saved.returncode == 1, (saved.stdout, saved.stderr)
+    assert "health: unhealthy" in saved.stdout
     failing = json.loads(
         ok("distributions", "attach", other_cert["id"], "--target", "missing", "-o", "json")
     )

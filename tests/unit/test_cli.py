@@ -601,9 +601,10 @@ def test_another_database_without_schema_asks_for_migrate(cli: Cli, tmp_path: Pa
     assert cli.json("credentials", "list") == []
 
 
-def test_unhealthy_target_is_saved_and_check_exits_1(cli: Cli) -> None:
+def test_unhealthy_target_is_saved_and_add_and_check_exit_1(cli: Cli) -> None:
     cli.ok("credentials", "add-kubeconfig", "kc", "--stdin", stdin=kubeconfig())
-    added = cli.ok("targets", "add", "t", "--namespace", "ingress", "--kubeconfig-credential", "kc")
+    added = cli("targets", "add", "t", "--namespace", "ingress", "--kubeconfig-credential", "kc")
+    assert added.exit_code == 1, added.stdout
     assert "health: unhealthy" in added.stdout
     assert "targets check t" in added.stdout
     checked = cli("targets", "check", "t", "--output", "json")

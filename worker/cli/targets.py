@@ -126,14 +126,19 @@ def add(
         view = get_target(rt, target_id)
     if output.machine:
         emit(output, view)
-        return
-    say(f"saved target {view.name!r} (id {view.id}, pool {view.pool!r})")
-    if no_check:
-        say(f"  health: not checked (--no-check); run `certautopilot targets check {name}`")
-    elif result is not None and result.status == "unknown":
-        _print_health(result.status, result.message, name)
     else:
-        _print_health(view.health_status, view.health_message, name)
+        say(f"saved target {view.name!r} (id {view.id}, pool {view.pool!r})")
+        if no_check:
+            say(f"  health: not checked (--no-check); run `certautopilot targets check {name}`")
+        elif result is not None and result.status == "unknown":
+            _print_health(result.status, result.message, name)
+        else:
+            _print_health(view.health_status, view.health_message, name)
+    # Saved either way (the operator may fix RBAC afterwards), but a script must notice a
+    # check that failed, as with `targets check`. "unknown" (no worker of the pool answered
+    # yet) is not a finding: adding targets before their pool's workers run is normal.
+    if result is not None and result.status == "unhealthy":
+        raise typer.Exit(EXIT_FAILED)
 
 
 def _health_sender(rt: Runtime) -> HealthSender:
