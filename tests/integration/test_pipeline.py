@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from tests.support.pipeline import Pipeline, build_fleet, pipeline, read_secret
+from tests.support.workers import WorkerProcess
 
 
 def _namespace(prefix: str) -> str:
@@ -326,6 +327,24 @@ def test_flower_lists_the_run_tasks_with_ids_only_and_no_secret_material(
         for secret in secrets:
             assert secret not in body
         assert b"PRIVATE KEY" not in body
+
+        # Each live pool's queue is on Flower's broker page (the queues the workers report).
+        pipe.workers.append(
+            WorkerProcess("east", {**pipe.env, "CAP_WORKER_POOL": "east"}, pipe.log_dir)
+        )
+        pipe.workers[-1].wait_ready()
+        lengths: dict[str, int] = {}
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            url = f"http://127.0.0.1:{port}"
+            http.request("GET", f"{url}/api/workers?refresh=1", headers=auth)
+            queues = http.request("GET", f"{url}/api/queues/length", headers=auth).json()
+            lengths = {queue["name"]: queue["messages"] for queue in queues["active_queues"]}
+            if {"kubernetes.default", "kubernetes.east"} <= lengths.keys():
+                break
+            time.sleep(0.5)
+        assert lengths.get("kubernetes.default") == 0, lengths
+        assert lengths.get("kubernetes.east") == 0, lengths
     finally:
         os.killpg(flower.pid, signal.SIGTERM)
         flower.wait(timeout=30)
