@@ -212,6 +212,15 @@ def test_certificate_whose_key_does_not_match_is_refused(
     assert cli.json("certs", "list") == []
 
 
+def test_bundle_errors_name_the_command_line_options_not_the_api_parameters(
+    cli: Cli, cert_files: dict[str, str]
+) -> None:
+    # The key given as the certificate: the message points at --cert and --key.
+    result = cli("certs", "import", "--cert", cert_files["key"], "--key", cert_files["key"])
+    assert_refused(result, "--cert", "--key")
+    assert "_pem" not in result.stderr
+
+
 def test_missing_file_is_named(cli: Cli, cert_files: dict[str, str]) -> None:
     missing = str(cli.folder / "nope.pem")
     assert_refused(cli("certs", "import", "--cert", missing, "--key", cert_files["key"]), missing)

@@ -8,6 +8,7 @@ classified here is a bug and propagates with its traceback.
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Callable
 from typing import NoReturn, ParamSpec, TypeVar
 
@@ -43,6 +44,11 @@ _LIST_HINTS = {
     "distribution": "certautopilot distributions list",
     "run": "certautopilot runs list",
 }
+
+
+# Bundle messages name the Python API's parameters; on the command line they are options.
+_BUNDLE_FLAGS = {"cert_pem": "--cert", "chain_pem": "--chain", "key_pem": "--key", "ca_pem": "--ca"}
+_BUNDLE_INPUT = re.compile(r"\b(?:cert|chain|key|ca)_pem\b")
 
 
 def _classify(exc: Exception) -> tuple[str, int] | None:
@@ -81,6 +87,8 @@ def _classify(exc: Exception) -> tuple[str, int] | None:
         SettingsError,
         DatabaseUrlError,
     )
+    if isinstance(exc, BundleError):
+        return _BUNDLE_INPUT.sub(lambda m: _BUNDLE_FLAGS[m.group(0)], str(exc)), EXIT_BAD_INPUT
     if isinstance(exc, bad_input):
         return str(exc), EXIT_BAD_INPUT
     from worker.app.service import ServiceError
