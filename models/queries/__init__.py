@@ -21,6 +21,7 @@ from models.errors import (
 from models.queries.certificates import (
     BundleLike,
     CertificateFacts,
+    certificate_ids_with_fingerprint,
     current_revision,
     get_certificate,
     get_revision,
@@ -134,6 +135,7 @@ __all__ = [
     "RunStateError",
     "advance_batch",
     "batch_has_open_row",
+    "certificate_ids_with_fingerprint",
     "child_run_id",
     "claim_results",
     "count_live_claims",

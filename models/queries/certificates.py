@@ -164,6 +164,17 @@ def list_certificates(session: Session) -> list[Certificate]:
     return list(session.scalars(select(Certificate).order_by(Certificate.created_at)))
 
 
+def certificate_ids_with_fingerprint(session: Session, sha256_fingerprint: str) -> list[str]:
+    """Ids of the certificates whose current leaf has this SHA-256 fingerprint, oldest first."""
+    return list(
+        session.scalars(
+            select(Certificate.id)
+            .where(Certificate.sha256_fingerprint == sha256_fingerprint)
+            .order_by(Certificate.created_at)
+        )
+    )
+
+
 def reveal_private_key(session: Session, sealer: Sealer, certificate_id: str) -> bytes:
     """The certificate's private key PEM, decrypted (only for building the Secret)."""
     certificate = get_certificate(session, certificate_id)

@@ -212,6 +212,18 @@ def test_certificate_whose_key_does_not_match_is_refused(
     assert cli.json("certs", "list") == []
 
 
+def test_a_second_import_of_the_same_leaf_is_refused_unless_allowed(
+    cli: Cli, cert_files: dict[str, str]
+) -> None:
+    args = ("certs", "import", "--cert", cert_files["cert"], "--key", cert_files["key"])
+    first = cli.json(*args)
+    assert_refused(cli(*args), f"already stored as {first['id']}", "--allow-duplicate")
+    assert [row["id"] for row in cli.json("certs", "list")] == [first["id"]]
+    second = cli.json(*args, "--allow-duplicate")
+    assert second["id"] != first["id"]
+    assert second["sha256_fingerprint"] == first["sha256_fingerprint"]
+
+
 def test_bundle_errors_name_the_command_line_options_not_the_api_parameters(
     cli: Cli, cert_files: dict[str, str]
 ) -> None:

@@ -105,8 +105,13 @@ def import_certificate(
     *,
     allow_expired: bool = False,
     passphrase: bytes | None = None,
+    allow_duplicate: bool = True,
 ) -> str:
-    """Validate a certificate bundle and store it (key sealed); returns its id."""
+    """Validate a certificate bundle and store it (key sealed); returns its id.
+
+    allow_duplicate=False refuses a leaf that is already stored (the CLI's default): a second
+    copy would renew and expire on its own, apart from the distributions of the first.
+    """
     bundle = build_bundle(
         cert_pem,
         key_pem,
@@ -117,6 +122,17 @@ def import_certificate(
         passphrase=passphrase,
     )
     with rt.session() as session:
+        if not allow_duplicate:
+            stored = queries.certificate_ids_with_fingerprint(
+                session, bundle.leaf.sha256_fingerprint
+            )
+            if stored:
+                raise ServiceError(
+                    f"this certificate is already stored as {stored[0]} (same leaf, SHA-256 "
+                    f"{bundle.leaf.sha256_fingerprint[:16]}…): attach that one "
+                    f"(certautopilot distributions attach {stored[0]} ...), or import a second "
+                    "copy with --allow-duplicate"
+                )
         return queries.store_certificate(session, rt.sealer, bundle).id
 
 

@@ -35,9 +35,15 @@ def import_(
     allow_expired: Annotated[
         bool, typer.Option("--allow-expired", help="Accept an expired certificate.")
     ] = False,
+    allow_duplicate: Annotated[
+        bool,
+        typer.Option("--allow-duplicate", help="Store a second copy of a leaf already stored."),
+    ] = False,
     output: OutputOption = OutputFormat.TABLE,
 ) -> None:
     """Import a certificate with its key (the key is stored encrypted).
+
+    A leaf that is already stored is refused (its id is named) unless --allow-duplicate.
 
     \b
     Examples:
@@ -57,6 +63,7 @@ def import_(
             read_optional(chain) or b"",
             read_optional(ca),
             allow_expired=allow_expired,
+            allow_duplicate=allow_duplicate,
         )
         view = get_certificate(rt, certificate_id)
     if output.machine:
