@@ -69,6 +69,7 @@ from worker.app.webhook import redeliver_webhook, run_webhook
 from worker.core.bundle import BundleError, TlsBundle, build_bundle
 from worker.core.crypto import CryptoError
 from worker.core.fanout import FanoutConfigError, decide_after_batch, plan_batches
+from worker.core.formats import output_formats
 from worker.core.names import (
     SystemNamespaceRefused,
     TemplateError,
@@ -189,6 +190,15 @@ class TargetJob:
     """The target's sealed kubeconfig, to find the cached client without another query."""
     snapshot_final: bool = False
     """A final rollback snapshot (one our write landed after) existed at the claim."""
+    pkcs12_envelope: bytes | None = field(default=None, repr=False)
+    """The sealed password of the target's PKCS#12 keystore (None: no keystore)."""
+
+    def keystore_password(self, rt: Runtime) -> bytes | None:
+        """The target's PKCS#12 password, unsealed now (None when it writes no keystore)."""
+        credential_id = self.target.pkcs12_credential_id
+        if credential_id is None or self.pkcs12_envelope is None:
+            return None
+        return queries.unseal_credential(rt.sealer, credential_id, self.pkcs12_envelope)
 
     @property
     def pool(self) -> str:
@@ -407,6 +417,7 @@ def _claim(rt: Runtime, run_id: str, target_ids: Sequence[str]) -> list[TargetJo
                 claimed_at=now,
                 credential_envelope=loaded_target.credential_envelope,
                 snapshot_final=loaded_target.snapshot_final,
+                pkcs12_envelope=loaded_target.pkcs12_envelope,
             )
         )
     return jobs
@@ -546,6 +557,7 @@ def _deploy(
     namespace: str,
     secret_name: str,
 ) -> DeployOutcome:
+    keystore_password = job.keystore_password(rt)
     desired = desired_secret(
         name=secret_name,
         namespace=namespace,
@@ -554,6 +566,9 @@ def _deploy(
         ca_crt=bundle.ca_crt() if job.target.include_ca else None,
         leaf=bundle.leaf,
         distribution_id=job.distribution_id,
+        extra_data=output_formats(
+            bundle, combined=job.target.combined_pem, keystore_password=keystore_password
+        ),
     )
     dry_run = job.action is RunAction.DRY_RUN
     store = (
@@ -568,6 +583,7 @@ def _deploy(
         server_dry_run=rt.settings.kube.server_dry_run,
         adopt_unmanaged=job.target.adopt_unmanaged,
         snapshot_store=store,
+        keystore_password=keystore_password,
     )
     if store is not None and outcome.action in ("created", "updated", "unchanged"):
 
@@ -605,6 +621,7 @@ def _rollback(
         previous=PreviousSecret.from_dict(previous),
         written_fingerprint=written_fingerprint,
         force=bool(job.options.get("force", False)),
+        keystore_password=job.keystore_password(rt),
     )
 
     def reopen_snapshot() -> None:

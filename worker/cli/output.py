@@ -32,6 +32,7 @@ from rich.text import Text
 
 from models.enums import ResultStatus, RunState
 from worker.core.secret import (
+    BundleSummary,
     CertificateSummary,
     DataEntry,
     KeySummary,
@@ -256,10 +257,19 @@ def format_time(moment: datetime | None) -> str:
 
 def _summary_from_dict(
     data: Mapping[str, Any] | None,
-) -> CertificateSummary | KeySummary | OpaqueSummary | None:
-    # The three summary kinds have disjoint fields; see the to_dict() methods in kube/secret.
+) -> CertificateSummary | KeySummary | OpaqueSummary | BundleSummary | None:
+    # The summary kinds have disjoint fields; see the to_dict() methods in core/secret.
     if data is None:
         return None
+    if "format" in data:  # a combined PEM or keystore (checked first: it has a key digest too)
+        certificate = _summary_from_dict(data.get("certificate"))
+        return BundleSummary(
+            kind=str(data["format"]),
+            size=int(data.get("size") or 0),
+            certificate=certificate if isinstance(certificate, CertificateSummary) else None,
+            public_key_sha256=data.get("public_key_sha256"),
+            error=data.get("error"),
+        )
     if "public_key_sha256" in data:
         return KeySummary(data.get("public_key_sha256"), data.get("error"))
     if "size" in data:
