@@ -81,6 +81,7 @@ from worker.core.names import (
 from worker.core.secret import desired_secret
 from worker.core.snapshot import PreviousSecret
 from worker.kube.client import KubeClient
+from worker.kube.consumers import list_consumers
 from worker.kube.deploy import DeployOutcome, deploy_secret, rollback_secret
 from worker.kube.errors import KubeError
 from worker.platform.logs import log_context
@@ -452,6 +453,10 @@ def _perform(
             deployed = _deploy(rt, job, client, bundle, outcome.namespace, outcome.secret_name)
         outcome.status = _result_status(job.action, deployed.action)
         outcome.diff = deployed.diff.to_dict() if deployed.diff is not None else None
+        if job.action is RunAction.DRY_RUN and outcome.diff is not None:
+            # Who picks the change up (volume mounts) and who needs a restart (env, subPath).
+            consumers = list_consumers(client, outcome.namespace, outcome.secret_name)
+            outcome.diff["consumers"] = consumers.to_dict()
         outcome.resource_version = deployed.resource_version
     except KubeError as exc:
         outcome.error_reason, outcome.error_message = exc.reason, str(exc)

@@ -31,6 +31,7 @@ from rich.table import Table
 from rich.text import Text
 
 from models.enums import ResultStatus, RunState
+from worker.core.consumers import consumers_from_dict, render_consumers
 from worker.core.secret import (
     BundleSummary,
     CertificateSummary,
@@ -318,8 +319,13 @@ def diff_from_dict(data: Mapping[str, Any]) -> SecretDiff:
 def render_diff_dict(
     data: Mapping[str, Any], *, dry_run: bool = True, adopt_unmanaged: bool | None = None
 ) -> str:
-    """The operator-readable diff text for a stored diff dict (no key material)."""
-    return render_diff(diff_from_dict(data), dry_run=dry_run, adopt_unmanaged=adopt_unmanaged)
+    """The operator-readable diff text for a stored diff dict (no key material), followed by
+    the Secret's consumers when the dry-run listed them."""
+    text = render_diff(diff_from_dict(data), dry_run=dry_run, adopt_unmanaged=adopt_unmanaged)
+    consumers = data.get("consumers")
+    if isinstance(consumers, Mapping):
+        text += "\n" + "\n".join(render_consumers(consumers_from_dict(consumers)))
+    return text
 
 
 def diff_summary(data: Mapping[str, Any] | None) -> str:
@@ -345,6 +351,11 @@ def diff_summary(data: Mapping[str, Any] | None) -> str:
                 text += f" (serial {after})"
     if data.get("unmanaged"):
         text += "; the Secret was not created by CertAutoPilot"
+    consumers = data.get("consumers")
+    if isinstance(consumers, Mapping):
+        restart = consumers_from_dict(consumers).restart_needed
+        if restart:
+            text += f"; {len(restart)} pod(s) need a restart to see it"
     return text
 
 
