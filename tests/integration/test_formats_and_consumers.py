@@ -141,7 +141,9 @@ def test_formats_are_written_kept_when_unchanged_renewed_and_rolled_back(
     assert_keystore_holds(data[KEYSTORE_KEY], PASSWORD, first)
     written_rv = live.metadata.resource_version
 
-    # The second execute builds a new keystore (other bytes, same content): no write.
+    # A new worker process builds its own keystore (other bytes, same content): no write.
+    pipe.workers.pop().stop()
+    pipe.start_worker()
     again = pipe.wait(pipe.enqueue(distribution, "execute"))
     assert _statuses(again) == ["unchanged"], again
     same = read_secret(testenv_admin_api, cluster, namespace, "app-tls")

@@ -193,6 +193,18 @@ def test_every_printable_password_of_six_or_more_is_accepted(password: bytes) ->
     check_keystore_password(password, what="password")
 
 
+def test_one_process_builds_a_keystore_once_per_content_and_password() -> None:
+    # Every target of a run gets the same bytes (no build or open per target); another
+    # password or certificate is another keystore.
+    first = output_formats(OLD, combined=False, keystore_password=PASSWORD)[KEYSTORE_KEY]
+    again = output_formats(OLD, combined=False, keystore_password=PASSWORD)[KEYSTORE_KEY]
+    other_password = output_formats(OLD, combined=False, keystore_password=b"another-1")
+    other_bundle = output_formats(NEW, combined=False, keystore_password=PASSWORD)
+    assert first == again
+    assert other_password[KEYSTORE_KEY] != first and other_bundle[KEYSTORE_KEY] != first
+    assert open_keystore(other_password[KEYSTORE_KEY], b"another-1") is not None
+
+
 def test_output_formats_writes_only_what_the_target_asked_for() -> None:
     assert output_formats(OLD, combined=False, keystore_password=None) == {}
     assert set(output_formats(OLD, combined=True, keystore_password=None)) == {COMBINED_PEM_KEY}
@@ -231,9 +243,18 @@ def test_the_extra_formats_are_data_keys_of_the_tls_secret_under_our_content_has
     assert wanted["metadata"]["annotations"][ANN_CONTENT_SHA256] == content_sha256(data)
 
 
+def _written_elsewhere(desired: dict[str, Any], bundle: TlsBundle) -> dict[str, Any]:
+    """The live Secret as another worker process wrote it: its own build of the keystore."""
+    live = _live(desired)
+    live["data"][KEYSTORE_KEY] = base64.b64encode(build_keystore(bundle, PASSWORD)).decode()
+    data = decoded_data(live)
+    live["metadata"]["annotations"][ANN_CONTENT_SHA256] = content_sha256(data)
+    return live
+
+
 def test_a_live_keystore_with_the_same_content_is_unchanged_and_its_bytes_kept() -> None:
-    live = _live(_desired(OLD))
-    rebuilt = _desired(OLD)  # same certificate, new keystore bytes
+    rebuilt = _desired(OLD)
+    live = _written_elsewhere(rebuilt, OLD)  # same certificate, other keystore bytes
     assert decoded_data(rebuilt)[KEYSTORE_KEY] != decoded_data(live)[KEYSTORE_KEY]
     assert diff_secrets(live, rebuilt, keystore_password=PASSWORD).action == "update"
 
