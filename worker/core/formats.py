@@ -27,7 +27,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.serialization import pkcs12
 
-from worker.core.bundle import TlsBundle
+from worker.core.bundle import TlsBundle, spki_sha256
 from worker.core.lru import LruCache
 
 __all__ = [
@@ -186,14 +186,6 @@ class KeystoreContent:
     certificates: tuple[str, ...]
 
 
-def _spki_sha256(key: object) -> str:
-    public = key.public_key()  # type: ignore[attr-defined]
-    der = public.public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    return hashlib.sha256(der).hexdigest()
-
-
 @dataclass(frozen=True)
 class OpenedKeystore:
     """A keystore opened with its password: its content and its certificates as PEM (no key)."""
@@ -217,41 +209,30 @@ def open_keystore(data: bytes, password: bytes) -> OpenedKeystore | None:
     entry = loaded.key
     if entry is None or loaded.cert is None:
         return None
-    key_der = entry.private_bytes(
-        serialization.Encoding.DER,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
     certs = [loaded.cert.certificate, *(extra.certificate for extra in loaded.additional_certs)]
-    content = KeystoreContent(
-        alias=loaded.cert.friendly_name,
-        key_sha256=hashlib.sha256(key_der).hexdigest(),
-        public_key_sha256=_spki_sha256(entry),
-        certificates=tuple(
-            hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
-            for cert in certs
-        ),
-    )
+    content = _content(loaded.cert.friendly_name, entry, certs)
     pems = b"".join(cert.public_bytes(serialization.Encoding.PEM) for cert in certs)
     return OpenedKeystore(content, pems)
 
 
 def keystore_content_of_bundle(bundle: TlsBundle) -> KeystoreContent:
     """The content :func:`build_keystore` puts in a keystore for ``bundle`` (nothing encrypted)."""
-    key = _bundle_key(bundle)
+    certs = [cert for pem in (bundle.leaf_pem, *bundle.chain_pems) for cert in _certificates(pem)]
+    return _content(KEYSTORE_ALIAS, _bundle_key(bundle), certs)
+
+
+def _content(alias: bytes | None, key: Any, certs: list[x509.Certificate]) -> KeystoreContent:
     key_der = key.private_bytes(
         serialization.Encoding.DER,
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    pems = (bundle.leaf_pem, *bundle.chain_pems)
     return KeystoreContent(
-        alias=KEYSTORE_ALIAS,
+        alias=alias,
         key_sha256=hashlib.sha256(key_der).hexdigest(),
-        public_key_sha256=_spki_sha256(key),
+        public_key_sha256=spki_sha256(key.public_key()),
         certificates=tuple(
             hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
-            for pem in pems
-            for cert in _certificates(pem)
+            for cert in certs
         ),
     )
