@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from worker.cli.output import diff_summary, render_diff_dict
 from worker.core.consumers import (
     NO_LIST_PERMISSION,
     Consumers,
@@ -201,3 +202,21 @@ def test_the_stored_form_round_trips_and_only_users_of_this_secret_are_listed(
     assert {use.pod for use in found.pods} == {name for name, _, ours in pods if ours}
     assert set(found.ingresses) == {name for name, ours in ingresses if ours}
     assert consumers_from_dict(found.to_dict()) == found
+
+
+def test_the_results_table_line_counts_the_pods_that_need_a_restart() -> None:
+    found = find_consumers(SECRET, [c[0] for c in CASES], [])
+    diff = {
+        "action": "update",
+        "namespace": "apps",
+        "name": SECRET,
+        "new_type": "kubernetes.io/tls",
+        "data": [{"key": "tls.crt", "change": "changed", "old": None, "new": None}],
+        "consumers": found.to_dict(),
+    }
+    assert diff_summary(diff).endswith("; 5 pod(s) need a restart to see it")
+    assert "they will NOT see" in render_diff_dict(diff)
+    quiet = {**diff, "consumers": Consumers.unknown(NO_LIST_PERMISSION).to_dict()}
+    assert "restart" not in diff_summary(quiet)
+    assert render_diff_dict(quiet).endswith("consumers unknown (no list permission)")
+    assert "consumers" not in render_diff_dict({k: v for k, v in diff.items() if k != "consumers"})
