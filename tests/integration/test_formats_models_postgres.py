@@ -7,6 +7,7 @@ from sqlalchemy import Engine
 
 from tests.unit.test_formats_models import (  # noqa: F401 - shared tests
     test_a_database_filled_before_the_formats_revision_upgrades_with_every_row_intact,
+    test_a_downgrade_below_the_formats_revision_is_refused_while_a_password_exists,
     test_a_target_stores_its_formats_and_takes_only_a_pkcs12_password_credential,
 )
 from tests.unit.test_models_sqlite import (  # noqa: F401 - fixtures

@@ -119,3 +119,14 @@ def test_a_target_stores_its_formats_and_takes_only_a_pkcs12_password_credential
         assert claimed.pkcs12_envelope is not None
         revealed = queries.unseal_credential(sealer, password.id, claimed.pkcs12_envelope)
         assert revealed == PASSWORD
+
+
+def test_a_downgrade_below_the_formats_revision_is_refused_while_a_password_exists(
+    factory: sessionmaker[Session], sealer: Sealer, db_url: str
+) -> None:
+    migration = _migration()
+    with session_scope(factory) as session:
+        queries.store_credential(session, sealer, "ks", CredentialKind.PKCS12_PASSWORD, PASSWORD)
+    with pytest.raises(RuntimeError, match="1 PKCS#12 password credential"):
+        downgrade(db_url, migration.down_revision)
+    assert current(db_url) != migration.down_revision

@@ -47,6 +47,15 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     """Revert this revision (refused while a password credential exists: it would not fit)."""
+    stored = op.get_bind().scalar(
+        sa.text("SELECT count(*) FROM credentials WHERE kind = 'pkcs12_password'")
+    )
+    if stored:
+        raise RuntimeError(
+            f"cannot downgrade below revision {revision}: {stored} PKCS#12 password "
+            "credential(s) exist, which the older schema cannot hold; delete the targets' "
+            "keystore settings and those credentials first"
+        )
     with op.batch_alter_table("targets") as batch:
         batch.drop_index(batch.f("ix_targets_pkcs12_credential_id"))
         batch.drop_constraint(
