@@ -146,7 +146,7 @@ class CertificateRevision(_ReprMixin, Base):
 
 
 class Credential(_ReprMixin, Base):
-    """A module credential: kubeconfig bytes (or a webhook HMAC key), stored sealed."""
+    """A module credential: kubeconfig bytes, a webhook HMAC key or a PKCS#12 password, sealed."""
 
     __tablename__ = "credentials"
     _repr_fields = ("id", "name", "kind")
@@ -197,6 +197,13 @@ class Target(_ReprMixin, Base):
     """In-cluster targets: the identity of the cluster they write to ("ca-sha256:<hex>" of the
     service-account CA), recorded by the first health check or run in their pool; a worker
     that sees another cluster refuses to write (revision 0005)."""
+    combined_pem: Mapped[bool] = mapped_column(default=False, server_default=false())
+    """Also write ``tls-combined.pem`` (key + leaf + chain) into the Secret (revision 0006)."""
+    pkcs12_credential_id: Mapped[str | None] = mapped_column(
+        ForeignKey("credentials.id"), index=True
+    )
+    """A ``pkcs12_password`` credential: also write ``keystore.p12`` encrypted with it
+    (revision 0006); None writes no keystore."""
     variables: Mapped[dict[str, Any]] = mapped_column(default=dict)
     health_status: Mapped[HealthStatus] = mapped_column(
         _enum(HealthStatus, "health_status"), default=HealthStatus.UNKNOWN
@@ -205,7 +212,10 @@ class Target(_ReprMixin, Base):
     health_message: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
-    credential: Mapped[Credential | None] = relationship(lazy="raise")
+    credential: Mapped[Credential | None] = relationship(lazy="raise", foreign_keys=[credential_id])
+    pkcs12_credential: Mapped[Credential | None] = relationship(
+        lazy="raise", foreign_keys=[pkcs12_credential_id]
+    )
 
 
 class TargetGroup(_ReprMixin, Base):

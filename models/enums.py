@@ -20,6 +20,7 @@ class CredentialKind(StrEnum):
 
     KUBECONFIG = "kubeconfig"
     WEBHOOK_HMAC = "webhook_hmac"
+    PKCS12_PASSWORD = "pkcs12_password"  # noqa: S105 - a kind name (revision 0006)
 
 
 class ConnectionMode(StrEnum):

@@ -15,7 +15,7 @@ from datetime import datetime
 from typing import Any, NamedTuple
 
 from sqlalchemy import and_, bindparam, func, or_, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from models.entities import Credential, RollbackSnapshot, Target, TargetResult
 from models.enums import ResultStatus
@@ -60,6 +60,8 @@ class ClaimedTarget(NamedTuple):
     credential_envelope: bytes | None
     snapshot_final: bool
     """A snapshot exists and our write landed after it: nothing is to be snapshotted again."""
+    pkcs12_envelope: bytes | None = None
+    """The sealed password of the target's PKCS#12 keystore (None: it writes no keystore)."""
 
 
 @dataclass(frozen=True)
@@ -114,10 +116,12 @@ _CLAIM = (
     .returning(RESULTS.c.target_id, RESULTS.c.batch_index, RESULTS.c.attempts)
 )
 #: The targets, their sealed credentials, and whether a final rollback snapshot exists for each.
+_PKCS12_CREDENTIAL = aliased(Credential)
 _LOAD_TARGETS = (
     select(
         Target,
         Credential.secret,
+        _PKCS12_CREDENTIAL.secret,
         select(RollbackSnapshot.id)
         .where(
             RollbackSnapshot.distribution_id == bindparam("distribution_id"),
@@ -127,6 +131,7 @@ _LOAD_TARGETS = (
         .exists(),
     )
     .outerjoin(Credential, Credential.id == Target.credential_id)
+    .outerjoin(_PKCS12_CREDENTIAL, _PKCS12_CREDENTIAL.id == Target.pkcs12_credential_id)
     .where(Target.id.in_(bindparam("target_ids", expanding=True)))
 )
 #: Compare-and-set on (running, attempt): a delivery whose lease was taken over writes nothing.
@@ -208,13 +213,13 @@ def claim_results(
 def load_claimed_targets(
     session: Session, distribution_id: str, target_ids: Sequence[str]
 ) -> dict[str, ClaimedTarget]:
-    """The targets by id, each with its sealed credential and whether a snapshot exists."""
+    """The targets by id, each with its sealed credentials and whether a snapshot exists."""
     rows = session.execute(
         _LOAD_TARGETS, {"target_ids": list(target_ids), "distribution_id": distribution_id}
     )
     return {
-        target.id: ClaimedTarget(target, envelope, bool(has_snapshot))
-        for target, envelope, has_snapshot in rows
+        target.id: ClaimedTarget(target, envelope, bool(has_snapshot), pkcs12_envelope)
+        for target, envelope, pkcs12_envelope, has_snapshot in rows
     }
 
 

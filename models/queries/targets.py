@@ -42,6 +42,8 @@ def create_target(
     allow_system_namespace: bool = False,
     variables: Mapping[str, Any] | None = None,
     pool: str = "default",
+    combined_pem: bool = False,
+    pkcs12_credential_id: str | None = None,
 ) -> Target:
     """Insert a Kubernetes target (templates are validated by the caller, worker.core.names)."""
     ensure_unique_name(session, Target, name, "target")
@@ -63,6 +65,14 @@ def create_target(
             f"target {name!r}: connection mode 'in_cluster' uses the mounted service-account "
             "token and takes no credential; drop the credential or use mode 'kubeconfig'"
         )
+    if pkcs12_credential_id is not None:
+        password = get_credential(session, pkcs12_credential_id)
+        if password.kind is not CredentialKind.PKCS12_PASSWORD:
+            raise InvalidRecordError(
+                f"target {name!r}: credential {password.name!r} holds a {password.kind.value}, "
+                "not a PKCS#12 password; store one with `certautopilot credentials "
+                "add-pkcs12-password NAME` and pass that name"
+            )
     if not namespace_template.strip():
         raise InvalidRecordError(f"target {name!r}: the namespace must not be empty")
     if not secret_name_template.strip():
@@ -79,6 +89,8 @@ def create_target(
         allow_system_namespace=allow_system_namespace,
         variables=dict(variables or {}),
         pool=pool,
+        combined_pem=combined_pem,
+        pkcs12_credential_id=pkcs12_credential_id,
     )
     session.add(target)
     session.flush()

@@ -468,6 +468,33 @@ API_CASES: list[Case] = [
         ValueError,
         ("16",),
     ),
+    # --- output formats (issue 14 §4)
+    Case(
+        "PKCS#12 password credential that does not exist",
+        _target(combined_pem=True, pkcs12_password_credential="no-such-password"),
+        ValueError,
+        ("'no-such-password' does not exist", "credentials add-pkcs12-password"),
+    ),
+    Case(
+        "PKCS#12 password credential that holds a kubeconfig",
+        lambda ctx: service.create_target(
+            ctx.rt, ctx.target(pkcs12_password_credential=ctx.credential), check=False
+        ),
+        ValueError,
+        ("not a PKCS#12 password", "add-pkcs12-password"),
+    ),
+    Case(
+        "PKCS#12 password too short",
+        lambda ctx: service.add_pkcs12_password(ctx.rt, "ks-short", b"12345"),
+        ValueError,
+        ("at least 6", "openssl rand"),
+    ),
+    Case(
+        "PKCS#12 password with non-ASCII characters",
+        lambda ctx: service.add_pkcs12_password(ctx.rt, "ks-utf8", "pässwörd-1".encode()),
+        ValueError,
+        ("printable ASCII", "Fix:"),
+    ),
     Case(
         "rollback with store content off",
         lambda ctx: ctx.pipe.enqueue(ctx.extra["no_store_distribution"], "rollback"),

@@ -1022,3 +1022,53 @@ def test_worker_in_cluster_code_distributes_with_the_chart_service_account(
     # An untargeted namespace: the health check names the missing rights.
     outside = health_check(kube, other)
     assert not outside.healthy and outside.reason == "forbidden", outside.message
+
+
+CONSUMER_RULES = [
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
+    {"apiGroups": ["networking.k8s.io"], "resources": ["ingresses"], "verbs": ["list"]},
+]
+
+
+def test_the_consumers_role_is_opt_in_separate_and_lets_a_dry_run_list_consumers(
+    helm: Helm,
+    cluster: Cluster,
+    admin: client.ApiClient,
+    fresh_namespaces: Callable[..., list[str]],
+) -> None:
+    from worker.core.consumers import NO_LIST_PERMISSION
+    from worker.kube.consumers import list_consumers
+
+    release_ns, target = fresh_namespaces("cap-system", "ingress")
+    targets = f"rbac.targetNamespaces={{{target}}}"
+    # Off by default: the minimum Role alone.
+    plain = helm.render("--set", targets, namespace=release_ns)
+    assert [r["rules"] for r in of_kind(plain, "Role")] == [SPEC_MINIMUM_RULES]
+    manifests = helm.render(
+        "--set", targets, "--set", "rbac.consumers.enabled=true", namespace=release_ns
+    )
+    roles = {r["metadata"]["name"]: r for r in of_kind(manifests, "Role")}
+    (minimum,) = [r for name, r in roles.items() if name.endswith("-distributor")]
+    (consumers,) = [r for name, r in roles.items() if name.endswith("-consumers-reader")]
+    assert minimum["rules"] == SPEC_MINIMUM_RULES  # the spec's Role never changes
+    assert consumers["rules"] == CONSUMER_RULES
+    assert consumers["metadata"]["namespace"] == target
+    service_account = of_kind(manifests, "ServiceAccount")[0]["metadata"]["name"]
+    bindings = {b["roleRef"]["name"]: b for b in of_kind(manifests, "RoleBinding")}
+    assert bindings[consumers["metadata"]["name"]]["subjects"] == [
+        {"kind": "ServiceAccount", "name": service_account, "namespace": release_ns}
+    ]
+
+    # Applied to a real API server: the worker's account lists pods and ingresses there (and
+    # still nothing more on secrets); without the Role the same listing says it may not.
+    server_side_apply(admin, plain)
+    token = request_token(admin, cluster, release_ns, service_account)
+    kube = KubeClient(_token_client(cluster, token), retry=RetryPolicy(attempts=1))
+    unknown = list_consumers(kube, target, "app-tls")
+    assert (unknown.pods_unknown, unknown.ingresses_unknown) == (NO_LIST_PERMISSION,) * 2
+    server_side_apply(admin, manifests)
+    known = list_consumers(kube, target, "app-tls")
+    assert (known.pods_unknown, known.ingresses_unknown) == (None, None)
+    core = client.CoreV1Api(_token_client(cluster, token))
+    assert _status(lambda: core.list_namespaced_secret(target)) == 403
+    assert _status(lambda: core.list_namespaced_pod(release_ns)) == 403

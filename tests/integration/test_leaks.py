@@ -329,6 +329,35 @@ def suite(
             _seed(fleet, lambda c: admins[c.name], ["denied"])
             service.add_group_targets(pipe.runtime, f"{namespace}-group", ["denied"])
 
+            # Output formats (issue 14 §4): a target writing tls-combined.pem (the key again)
+            # and keystore.p12, whose password is stored through the CLI.
+            pkcs12_password = os.urandom(18).hex().encode()
+            needles.add_value("PKCS#12 password", pkcs12_password)
+            cli_output["add-pkcs12-password"] = _cli(
+                env, "credentials", "add-pkcs12-password", "java-ks", "--stdin",
+                stdin=pkcs12_password + b"\n",
+            )[1]  # fmt: skip
+            java_ns = f"leak-java-{uuid.uuid4().hex[:4]}"
+            java = create_service_account(
+                admins[clusters[0].name], clusters[0], java_ns, SPEC_MINIMUM_RULES, None
+            )
+            needles.add_value("token java", java.token.encode())
+            service.add_kubeconfig_credential(pipe.runtime, "java", java.kubeconfig.encode())
+            service.create_target(
+                pipe.runtime,
+                service.TargetSpec(
+                    name="java",
+                    namespace=java_ns,
+                    credential="java",
+                    secret_name="java-tls",
+                    combined_pem=True,
+                    pkcs12_password_credential="java-ks",
+                ),
+                check=False,
+            )
+            fleet.placement["java"] = (clusters[0], java_ns, "java-tls")
+            service.add_group_targets(pipe.runtime, f"{namespace}-group", ["java"])
+
             hmac_secret = os.urandom(24).hex().encode()
             needles.add_value("webhook HMAC secret", hmac_secret)
             receiver = WebhookReceiver()
@@ -399,6 +428,7 @@ def suite(
                 ("distributions", "list"),
                 ("groups", "list"),
                 ("targets", "show", "denied"),
+                ("targets", "show", "java"),
             ):
                 cli_output[" ".join(command)] = _cli(env, *command)[1]
             # Late duplicates land in Redis too.
@@ -514,6 +544,9 @@ def test_the_suite_exercised_every_path_it_claims(suite: Suite) -> None:
     assert suite.redis_monitor.count(b"LPUSH") >= 10, "MONITOR saw no messages"
     assert b"cap.kube.target" in suite.flower["/api/tasks"]
     assert len(suite.needles.named) >= 8
+    # The formats target was written (its keystore built and its password used).
+    java = [r for report in suite.runs.values() for r in report.results if r.target_name == "java"]
+    assert {"created", "updated"} <= {r.status for r in java}, java
     # The search sees through the encodings secrets would travel in (base64 JSON bodies).
     key = suite.pipe.env["CAP_KEK"].encode()
     wrapped = base64.b64encode(json.dumps({"body": key.decode()}).encode())

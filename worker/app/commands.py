@@ -28,7 +28,14 @@ from worker.app.webhook import WebhookError, check_webhook_url
 from worker.core.bundle import TlsBundle, build_bundle, certificate_names, name_change
 from worker.core.crypto import UnknownKeyError
 from worker.core.fanout import FanoutConfigError, parse_batch_size, parse_failure_threshold
-from worker.core.limits import WEBHOOK_SECRET, WEBHOOK_URL, check_name, check_size
+from worker.core.formats import KeystorePasswordError, check_keystore_password
+from worker.core.limits import (
+    PKCS12_PASSWORD,
+    WEBHOOK_SECRET,
+    WEBHOOK_URL,
+    check_name,
+    check_size,
+)
 from worker.core.names import (
     CERTIFICATE_VARIABLES,
     DEFAULT_SECRET_NAME_TEMPLATE,
@@ -89,6 +96,26 @@ def add_webhook_secret(rt: Runtime, name: str, secret: bytes) -> str:
     with rt.session() as session:
         credential = queries.store_credential(
             session, rt.sealer, name, CredentialKind.WEBHOOK_HMAC, secret
+        )
+        return credential.id
+
+
+def add_pkcs12_password(rt: Runtime, name: str, password: bytes) -> str:
+    """Store the password of targets' PKCS#12 keystores (sealed); returns its id.
+
+    Refused (nothing stored) unless Java's keytool would accept it: at least 6 printable ASCII
+    characters. Replacing it later (``replace_credential_secret``) makes every target using it
+    write a new keystore on its next execute: the live one no longer opens with it.
+    """
+    check_name("credential", name)
+    check_size(PKCS12_PASSWORD, password, f"PKCS#12 password {name!r}")
+    try:
+        check_keystore_password(password, what=f"PKCS#12 password {name!r}")
+    except KeystorePasswordError as exc:
+        raise ServiceError(str(exc)) from None
+    with rt.session() as session:
+        credential = queries.store_credential(
+            session, rt.sealer, name, CredentialKind.PKCS12_PASSWORD, password
         )
         return credential.id
 
@@ -192,6 +219,10 @@ class TargetSpec:
     variables: Mapping[str, Any] = field(default_factory=dict)
     pool: str = DEFAULT_POOL
     """The worker pool that processes the target (in-cluster: a pool running in its cluster)."""
+    combined_pem: bool = False
+    """Also write ``tls-combined.pem`` (key + leaf + chain, for HAProxy and similar)."""
+    pkcs12_password_credential: str | None = None
+    """A ``pkcs12_password`` credential (name or id): also write ``keystore.p12`` with it."""
 
 
 def create_target(
@@ -239,6 +270,7 @@ def create_target(
                 # Refuse a kubeconfig the connection code would refuse, at save time.
                 kubeconfig = queries.reveal_credential(session, rt.sealer, credential_id)
                 vet_kubeconfig(kubeconfig, allow_insecure=spec.allow_insecure)
+        pkcs12_credential_id = _pkcs12_credential(session, spec)
         target = queries.create_target(
             session,
             name=spec.name,
@@ -252,6 +284,8 @@ def create_target(
             allow_system_namespace=spec.allow_system_namespace,
             variables=dict(spec.variables),
             pool=spec.pool,
+            combined_pem=spec.combined_pem,
+            pkcs12_credential_id=pkcs12_credential_id,
         )
         target_id = target.id
     report = (
@@ -260,6 +294,21 @@ def create_target(
         else None
     )
     return target_id, report
+
+
+def _pkcs12_credential(session: Any, spec: TargetSpec) -> str | None:
+    """The id of the target's PKCS#12 password credential; a missing one is refused by name."""
+    if spec.pkcs12_password_credential is None:
+        return None
+    try:
+        return resolve_credential(session, spec.pkcs12_password_credential)
+    except queries.NotFoundError:
+        raise ServiceError(
+            f"target {spec.name!r}: PKCS#12 password credential "
+            f"{spec.pkcs12_password_credential!r} does not exist; store it first with "
+            f"`certautopilot credentials add-pkcs12-password "
+            f"{spec.pkcs12_password_credential}` (nothing was saved)"
+        ) from None
 
 
 def _refuse_a_known_system_namespace(spec: TargetSpec) -> None:

@@ -69,6 +69,7 @@ from worker.app.webhook import redeliver_webhook, run_webhook
 from worker.core.bundle import BundleError, TlsBundle, build_bundle
 from worker.core.crypto import CryptoError
 from worker.core.fanout import FanoutConfigError, decide_after_batch, plan_batches
+from worker.core.formats import output_formats
 from worker.core.names import (
     SystemNamespaceRefused,
     TemplateError,
@@ -80,6 +81,7 @@ from worker.core.names import (
 from worker.core.secret import desired_secret
 from worker.core.snapshot import PreviousSecret
 from worker.kube.client import KubeClient
+from worker.kube.consumers import list_consumers
 from worker.kube.deploy import DeployOutcome, deploy_secret, rollback_secret
 from worker.kube.errors import KubeError
 from worker.platform.logs import log_context
@@ -189,6 +191,15 @@ class TargetJob:
     """The target's sealed kubeconfig, to find the cached client without another query."""
     snapshot_final: bool = False
     """A final rollback snapshot (one our write landed after) existed at the claim."""
+    pkcs12_envelope: bytes | None = field(default=None, repr=False)
+    """The sealed password of the target's PKCS#12 keystore (None: no keystore)."""
+
+    def keystore_password(self, rt: Runtime) -> bytes | None:
+        """The target's PKCS#12 password, unsealed now (None when it writes no keystore)."""
+        credential_id = self.target.pkcs12_credential_id
+        if credential_id is None or self.pkcs12_envelope is None:
+            return None
+        return queries.unseal_credential(rt.sealer, credential_id, self.pkcs12_envelope)
 
     @property
     def pool(self) -> str:
@@ -407,6 +418,7 @@ def _claim(rt: Runtime, run_id: str, target_ids: Sequence[str]) -> list[TargetJo
                 claimed_at=now,
                 credential_envelope=loaded_target.credential_envelope,
                 snapshot_final=loaded_target.snapshot_final,
+                pkcs12_envelope=loaded_target.pkcs12_envelope,
             )
         )
     return jobs
@@ -441,6 +453,10 @@ def _perform(
             deployed = _deploy(rt, job, client, bundle, outcome.namespace, outcome.secret_name)
         outcome.status = _result_status(job.action, deployed.action)
         outcome.diff = deployed.diff.to_dict() if deployed.diff is not None else None
+        if job.action is RunAction.DRY_RUN and outcome.diff is not None:
+            # Who picks the change up (volume mounts) and who needs a restart (env, subPath).
+            consumers = list_consumers(client, outcome.namespace, outcome.secret_name)
+            outcome.diff["consumers"] = consumers.to_dict()
         outcome.resource_version = deployed.resource_version
     except KubeError as exc:
         outcome.error_reason, outcome.error_message = exc.reason, str(exc)
@@ -546,6 +562,7 @@ def _deploy(
     namespace: str,
     secret_name: str,
 ) -> DeployOutcome:
+    keystore_password = job.keystore_password(rt)
     desired = desired_secret(
         name=secret_name,
         namespace=namespace,
@@ -554,6 +571,9 @@ def _deploy(
         ca_crt=bundle.ca_crt() if job.target.include_ca else None,
         leaf=bundle.leaf,
         distribution_id=job.distribution_id,
+        extra_data=output_formats(
+            bundle, combined=job.target.combined_pem, keystore_password=keystore_password
+        ),
     )
     dry_run = job.action is RunAction.DRY_RUN
     store = (
@@ -568,6 +588,7 @@ def _deploy(
         server_dry_run=rt.settings.kube.server_dry_run,
         adopt_unmanaged=job.target.adopt_unmanaged,
         snapshot_store=store,
+        keystore_password=keystore_password,
     )
     if store is not None and outcome.action in ("created", "updated", "unchanged"):
 
@@ -605,6 +626,7 @@ def _rollback(
         previous=PreviousSecret.from_dict(previous),
         written_fingerprint=written_fingerprint,
         force=bool(job.options.get("force", False)),
+        keystore_password=job.keystore_password(rt),
     )
 
     def reopen_snapshot() -> None:

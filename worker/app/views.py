@@ -271,6 +271,10 @@ class TargetView:
     groups: tuple[str, ...]
     pool: str = "default"
     cluster_identity: str | None = None
+    combined_pem: bool = False
+    """Writes ``tls-combined.pem`` too."""
+    pkcs12_password_credential: str | None = None
+    """Name of the credential whose password encrypts ``keystore.p12`` (None: no keystore)."""
 
 
 def _target_view(session: Session, row: Target) -> TargetView:
@@ -298,6 +302,12 @@ def _target_view(session: Session, row: Target) -> TargetView:
         groups=tuple(groups),
         pool=row.pool,
         cluster_identity=row.cluster_identity,
+        combined_pem=row.combined_pem,
+        pkcs12_password_credential=(
+            queries.get_credential(session, row.pkcs12_credential_id).name
+            if row.pkcs12_credential_id is not None
+            else None
+        ),
     )
 
 

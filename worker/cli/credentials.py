@@ -12,9 +12,9 @@ from worker.cli.context import runtime
 from worker.cli.errors import handled
 from worker.cli.inputs import read_input
 from worker.cli.output import OutputFormat, format_time
-from worker.core.limits import KUBECONFIG, WEBHOOK_SECRET
+from worker.core.limits import KUBECONFIG, PKCS12_PASSWORD, WEBHOOK_SECRET
 
-app = new_typer("Module credentials: kubeconfigs and webhook secrets.")
+app = new_typer("Module credentials: kubeconfigs, webhook secrets and PKCS#12 passwords.")
 
 
 @app.command("add-kubeconfig")
@@ -59,6 +59,32 @@ def add_webhook_secret(
     with runtime() as rt:
         credential_id = store(rt, name, secret)
     say(f"stored webhook secret {name!r} (id {credential_id})")
+
+
+@app.command("add-pkcs12-password")
+@handled
+def add_pkcs12_password(
+    name: Annotated[str, typer.Argument(help="Credential name, e.g. java-keystore.")],
+    file: Annotated[
+        Path | None, typer.Option("--file", help="File holding the password; - for stdin.")
+    ] = None,
+    stdin: Annotated[bool, typer.Option("--stdin", help="Read the password from stdin.")] = False,
+) -> None:
+    """Store the password of PKCS#12 keystores (keystore.p12) written for Java consumers.
+
+    At least 6 printable ASCII characters (trailing newline dropped). Targets name it with
+    `targets add --pkcs12-password-credential NAME`.
+
+    \b
+    Examples:
+      openssl rand -base64 24 | certautopilot credentials add-pkcs12-password java-ks --stdin
+    """
+    from worker.app.service import add_pkcs12_password as store
+
+    password = read_input(file, stdin, "PKCS#12 password", PKCS12_PASSWORD).rstrip(b"\r\n")
+    with runtime() as rt:
+        credential_id = store(rt, name, password)
+    say(f"stored PKCS#12 password {name!r} (id {credential_id})")
 
 
 @app.command("list")

@@ -31,7 +31,9 @@ from rich.table import Table
 from rich.text import Text
 
 from models.enums import ResultStatus, RunState
+from worker.core.consumers import consumers_from_dict, render_consumers
 from worker.core.secret import (
+    BundleSummary,
     CertificateSummary,
     DataEntry,
     KeySummary,
@@ -256,10 +258,19 @@ def format_time(moment: datetime | None) -> str:
 
 def _summary_from_dict(
     data: Mapping[str, Any] | None,
-) -> CertificateSummary | KeySummary | OpaqueSummary | None:
-    # The three summary kinds have disjoint fields; see the to_dict() methods in kube/secret.
+) -> CertificateSummary | KeySummary | OpaqueSummary | BundleSummary | None:
+    # The summary kinds have disjoint fields; see the to_dict() methods in core/secret.
     if data is None:
         return None
+    if "format" in data:  # a combined PEM or keystore (checked first: it has a key digest too)
+        certificate = _summary_from_dict(data.get("certificate"))
+        return BundleSummary(
+            kind=str(data["format"]),
+            size=int(data.get("size") or 0),
+            certificate=certificate if isinstance(certificate, CertificateSummary) else None,
+            public_key_sha256=data.get("public_key_sha256"),
+            error=data.get("error"),
+        )
     if "public_key_sha256" in data:
         return KeySummary(data.get("public_key_sha256"), data.get("error"))
     if "size" in data:
@@ -308,8 +319,13 @@ def diff_from_dict(data: Mapping[str, Any]) -> SecretDiff:
 def render_diff_dict(
     data: Mapping[str, Any], *, dry_run: bool = True, adopt_unmanaged: bool | None = None
 ) -> str:
-    """The operator-readable diff text for a stored diff dict (no key material)."""
-    return render_diff(diff_from_dict(data), dry_run=dry_run, adopt_unmanaged=adopt_unmanaged)
+    """The operator-readable diff text for a stored diff dict (no key material), followed by
+    the Secret's consumers when the dry-run listed them."""
+    text = render_diff(diff_from_dict(data), dry_run=dry_run, adopt_unmanaged=adopt_unmanaged)
+    consumers = data.get("consumers")
+    if isinstance(consumers, Mapping):
+        text += "\n" + "\n".join(render_consumers(consumers_from_dict(consumers)))
+    return text
 
 
 def diff_summary(data: Mapping[str, Any] | None) -> str:
@@ -335,6 +351,11 @@ def diff_summary(data: Mapping[str, Any] | None) -> str:
                 text += f" (serial {after})"
     if data.get("unmanaged"):
         text += "; the Secret was not created by CertAutoPilot"
+    consumers = data.get("consumers")
+    if isinstance(consumers, Mapping):
+        restart = consumers_from_dict(consumers).restart_needed
+        if restart:
+            text += f"; {len(restart)} pod(s) need a restart to see it"
     return text
 
 

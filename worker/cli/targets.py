@@ -81,6 +81,21 @@ def add(
             "its cluster; for --in-cluster, a pool running in that cluster).",
         ),
     ] = "default",
+    combined_pem: Annotated[
+        bool,
+        typer.Option(
+            "--combined-pem",
+            help="Also write tls-combined.pem (key + leaf + chain, for HAProxy and similar).",
+        ),
+    ] = False,
+    pkcs12_password_credential: Annotated[
+        str | None,
+        typer.Option(
+            "--pkcs12-password-credential",
+            help="Also write keystore.p12 (PKCS#12 for Java, alias 'tls') encrypted with the "
+            "password in this credential (see `credentials add-pkcs12-password`).",
+        ),
+    ] = None,
     no_check: Annotated[bool, typer.Option("--no-check", help="Skip the health check.")] = False,
     check_timeout: CheckTimeoutOption = 30.0,
     output: OutputOption = OutputFormat.TABLE,
@@ -93,6 +108,8 @@ def add(
       certautopilot targets add edge-eu --namespace ingress --kubeconfig-credential prod-eu
       certautopilot targets add tenant --namespace '{{ .tenant }}-edge' --var tenant=acme \\
         --kubeconfig-credential prod-eu --adopt-unmanaged
+      certautopilot targets add java-app --namespace apps --kubeconfig-credential prod-eu \\
+        --combined-pem --pkcs12-password-credential java-ks
     """
     from models.enums import ConnectionMode
     from worker.app.service import TargetSpec, create_target, get_target
@@ -114,6 +131,8 @@ def add(
         allow_system_namespace=allow_system_namespace,
         variables=variables(var),
         pool=pool,
+        combined_pem=combined_pem,
+        pkcs12_password_credential=pkcs12_password_credential,
     )
     with runtime() as rt:
         target_id, result = create_target(
@@ -213,6 +232,13 @@ def show(
         ("namespace", view.namespace),
         ("secret name", view.secret_name),
         ("include ca.crt", str(view.include_ca)),
+        ("tls-combined.pem", str(view.combined_pem)),
+        (
+            "keystore.p12",
+            f"password from credential {view.pkcs12_password_credential!r}"
+            if view.pkcs12_password_credential
+            else "False",
+        ),
         ("adopt unmanaged", str(view.adopt_unmanaged)),
         ("allow system namespace", str(view.allow_system_namespace)),
         ("allow insecure", str(view.allow_insecure)),

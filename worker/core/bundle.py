@@ -183,7 +183,7 @@ def public_key_fingerprint_of_private_key(
     """SHA-256 (hex) of the key's SubjectPublicKeyInfo DER: same value as CertificateInfo's."""
     _check_size("key", key_pem)
     key, _ = _parse_private_key(key_pem, passphrase)
-    return _spki_sha256(key.public_key())
+    return spki_sha256(key.public_key())
 
 
 @dataclass(frozen=True)
@@ -260,14 +260,14 @@ def build_bundle(
     everything = [*given, *extra]
     _reject_too_many(everything)
     _reject_duplicates(everything)
-    key_spki = _spki_sha256(key.public_key())
+    key_spki = spki_sha256(key.public_key())
     leaf = _find_leaf(given, everything, key_spki)
-    if _spki_sha256(leaf.cert.public_key()) != key_spki:
+    if spki_sha256(leaf.cert.public_key()) != key_spki:
         raise BundleError(
             "key",
             "key-mismatch",
             f"does not belong to the leaf certificate {leaf.subject!r} (the leaf's public key "
-            f"SHA-256 is {_spki_sha256(leaf.cert.public_key())[:16]}..., the key's is "
+            f"SHA-256 is {spki_sha256(leaf.cert.public_key())[:16]}..., the key's is "
             f"{key_spki[:16]}...)",
             "supply the private key that was generated with this certificate's request, or the "
             "certificate that was issued for this key",
@@ -586,7 +586,7 @@ def _find_leaf(given: Sequence[_Cert], everything: Sequence[_Cert], key_spki: st
     if len(candidates) > 1:
         # Two end-entity certificates: the private key tells which one is meant, and the
         # other is then reported as unrelated by the chain ordering.
-        matching = [c for c in candidates if _spki_sha256(c.cert.public_key()) == key_spki]
+        matching = [c for c in candidates if spki_sha256(c.cert.public_key()) == key_spki]
         if len(matching) == 1:
             return matching[0]
         subjects = ", ".join(repr(c.subject) for c in candidates)
@@ -747,7 +747,7 @@ def _describe(cert: x509.Certificate) -> CertificateInfo:
         sha256_fingerprint=hashlib.sha256(
             cert.public_bytes(serialization.Encoding.DER)
         ).hexdigest(),
-        public_key_sha256=_spki_sha256(cert.public_key()),
+        public_key_sha256=spki_sha256(cert.public_key()),
         key_type=_key_type(cert.public_key()),
     )
 
@@ -769,7 +769,7 @@ def _key_type(public_key: PublicKeyTypes) -> str:
     return type(public_key).__name__.removeprefix("_").replace("PublicKey", "")
 
 
-def _spki_sha256(public_key: PublicKeyTypes) -> str:
+def spki_sha256(public_key: PublicKeyTypes) -> str:
     der = public_key.public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )

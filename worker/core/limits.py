@@ -29,6 +29,7 @@ variable value    1024 chars    a target or group variable ends up in a name of 
 webhook URL       2048 chars    real webhook URLs are under 300 characters; 2048 is what
                                 every HTTP server and proxy accepts.
 webhook secret    1 KiB         an HMAC key needs 32-64 random bytes.
+PKCS#12 password  1 KiB         a keystore password is 6-64 printable characters.
 ================  ============  ===========================================================
 
 Kubeconfig YAML is further bounded in shape (``kube.connect`` enforces these while parsing):
@@ -47,6 +48,7 @@ __all__ = [
     "KUBECONFIG",
     "MAX_NAME_LENGTH",
     "PEM_FILE",
+    "PKCS12_PASSWORD",
     "TEMPLATE",
     "VARIABLE_VALUE",
     "WEBHOOK_SECRET",
@@ -119,6 +121,12 @@ WEBHOOK_SECRET: Final = Limit(
     1 * KiB,
     "bytes",
     "use 32-64 random bytes, e.g. `openssl rand -hex 32`",
+)
+PKCS12_PASSWORD: Final = Limit(
+    "PKCS#12 password",
+    1 * KiB,
+    "bytes",
+    "use 16-64 random printable characters, e.g. `openssl rand -base64 24`",
 )
 
 YAML_MAX_DEPTH: Final = 20

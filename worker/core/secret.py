@@ -7,6 +7,12 @@ under ``certautopilot.io/`` — everything else belongs to someone else and is k
 
 Nothing here talks to the network or the clock, and no function puts key material into its
 output: the diff shows a private key only as the SHA-256 of its public key.
+
+A target's extra output formats (:mod:`worker.core.formats`) are more data keys of the same
+Secret, so the diff, the no-write rule, the snapshot and rollback treat them like the
+standard keys. A PKCS#12 keystore is the one value whose bytes differ at each build: before
+comparing, :func:`reuse_equal_keystore` puts the live keystore's bytes into the desired
+Secret when it opens with the current password and holds the same key and chain.
 """
 
 from __future__ import annotations
@@ -26,6 +32,13 @@ from worker.core.bundle import (
     describe_certificates,
     public_key_fingerprint_of_private_key,
 )
+from worker.core.formats import (
+    COMBINED_PEM_KEY,
+    KEYSTORE_KEY,
+    OpenedKeystore,
+    open_keystore,
+    split_combined_pem,
+)
 from worker.core.lru import LruCache
 
 __all__ = [
@@ -39,6 +52,7 @@ __all__ = [
     "MANAGED_BY_VALUE",
     "MAX_SECRET_DATA_BYTES",
     "TLS_SECRET_TYPE",
+    "BundleSummary",
     "CertificateSummary",
     "DataEntry",
     "KeySummary",
@@ -52,6 +66,7 @@ __all__ = [
     "is_managed",
     "prepare_update",
     "render_diff",
+    "reuse_equal_keystore",
     "secret_content_equal",
     "secret_manifest",
 ]
@@ -98,11 +113,16 @@ def desired_secret(
     ca_crt: bytes | None,
     leaf: CertificateInfo,
     distribution_id: str,
+    extra_data: Mapping[str, bytes] | None = None,
 ) -> dict[str, Any]:
-    """Return the manifest (JSON-able dict) of the Secret we want (see :func:`data_size`)."""
+    """Return the manifest (JSON-able dict) of the Secret we want (see :func:`data_size`).
+
+    ``extra_data``: the target's extra output formats (``tls-combined.pem``, ``keystore.p12``).
+    """
     data = {"tls.crt": tls_crt, "tls.key": tls_key}
     if ca_crt is not None:
         data["ca.crt"] = ca_crt
+    data.update(extra_data or {})
     return secret_manifest(
         name=name,
         namespace=namespace,
@@ -307,7 +327,32 @@ class OpaqueSummary:
         return {"size": self.size}
 
 
-Summary = CertificateSummary | KeySummary | OpaqueSummary
+@dataclass(frozen=True)
+class BundleSummary:
+    """A value holding a key and certificates (combined PEM, PKCS#12 keystore), no key material.
+
+    ``kind`` is "combined_pem" or "pkcs12"; ``error`` says why it could not be read (for a
+    keystore: it does not open with the target's current password, or is no PKCS#12).
+    """
+
+    kind: str
+    size: int
+    certificate: CertificateSummary | None
+    public_key_sha256: str | None
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the JSON-able form."""
+        return {
+            "format": self.kind,
+            "size": self.size,
+            "certificate": self.certificate.to_dict() if self.certificate else None,
+            "public_key_sha256": self.public_key_sha256,
+            "error": self.error,
+        }
+
+
+Summary = CertificateSummary | KeySummary | OpaqueSummary | BundleSummary
 Change = Literal["added", "removed", "changed", "unchanged"]
 
 
@@ -381,12 +426,92 @@ class SecretDiff:
         }
 
 
-def _summary(key: str, value: bytes) -> Summary:
+def _summary(key: str, value: bytes, keystore_password: bytes | None) -> Summary:
     if key in _CERT_KEYS:
         return _cached_summary(CertificateSummary, value)
     if key in _KEY_KEYS:
         return _cached_summary(KeySummary, value)
+    if key == COMBINED_PEM_KEY:
+        return _combined_pem_summary(value)
+    if key == KEYSTORE_KEY:
+        return _keystore_summary(value, keystore_password)
     return OpaqueSummary(len(value))
+
+
+def _combined_pem_summary(value: bytes) -> BundleSummary:
+    key_pem, certs_pem = split_combined_pem(value)
+    key = _cached_summary(KeySummary, key_pem)
+    certificate = _cached_summary(CertificateSummary, certs_pem)
+    assert isinstance(key, KeySummary) and isinstance(certificate, CertificateSummary)
+    problems = [p for p in (certificate.error, key.error) if p]
+    error = f"not a combined PEM: {'; '.join(problems)}" if problems else None
+    return BundleSummary("combined_pem", len(value), certificate, key.public_key_sha256, error)
+
+
+#: Keystores opened lately, by (SHA-256 of the bytes, SHA-256 of the password): every target
+#: of a run opens the same live keystore, and each open costs a key derivation.
+#: A miss that did not open is cached too (as ``(None,)``).
+_KEYSTORES: LruCache[tuple[bytes, bytes], tuple[OpenedKeystore | None]] = LruCache(64)
+
+
+def _opened_keystore(value: bytes, password: bytes) -> OpenedKeystore | None:
+    cache_key = (hashlib.sha256(value).digest(), hashlib.sha256(password).digest())
+    hit = _KEYSTORES.get(cache_key)
+    if hit is not None:
+        return hit[0]
+    opened = open_keystore(value, password)
+    _KEYSTORES.put(cache_key, (opened,))
+    return opened
+
+
+def _keystore_summary(value: bytes, password: bytes | None) -> BundleSummary:
+    if password is None:
+        return BundleSummary("pkcs12", len(value), None, None, "not opened (no password given)")
+    opened = _opened_keystore(value, password)
+    if opened is None:
+        return BundleSummary(
+            "pkcs12",
+            len(value),
+            None,
+            None,
+            "does not open with the target's current password (the password credential "
+            "changed, or it is not a PKCS#12 keystore)",
+        )
+    certificate = _cached_summary(CertificateSummary, opened.certificates_pem)
+    assert isinstance(certificate, CertificateSummary)
+    return BundleSummary(
+        "pkcs12", len(value), certificate, opened.content.public_key_sha256, certificate.error
+    )
+
+
+def reuse_equal_keystore(
+    live: Mapping[str, Any] | None, desired: dict[str, Any], password: bytes | None
+) -> dict[str, Any]:
+    """Return ``desired`` with the live ``keystore.p12`` bytes when both hold the same content.
+
+    PKCS#12 output is randomized (salts, IVs), so a freshly built keystore never equals the
+    live one byte for byte. When the live keystore opens with the *current* password and holds
+    the same key, certificates and alias as the desired one, the live bytes are kept (and the
+    content hash annotation recomputed): the no-write-when-unchanged rule then holds. A live
+    keystore that does not open with the current password (the password credential changed)
+    is different content, so the new keystore is written.
+    """
+    live_value = decoded_data(live).get(KEYSTORE_KEY) if live is not None else None
+    wanted = decoded_data(desired).get(KEYSTORE_KEY)
+    if password is None or live_value is None or wanted is None or live_value == wanted:
+        return desired
+    live_opened = _opened_keystore(live_value, password)
+    wanted_opened = _opened_keystore(wanted, password)
+    if live_opened is None or wanted_opened is None:
+        return desired
+    if live_opened.content != wanted_opened.content:
+        return desired
+    settled = copy.deepcopy(desired)
+    settled["data"][KEYSTORE_KEY] = _b64(live_value)
+    annotations = settled["metadata"].get("annotations") or {}
+    if ANN_CONTENT_SHA256 in annotations:
+        annotations[ANN_CONTENT_SHA256] = content_sha256(decoded_data(settled))
+    return settled
 
 
 #: Summaries of the certificates and keys diffed lately, by (kind, SHA-256 of the PEM).
@@ -405,13 +530,16 @@ def _cached_summary(kind: type[CertificateSummary] | type[KeySummary], value: by
     return summary
 
 
-def _data_entries(old: Mapping[str, bytes], new: Mapping[str, bytes]) -> tuple[DataEntry, ...]:
-    order = [k for k in ("tls.crt", "tls.key", "ca.crt") if k in old or k in new]
+def _data_entries(
+    old: Mapping[str, bytes], new: Mapping[str, bytes], keystore_password: bytes | None
+) -> tuple[DataEntry, ...]:
+    standard = ("tls.crt", "tls.key", "ca.crt", COMBINED_PEM_KEY, KEYSTORE_KEY)
+    order = [k for k in standard if k in old or k in new]
     order += sorted((set(old) | set(new)) - set(order))
     entries = []
     for key in order:
-        before = _summary(key, old[key]) if key in old else None
-        after = _summary(key, new[key]) if key in new else None
+        before = _summary(key, old[key], keystore_password) if key in old else None
+        after = _summary(key, new[key], keystore_password) if key in new else None
         if before is None:
             change: Change = "added"
         elif after is None:
@@ -430,8 +558,16 @@ def _meta_changes(old: Mapping[str, str], new: Mapping[str, str]) -> tuple[MetaC
     )
 
 
-def diff_secrets(live: Mapping[str, Any] | None, desired: Mapping[str, Any]) -> SecretDiff:
-    """Return what writing ``desired`` over ``live`` (None = absent) would change."""
+def diff_secrets(
+    live: Mapping[str, Any] | None,
+    desired: Mapping[str, Any],
+    *,
+    keystore_password: bytes | None = None,
+) -> SecretDiff:
+    """Return what writing ``desired`` over ``live`` (None = absent) would change.
+
+    ``keystore_password`` opens ``keystore.p12`` values to describe them (key never shown).
+    """
     meta = _metadata(desired)
     new_type = str(desired.get("type") or "")
     if live is None:
@@ -443,7 +579,7 @@ def diff_secrets(live: Mapping[str, Any] | None, desired: Mapping[str, Any]) -> 
             immutable=False,
             old_type=None,
             new_type=new_type,
-            data=_data_entries({}, decoded_data(desired)),
+            data=_data_entries({}, decoded_data(desired), keystore_password),
             labels=_meta_changes({}, _labels(desired)),
             annotations=_meta_changes({}, _annotations(desired)),
             live_resource_version=None,
@@ -458,7 +594,7 @@ def diff_secrets(live: Mapping[str, Any] | None, desired: Mapping[str, Any]) -> 
         immutable=live.get("immutable") is True,
         old_type=str(live.get("type") or "Opaque"),
         new_type=new_type,
-        data=_data_entries(decoded_data(live), decoded_data(desired)),
+        data=_data_entries(decoded_data(live), decoded_data(desired), keystore_password),
         labels=_meta_changes(_labels(live), _labels(body)),
         annotations=_meta_changes(_annotations(live), _annotations(body)),
         live_resource_version=live_meta.get("resourceVersion"),
@@ -488,14 +624,39 @@ def _render_entry(entry: DataEntry) -> list[str]:
         before, after = old.public_key_sha256 or old.error, new.public_key_sha256 or new.error
         return [f"{head} (public key sha256 {_arrow(before, after)})"]
     if isinstance(old, CertificateSummary) and isinstance(new, CertificateSummary):
-        lines = [head]
-        for label, attr in _CERT_FIELDS:
-            before, after = getattr(old, attr), getattr(new, attr)
-            if attr != "error" or before is not None or after is not None:
-                lines.append(f"      {label:<13}{_arrow(before, after)}")
-        return lines
+        return [head, *_certificate_lines(old, new)]
+    if isinstance(old, BundleSummary) and isinstance(new, BundleSummary):
+        return _render_bundle(head, old, new)
     sizes = _arrow(getattr(old, "size", None), getattr(new, "size", None))
     return [f"{head} ({sizes} bytes)"]
+
+
+def _certificate_lines(old: CertificateSummary, new: CertificateSummary) -> list[str]:
+    lines = []
+    for label, attr in _CERT_FIELDS:
+        before, after = getattr(old, attr), getattr(new, attr)
+        if attr != "error" or before is not None or after is not None:
+            lines.append(f"      {label:<13}{_arrow(before, after)}")
+    return lines
+
+
+_NO_CERTIFICATE = CertificateSummary(None, (), None, None, None, None, 0)
+
+
+def _render_bundle(head: str, old: BundleSummary, new: BundleSummary) -> list[str]:
+    # Key and certificates as for tls.key and tls.crt; a value that could not be read says why.
+    label = {"combined_pem": "key + leaf + chain", "pkcs12": "PKCS#12, key + leaf + chain"}
+    sizes = _arrow(old.size, new.size)
+    lines = [f"{head} ({label.get(new.kind, new.kind)}, {sizes} bytes)"]
+    if old.certificate is not None or new.certificate is not None:
+        lines += _certificate_lines(
+            old.certificate or _NO_CERTIFICATE, new.certificate or _NO_CERTIFICATE
+        )
+    lines.append(f"      {'key sha256':<13}{_arrow(old.public_key_sha256, new.public_key_sha256)}")
+    problems = _arrow(old.error, new.error)
+    if old.error is not None or new.error is not None:
+        lines.append(f"      {'problem':<13}{problems}")
+    return lines
 
 
 _CERT_FIELDS = (

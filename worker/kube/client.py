@@ -54,6 +54,9 @@ __all__ = ["FIELD_MANAGER", "AccessReview", "KubeClient", "RetryPolicy", "retry_
 #: Recorded in managedFields so `kubectl get -o yaml --show-managed-fields` names us.
 FIELD_MANAGER = "certautopilot"
 
+#: Objects per page of a list (pods, ingresses): bounds one answer's size in a big namespace.
+LIST_PAGE_SIZE = 500
+
 #: Used when the ApiClient was not built by connect.build_api_client (tests' admin client).
 DEFAULT_TIMEOUT = (5.0, 15.0)
 
@@ -234,6 +237,30 @@ class KubeClient:
             allowed=bool(status.get("allowed")),
             reason=str(status.get("reason") or status.get("evaluationError") or ""),
         )
+
+    def list_pods(self, namespace: str) -> list[dict[str, Any]]:
+        """Return every Pod of the namespace (paged, ``LIST_PAGE_SIZE`` per request)."""
+        return self._list("/api/v1/namespaces/{namespace}/pods", "pods", namespace)
+
+    def list_ingresses(self, namespace: str) -> list[dict[str, Any]]:
+        """Return every networking.k8s.io/v1 Ingress of the namespace (paged)."""
+        return self._list(
+            "/apis/networking.k8s.io/v1/namespaces/{namespace}/ingresses", "ingresses", namespace
+        )
+
+    def _list(self, path: str, resource: str, namespace: str) -> list[dict[str, Any]]:
+        op = Operation("list", resource, namespace, None, self.server)
+        items: list[dict[str, Any]] = []
+        token = ""
+        while True:
+            query = [("limit", str(LIST_PAGE_SIZE))] + ([("continue", token)] if token else [])
+            page = self._required(
+                self._call("GET", path, {"namespace": namespace}, op=op, query=query), op
+            )
+            items += [item for item in page.get("items") or () if isinstance(item, dict)]
+            token = str((page.get("metadata") or {}).get("continue") or "")
+            if not token:
+                return items
 
     # --- plumbing -------------------------------------------------------------------------
 

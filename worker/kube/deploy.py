@@ -40,6 +40,7 @@ from worker.core.secret import (
     decoded_data,
     diff_secrets,
     prepare_update,
+    reuse_equal_keystore,
 )
 from worker.core.snapshot import PreviousSecret
 from worker.kube.client import KubeClient
@@ -248,8 +249,14 @@ def deploy_secret(
     adopt_unmanaged: bool,
     snapshot_store: SnapshotStore | None,
     max_conflict_retries: int = MAX_CONFLICT_RETRIES,
+    keystore_password: bytes | None = None,
 ) -> DeployOutcome:
-    """Make the live Secret equal ``desired`` (or, in a dry run, say what that would do)."""
+    """Make the live Secret equal ``desired`` (or, in a dry run, say what that would do).
+
+    ``keystore_password``: the target's PKCS#12 password when ``desired`` holds a
+    ``keystore.p12``; a live keystore that opens with it and holds the same content counts
+    as unchanged (its bytes are kept), and the diff describes keystores with it.
+    """
     meta = _meta(desired)
     namespace, name = str(meta["namespace"]), str(meta["name"])
     refuse_oversized(desired)
@@ -257,9 +264,12 @@ def deploy_secret(
     start = client.requests_made
     last: Conflict | None = None
     diff: SecretDiff | None = None
+    built = desired
     for attempt in range(1, max_conflict_retries + 2):
         live = client.read_secret(namespace, name)
-        diff = diff_secrets(live, desired)
+        # Re-settled against each read: a conflict's re-read may hold another keystore.
+        desired = reuse_equal_keystore(live, built, keystore_password)
+        diff = diff_secrets(live, desired, keystore_password=keystore_password)
         done = _Finisher(client, start, attempt, diff)
         if diff.action == "unchanged":
             action: Action = "would_be_unchanged" if dry_run else "unchanged"
@@ -315,8 +325,13 @@ def rollback_secret(
     written_fingerprint: str | None,
     force: bool,
     max_conflict_retries: int = MAX_CONFLICT_RETRIES,
+    keystore_password: bytes | None = None,
 ) -> DeployOutcome:
-    """Put the snapshot back with Update + resourceVersion; refuse on drift unless forced."""
+    """Put the snapshot back with Update + resourceVersion; refuse on drift unless forced.
+
+    The snapshot is restored byte for byte (a keystore in it included); ``keystore_password``
+    only lets the diff describe keystores.
+    """
     where = f'Secret "{namespace}/{name}"'
     if not previous.existed:
         raise NothingToRestore(
@@ -329,7 +344,7 @@ def rollback_secret(
     restored_fingerprint = _annotation(target, ANN_CERTIFICATE_SHA256)
     for attempt in range(1, max_conflict_retries + 2):
         live = client.read_secret(namespace, name)
-        diff = diff_secrets(live, target)
+        diff = diff_secrets(live, target, keystore_password=keystore_password)
         done = _Finisher(client, start, attempt, diff)
         if diff.action == "unchanged":
             # Already restored (e.g. a redelivered rollback): nothing to do, no drift.
