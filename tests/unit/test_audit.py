@@ -332,28 +332,29 @@ def test_urgency_order_without_expiry_pressure() -> None:
 @given(
     a_state=st.sampled_from(_STATES),
     b_state=st.sampled_from(_STATES),
-    a_days=st.one_of(st.none(), st.floats(-400, 400)),
-    b_days=st.one_of(st.none(), st.floats(-400, 400)),
+    # Minutes, so the datetime arithmetic is exact.
+    a_minutes=st.one_of(st.none(), st.integers(-400 * 1440, 400 * 1440)),
+    b_minutes=st.one_of(st.none(), st.integers(-400 * 1440, 400 * 1440)),
     warn_days=st.integers(0, 90),
 )
 def test_expired_before_expiring_before_everything_else(
-    a_state: str, b_state: str, a_days: float | None, b_days: float | None, warn_days: int
+    a_state: str, b_state: str, a_minutes: int | None, b_minutes: int | None, warn_days: int
 ) -> None:
-    def key(state: str, days: float | None) -> tuple[int, float]:
-        not_after = None if days is None else AT + timedelta(days=days)
+    def key(state: str, minutes: int | None) -> tuple[int, float]:
+        not_after = None if minutes is None else AT + timedelta(minutes=minutes)
         return urgency(state, not_after, AT, warn_days=warn_days)
 
-    def band(days: float | None) -> int:  # 0 expired, 1 expiring, 2 neither
-        if days is None:
+    def band(minutes: int | None) -> int:  # 0 expired, 1 expiring, 2 neither
+        if minutes is None:
             return 2
-        return 0 if days <= 0 else 1 if days < warn_days else 2
+        return 0 if minutes <= 0 else 1 if minutes < warn_days * 1440 else 2
 
-    a, b = key(a_state, a_days), key(b_state, b_days)
-    if band(a_days) < band(b_days):
+    a, b = key(a_state, a_minutes), key(b_state, b_minutes)
+    if band(a_minutes) < band(b_minutes):
         assert a < b
-    if band(a_days) == band(b_days) < 2 and a_days is not None and b_days is not None:
+    if band(a_minutes) == band(b_minutes) < 2 and a_minutes is not None and b_minutes is not None:
         # Among expired or among expiring: the one closest to (or furthest past) expiry first.
-        assert (a < b) == (a_days < b_days) or a_days == b_days
+        assert (a < b) == (a_minutes < b_minutes)
 
 
 def test_urgency_refuses_unknown_states_and_negative_windows() -> None:
