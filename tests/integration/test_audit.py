@@ -327,3 +327,48 @@ def test_audit_refuses_bad_requests_and_queues_nothing(pipe: Pipeline) -> None:
         assert result.returncode == 2, (args, result.stdout, result.stderr)
         assert message in result.stderr, (args, result.stderr)
     assert service.list_runs(pipe.runtime) == []
+
+
+def test_an_audit_of_200_targets_costs_one_get_each_in_one_batch(
+    pipe: Pipeline,
+    clusters: list[Cluster],
+    make_service_account: Callable[..., Any],
+    testenv_admin_api: Callable[[Cluster], Any],
+) -> None:
+    pipe.start_worker()
+    two = clusters[:2]
+    admins = [testenv_admin_api(cluster) for cluster in two]
+    namespace = f"audit200-{uuid.uuid4().hex[:6]}"
+    # A progressive batch size and a zero threshold: an execute canaries; an audit does not.
+    fleet = build_fleet(
+        pipe,
+        two,
+        make_service_account,
+        targets=200,
+        namespace=namespace,
+        batch_size=[1, 5, "20%"],
+        failure_threshold=0,
+        store_content=False,
+    )
+    started = time.monotonic()
+    executed = pipe.wait(pipe.enqueue(fleet.distribution_id, "execute"), timeout=300)
+    execute_seconds = time.monotonic() - started
+    assert executed.state == "succeeded", executed.reason
+
+    before = scrape_secret_requests(admins)
+    started = time.monotonic()
+    run_id = service.enqueue_run(pipe.runtime, _dispatcher(), fleet.distribution_id, "audit")
+    audited = pipe.wait(run_id, timeout=300)
+    audit_seconds = time.monotonic() - started
+    requests = scrape_secret_requests(admins) - before
+
+    assert audited.state == "succeeded" and audited.reason == "succeeded: 200 current"
+    assert audited.batches == 1
+    assert requests == {"GET": 200}, requests
+    per_target_ms = sum(r.duration_ms or 0 for r in audited.results) / 200
+    print(
+        f"\naudit of 200 targets on 2 apiservers, 1 worker x 4 processes: {audit_seconds:.2f}s "
+        f"wall ({audit_seconds / 200 * 1000:.1f} ms/target), {per_target_ms:.1f} ms/target "
+        f"processing, {requests['GET'] / 200:.2f} GET/target, 0 writes; the execute before it: "
+        f"{execute_seconds:.2f}s ({executed.batches} batches)"
+    )
