@@ -372,3 +372,67 @@ def test_an_audit_of_200_targets_costs_one_get_each_in_one_batch(
         f"processing, {requests['GET'] / 200:.2f} GET/target, 0 writes; the execute before it: "
         f"{execute_seconds:.2f}s ({executed.batches} batches)"
     )
+
+
+BEAT_MODULE = """
+from celery.schedules import schedule
+
+from worker.platform.celery_app import app
+
+app.conf.beat_schedule = {
+    "audit-everything": {
+        "task": "cap.audit.enqueue",
+        "schedule": schedule(run_every=2.0),
+        "kwargs": {"every": True},
+    },
+}
+"""
+
+
+def test_a_celery_beat_schedule_runs_audits_without_a_scheduler(
+    pipe: Pipeline,
+    clusters: list[Cluster],
+    make_service_account: Callable[..., Any],
+    tmp_path: Path,
+) -> None:
+    # The README's beat example, with a 2-second period: `celery -A audit_schedule beat`.
+    pipe.start_worker()
+    fleet = build_fleet(
+        pipe,
+        clusters[:1],
+        make_service_account,
+        targets=2,
+        namespace=f"beat-{uuid.uuid4().hex[:6]}",
+    )
+    (tmp_path / "audit_schedule.py").write_text(BEAT_MODULE)
+    env = {**_env(pipe), "PYTHONPATH": str(tmp_path)}
+    beat = subprocess.Popen(
+        [
+            str(Path(sys.executable).with_name("celery")),
+            "-A",
+            "audit_schedule:app",
+            "beat",
+            "--schedule",
+            str(tmp_path / "beat-schedule"),
+            "--loglevel",
+            "INFO",
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        audits: list[Any] = []
+        while time.monotonic() < deadline and len(audits) < 2:
+            runs = service.list_runs(pipe.runtime, distribution_id=fleet.distribution_id)
+            audits = [r for r in runs if r.action == "audit" and r.finished]
+            time.sleep(0.5)
+    finally:
+        beat.terminate()
+        output, _ = beat.communicate(timeout=30)
+    assert len(audits) >= 2, output[-3000:]
+    assert all(r.reason == "succeeded: 2 missing" for r in audits), audits
+    assert "Sending due task audit-everything (cap.audit.enqueue)" in output
