@@ -67,8 +67,8 @@ def downgrade() -> None:
     if count:
         raise RuntimeError(
             f"cannot downgrade below revision 0007: {count} audit run(s) exist, which the older "
-            "schema cannot hold; delete them first (DELETE FROM runs WHERE action = 'audit'; "
-            "their results go with them)"
+            "schema cannot hold; delete them first (the rows of table runs whose action is "
+            "'audit'; their target results go with them)"
         )
     _checks(_ACTIONS_BEFORE, _STATUSES_BEFORE)
     with op.batch_alter_table("target_results") as batch:
