@@ -401,6 +401,12 @@ class TargetResult(_ReprMixin, Base):
     resource_version: Mapped[str | None] = mapped_column(String(64))
     secret_name: Mapped[str | None] = mapped_column(String(253))
     namespace: Mapped[str | None] = mapped_column(String(63))
+    deployed_serial: Mapped[str | None] = mapped_column(String(64))
+    """Audit runs: serial (hex) of the first certificate of the live tls.crt (revision 0007)."""
+    deployed_not_after: Mapped[datetime | None]
+    """Audit runs: its not-after (revision 0007)."""
+    finding: Mapped[dict[str, Any] | None] = mapped_column(JsonValue)
+    """Audit runs: worker.core.audit.AuditFinding.to_dict() (revision 0007); no key material."""
 
     run: Mapped[Run] = relationship(lazy="raise", back_populates="results")
     target: Mapped[Target] = relationship(lazy="raise")

@@ -51,6 +51,8 @@ class RunAction(StrEnum):
     DRY_RUN = "dry_run"
     EXECUTE = "execute"
     ROLLBACK = "rollback"
+    AUDIT = "audit"
+    """Read-only: one GET per target, classified against the pinned revision (revision 0007)."""
     # Never created by this worker (health checks are not runs). Kept because the stored
     # schema's run_action CHECK lists it, and the models must match the schema.
     HEALTH_CHECK = "health_check"
@@ -84,6 +86,12 @@ class ResultStatus(StrEnum):
     ROLLED_BACK = "rolled_back"
     WOULD_CREATE = "would_create"
     WOULD_UPDATE = "would_update"
+    # What an audit found (revision 0007; worker.core.audit): the Secret was read.
+    CURRENT = "current"
+    OUTDATED = "outdated"
+    DRIFTED = "drifted"
+    UNMANAGED = "unmanaged"
+    MISSING = "missing"
 
     @property
     def is_final(self) -> bool:

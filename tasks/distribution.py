@@ -25,8 +25,10 @@ from celery import group, signals
 from celery.exceptions import SoftTimeLimitExceeded
 from kombu import Queue  # type: ignore[attr-defined]
 
+from models.errors import NotFoundError
 from worker.app import metrics as app_metrics
-from worker.app.commands import check_target_health
+from worker.app.audit import enqueue_audit
+from worker.app.commands import ServiceError, check_target_health
 from worker.app.pools import pools_of, record_heartbeat
 from worker.app.runs import (
     DATABASE_OUTAGE_ERRORS,
@@ -51,6 +53,8 @@ ADVANCE_RUN = "cap.run.advance"
 PROCESS_TARGETS = "cap.kube.target"
 #: A target's health check, run on a worker of the target's pool (see worker.app.pools).
 CHECK_HEALTH = "cap.kube.health"
+#: Queue audit runs (worker.app.audit): what a Celery beat schedule sends (README, "Audit").
+ENQUEUE_AUDIT = "cap.audit.enqueue"
 
 #: A dispatch is spread over at least this many messages before targets share one, so a
 #: small batch still reaches every pool process of a typical deployment at once.
@@ -163,6 +167,25 @@ def process_target_task(run_id: str, *target_ids: str) -> None:
 def check_health_task(target_id: str, record_cluster: bool = False) -> None:
     """Run a target's health check in this worker's pool and store the outcome on the target."""
     check_target_health(get_runtime(), target_id, record_cluster=record_cluster)
+
+
+@app.task(name=ENQUEUE_AUDIT, **DATABASE_RETRY)
+def enqueue_audit_task(
+    distribution: str | None = None, group: str | None = None, every: bool = False
+) -> None:
+    """Queue one audit run per Kubernetes distribution chosen (for a beat schedule).
+
+    Exactly one of ``distribution`` (id), ``group`` (name or id) or ``every``. A choice that
+    names nothing to audit is logged and not retried: the next beat tries again.
+    """
+    try:
+        run_ids = enqueue_audit(
+            get_runtime(), dispatcher, distribution=distribution, group=group, every=every
+        )
+    except (ServiceError, NotFoundError) as exc:
+        log.error("audit not queued: %s", exc)
+        return
+    log.info("queued %d audit run(s): %s", len(run_ids), ", ".join(run_ids))
 
 
 @app.task(name=ADVANCE_RUN, **DATABASE_RETRY)

@@ -29,6 +29,7 @@ from models.queries.certificates import (
     replace_certificate,
     reveal_private_key,
     reveal_revision_key,
+    revision_numbers,
     store_certificate,
 )
 from models.queries.credentials import (
@@ -198,6 +199,7 @@ __all__ = [
     "reveal_private_key",
     "reveal_revision_key",
     "reveal_snapshot",
+    "revision_numbers",
     "rotate_keys",
     "running_runs",
     "save_snapshot",

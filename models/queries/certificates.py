@@ -25,6 +25,7 @@ __all__ = [
     "replace_certificate",
     "reveal_private_key",
     "reveal_revision_key",
+    "revision_numbers",
     "store_certificate",
 ]
 
@@ -147,6 +148,17 @@ def current_revision(session: Session, certificate_id: str) -> CertificateRevisi
         get_certificate(session, certificate_id)  # NotFoundError names the certificate
         raise NotFoundError("certificate revision of certificate", certificate_id)
     return revision
+
+
+def revision_numbers(session: Session, certificate_id: str) -> dict[str, int]:
+    """Every revision of the certificate as {SHA-256 fingerprint: number} (what an audit
+    compares a deployed leaf with); one statement, no key envelopes loaded."""
+    rows = session.execute(
+        select(CertificateRevision.sha256_fingerprint, CertificateRevision.number).where(
+            CertificateRevision.certificate_id == certificate_id
+        )
+    )
+    return {fingerprint: number for fingerprint, number in rows}
 
 
 def get_revision(session: Session, revision_id: str) -> CertificateRevision:

@@ -87,6 +87,10 @@ class ResultRecord:
     resource_version: str | None
     secret_name: str | None
     namespace: str | None
+    # What an audit read (revision 0007); None for every other action.
+    deployed_serial: str | None = None
+    deployed_not_after: datetime | None = None
+    finding: dict[str, Any] | None = None
 
 
 _NOW = typed_param("now", RESULTS.c.lease_expires_at)
@@ -151,6 +155,9 @@ _RECORDED = (
     "resource_version",
     "secret_name",
     "namespace",
+    "deployed_serial",
+    "deployed_not_after",
+    "finding",
 )
 _RECORD = (
     update(RESULTS)

@@ -542,7 +542,10 @@ def enqueue_run(
     force: bool = False,
     cascade: bool = True,
 ) -> str:
-    """Queue a dry-run, execute or rollback of a distribution; returns the run id."""
+    """Queue a dry-run, execute, rollback or audit of a distribution; returns the run id.
+
+    An audit (read-only, see :mod:`worker.app.audit`) never conflicts with an active execute.
+    """
     run_action = RunAction(action)
     with rt.session() as session:
         distribution = queries.get_distribution(session, distribution_id)

@@ -66,10 +66,23 @@ from worker.app.metrics import (
 )
 from worker.app.pools import check_cluster, hold_back_silent_pools
 from worker.app.webhook import redeliver_webhook, run_webhook
-from worker.core.bundle import BundleError, TlsBundle, build_bundle
+from worker.core.bundle import (
+    BundleError,
+    CertificateInfo,
+    TlsBundle,
+    build_bundle,
+    describe_certificates,
+)
 from worker.core.crypto import CryptoError
-from worker.core.fanout import FanoutConfigError, decide_after_batch, plan_batches
+from worker.core.fanout import (
+    BatchDecision,
+    FanoutConfigError,
+    decide_after_batch,
+    parse_batch_size,
+    plan_batches,
+)
 from worker.core.formats import output_formats
+from worker.core.lru import LruCache
 from worker.core.names import (
     SystemNamespaceRefused,
     TemplateError,
@@ -82,7 +95,7 @@ from worker.core.secret import desired_secret
 from worker.core.snapshot import PreviousSecret
 from worker.kube.client import KubeClient
 from worker.kube.consumers import list_consumers
-from worker.kube.deploy import DeployOutcome, deploy_secret, rollback_secret
+from worker.kube.deploy import DeployOutcome, audit_secret, deploy_secret, rollback_secret
 from worker.kube.errors import KubeError
 from worker.platform.logs import log_context
 from worker.platform.runtime import Runtime
@@ -135,7 +148,7 @@ def start_run(rt: Runtime, dispatch: Dispatcher, run_id: str) -> None:
                 webhook = True
             else:
                 try:
-                    plan = _plan(rt, session, distribution)
+                    plan = _plan(rt, session, distribution, run.action)
                 except FanoutConfigError as exc:
                     queries.finish_run(
                         session, run_id, RunState.FAILED, now=now, reason=f"cannot plan: {exc}"
@@ -160,9 +173,18 @@ def _group(session: Session, distribution: Distribution) -> TargetGroup | None:
     return queries.get_group(session, distribution.group_id)
 
 
-def _plan(rt: Runtime, session: Session, distribution: Distribution) -> list[list[str]]:
+#: An audit reads and writes nothing: a canary batch protects nothing, so all targets go in one
+#: batch (still split into messages of up to 32 targets, per pool).
+_AUDIT_BATCH = parse_batch_size("100%")
+
+
+def _plan(
+    rt: Runtime, session: Session, distribution: Distribution, action: RunAction
+) -> list[list[str]]:
     # Ids only: planning a large fleet builds no ORM object per target.
     target_ids = queries.distribution_target_ids(session, distribution)
+    if action is RunAction.AUDIT:
+        return plan_batches(target_ids, _AUDIT_BATCH)
     fanout = group_fanout(rt, _group(session, distribution))
     return plan_batches(target_ids, fanout.batch_size)
 
@@ -201,6 +223,9 @@ class TargetJob:
             return None
         return queries.unseal_credential(rt.sealer, credential_id, self.pkcs12_envelope)
 
+    revisions: Mapping[str, int] = field(default_factory=dict)
+    """Audit runs: every revision of the certificate, {SHA-256 fingerprint: number}."""
+
     @property
     def pool(self) -> str:
         """The worker pool that processes this target (a label for metrics)."""
@@ -226,6 +251,10 @@ class TargetOutcome:
     finished_at: datetime | None = None
     duration_ms: int = 0
     """The target's own processing time (targets of a message are processed in turn)."""
+    deployed_serial: str | None = None
+    deployed_not_after: datetime | None = None
+    finding: dict[str, Any] | None = None
+    """Audit runs: what the read found (worker.core.audit.AuditFinding.to_dict())."""
 
 
 def process_targets(
@@ -397,6 +426,12 @@ def _claim(rt: Runtime, run_id: str, target_ids: Sequence[str]) -> list[TargetJo
         if not claims:
             return []  # all final already, or held by other deliveries
         targets = queries.load_claimed_targets(session, distribution.id, list(claims))
+        # One statement per message, for audits only: what the deployed leaf is compared with.
+        revisions = (
+            queries.revision_numbers(session, certificate.certificate_id)
+            if run.action is RunAction.AUDIT
+            else {}
+        )
     jobs = []
     for target_id in dict.fromkeys(target_ids):  # message order, each target once
         claim = claims.get(target_id)
@@ -419,6 +454,7 @@ def _claim(rt: Runtime, run_id: str, target_ids: Sequence[str]) -> list[TargetJo
                 credential_envelope=loaded_target.credential_envelope,
                 snapshot_final=loaded_target.snapshot_final,
                 pkcs12_envelope=loaded_target.pkcs12_envelope,
+                revisions=revisions,
             )
         )
     return jobs
@@ -428,10 +464,12 @@ def _perform(
     rt: Runtime, job: TargetJob, interrupted_by: tuple[type[BaseException], ...] = ()
 ) -> TargetOutcome:
     outcome = TargetOutcome(status=ResultStatus.FAILED)
+    audit = job.action is RunAction.AUDIT
     try:
-        bundle = _bundle(rt, job.certificate)
+        # An audit needs the leaf for the name templates, never the private key.
+        leaf = _leaf(job.certificate) if audit else _bundle(rt, job.certificate).leaf
         variables = template_variables(
-            bundle.leaf,
+            leaf,
             group_variables=job.group_variables,
             target_variables=job.target.variables,
         )
@@ -447,9 +485,13 @@ def _perform(
             rt,
             lambda: kube_client(rt, job.target, sealed_credential=job.credential_envelope),
         )
+        if audit:
+            _audit(job, client, outcome)
+            return outcome
         if job.action is RunAction.ROLLBACK:
             deployed = _rollback(rt, job, client, outcome.namespace, outcome.secret_name)
         else:
+            bundle = _bundle(rt, job.certificate)
             deployed = _deploy(rt, job, client, bundle, outcome.namespace, outcome.secret_name)
         outcome.status = _result_status(job.action, deployed.action)
         outcome.diff = deployed.diff.to_dict() if deployed.diff is not None else None
@@ -499,6 +541,38 @@ def _result_status(action: RunAction, deploy_action: str) -> ResultStatus:
     if deploy_action == "would_be_unchanged":
         return ResultStatus.UNCHANGED
     return ResultStatus(deploy_action)
+
+
+def _audit(job: TargetJob, client: KubeClient, outcome: TargetOutcome) -> None:
+    """One GET, classified against the pinned revision; fills ``outcome`` (writes nothing)."""
+    assert outcome.namespace is not None and outcome.secret_name is not None
+    read = audit_secret(
+        client,
+        namespace=outcome.namespace,
+        name=outcome.secret_name,
+        revisions=job.revisions,
+        pinned_revision=job.certificate.number,
+    )
+    finding = read.finding
+    outcome.status = ResultStatus(finding.state)
+    outcome.resource_version = read.resource_version
+    outcome.finding = finding.to_dict()
+    if finding.leaf is not None:
+        outcome.deployed_serial = finding.leaf.serial_hex
+        outcome.deployed_not_after = finding.leaf.not_after
+
+
+#: Described leaves by certificate revision id (a revision never changes): audits render the
+#: name templates from it without opening the private key.
+_leaves: LruCache[str, CertificateInfo] = LruCache(256)
+
+
+def _leaf(certificate: CertificateRevision) -> CertificateInfo:
+    cached = _leaves.get(certificate.id)
+    if cached is None:
+        cached = describe_certificates(certificate.leaf_pem.encode("ascii"))[0]
+        _leaves.put(certificate.id, cached)
+    return cached
 
 
 def _bundle(rt: Runtime, certificate: CertificateRevision) -> TlsBundle:
@@ -653,6 +727,9 @@ def _record(rt: Runtime, finished: Sequence[tuple[TargetJob, TargetOutcome]]) ->
             resource_version=outcome.resource_version,
             secret_name=outcome.secret_name,
             namespace=outcome.namespace,
+            deployed_serial=outcome.deployed_serial,
+            deployed_not_after=outcome.deployed_not_after,
+            finding=outcome.finding,
         )
         for job, outcome in finished
     ]
@@ -737,13 +814,18 @@ def _after_batch(
     total = sum(all_counts.values())
     failed = all_counts.get(ResultStatus.FAILED, 0)
     distribution = queries.get_distribution(session, run.distribution_id)
-    decision = decide_after_batch(
-        total_targets=total,
-        failed_so_far=failed,
-        batch_size=sum(batch_counts.values()),
-        batch_failed=batch_counts.get(ResultStatus.FAILED, 0),
-        threshold=group_fanout(rt, _group(session, distribution)).threshold,
-    )
+    if run.action is RunAction.AUDIT:
+        # Read-only: a failed read harms nothing, so nothing halts an audit; the group's
+        # failure threshold does not apply (the run ends failed if any target was unreadable).
+        decision = BatchDecision(halt=False, reason=None)
+    else:
+        decision = decide_after_batch(
+            total_targets=total,
+            failed_so_far=failed,
+            batch_size=sum(batch_counts.values()),
+            batch_failed=batch_counts.get(ResultStatus.FAILED, 0),
+            threshold=group_fanout(rt, _group(session, distribution)).threshold,
+        )
     last = batch_index + 1 >= len(run.batch_plan)
     # Compare-and-set on the batch index: of concurrent advances exactly one acts.
     if not queries.advance_batch(session, run_id, from_batch=batch_index, now=now):
@@ -763,7 +845,10 @@ def _after_batch(
         observe_run_finished(distribution.kind, run)
     elif last and failed:
         reason = (
-            f"partially failed: {failed} of {total} target(s) failed, within the failure threshold"
+            f"audit incomplete: {failed} of {total} target(s) could not be read"
+            if run.action is RunAction.AUDIT
+            else f"partially failed: {failed} of {total} target(s) failed, within the failure "
+            "threshold"
         )
         queries.finish_run(session, run_id, RunState.FAILED, now=now, reason=reason + recovered)
         observe_run_finished(distribution.kind, run)

@@ -7,6 +7,7 @@ the read views (:mod:`worker.app.views`). Every function takes the process
 ``tasks.distribution.dispatcher``).
 """
 
+from worker.app.audit import AuditReport, AuditRow, AuditRun, audit_report, enqueue_audit
 from worker.app.commands import (
     HealthResult,
     RollbackUnavailable,
@@ -52,6 +53,9 @@ from worker.app.views import (
 )
 
 __all__ = [
+    "AuditReport",
+    "AuditRow",
+    "AuditRun",
     "CertificateView",
     "CredentialView",
     "DistributionView",
@@ -70,11 +74,13 @@ __all__ = [
     "add_webhook_secret",
     "attach",
     "attach_webhook",
+    "audit_report",
     "check_target_health",
     "check_target_health_in_pool",
     "create_group",
     "create_target",
     "distribution_rollback_availability",
+    "enqueue_audit",
     "enqueue_run",
     "get_certificate",
     "get_distribution",

@@ -45,6 +45,12 @@ class TargetResultView:
     attempts: int
     duration_ms: int | None
     resource_version: str | None
+    deployed_serial: str | None = None
+    """Audit runs: serial of the deployed leaf (the first certificate of tls.crt)."""
+    deployed_not_after: datetime | None = None
+    """Audit runs: its not-after."""
+    finding: Mapping[str, Any] | None = None
+    """Audit runs: what the read found (state, detail, fingerprint, revision, writer)."""
 
 
 @dataclass(frozen=True)
@@ -144,6 +150,9 @@ def _report(session: Session, run: Run) -> RunReport:
                 attempts=result.attempts,
                 duration_ms=result.duration_ms,
                 resource_version=result.resource_version,
+                deployed_serial=result.deployed_serial,
+                deployed_not_after=result.deployed_not_after,
+                finding=result.finding,
             )
             for result, name in rows
         ),

@@ -9,6 +9,7 @@ Secret material (kubeconfigs, keys, tokens) is never printed.
 from __future__ import annotations
 
 from worker.cli import (
+    audit,
     certs,
     credentials,
     demo,
@@ -33,6 +34,7 @@ app = new_typer(
     "  certautopilot targets add edge --namespace ingress --kubeconfig-credential prod\n"
     "  certautopilot distributions attach CERT_ID --target edge --store-content\n"
     "  certautopilot run DIST --dry-run\n"
+    "  certautopilot audit --all\n"
     "  certautopilot runs list -o name | head -1 | xargs certautopilot runs show",
     name="certautopilot",
     add_completion=False,
@@ -52,6 +54,7 @@ for _name, _group in (
     app.add_typer(_group, name=_name)
 app.command("run")(runs.run)
 app.command("rollback")(runs.rollback)
+app.command("audit")(audit.audit)
 app.command("migrate")(operations.migrate)
 app.command("worker")(operations.worker)
 app.command("flower")(operations.flower)

@@ -378,6 +378,11 @@ _STATUS_STYLES = {
     ResultStatus.SKIPPED: "yellow",
     ResultStatus.PENDING: "blue",
     ResultStatus.RUNNING: "blue",
+    ResultStatus.CURRENT: "green",
+    ResultStatus.OUTDATED: "yellow",
+    ResultStatus.DRIFTED: "bold red",
+    ResultStatus.UNMANAGED: "magenta",
+    ResultStatus.MISSING: "bold yellow",
 }
 _STATE_STYLES = {
     RunState.SUCCEEDED: "bold green",
@@ -390,6 +395,7 @@ _ACTION_WORDS = {
     "dry_run": "Dry-run",
     "execute": "Execute",
     "rollback": "Rollback",
+    "audit": "Audit",
     "health_check": "Health check",
 }
 
@@ -429,6 +435,14 @@ def _details(result: TargetResultView) -> str:
         return f"[{result.error_reason}] {result.error_message or ''}".strip()
     if result.status == ResultStatus.SKIPPED:
         return result.error_message or "skipped"
+    if result.finding is not None:  # an audit's read
+        detail = str(result.finding.get("detail") or "")
+        if result.deployed_serial and result.deployed_not_after:
+            detail += (
+                f"; serial {_short(result.deployed_serial)}, not after "
+                f"{_utc(result.deployed_not_after):%Y-%m-%d}"
+            )
+        return detail
     summary = diff_summary(result.diff)
     if result.resource_version and result.status in (
         ResultStatus.CREATED,

@@ -264,7 +264,12 @@ def show(
         f"  created:  {format_time(report.created_at)}  started: {format_time(report.started_at)}"
         f"  finished: {format_time(report.finished_at)}\n"
         f"  batches:  {report.batches} (current {min(report.current_batch + 1, report.batches)})"
-        + (f"\n  deploys:  {report.certificate.describe()}" if report.certificate else "")
+        + (
+            f"\n  {'compares:' if report.action == 'audit' else 'deploys: '} "
+            f"{report.certificate.describe()}"
+            if report.certificate
+            else ""
+        )
     )
     for pool in waiting:
         say(Text.assemble("  waiting:  ", plain(pool.describe(), style="bold yellow")))

@@ -18,6 +18,9 @@ The write rules (DESIGN.md decisions 2 and 3):
   snapshot exists (it may be our write whose landing was never recorded, which must not
   replace what was there before it).
 
+An audit (:func:`audit_secret`) is one GET and nothing else: no write, no snapshot, no
+server-side dry run; :mod:`worker.core.audit` classifies what it read.
+
 Persistence is not imported here: the caller hands in a :class:`SnapshotStore`.
 """
 
@@ -28,6 +31,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
+from worker.core.audit import AuditFinding, classify_secret
 from worker.core.budget import MAX_CONFLICT_RETRIES
 from worker.core.secret import (
     ANN_CERTIFICATE_SHA256,
@@ -61,10 +65,12 @@ from worker.kube.errors import (
 
 __all__ = [
     "REQUIRED_SECRET_VERBS",
+    "AuditOutcome",
     "DeployOutcome",
     "HealthReport",
     "PreviousSecret",
     "SnapshotStore",
+    "audit_secret",
     "deploy_secret",
     "health_check",
     "refuse_oversized",
@@ -302,9 +308,7 @@ def deploy_secret(
                     _snapshot(
                         snapshot_store,
                         PreviousSecret.from_live(live),
-                        replace_provisional=not _unedited_write_of_this_distribution(
-                            live, desired
-                        ),
+                        replace_provisional=not _unedited_write_of_this_distribution(live, desired),
                     )
                 updated = client.replace_secret(namespace, name, prepare_update(live, desired))
                 return done("updated", updated, fingerprint)
@@ -367,6 +371,30 @@ def rollback_secret(
             last = exc
     assert last is not None and diff is not None
     raise _conflicts_exhausted(where, max_conflict_retries + 1, last, diff) from last
+
+
+@dataclass(frozen=True)
+class AuditOutcome:
+    """What one audit read found."""
+
+    finding: AuditFinding
+    resource_version: str | None
+    requests: int
+
+
+def audit_secret(
+    client: KubeClient,
+    *,
+    namespace: str,
+    name: str,
+    revisions: Mapping[str, int],
+    pinned_revision: int,
+) -> AuditOutcome:
+    """Read the Secret once (one GET) and classify it; never writes (errors: KubeError)."""
+    start = client.requests_made
+    live = client.read_secret(namespace, name)
+    finding = classify_secret(live, revisions=revisions, pinned_revision=pinned_revision)
+    return AuditOutcome(finding, _resource_version(live), client.requests_made - start)
 
 
 @dataclass(frozen=True)
