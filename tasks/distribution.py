@@ -29,7 +29,7 @@ from models.errors import NotFoundError
 from worker.app import metrics as app_metrics
 from worker.app.audit import enqueue_audit
 from worker.app.commands import ServiceError, check_target_health
-from worker.app.pools import pools_of, record_heartbeat
+from worker.app.pools import forget_heartbeat, pools_of, record_heartbeat
 from worker.app.runs import (
     DATABASE_OUTAGE_ERRORS,
     advance_run,
@@ -327,5 +327,14 @@ def _start_housekeeper(sender: Any = None, **_: Any) -> None:
 
 @signals.worker_shutting_down.connect
 def _stop_housekeeper(**_: Any) -> None:
-    if _housekeeper is not None:
-        _housekeeper.stopping.set()
+    if _housekeeper is None:
+        return
+    _housekeeper.stopping.set()
+    # A warm shutdown takes no new message: the pool must not look live for this worker while
+    # its last tasks finish (runs show names a pool left without workers at once). After the
+    # housekeeper's last beat, so that beat cannot bring the row back.
+    _housekeeper.join(timeout=10)
+    try:
+        forget_heartbeat(get_runtime(), _housekeeper.worker_name)
+    except Exception:  # the row ages out by itself; a shutdown must not fail on it
+        log.warning("could not remove this worker's pool heartbeat; it ages out", exc_info=True)

@@ -113,6 +113,7 @@ from models.queries.targets import (
     target_pools,
 )
 from models.queries.workers import (
+    forget_worker,
     forget_workers_before,
     last_seen_by_pool,
     note_waiting,
@@ -151,6 +152,7 @@ __all__ = [
     "distribution_target_ids",
     "envelope_key_usage",
     "finish_run",
+    "forget_worker",
     "forget_workers_before",
     "get_certificate",
     "get_credential",

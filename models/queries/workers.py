@@ -17,6 +17,7 @@ from models.entities import Run, Target, TargetResult, WorkerHeartbeat
 from models.enums import ResultStatus, RunState
 
 __all__ = [
+    "forget_worker",
     "forget_workers_before",
     "last_seen_by_pool",
     "note_waiting",
@@ -40,6 +41,11 @@ def record_worker_heartbeat(session: Session, worker: str, pool: str, *, now: da
         # worker names are unique, so the insert cannot collide.
         session.add(WorkerHeartbeat(worker=worker, pool=pool, started_at=now, seen_at=now))
         session.flush()
+
+
+def forget_worker(session: Session, worker: str) -> None:
+    """Delete one worker's row: it stopped cleanly, so its pool must not look live for it."""
+    session.execute(delete(WorkerHeartbeat).where(WorkerHeartbeat.worker == worker))
 
 
 def forget_workers_before(session: Session, before: datetime) -> int:

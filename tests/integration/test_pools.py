@@ -21,8 +21,10 @@ from typing import Any
 
 import pytest
 import redis
+from sqlalchemy import select
 
 from models import ConnectionMode, queries
+from models.entities import WorkerHeartbeat
 from tasks.distribution import dispatcher
 from tests.certfactory import make_chain
 from tests.support.pipeline import Pipeline, read_secret
@@ -210,7 +212,8 @@ def test_a_pool_without_workers_leaves_its_targets_pending_with_the_reason_until
     pools.start_worker("a1", POOL_A, cluster_a)
     worker_b = pools.start_worker("b1", POOL_B, cluster_b)
     in_a, in_b = pools.add_targets(POOL_A, 2), pools.add_targets(POOL_B, 2)
-    worker_b.stop()
+    # Killed (a node lost): its heartbeat row stays and ages out; a clean stop is below.
+    worker_b.kill()
     distribution = pools.attach_group([*in_a, *in_b], batch_size="100%")
 
     run_id = pipe.enqueue(distribution, "execute")
@@ -244,7 +247,7 @@ def test_a_pool_without_workers_leaves_its_targets_pending_with_the_reason_until
     assert broker.llen("kubernetes.pool-b") == 2
     assert service.run_report(pipe.runtime, run_id).state == "running"
 
-    pools.start_worker("b2", POOL_B, cluster_b)
+    worker_b2 = pools.start_worker("b2", POOL_B, cluster_b)
     report = pipe.wait(run_id, timeout=120)
 
     assert report.state == "succeeded", report
@@ -252,3 +255,14 @@ def test_a_pool_without_workers_leaves_its_targets_pending_with_the_reason_until
         assert pools.secret_in(testenv_admin_api, cluster_b, name), name
         assert not pools.secret_in(testenv_admin_api, cluster_a, name), name
     assert silent_pools_of_run(pipe.runtime, run_id) == []
+
+    # A warm shutdown (SIGTERM) removes the worker's heartbeat row at once, so a pool whose
+    # last worker stopped is named in `runs show` without waiting for the row to age out.
+    def pool_b_workers() -> set[str]:
+        with pipe.runtime.session() as session:
+            rows = session.scalars(select(WorkerHeartbeat).where(WorkerHeartbeat.pool == POOL_B))
+            return {row.worker.split("@")[0] for row in rows}
+
+    assert pool_b_workers() == {"b1", "b2"}
+    worker_b2.stop()
+    assert pool_b_workers() == {"b1"}

@@ -73,10 +73,15 @@ def test_every_task_has_a_stable_explicit_name(tmp_path) -> None:  # type: ignor
         tasks.process_target_task.name,
         tasks.advance_run_task.name,
         tasks.check_health_task.name,
+        tasks.enqueue_audit_task.name,
     }
-    assert names == {"cap.run.start", "cap.kube.target", "cap.run.advance", "cap.kube.health"}
+    assert names == {
+        "cap.run.start", "cap.kube.target", "cap.run.advance", "cap.kube.health",
+        "cap.audit.enqueue",
+    }  # fmt: skip
     # The scheduler's contract: exactly these (the health check is sent by `targets add` and
-    # `targets check` for a target of another pool), no task nobody sends.
+    # `targets check` for a target of another pool; the audit by a Celery beat schedule), no
+    # task nobody sends.
     assert {name for name in app.tasks if name.startswith("cap.")} == names
     assert tasks.PROCESS_TARGETS == "cap.kube.target"
 

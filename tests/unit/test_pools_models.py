@@ -275,7 +275,7 @@ def test_the_reaper_re_sends_only_to_pools_with_a_live_worker_and_says_which_wai
         run = queries.get_run(session, run_id)
         assert "re-sent 1 target(s)" in (run.reason or "")
         assert "; not re-sent: pool 'b': 2 target(s) pending" in (run.reason or "")
-        assert "no worker of this pool has ever been seen" in (run.reason or "")
+        assert "no live worker of this pool" in (run.reason or "")
         assert queries.recoveries(run) == 1
         # Pool a's target is done; only pool b's wait.
         queries.skip_pending_results(session, run_id, from_batch=0, reason="x", now=later)

@@ -418,7 +418,7 @@ def check_target_health_in_pool(
             )
     silent_for = pool_last_seen(rt, pool)
     seen = (
-        "no worker of that pool has ever been seen"
+        "no live worker of that pool: none seen yet, or the last one stopped"
         if silent_for is None
         else f"a worker of that pool was last seen {silent_for:.0f}s ago"
     )

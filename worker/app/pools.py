@@ -29,6 +29,7 @@ __all__ = [
     "HealthSender",
     "SilentPool",
     "check_cluster",
+    "forget_heartbeat",
     "hold_back_silent_pools",
     "pools_of",
     "record_heartbeat",
@@ -99,6 +100,13 @@ def record_heartbeat(rt: Runtime, worker: str) -> None:
         queries.forget_workers_before(session, now - FORGET_WORKERS_AFTER)
 
 
+def forget_heartbeat(rt: Runtime, worker: str) -> None:
+    """This worker stops cleanly: its pool counts as silent now, not a stale window later, if
+    it was the pool's last worker (a killed worker's row simply ages out instead)."""
+    with rt.session() as session:
+        queries.forget_worker(session, worker)
+
+
 @dataclass(frozen=True)
 class SilentPool:
     """A pool with open targets in a run and no worker heard from recently."""
@@ -113,7 +121,7 @@ class SilentPool:
     def describe(self) -> str:
         """One line for ``runs show`` and the run's reason."""
         seen = (
-            "no worker of this pool has ever been seen"
+            "no live worker of this pool (none seen yet, or the last one stopped)"
             if self.silent_for is None
             else f"no worker of this pool seen for {self.silent_for:.0f}s"
         )
