@@ -231,10 +231,23 @@ def _log_format(logger: logging.Logger, **_: Any) -> None:
     logs.apply_format(configured_settings(app).observability.log_format, loggers)
 
 
+#: What each task's first positional argument is, for the log context of its lines.
+_FIRST_ARGUMENT = {
+    START_RUN: "run_id",
+    PROCESS_TARGETS: "run_id",
+    ADVANCE_RUN: "run_id",
+    CHECK_HEALTH: "target_id",
+}
+
+
 @signals.task_prerun.connect
-def _bind_task_context(task_id: str | None = None, args: Sequence[Any] = (), **_: Any) -> None:
-    # Every task's first argument is its run id; the context starts empty for each task.
-    logs.set_context(run_id=args[0] if args else None, task_id=task_id)
+def _bind_task_context(
+    sender: Any = None, task_id: str | None = None, args: Sequence[Any] = (), **_: Any
+) -> None:
+    # The context starts empty for each task; a task without ids in its arguments (the audit
+    # beat's) names none, rather than passing a target or distribution off as a run.
+    field = _FIRST_ARGUMENT.get(getattr(sender, "name", ""))
+    logs.set_context(task_id=task_id, **({field: args[0]} if field and args else {}))
 
 
 @signals.task_postrun.connect

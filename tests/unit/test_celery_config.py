@@ -124,3 +124,27 @@ def test_a_dispatch_sends_every_target_exactly_once_in_order() -> None:
         assert max(len(chunk) for chunk in chunks) <= MOST_PER_MESSAGE
         if count <= SPREAD:
             assert len(chunks) == count  # small dispatches: one target per message
+
+
+@pytest.mark.parametrize(
+    ("task", "expected"),
+    [
+        ("cap.run.start", {"run_id": "first", "task_id": "t"}),
+        ("cap.kube.target", {"run_id": "first", "task_id": "t"}),
+        ("cap.run.advance", {"run_id": "first", "task_id": "t"}),
+        ("cap.kube.health", {"target_id": "first", "task_id": "t"}),
+        ("cap.audit.enqueue", {"task_id": "t"}),
+    ],
+)
+def test_each_task_names_its_first_argument_rightly_in_the_log_context(
+    task: str, expected: dict[str, str]
+) -> None:
+    from types import SimpleNamespace
+
+    import tasks.distribution as tasks
+    from worker.platform import logs
+
+    logs.set_context(run_id="left over from the previous task")
+    tasks._bind_task_context(sender=SimpleNamespace(name=task), task_id="t", args=("first",))
+    assert dict(logs.context()) == expected
+    logs.set_context()
