@@ -169,6 +169,9 @@ def test_a_scrape_after_real_runs_counts_exactly_the_results_in_the_database(
     # JSON logs: every line of the logging system parses; each target's line has its context.
     worker.stop()
     log = worker.log_text()
+    # One JSON object per line, and nothing else: no banner, no plain-text warning.
+    plain = [line for line in log.splitlines() if line.strip() and not line.startswith("{")]
+    assert not plain, plain[:5]
     lines = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
     assert all({"time", "level", "logger", "message"} <= set(line) for line in lines)
     by_target = {

@@ -254,3 +254,34 @@ def test_log_format_setting(raw: str, ok: bool) -> None:
 def test_metrics_port_setting_refuses_what_is_not_a_port(raw: str) -> None:
     with pytest.raises(ValueError, match="CAP_METRICS_PORT"):
         load_settings({"HOME": "/nonexistent", "CAP_METRICS_PORT": raw})
+
+
+def test_a_metrics_port_another_process_listens_on_is_refused_at_start() -> None:
+    import socket
+
+    from worker.platform.settings import SettingsError
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        settings = ObservabilitySettings(metrics_port=port, metrics_address="127.0.0.1")
+        with pytest.raises(SettingsError, match=rf"CAP_METRICS_PORT={port}: cannot listen"):
+            platform_metrics.check_port_free(settings)
+    platform_metrics.check_port_free(settings)  # free again: accepted
+    platform_metrics.check_port_free(ObservabilitySettings())  # metrics off: nothing to check
+
+
+def test_warnings_become_json_lines_on_stderr(capsys: pytest.CaptureFixture[str]) -> None:
+    import warnings
+
+    captured = logging.getLogger("py.warnings")
+    saved = (captured.handlers[:], captured.propagate)
+    try:
+        logs.warnings_as_json("json")
+        warnings.warn("running as root", UserWarning, stacklevel=1)
+        line = json.loads(capsys.readouterr().err.strip())
+        assert line["logger"] == "py.warnings" and "running as root" in line["message"]
+    finally:
+        logging.captureWarnings(False)
+        captured.handlers, captured.propagate = saved

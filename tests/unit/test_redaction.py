@@ -20,7 +20,9 @@ from worker.platform.redaction import redact_url
             "sentinel://:pw@h1:26379;sentinel://:pw@h2:26379",
             "sentinel://:***@h1:26379;sentinel://:***@h2:26379",
         ),
-        ("not a url", "not a url"),
+        ("not a url", "<unparseable URL>"),
+        ("SuperSecretPw", "<unparseable URL>"),
+        ("notaurl:SuperSecretPw", "<unparseable URL>"),
     ],
 )
 def test_redact_url(url: str, expected: str) -> None:

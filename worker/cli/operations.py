@@ -71,15 +71,21 @@ def worker(
       certautopilot migrate && certautopilot worker --concurrency 8
       CAP_LOG_FORMAT=json CAP_METRICS_PORT=9808 certautopilot worker
     """
+    from worker.platform import logs, metrics
     from worker.platform.celery_app import app as celery_app
     from worker.platform.celery_app import worker_queues
     from worker.platform.settings import require_kek
 
     loaded = settings()
     require_kek(loaded)  # a worker opens keys and kubeconfigs: it needs the KEK
+    metrics.check_port_free(loaded.observability)
     ensure_schema(loaded)
     celery_dispatcher(loaded)  # the app must use exactly these settings
+    log_format = loaded.observability.log_format
+    logs.warnings_as_json(log_format)
     argv = [
+        # JSON logs: no ASCII banner on stdout, so every line a log shipper reads is JSON.
+        *(["--quiet"] if log_format == "json" else []),
         "worker",
         f"--queues={','.join(worker_queues(loaded))}",
         "--task-events",

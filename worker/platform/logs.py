@@ -33,6 +33,7 @@ __all__ = [
     "context",
     "log_context",
     "set_context",
+    "warnings_as_json",
 ]
 
 CONTEXT_FIELDS = ("run_id", "target_id", "task_id", "batch")
@@ -85,6 +86,21 @@ class JsonFormatter(logging.Formatter):
         if record.stack_info:
             line["stack"] = self.formatStack(record.stack_info)
         return json.dumps(line, default=str, ensure_ascii=False)
+
+
+def warnings_as_json(log_format: str) -> None:
+    """``json``: Python warnings (Celery's running-as-root SecurityWarning, deprecations) become
+    JSON lines on stderr too, including those raised before Celery sets up its logging."""
+    if log_format != "json":
+        return
+    import sys
+
+    logging.captureWarnings(True)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    captured = logging.getLogger("py.warnings")
+    captured.handlers = [handler]
+    captured.propagate = False
 
 
 def apply_format(log_format: str, loggers: Iterable[logging.Logger]) -> None:

@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 __all__ = [
     "PREFIX",
     "Metrics",
+    "check_port_free",
     "current",
     "disable",
     "enable",
@@ -195,6 +196,30 @@ def registry(extra: Iterable[Collector] = ()) -> Any:
     for collector in extra:
         merged.register(collector)
     return merged
+
+
+def check_port_free(settings: ObservabilitySettings) -> None:
+    """Refuse at start, naming the fix, when the metrics address cannot be bound (another
+    worker on the host has the port): a worker would otherwise run with nothing scrapeable."""
+    if settings.metrics_port is None or settings.metrics_port == 0:
+        return
+    import socket
+
+    from worker.platform.settings import SettingsError
+
+    family = socket.AF_INET6 if ":" in settings.metrics_address else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        # As the HTTP server will bind: address reuse on, so only a live listener refuses.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((settings.metrics_address, settings.metrics_port))
+        except OSError as exc:
+            raise SettingsError(
+                f"CAP_METRICS_PORT={settings.metrics_port}: cannot listen on "
+                f"{settings.metrics_address}:{settings.metrics_port} ({exc.strerror}); another "
+                "process (another worker on this host?) has it. Give each worker its own port, "
+                "or leave CAP_METRICS_PORT unset"
+            ) from None
 
 
 def serve(settings: ObservabilitySettings, extra: Iterable[Collector] = ()) -> int | None:

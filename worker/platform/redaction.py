@@ -24,9 +24,9 @@ def redact_url(url: str) -> str:
     try:
         parsed = make_url(url)
     except (ArgumentError, ValueError):
-        # Credentials need an "@"; without one the text is safe to show (and worth showing
-        # in an error about it). With one, the password may sit anywhere: show nothing.
-        return url if "@" not in url else "<unparseable URL>"
+        # Nothing to mask by position: the text may be a password pasted into the wrong
+        # variable, or hold one anywhere. Show nothing; the error says what was expected.
+        return "<unparseable URL>"
     if parsed.password is None:
         return url
     return parsed.render_as_string(hide_password=True)

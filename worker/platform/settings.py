@@ -659,7 +659,7 @@ def _database(environ: Mapping[str, str], data_dir: Path) -> DatabaseSettings:
     )
     try:
         backend = make_url(url).get_backend_name()
-    except ArgumentError:
+    except (ArgumentError, ValueError):  # ValueError: a port that is not a number
         raise _invalid(label, redact_url(raw), expected) from None
     if backend not in ("sqlite", "postgresql"):
         raise SettingsError(
