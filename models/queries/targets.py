@@ -127,13 +127,17 @@ def record_health(
     session: Session,
     target_id: str,
     *,
-    healthy: bool,
+    healthy: bool | None,
     message: str,
     checked_at: datetime | None = None,
 ) -> Target:
-    """Store the outcome of a target health check."""
+    """Store the outcome of a target health check (``healthy=None``: it could not be judged,
+    which is stored as unknown with the reason)."""
     target = get_target(session, target_id)
-    target.health_status = HealthStatus.HEALTHY if healthy else HealthStatus.UNHEALTHY
+    if healthy is None:
+        target.health_status = HealthStatus.UNKNOWN
+    else:
+        target.health_status = HealthStatus.HEALTHY if healthy else HealthStatus.UNHEALTHY
     target.health_message = message
     target.health_checked_at = checked_at or utcnow()
     session.flush()

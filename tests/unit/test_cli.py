@@ -622,6 +622,35 @@ def test_another_database_without_schema_asks_for_migrate(cli: Cli, tmp_path: Pa
     assert cli.json("credentials", "list") == []
 
 
+def test_names_the_targets_own_variables_decide_are_refused_at_save(cli: Cli) -> None:
+    cli.ok("credentials", "add-kubeconfig", "kc", "--stdin", stdin=kubeconfig())
+    common = ["--kubeconfig-credential", "kc", "--no-check"]
+    assert_refused(
+        cli("targets", "add", "t1", "--namespace", "{{ .tenant }}-edge", "--var",
+            "tenant=ACME_corp", *common),
+        "ACME_corp-edge",
+    )  # fmt: skip
+    assert_refused(
+        cli("targets", "add", "t2", "--namespace", "ingress", "--secret-name",
+            "{{ .x }}" + "a" * 300, "--var", "x=y", *common),
+        "secret name",
+    )  # fmt: skip
+    assert cli.json("targets", "list") == []
+
+
+def test_a_namespace_that_needs_certificate_variables_is_saved_with_health_unknown(
+    cli: Cli,
+) -> None:
+    cli.ok("credentials", "add-kubeconfig", "kc", "--stdin", stdin=kubeconfig())
+    added = cli.ok(
+        "targets", "add", "t", "--namespace", '{{ .cn | trimSuffix ".example.com" }}',
+        "--kubeconfig-credential", "kc",
+    )  # fmt: skip
+    assert "health: unknown" in added.stdout
+    assert "reads cn, which a run supplies" in added.stdout
+    assert "define it on the target" not in added.stdout
+
+
 def test_unhealthy_target_is_saved_and_add_and_check_exit_1(cli: Cli) -> None:
     cli.ok("credentials", "add-kubeconfig", "kc", "--stdin", stdin=kubeconfig())
     added = cli("targets", "add", "t", "--namespace", "ingress", "--kubeconfig-credential", "kc")

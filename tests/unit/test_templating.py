@@ -21,11 +21,13 @@ from worker.core.names import (
     TemplateError,
     certificate_variables,
     check_variables,
+    render_if_decided,
     render_namespace,
     render_secret_name,
     template_variables,
     translate_go_template,
     validate_template,
+    variables_left_for_the_run,
 )
 
 LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?\Z")
@@ -626,3 +628,31 @@ def test_other_namespaces_are_not_system_namespaces(namespace: str) -> None:
     from worker.core.names import refuse_system_namespace
 
     refuse_system_namespace(namespace, allowed=False, target="edge")
+
+
+@pytest.mark.parametrize(
+    ("template", "own", "later"),
+    [
+        ("ingress", {}, set()),
+        ("{{ .tenant }}-edge", {"tenant": "acme"}, set()),
+        ("{{ .tenant }}-edge", {}, {"tenant"}),
+        ('{{ .cn | trimSuffix ".example.com" }}', {"tenant": "acme"}, {"cn"}),
+        ('{{ .tenant }}-{{ .cn | default "x" }}', {"tenant": "acme"}, {"cn"}),
+    ],
+)
+def test_variables_left_for_the_run_are_those_the_target_does_not_give(
+    template: str, own: dict[str, object], later: set[str]
+) -> None:
+    assert variables_left_for_the_run(template, "namespace", own) == later
+    decided = render_if_decided(template, "namespace", own)
+    assert (decided is None) == bool(later)
+
+
+def test_a_name_the_targets_own_variables_decide_is_validated_at_save() -> None:
+    assert render_if_decided("{{ .tenant }}-edge", "namespace", {"tenant": "acme"}) == "acme-edge"
+    with pytest.raises(TemplateError, match="ACME_corp-edge"):
+        render_if_decided("{{ .tenant }}-edge", "namespace", {"tenant": "ACME_corp"})
+    with pytest.raises(TemplateError, match="secret name"):
+        render_if_decided("{{ .x }}" + "a" * 300, "secret name", {"x": "y"})
+    # Only a run knows the certificate: nothing to judge yet, whatever the target gives.
+    assert render_if_decided("{{ .cn }}-{{ .tenant }}", "namespace", {"tenant": "ACME_"}) is None

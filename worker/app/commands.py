@@ -42,8 +42,10 @@ from worker.core.names import (
     TemplateError,
     check_variables,
     refuse_system_namespace,
+    render_if_decided,
     render_namespace,
     validate_template,
+    variables_left_for_the_run,
 )
 from worker.core.pools import DEFAULT_POOL, PoolNameError, check_pool_name
 from worker.kube.connect import in_cluster_available, minimal_kubeconfig, vet_kubeconfig
@@ -249,7 +251,7 @@ def create_target(
     known = [*CERTIFICATE_VARIABLES, *spec.variables]
     validate_template(spec.namespace, "namespace", known)
     validate_template(spec.secret_name, "secret name", known)
-    _refuse_a_known_system_namespace(spec)
+    _refuse_names_decided_at_save(spec)
     mode = ConnectionMode(spec.connection_mode)
     if (
         mode is ConnectionMode.IN_CLUSTER
@@ -311,15 +313,15 @@ def _pkcs12_credential(session: Any, spec: TargetSpec) -> str | None:
         ) from None
 
 
-def _refuse_a_known_system_namespace(spec: TargetSpec) -> None:
-    """At save: refuse a system namespace the namespace already names (fixed, or from the
-    target's own variables). One that needs certificate or group variables is checked when a
-    run renders it."""
-    try:
-        namespace = render_namespace(spec.namespace, dict(spec.variables))
-    except TemplateError:
-        return
-    refuse_system_namespace(namespace, allowed=spec.allow_system_namespace, target=spec.name)
+def _refuse_names_decided_at_save(spec: TargetSpec) -> None:
+    """At save: a namespace or Secret name that the target's own variables already decide
+    (fixed, or from them alone) must be valid, and the namespace not a system one. One that
+    needs certificate or group variables is checked when a run renders it."""
+    own = dict(spec.variables)
+    namespace = render_if_decided(spec.namespace, "namespace", own)
+    render_if_decided(spec.secret_name, "secret name", own)
+    if namespace is not None:
+        refuse_system_namespace(namespace, allowed=spec.allow_system_namespace, target=spec.name)
 
 
 @dataclass(frozen=True)
@@ -343,22 +345,24 @@ def check_target_health(
     with rt.session() as session:
         target = queries.get_target(session, target_id)
     report: HealthReport | None = None
-    try:
-        namespace = render_namespace(target.namespace_template, dict(target.variables))
-    except TemplateError as exc:
+    healthy: bool | None
+    own = dict(target.variables)
+    later = variables_left_for_the_run(target.namespace_template, "namespace", own)
+    if later:
+        # Not a finding: the namespace is only known once a run supplies these variables.
         healthy, message = (
-            False,
-            (
-                f"namespace template needs certificate variables and is checked at distribution "
-                f"time ({exc})"
-            ),
+            None,
+            f"not checked: the namespace template reads {', '.join(sorted(later))}, which a run "
+            "supplies (certificate or group variables); `certautopilot run DIST --dry-run` "
+            "checks each target's rendered namespace",
         )
     else:
         try:
+            namespace = render_namespace(target.namespace_template, own)
             _check_cluster_for_health(rt, target, record=record_cluster)
             report = health_check(kube_client(rt, target), namespace)
             healthy, message = report.healthy, report.message
-        except KubeError as exc:
+        except (TemplateError, KubeError) as exc:
             healthy, message = False, str(exc)
     with rt.session() as session:
         stored = queries.record_health(session, target_id, healthy=healthy, message=message)

@@ -223,6 +223,27 @@ def render_secret_name(template: str, variables: Mapping[str, object]) -> str:
     return _render_and_validate(template, "secret name", variables)
 
 
+def variables_left_for_the_run(
+    template: str, field: str, variables: Mapping[str, object]
+) -> frozenset[str]:
+    """The variables ``template`` reads that ``variables`` do not give (certificate or group
+    variables, which only a run supplies); empty when these decide the name on their own."""
+    field = _check_field(field)
+    _check_template_size(template, field)
+    if _is_plain_name(template):
+        return frozenset()
+    return _compile_for(template, field).all_variables - set(variables)
+
+
+def render_if_decided(template: str, field: str, variables: Mapping[str, object]) -> str | None:
+    """The name when ``variables`` (a target's own) are all the template reads, validated —
+    TemplateError if it is invalid, so a target is refused at save rather than at every run;
+    None when it also needs variables a run supplies."""
+    if variables_left_for_the_run(template, field, variables):
+        return None
+    return _render_and_validate(template, _check_field(field), variables)
+
+
 def validate_template(template: str, field: str, known_variables: Iterable[str]) -> None:
     """Check a template at save time: syntax, functions, unknown variables and literal text.
 
