@@ -85,6 +85,8 @@ class ResultRecord:
     resource_version: str | None
     secret_name: str | None
     namespace: str | None
+    serving_status: str | None = None
+    serving: list[dict[str, Any]] | None = None
 
 
 _NOW = typed_param("now", RESULTS.c.lease_expires_at)
@@ -146,6 +148,8 @@ _RECORDED = (
     "resource_version",
     "secret_name",
     "namespace",
+    "serving_status",
+    "serving",
 )
 _RECORD = (
     update(RESULTS)

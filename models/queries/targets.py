@@ -42,6 +42,10 @@ def create_target(
     allow_system_namespace: bool = False,
     variables: Mapping[str, Any] | None = None,
     pool: str = "default",
+    serving_endpoints: Sequence[str] = (),
+    serving_deadline_seconds: int | None = None,
+    serving_ca: str | None = None,
+    serving_public_only: bool = False,
 ) -> Target:
     """Insert a Kubernetes target (templates are validated by the caller, worker.core.names)."""
     ensure_unique_name(session, Target, name, "target")
@@ -79,6 +83,10 @@ def create_target(
         allow_system_namespace=allow_system_namespace,
         variables=dict(variables or {}),
         pool=pool,
+        serving_endpoints=list(serving_endpoints),
+        serving_deadline_seconds=serving_deadline_seconds,
+        serving_ca=serving_ca,
+        serving_public_only=serving_public_only,
     )
     session.add(target)
     session.flush()
