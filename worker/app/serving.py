@@ -105,8 +105,8 @@ def _resolve(endpoint: Endpoint, *, public_only: bool) -> list[str]:
             problem = address_problem(address)
             if problem:
                 raise ProbeError(
-                    f"{endpoint.host} resolves to {problem}, and the target requires public "
-                    "endpoints"
+                    f"{endpoint.host} resolves to a non-public address ({problem}), and the "
+                    "target requires public endpoints"
                 )
     return addresses
 
