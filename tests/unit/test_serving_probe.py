@@ -168,7 +168,9 @@ def test_a_silent_server_times_out_within_the_timeout() -> None:
 
 
 def test_public_only_refuses_a_name_resolving_to_loopback_before_connecting() -> None:
-    with pytest.raises(ProbeError, match=r"resolves to a non-public address \(127\.0\.0\.1 is a loopback"):
+    with pytest.raises(
+        ProbeError, match=r"resolves to a non-public address \(127\.0\.0\.1 is a loopback"
+    ):
         probe(Endpoint("localhost", 443), "shop.example.com", timeout=1, public_only=True)
 
 
