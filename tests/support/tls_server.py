@@ -126,7 +126,7 @@ def _watch(server: _Server, api: object, namespace: str, name: str) -> None:
     version = ""
     while True:
         try:
-            stream = watch.Watch().stream(
+            stream = watch.Watch().stream(  # type: ignore[no-untyped-call]
                 api.list_namespaced_secret,  # type: ignore[attr-defined]
                 namespace,
                 field_selector=f"metadata.name={name}",
@@ -157,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from kubernetes import client, config
 
-    api = client.CoreV1Api(config.new_client_from_config(config_file=str(args.kubeconfig)))
+    loaded = config.new_client_from_config(config_file=str(args.kubeconfig))  # type: ignore[no-untyped-call]
+    api = client.CoreV1Api(loaded)
     with tempfile.TemporaryDirectory(prefix="tls-server-") as folder:
         server = _Server(Path(folder))
         pems = _secret_pems(api, args.namespace, args.secret)
