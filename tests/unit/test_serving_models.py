@@ -37,6 +37,7 @@ from tests.unit.test_models_sqlite import (
 )
 from worker.app import commands, service
 from worker.app.runs import TargetOutcome, _record
+from worker.app.webhook import webhook_payload
 from worker.core.bundle import TlsBundle
 from worker.core.serving import REQUIRE_SERVING_OPTION
 from worker.platform.db import session_scope
@@ -223,3 +224,22 @@ def test_the_serving_outcome_is_recorded_and_shown(
     assert (result.status, result.error_reason) == ("failed", "not_serving")
     assert result.serving_status == "stale"
     assert result.serving_lines() == [f"serving 127.0.0.1:8443: {line['line']}"]
+    # A webhook stacked after the run carries the verdict per target (no key material).
+    with session_scope(factory) as session:
+        parent = queries.get_run(session, run_id)
+        distribution = queries.get_distribution(session, parent.distribution_id)
+        webhook = queries.create_distribution(
+            session,
+            certificate_id=distribution.certificate_id,
+            kind="webhook",
+            webhook_url="https://hooks.example.com/x",
+        )
+        child = queries.create_run(
+            session, distribution_id=webhook.id, action="execute", parent_run_id=run_id
+        )
+        payload = webhook_payload(session, child, webhook)
+    (target,) = payload["targets"]
+    assert target["serving"] == "stale"
+    assert target["serving_endpoints"] == [
+        {"endpoint": "127.0.0.1:8443", "state": "stale", "seconds": 5.0, "line": line["line"]}
+    ]
