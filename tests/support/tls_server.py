@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import datetime as dt
 import os
 import signal
 import socket
@@ -34,34 +33,12 @@ from types import FrameType
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _self_signed(directory: Path) -> tuple[bytes, bytes]:
+def _fallback() -> tuple[bytes, bytes]:
     """A throw-away "default certificate" (what an ingress serves before it has one)."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
+    from tests.certfactory import make_chain
 
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fallback default certificate")])
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
-    return (
-        cert.public_bytes(serialization.Encoding.PEM),
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        ),
-    )
+    chain = make_chain(cn="fallback.invalid", fresh_leaf_key=True)
+    return chain.fullchain_pem, chain.key_pem
 
 
 class _Server:
@@ -163,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         server = _Server(Path(folder))
         pems = _secret_pems(api, args.namespace, args.secret)
         if pems is None:
-            server.load(*_self_signed(Path(folder)), "the fallback (no Secret yet)")
+            server.load(*_fallback(), "the fallback (no Secret yet)")
         else:
             server.load(*pems, f"Secret {args.namespace}/{args.secret} (read once at start)")
         if args.mode == "reload":

@@ -4,10 +4,7 @@ group's require-serving pinned on its runs, and the outcome recorded on a result
 
 from __future__ import annotations
 
-import importlib.util
 from datetime import timedelta
-from pathlib import Path
-from types import ModuleType
 
 import pytest
 from sqlalchemy import Engine, func, inspect, select
@@ -31,6 +28,7 @@ from tests.unit.test_models_sqlite import (
     downgrade,
     engine,
     factory,
+    migration_module,
     runtime,
     sealer,
     upgrade,
@@ -45,22 +43,12 @@ from worker.platform.runtime import Runtime
 
 __all__ = ["bundle", "db_url", "engine", "factory", "runtime", "sealer"]  # fixtures
 
-_MIGRATION = Path(__file__).parents[2] / "models/migrations/versions/0008_verify_serving.py"
-
-
-def _migration() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("verify_serving_migration", _MIGRATION)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 def test_a_database_filled_before_the_serving_revision_upgrades_with_every_row_intact(
     factory: sessionmaker[Session], engine: Engine, sealer: Sealer, bundle: TlsBundle, db_url: str
 ) -> None:
     # Read from the migration, so re-chaining it onto another revision keeps this test true.
-    migration = _migration()
+    migration = migration_module("0008_verify_serving.py")
     before, serving = migration.down_revision, migration.revision
     with session_scope(factory) as session:
         distribution, target = _distribution(session, sealer, bundle)
