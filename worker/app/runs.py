@@ -365,12 +365,13 @@ def _process_one(
 
 def _observe(rt: Runtime, job: TargetJob, outcome: TargetOutcome) -> None:
     log.info(
-        "run %s target %s: %s%s (%d ms)",
+        "run %s target %s: %s%s (%d ms)%s",
         job.run_id,
         job.target.id,
         outcome.status.value,
         f" [{outcome.error_reason}]" if outcome.error_reason else "",
         outcome.duration_ms,
+        f"; serving {outcome.serving_status}" if outcome.serving_status else "",
     )
     observe_target(
         rt, job.action, job.target, outcome.status, outcome.error_reason, outcome.duration_ms / 1000
