@@ -116,8 +116,9 @@ def test_demo_runs_the_main_job_end_to_end_on_a_fresh_machine(tmp_path: Path) ->
         "Step 14/14 · Verify serving",
         "$ certautopilot targets add serving-reload",
         "--verify-serving 127.0.0.1:",
-        "verified after",
+        # The results table is by target name: serving-cache, then serving-reload.
         "still serving serial",
+        "verified after",
         "the reloading endpoint serves the new certificate; the caching one still serves",
         "stopped the TLS server pid",
         "stopped the worker",
