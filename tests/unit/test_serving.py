@@ -281,6 +281,10 @@ NOT_AFTER = datetime(2027, 1, 1, tzinfo=UTC)
             "verified after 3.2 s",
         ),
         (
+            EndpointResult("lb:443", ServingState.VERIFIED, 0.013, 1, "1a", NOT_AFTER),
+            "verified after 0.01 s",
+        ),
+        (
             EndpointResult(
                 "lb:443", ServingState.VERIFIED, 12.4, 5, "1a", NOT_AFTER, chain="valid"
             ),
@@ -296,7 +300,7 @@ NOT_AFTER = datetime(2027, 1, 1, tzinfo=UTC)
         ),
         (
             EndpointResult("lb:443", ServingState.UNREACHABLE, 0.1, 1, reason="timed out"),
-            "unreachable: timed out (after 0.1 s, 1 attempt)",
+            "unreachable: timed out (after 0.10 s, 1 attempt)",
         ),
         (
             EndpointResult(

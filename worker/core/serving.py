@@ -309,7 +309,10 @@ def delay_after(attempt: int) -> float:
 
 
 def _seconds(value: float) -> str:
-    return f"{value:.0f} s" if value >= 10 else f"{value:.1f} s"
+    # Sub-second verdicts are common (a consumer that already reloaded): keep them readable.
+    if value >= 10:
+        return f"{value:.0f} s"
+    return f"{value:.1f} s" if value >= 1 else f"{value:.2f} s"
 
 
 @dataclass(frozen=True)
