@@ -248,8 +248,15 @@ def verify_endpoint(
                     seen.serial,
                     seen.not_after,
                 )
+            # The new leaf is there: the chain check may outlast the endpoint's deadline by
+            # one handshake, never the task's budget.
+            budget = float("inf") if request.until is None else request.until - clock()
             problem = check_chain(
-                endpoint, sni, request.ca_pem, timeout, public_only=request.public_only
+                endpoint,
+                sni,
+                request.ca_pem,
+                max(0.1, min(HANDSHAKE_TIMEOUT_SECONDS, budget)),
+                public_only=request.public_only,
             )
             return EndpointResult(
                 str(endpoint),
