@@ -209,3 +209,54 @@ def test_require_serving_halts_the_rollout_after_a_canary_that_does_not_serve_it
     assert by_name["canary"]["serving_status"] == "stale"
     assert by_name["edge1"]["status"] == "created"
     assert by_name["edge1"]["serving_status"] == "verified"
+
+
+def test_a_message_verifies_its_targets_concurrently_so_it_costs_one_deadline(
+    pipe: Pipeline,
+    cluster: Cluster,
+    make_service_account: Callable[..., ServiceAccountAccess],
+    servers: list[TlsServer],
+    tmp_path: Path,
+) -> None:
+    # 48 targets travel 3 to a message (tasks.distribution.targets_per_message), 16 messages
+    # over 4 pool processes: 4 rounds. Each target's endpoint never serves the new leaf, so
+    # each takes its whole 3 s deadline: about 4 x 3 s when a message verifies its targets at
+    # once, 4 x 9 s if it verified them one after the other.
+    rt = pipe.runtime
+    namespace = f"many-{uuid.uuid4().hex[:8]}"
+    access = make_service_account(cluster, namespace)
+    credential = service.add_kubeconfig_credential(rt, f"{namespace}-c", access.kubeconfig.encode())
+    caching = _serve(servers, cluster, namespace, "never-written-tls", "once", tmp_path)
+    names = [f"{namespace}-t{index:02d}" for index in range(48)]
+    for index, name in enumerate(names):
+        service.create_target(
+            rt,
+            service.TargetSpec(
+                name=name,
+                namespace=namespace,
+                credential=credential,
+                secret_name=f"site-{index:02d}-tls",
+                verify_serving=(caching.endpoint,),
+                serving_deadline="3s",
+            ),
+            check=False,
+        )
+    chain = make_chain(cn="shop.example.com", fresh_leaf_key=True)
+    certificate_id = service.import_certificate(
+        rt, chain.leaf_pem, chain.key_pem, chain.chain_pem, chain.root_pem
+    )
+    service.create_group(rt, f"{namespace}-g", names, batch_size="100%", failure_threshold="100%")
+    distribution_id = service.attach(rt, certificate_id, group=f"{namespace}-g")
+    pipe.start_worker(concurrency=4)
+
+    started = time.monotonic()
+    report = pipe.wait(pipe.enqueue(distribution_id, "execute"), timeout=180)
+    elapsed = time.monotonic() - started
+
+    assert report.state == "succeeded", report
+    assert {r.status for r in report.results} == {"created"}
+    assert {r.serving_status for r in report.results} == {"stale"}
+    seconds = [r.serving[0]["seconds"] for r in report.results]
+    assert min(seconds) >= 3 and max(seconds) < 4.5, seconds  # each had its whole deadline
+    assert elapsed < 25, f"{elapsed:.1f}s: the targets of a message were not verified at once"
+    print(f"\n48 targets, 3 s deadline each, 4 pool processes: run {elapsed:.1f}s")
