@@ -50,6 +50,32 @@ def _serve(
     return server
 
 
+def _serving_fleet(
+    pipe: Pipeline, namespace: str, credential: str, targets: dict[str, str], **serving: str
+) -> tuple[Any, str]:
+    """Targets ``name -> endpoint`` (each writing ``<name>-tls``) with ``serving`` settings, in
+    a group of one batch whose threshold never halts, with a fresh certificate attached; the
+    certificate's chain and the distribution id."""
+    rt = pipe.runtime
+    names = [f"{namespace}-{name}" for name in targets]
+    for name, endpoint in targets.items():
+        spec = service.TargetSpec(
+            name=f"{namespace}-{name}",
+            namespace=namespace,
+            credential=credential,
+            secret_name=f"{name}-tls",
+            verify_serving=(endpoint,),
+            **serving,  # type: ignore[arg-type]
+        )
+        service.create_target(rt, spec, check=False)
+    chain = make_chain(cn="shop.example.com", fresh_leaf_key=True)
+    certificate_id = service.import_certificate(
+        rt, chain.leaf_pem, chain.key_pem, chain.chain_pem, chain.root_pem
+    )
+    service.create_group(rt, f"{namespace}-g", names, batch_size="100%", failure_threshold="100%")
+    return chain, service.attach(rt, certificate_id, group=f"{namespace}-g")
+
+
 def _non_watch(requests: dict[str, int]) -> dict[str, int]:
     return {verb: n for verb, n in requests.items() if verb != "WATCH" and n}
 
@@ -68,32 +94,14 @@ def test_the_reloading_endpoint_verifies_and_the_caching_one_still_serves_the_ol
     credential = service.add_kubeconfig_credential(rt, f"{namespace}-c", access.kubeconfig.encode())
     reloading = _serve(servers, cluster, namespace, "reload-tls", "reload", tmp_path)
     caching = _serve(servers, cluster, namespace, "cache-tls", "once", tmp_path)
-    for name, server in (("reload", reloading), ("cache", caching)):
-        service.create_target(
-            rt,
-            service.TargetSpec(
-                name=f"{namespace}-{name}",
-                namespace=namespace,
-                credential=credential,
-                secret_name=f"{name}-tls",
-                verify_serving=(server.endpoint,),
-                serving_deadline="5s",
-                serving_ca="own-chain",
-            ),
-            check=False,
-        )
-    chain = make_chain(cn="shop.example.com", fresh_leaf_key=True)
-    certificate_id = service.import_certificate(
-        rt, chain.leaf_pem, chain.key_pem, chain.chain_pem, chain.root_pem
+    chain, distribution_id = _serving_fleet(
+        pipe,
+        namespace,
+        credential,
+        {"reload": reloading.endpoint, "cache": caching.endpoint},
+        serving_deadline="5s",
+        serving_ca="own-chain",
     )
-    service.create_group(
-        rt,
-        f"{namespace}-g",
-        [f"{namespace}-reload", f"{namespace}-cache"],
-        batch_size="100%",
-        failure_threshold="100%",
-    )
-    distribution_id = service.attach(rt, certificate_id, group=f"{namespace}-g")
     pipe.start_worker()
     admin = [testenv_admin_api(cluster)]
     time.sleep(1)  # the servers' initial GET and WATCH are counted before the run
@@ -227,26 +235,13 @@ def test_a_message_verifies_its_targets_concurrently_so_it_costs_one_deadline(
     access = make_service_account(cluster, namespace)
     credential = service.add_kubeconfig_credential(rt, f"{namespace}-c", access.kubeconfig.encode())
     caching = _serve(servers, cluster, namespace, "never-written-tls", "once", tmp_path)
-    names = [f"{namespace}-t{index:02d}" for index in range(48)]
-    for index, name in enumerate(names):
-        service.create_target(
-            rt,
-            service.TargetSpec(
-                name=name,
-                namespace=namespace,
-                credential=credential,
-                secret_name=f"site-{index:02d}-tls",
-                verify_serving=(caching.endpoint,),
-                serving_deadline="3s",
-            ),
-            check=False,
-        )
-    chain = make_chain(cn="shop.example.com", fresh_leaf_key=True)
-    certificate_id = service.import_certificate(
-        rt, chain.leaf_pem, chain.key_pem, chain.chain_pem, chain.root_pem
+    _, distribution_id = _serving_fleet(
+        pipe,
+        namespace,
+        credential,
+        {f"t{index:02d}": caching.endpoint for index in range(48)},
+        serving_deadline="3s",
     )
-    service.create_group(rt, f"{namespace}-g", names, batch_size="100%", failure_threshold="100%")
-    distribution_id = service.attach(rt, certificate_id, group=f"{namespace}-g")
     pipe.start_worker(concurrency=4)
 
     started = time.monotonic()
