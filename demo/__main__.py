@@ -18,7 +18,11 @@ the cluster admin after each run. On a fresh machine with nothing configured it:
    failure threshold, attaches the certificate with "store content" on, then shows a
    dry-run with its diff, executes, renews the certificate (dry-run diff, execute) and rolls
    back, checking the live Secrets after each step;
-6. stops the worker and the clusters and deletes everything it made (also on Ctrl-C).
+6. verifies serving: two small TLS servers serve the certificate of a Secret each — one
+   reloads by watching the Secret through the API server (like nginx-ingress), one read it
+   once and never reloads (like a controller that caches) — and a run with
+   ``--verify-serving`` says which of them serves the new certificate;
+7. stops the worker and the clusters and deletes everything it made (also on Ctrl-C).
 
 The commands get an environment with no ``CAP_*`` variable but ``CAP_DATA_DIR`` (the demo's
 folder); the demo's own environment is left as it was.
@@ -160,6 +164,8 @@ class _Cluster:
     """namespace -> kubeconfig text the worker uses there."""
     namespaces: list[str] = field(default_factory=list)
     """Namespaces the demo created (deleted at the end on user clusters)."""
+    admin_kubeconfig: str = field(default="", repr=False)
+    """The admin kubeconfig text, for the verify-serving step's TLS servers (they watch)."""
 
 
 def _core(api: Any) -> Any:
@@ -228,7 +234,7 @@ class _Demo:
     def __init__(self, console: Console, kubeconfigs: Sequence[Path]) -> None:
         self.console = console
         self.kubeconfigs = list(kubeconfigs)
-        self.steps = 13
+        self.steps = 14
         self.step_no = 0
         self.data_dir = Path(tempfile.mkdtemp(prefix="certautopilot-demo-"))
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("CAP_")}
@@ -237,6 +243,7 @@ class _Demo:
         self.testenv: Any = None
         self.worker: subprocess.Popen[bytes] | None = None
         self.worker_log = self.data_dir / "worker.log"
+        self.tls_servers: list[Any] = []  # tests.support.tls_server.TlsServer, stopped by PID
         self.clusters: list[_Cluster] = []
         self.places: list[tuple[_Cluster, str, str]] = []  # (cluster, tenant, target name)
         self.secret_name = ""
@@ -320,6 +327,7 @@ class _Demo:
             title="Execute the renewal: every Secret gets the renewed certificate",
         )
         self.rollback(cert_id, distribution_id)
+        self.verify_serving(cert_id)
 
     def prepare_data_dir(self) -> None:
         self.step("A throw-away data folder (the embedded default)")
@@ -362,7 +370,11 @@ class _Demo:
                 )
                 return str(access.kubeconfig)
 
-            self.clusters.append(_Cluster(cluster.name, admin, credential_for))
+            self.clusters.append(
+                _Cluster(
+                    cluster.name, admin, credential_for, admin_kubeconfig=cluster.admin_kubeconfig
+                )
+            )
             self.say(f"  {cluster.name}: {cluster.server}")
         self.say(f"  ready in {time.monotonic() - started:.1f}s")
 
@@ -390,7 +402,7 @@ class _Demo:
             def same_kubeconfig(_namespace: str, text: str = text) -> str:
                 return text
 
-            self.clusters.append(_Cluster(name, admin, same_kubeconfig))
+            self.clusters.append(_Cluster(name, admin, same_kubeconfig, admin_kubeconfig=text))
             self.say(f"  {name}: from {path} (the same kubeconfig is stored as the credential)")
 
     def start_worker(self) -> None:
@@ -616,6 +628,76 @@ class _Demo:
         self.check_live(self.old_serial, "the hand-made Secret is back")
         self.say(f"  {STORE_CONTENT_OFF_NOTE}")
 
+    def verify_serving(self, cert_id: str) -> None:
+        from tests.support.tls_server import TlsServer  # the checkout's test server
+
+        self.step("Verify serving: does the new certificate reach the traffic?")
+        cluster, tenant, credential = self.places[0]
+        namespace = self.namespace_of(tenant)
+        self.say(
+            "  Writing the Secret is half the job: an ingress that caches its certificates "
+            "keeps serving the old one. Two small TLS servers on 127.0.0.1 each serve the "
+            f"certificate of a Secret in {cluster.name} {namespace}:"
+        )
+        servers = {}
+        for name, mode, behaviour in (
+            ("serving-reload", "reload", "watches its Secret through the API server and "
+             "reloads on every change (like nginx-ingress)"),
+            ("serving-cache", "once", "read its Secret once at start and never again (like a "
+             "controller that caches); there was none yet, so it serves a fallback"),
+        ):  # fmt: skip
+            server = TlsServer(
+                cluster.admin_kubeconfig,
+                namespace,
+                f"{name}-tls",
+                mode=mode,
+                folder=self.data_dir / "tls-servers",
+            )
+            self.tls_servers.append(server)
+            servers[name] = server
+            self.say(f"  {server.endpoint} (pid {server.process.pid}) {behaviour}")
+        for name, server in servers.items():
+            self.cli(
+                "targets", "add", name, "--namespace", namespace,
+                "--kubeconfig-credential", credential, "--secret-name", f"{name}-tls",
+                "--verify-serving", server.endpoint, "--serving-deadline", "5s",
+                "--serving-ca", "own-chain",
+            )  # fmt: skip
+        self.cli(
+            "groups", "create", "serving", "--target", "serving-reload", "--target",
+            "serving-cache", "--batch-size", "100%", "--failure-threshold", "100%",
+        )  # fmt: skip
+        distribution = self.cli_json("distributions", "attach", cert_id, "--group", "serving")
+        self.say(
+            "  After the execute writes each Secret, the worker (not the CLI) probes each "
+            "endpoint with a TLS handshake until it presents the new leaf (SHA-256 compared) "
+            "or the deadline passes (5 s here; 120 s by default, for kubelet's ~60 s sync):"
+        )
+        self.cli("run", distribution["id"], "--execute", "--timeout", str(RUN_TIMEOUT))
+        (report,) = (
+            run
+            for run in self.cli_json("runs", "list", "--distribution", distribution["id"])
+            if run["action"] == "execute"
+        )
+        outcome = {r["target_name"]: r["serving_status"] for r in report["results"]}
+        if outcome != {"serving-reload": "verified", "serving-cache": "stale"}:
+            raise DemoFailed(
+                f"verify serving ended {outcome}; expected the reloading endpoint verified "
+                "and the caching one stale"
+            )
+        self.say(
+            "  ",
+            ("checked", "green"),
+            ": the reloading endpoint serves the new certificate; the caching one still serves "
+            "its old one. The write itself succeeded either way. Fix: restart (or reload) "
+            "the consumer that caches; the Secret is already updated.",
+        )
+        self.say(
+            "  With `groups create ... --require-serving`, a target that does not serve the new "
+            "certificate by its deadline is a failed target (not_serving), so a canary batch "
+            "that does not serve it halts the rollout."
+        )
+
     # --------------------------------------------------------------------------- cleanup
 
     def worker_log_tail(self, lines: int = 30) -> str:
@@ -632,6 +714,9 @@ class _Demo:
 
         self.console.print()
         self.console.print(Rule("Cleaning up", align="left"))
+        for server in self.tls_servers:
+            server.stop()
+            self.say(f"  stopped the TLS server pid {server.process.pid}")
         if self.worker is not None and self.worker.poll() is None:
             # SIGTERM = Celery's warm shutdown: running tasks finish, then it exits.
             os.killpg(self.worker.pid, signal.SIGTERM)

@@ -205,6 +205,17 @@ class Target(_ReprMixin, Base):
     """A ``pkcs12_password`` credential: also write ``keystore.p12`` encrypted with it
     (revision 0006); None writes no keystore."""
     variables: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    serving_endpoints: Mapped[list[Any]] = mapped_column(default=list, server_default="[]")
+    """Endpoints whose TLS handshake must present the new leaf after an execute, in their
+    canonical text ``host:port[,sni=NAME]`` (worker.core.serving); empty: no verification
+    (revision 0008)."""
+    serving_deadline_seconds: Mapped[int | None] = mapped_column(Integer)
+    """How long verification may take per endpoint; None = the default (120 s)."""
+    serving_ca: Mapped[str | None] = mapped_column(Text)
+    """Trust anchors for the served chain: a PEM bundle, or "own-chain" (the certificate's own
+    chain and CA); None: only the leaf's fingerprint is compared."""
+    serving_public_only: Mapped[bool] = mapped_column(default=False, server_default=false())
+    """Refuse endpoints that are (or resolve to) loopback, private or link-local addresses."""
     health_status: Mapped[HealthStatus] = mapped_column(
         _enum(HealthStatus, "health_status"), default=HealthStatus.UNKNOWN
     )
@@ -231,6 +242,9 @@ class TargetGroup(_ReprMixin, Base):
     failure_threshold: Mapped[Any | None] = mapped_column(JsonValue)
     """int or "10%"; None = CAP_DEFAULT_FAILURE_THRESHOLD."""
     variables: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    require_serving: Mapped[bool] = mapped_column(default=False, server_default=false())
+    """A target whose endpoints do not serve the new certificate by its deadline counts as
+    failed (reason ``not_serving``) for the failure threshold (revision 0008)."""
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     members: Mapped[list[TargetGroupMember]] = relationship(
@@ -407,6 +421,11 @@ class TargetResult(_ReprMixin, Base):
     """Audit runs: its not-after (revision 0007)."""
     finding: Mapped[dict[str, Any] | None] = mapped_column(JsonValue)
     """Audit runs: worker.core.audit.AuditFinding.to_dict() (revision 0007); no key material."""
+    serving_status: Mapped[str | None] = mapped_column(String(32))
+    """The target's serving verdict (worker.core.serving.ServingState) after an execute that
+    verified serving; None when the target names no endpoint (revision 0008)."""
+    serving: Mapped[list[Any] | None] = mapped_column(JsonValue)
+    """Per endpoint: state, seconds, attempts, serial and not-after seen, reason, the line."""
 
     run: Mapped[Run] = relationship(lazy="raise", back_populates="results")
     target: Mapped[Target] = relationship(lazy="raise")

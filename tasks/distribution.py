@@ -85,6 +85,13 @@ def start_deadline(settings: Settings, started: float) -> float:
     return started + settings.tasks.soft_time_limit - worst.message_minimum
 
 
+def serving_deadline(settings: Settings, started: float) -> float:
+    """The ``time.monotonic()`` by which a message's verify-serving ends: the soft time limit
+    minus what recording its outcomes may take at worst (worker.core.budget)."""
+    worst = target_worst_case(settings.tasks, settings.kube)
+    return started + worst.serving_end(settings.tasks.soft_time_limit)
+
+
 class CeleryDispatcher:
     """The pipeline's Dispatcher, sending Celery messages."""
 
@@ -151,12 +158,14 @@ def process_target_task(run_id: str, *target_ids: str) -> None:
     recorded as failed (worker.app.runs.process_targets).
     """
     rt = get_runtime()
+    started = time.monotonic()
     left = process_targets(
         rt,
         dispatcher,
         run_id,
         target_ids,
-        start_before=start_deadline(rt.settings, time.monotonic()),
+        start_before=start_deadline(rt.settings, started),
+        serving_before=serving_deadline(rt.settings, started),
         interrupted_by=(SoftTimeLimitExceeded,),
     )
     if left:

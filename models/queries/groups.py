@@ -38,6 +38,7 @@ def create_group(
     batch_size: FanoutValue | None = None,
     failure_threshold: int | str | None = None,
     variables: Mapping[str, Any] | None = None,
+    require_serving: bool = False,
 ) -> TargetGroup:
     """Insert a group with its targets in fan-out order (None = settings defaults)."""
     ensure_unique_name(session, TargetGroup, name, "group")
@@ -46,6 +47,7 @@ def create_group(
         batch_size=batch_size,
         failure_threshold=failure_threshold,
         variables=dict(variables or {}),
+        require_serving=require_serving,
     )
     session.add(group)
     session.flush()

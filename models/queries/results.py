@@ -91,6 +91,8 @@ class ResultRecord:
     deployed_serial: str | None = None
     deployed_not_after: datetime | None = None
     finding: dict[str, Any] | None = None
+    serving_status: str | None = None
+    serving: list[dict[str, Any]] | None = None
 
 
 _NOW = typed_param("now", RESULTS.c.lease_expires_at)
@@ -158,6 +160,8 @@ _RECORDED = (
     "deployed_serial",
     "deployed_not_after",
     "finding",
+    "serving_status",
+    "serving",
 )
 _RECORD = (
     update(RESULTS)

@@ -44,6 +44,10 @@ def create_target(
     pool: str = "default",
     combined_pem: bool = False,
     pkcs12_credential_id: str | None = None,
+    serving_endpoints: Sequence[str] = (),
+    serving_deadline_seconds: int | None = None,
+    serving_ca: str | None = None,
+    serving_public_only: bool = False,
 ) -> Target:
     """Insert a Kubernetes target (templates are validated by the caller, worker.core.names)."""
     ensure_unique_name(session, Target, name, "target")
@@ -91,6 +95,10 @@ def create_target(
         pool=pool,
         combined_pem=combined_pem,
         pkcs12_credential_id=pkcs12_credential_id,
+        serving_endpoints=list(serving_endpoints),
+        serving_deadline_seconds=serving_deadline_seconds,
+        serving_ca=serving_ca,
+        serving_public_only=serving_public_only,
     )
     session.add(target)
     session.flush()

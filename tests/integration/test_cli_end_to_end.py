@@ -90,7 +90,7 @@ def test_demo_runs_the_main_job_end_to_end_on_a_fresh_machine(tmp_path: Path) ->
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-6000:]
     expected_in_order: list[str | tuple[str, ...]] = [
-        "Step 1/13 · A throw-away data folder (the embedded default)",
+        "Step 1/14 · A throw-away data folder (the embedded default)",
         ("reusing kube-apiserver and etcd from", "building kube-apiserver and etcd from source"),
         "cluster-1: https://127.0.0.1:",
         "cluster-2: https://127.0.0.1:",
@@ -107,12 +107,20 @@ def test_demo_runs_the_main_job_end_to_end_on_a_fresh_machine(tmp_path: Path) ->
         "Execute: batch 3/3: 4/4 target(s) done",
         "succeeded: 4 updated",
         "(the new certificate)",
-        "Step 10/13 · Renewal",
+        "Step 10/14 · Renewal",
         "succeeded: 4 would update",
         "succeeded: 4 updated",
         "rollback button: enabled",
         "succeeded: 4 rolled back",
         "(the hand-made Secret is back)",
+        "Step 14/14 · Verify serving",
+        "$ certautopilot targets add serving-reload",
+        "--verify-serving 127.0.0.1:",
+        # The results table is by target name: serving-cache, then serving-reload.
+        "still serving serial",
+        "verified after",
+        "the reloading endpoint serves the new certificate; the caching one still serves",
+        "stopped the TLS server pid",
         "stopped the worker",
         "stopped the local clusters",
         "Demo finished in",

@@ -104,6 +104,9 @@ from tests.unit.test_models_sqlite import (  # noqa: F401 - fixtures and shared 
     test_upgrade_twice_is_a_no_op,
     upgrade,
 )
+from tests.unit.test_serving_models import (  # noqa: F401 - shared with SQLite
+    test_a_database_filled_before_the_serving_revision_upgrades_with_every_row_intact,
+)
 from worker.core.bundle import TlsBundle
 from worker.core.names import DEFAULT_SECRET_NAME_TEMPLATE
 from worker.platform.db import make_engine, make_session_factory, session_scope

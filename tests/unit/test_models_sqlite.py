@@ -8,6 +8,7 @@ same claims are checked on the real PostgreSQL of the test environment.
 from __future__ import annotations
 
 import base64
+import importlib.util
 import json
 import os
 import threading
@@ -16,6 +17,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -109,6 +111,16 @@ def ring(keys: dict[str, bytes], current_key_id: str | None = None) -> KeyringSe
 def upgrade(url: str, rev: str = "head") -> None:
     with migration_engine(url) as engine:
         migrate.upgrade(engine, rev)
+
+
+def migration_module(filename: str) -> ModuleType:
+    """A revision file of models/migrations/versions as a module (its revision ids)."""
+    path = Path(__file__).parents[2] / "models/migrations/versions" / filename
+    spec = importlib.util.spec_from_file_location(f"migration_{path.stem}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def downgrade(url: str, rev: str) -> None:

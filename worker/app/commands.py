@@ -25,7 +25,13 @@ from worker.app.views import (
     resolve_target,
 )
 from worker.app.webhook import WebhookError, check_webhook_url
-from worker.core.bundle import TlsBundle, build_bundle, certificate_names, name_change
+from worker.core.bundle import (
+    TlsBundle,
+    build_bundle,
+    certificate_names,
+    describe_certificates,
+    name_change,
+)
 from worker.core.crypto import UnknownKeyError
 from worker.core.fanout import FanoutConfigError, parse_batch_size, parse_failure_threshold
 from worker.core.formats import KeystorePasswordError, check_keystore_password
@@ -48,6 +54,13 @@ from worker.core.names import (
     variables_left_for_the_run,
 )
 from worker.core.pools import DEFAULT_POOL, PoolNameError, check_pool_name
+from worker.core.serving import (
+    OWN_CHAIN,
+    REQUIRE_SERVING_OPTION,
+    ServingConfigError,
+    parse_deadline,
+    parse_endpoints,
+)
 from worker.kube.connect import in_cluster_available, minimal_kubeconfig, vet_kubeconfig
 from worker.kube.deploy import HealthReport, health_check
 from worker.kube.errors import InClusterUnavailable, KubeError
@@ -225,6 +238,40 @@ class TargetSpec:
     """Also write ``tls-combined.pem`` (key + leaf + chain, for HAProxy and similar)."""
     pkcs12_password_credential: str | None = None
     """A ``pkcs12_password`` credential (name or id): also write ``keystore.p12`` with it."""
+    verify_serving: Sequence[str] = ()
+    """Endpoints to verify after an execute, ``host:port[,sni=NAME]`` (worker.core.serving)."""
+    serving_deadline: str | int | None = None
+    """Per-endpoint verification deadline (``120``, ``90s``, ``2m``); None = 120 s."""
+    serving_ca: str | None = None
+    """PEM bundle the served chain must validate against, or "own-chain"."""
+    serving_public_only: bool = False
+    """Refuse loopback, private and link-local endpoints (at save and when resolved)."""
+
+
+def _serving_settings(spec: TargetSpec) -> tuple[list[str], int | None, str | None]:
+    """The target's verify-serving settings, validated and canonical (ServiceError if bad)."""
+    try:
+        endpoints = parse_endpoints(spec.verify_serving, public_only=spec.serving_public_only)
+        deadline = (
+            parse_deadline(spec.serving_deadline) if spec.serving_deadline is not None else None
+        )
+    except ServingConfigError as exc:
+        raise ServiceError(f"target {spec.name!r}: {exc}") from None
+    ca = spec.serving_ca
+    if ca is not None and ca != OWN_CHAIN:
+        try:
+            describe_certificates(ca.encode("utf-8"))  # size-checked, then parsed
+        except ValueError as exc:  # BundleError, InputTooLarge
+            raise ServiceError(
+                f"target {spec.name!r}: serving CA: {exc}; give a PEM file of CA certificates, "
+                f"or {OWN_CHAIN!r} to trust the certificate's own chain"
+            ) from None
+    if not endpoints and (deadline is not None or ca is not None or spec.serving_public_only):
+        raise ServiceError(
+            f"target {spec.name!r}: a serving deadline, CA or public-only setting needs an "
+            "endpoint to verify (--verify-serving host:port)"
+        )
+    return [str(endpoint) for endpoint in endpoints], deadline, ca
 
 
 def create_target(
@@ -252,6 +299,7 @@ def create_target(
     validate_template(spec.namespace, "namespace", known)
     validate_template(spec.secret_name, "secret name", known)
     _refuse_names_decided_at_save(spec)
+    serving_endpoints, serving_deadline, serving_ca = _serving_settings(spec)
     mode = ConnectionMode(spec.connection_mode)
     if (
         mode is ConnectionMode.IN_CLUSTER
@@ -288,6 +336,10 @@ def create_target(
             pool=spec.pool,
             combined_pem=spec.combined_pem,
             pkcs12_credential_id=pkcs12_credential_id,
+            serving_endpoints=serving_endpoints,
+            serving_deadline_seconds=serving_deadline,
+            serving_ca=serving_ca,
+            serving_public_only=spec.serving_public_only,
         )
         target_id = target.id
     report = (
@@ -448,8 +500,12 @@ def create_group(
     batch_size: Any = None,
     failure_threshold: Any = None,
     variables: Mapping[str, Any] | None = None,
+    require_serving: bool = False,
 ) -> str:
     """Create a target group with its fan-out settings; returns its id.
+
+    With ``require_serving``, a member whose endpoints do not serve the new certificate by
+    its deadline is a failed target (reason ``not_serving``) for the failure threshold.
 
     The settings are parsed here, once: the group stores them in their canonical JSON form
     (``"1,5,20%"`` becomes ``[1, 5, "20%"]``), and runs read them with worker.app.fanout.
@@ -474,6 +530,7 @@ def create_group(
             batch_size=batch,
             failure_threshold=threshold,
             variables=dict(variables or {}),
+            require_serving=require_serving,
         )
         return group.id
 
@@ -559,12 +616,21 @@ def enqueue_run(
                 raise RollbackUnavailable(availability.reason)
         if distribution.kind is DistributionKind.WEBHOOK and run_action is not RunAction.EXECUTE:
             raise ServiceError("a webhook distribution can only be executed")
+        options: dict[str, Any] = {"force": True} if force else {}
+        if (
+            run_action is RunAction.EXECUTE
+            and distribution.group_id is not None
+            and queries.get_group(session, distribution.group_id).require_serving
+        ):
+            # Pinned like the certificate revision: the run keeps the rule it was enqueued
+            # under, and its messages need no extra query to know it.
+            options[REQUIRE_SERVING_OPTION] = True
         try:
             run = queries.create_run(
                 session,
                 distribution_id=distribution_id,
                 action=run_action,
-                options={"force": True} if force else {},
+                options=options,
                 cascade=cascade and run_action is RunAction.EXECUTE,
             )
         except queries.ActiveRunError as exc:

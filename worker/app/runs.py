@@ -65,6 +65,7 @@ from worker.app.metrics import (
     observe_target,
 )
 from worker.app.pools import check_cluster, hold_back_silent_pools
+from worker.app.serving import ServingRequest, verify_requests
 from worker.app.webhook import redeliver_webhook, run_webhook
 from worker.core.bundle import (
     BundleError,
@@ -92,6 +93,18 @@ from worker.core.names import (
     template_variables,
 )
 from worker.core.secret import desired_secret
+from worker.core.serving import (
+    DEFAULT_DEADLINE_SECONDS,
+    OWN_CHAIN,
+    REQUIRE_SERVING_OPTION,
+    EndpointResult,
+    ServingState,
+    default_sni,
+    not_serving_message,
+    parse_endpoint,
+    summarise,
+    verification_window,
+)
 from worker.core.snapshot import PreviousSecret
 from worker.kube.client import KubeClient
 from worker.kube.consumers import list_consumers
@@ -225,6 +238,8 @@ class TargetJob:
 
     revisions: Mapping[str, int] = field(default_factory=dict)
     """Audit runs: every revision of the certificate, {SHA-256 fingerprint: number}."""
+    require_serving: bool = False
+    """The group counts a target whose endpoints do not serve the new leaf as failed."""
 
     @property
     def pool(self) -> str:
@@ -255,6 +270,9 @@ class TargetOutcome:
     deployed_not_after: datetime | None = None
     finding: dict[str, Any] | None = None
     """Audit runs: what the read found (worker.core.audit.AuditFinding.to_dict())."""
+    serving_status: str | None = None
+    serving: list[dict[str, Any]] | None = None
+    """Verify serving, per endpoint (worker.core.serving.EndpointResult.to_dict())."""
 
 
 def process_targets(
@@ -264,6 +282,7 @@ def process_targets(
     target_ids: Sequence[str],
     *,
     start_before: float | None = None,
+    serving_before: float | None = None,
     interrupted_by: tuple[type[BaseException], ...] = (),
 ) -> list[str]:
     """Process the targets of one message, then ask for the batch to advance if it is done.
@@ -277,6 +296,12 @@ def process_targets(
     ``start_before``. A target interrupted by one of ``interrupted_by`` (the task's soft
     time limit) is not a failure of the target: it is given back with those not started, and
     their ids are returned for the caller to re-queue; what finished before is recorded.
+
+    Verify serving runs after the message's writes, for all of its targets that name
+    endpoints at once (worker.app.serving): a message costs at most one deadline however
+    many targets it holds, and never past ``serving_before`` (``time.monotonic()``; the
+    task's soft time limit minus the time the record needs). The claims of those targets
+    stay renewed meanwhile, and their outcomes are recorded with everything else after it.
     """
     # A database outage while claiming rolls the claims back and propagates: the task retries.
     jobs = _claim(rt, run_id, target_ids)
@@ -301,7 +326,9 @@ def process_targets(
                 not_started = jobs[index:]
                 break
             finished.append((job, outcome))
-            keeper.finished(job.claim)
+            if not _verifies_serving(job, outcome):
+                keeper.finished(job.claim)
+        _verify_serving(rt, finished, serving_before, interrupted_by)
     # What landed is recorded first: an outage that outlasts the retries after this loses
     # only the give-back (those claims expire and the reaper re-sends them).
     if finished:
@@ -371,18 +398,116 @@ def _process_one(
     outcome = _perform(rt, job, interrupted_by)
     outcome.duration_ms = round((time.monotonic() - started) * 1000)
     outcome.finished_at = utcnow()
+    if not _verifies_serving(job, outcome):
+        _observe(rt, job, outcome)  # else once serving is known (it may fail the target)
+    return outcome
+
+
+def _observe(rt: Runtime, job: TargetJob, outcome: TargetOutcome) -> None:
     log.info(
-        "run %s target %s: %s%s (%d ms)",
+        "run %s target %s: %s%s (%d ms)%s",
         job.run_id,
         job.target.id,
         outcome.status.value,
         f" [{outcome.error_reason}]" if outcome.error_reason else "",
         outcome.duration_ms,
+        f"; serving {outcome.serving_status}" if outcome.serving_status else "",
     )
     observe_target(
         rt, job.action, job.target, outcome.status, outcome.error_reason, outcome.duration_ms / 1000
     )
-    return outcome
+
+
+_WRITTEN = (ResultStatus.CREATED, ResultStatus.UPDATED, ResultStatus.UNCHANGED)
+
+
+def _verifies_serving(job: TargetJob, outcome: TargetOutcome) -> bool:
+    """An execute that wrote (or found unchanged) the Secret of a target naming endpoints."""
+    return (
+        job.action is RunAction.EXECUTE
+        and outcome.status in _WRITTEN
+        and bool(job.target.serving_endpoints)
+    )
+
+
+def _verify_serving(
+    rt: Runtime,
+    finished: Sequence[tuple[TargetJob, TargetOutcome]],
+    serving_before: float | None,
+    interrupted_by: tuple[type[BaseException], ...],
+) -> None:
+    """Probe the endpoints of the written targets concurrently; put the verdicts on their
+    outcomes (a failed target, reason not_serving, when the group requires serving)."""
+    due = [(job, outcome) for job, outcome in finished if _verifies_serving(job, outcome)]
+    if not due:
+        return
+    now = time.monotonic()
+    seconds_left = float("inf") if serving_before is None else serving_before - now
+    requests = []
+    for job, _ in due:
+        configured = job.target.serving_deadline_seconds or DEFAULT_DEADLINE_SECONDS
+        window, cut = verification_window(configured, seconds_left=seconds_left)
+        if cut:
+            log.warning(
+                "run %s target %s: serving deadline cut from %ss to %.0fs by the task's soft "
+                "time limit",
+                job.run_id,
+                job.target.id,
+                configured,
+                window,
+            )
+        requests.append(_serving_request(rt, job, window, serving_before))
+    try:
+        verdicts = verify_requests(requests)
+    except interrupted_by:
+        # The soft limit came anyway: the writes are done and stay recorded, unverified.
+        verdicts = {
+            job.target.id: [
+                EndpointResult(
+                    endpoint,
+                    ServingState.NOT_VERIFIED,
+                    0.0,
+                    0,
+                    reason="interrupted by the task's soft time limit",
+                )
+                for endpoint in job.target.serving_endpoints
+            ]
+            for job, _ in due
+        }
+    for job, outcome in due:
+        results = verdicts[job.target.id]
+        state = summarise(results)
+        outcome.serving_status = state.value
+        outcome.serving = [result.to_dict() for result in results]
+        if state is not ServingState.VERIFIED and job.require_serving:
+            written = outcome.status.value
+            outcome.status = ResultStatus.FAILED
+            outcome.error_reason = "not_serving"
+            outcome.error_message = not_serving_message(written, results)
+        _observe(rt, job, outcome)
+
+
+def _serving_request(
+    rt: Runtime, job: TargetJob, window: float, until: float | None
+) -> ServingRequest:
+    bundle = _bundle(rt, job.certificate)  # cached by revision since the write
+    ca = job.target.serving_ca
+    if ca == OWN_CHAIN:
+        own = [pem.decode("ascii") for pem in bundle.chain_pems]
+        if bundle.ca_pem is not None:
+            own.append(bundle.ca_pem.decode("ascii"))
+        # Without intermediates or a CA, the leaf itself is the only anchor there is.
+        ca = "".join(own) or bundle.leaf_pem.decode("ascii")
+    return ServingRequest(
+        key=job.target.id,
+        endpoints=tuple(parse_endpoint(text) for text in job.target.serving_endpoints),
+        expected_sha256=bundle.leaf.sha256_fingerprint,
+        sni=default_sni(bundle.leaf.common_name, bundle.leaf.sans),
+        deadline=window,
+        until=until,
+        public_only=job.target.serving_public_only,
+        ca_pem=ca,
+    )
 
 
 def _through_outage(rt: Runtime, step: Callable[[], T]) -> T:
@@ -455,6 +580,7 @@ def _claim(rt: Runtime, run_id: str, target_ids: Sequence[str]) -> list[TargetJo
                 snapshot_final=loaded_target.snapshot_final,
                 pkcs12_envelope=loaded_target.pkcs12_envelope,
                 revisions=revisions,
+                require_serving=bool((run.options or {}).get(REQUIRE_SERVING_OPTION, False)),
             )
         )
     return jobs
@@ -730,6 +856,8 @@ def _record(rt: Runtime, finished: Sequence[tuple[TargetJob, TargetOutcome]]) ->
             deployed_serial=outcome.deployed_serial,
             deployed_not_after=outcome.deployed_not_after,
             finding=outcome.finding,
+            serving_status=outcome.serving_status,
+            serving=outcome.serving,
         )
         for job, outcome in finished
     ]

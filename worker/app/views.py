@@ -19,6 +19,7 @@ from models.rollback import Availability, rollback_availability
 from worker.app.fanout import group_fanout
 from worker.core.crypto import envelope_key_id
 from worker.core.fanout import plan_batches
+from worker.core.serving import OWN_CHAIN
 from worker.platform.runtime import Runtime
 
 
@@ -51,6 +52,14 @@ class TargetResultView:
     """Audit runs: its not-after."""
     finding: Mapping[str, Any] | None = None
     """Audit runs: what the read found (state, detail, fingerprint, revision, writer)."""
+    serving_status: str | None = None
+    """verified, stale, chain_invalid, unreachable or not_verified; None: not verified."""
+    serving: tuple[Mapping[str, Any], ...] = ()
+    """Per endpoint: state, seconds, attempts, serial, not_after, reason, chain, line."""
+
+    def serving_lines(self) -> list[str]:
+        """``serving <endpoint>: <outcome>`` per endpoint (empty when nothing was verified)."""
+        return [f"serving {item['endpoint']}: {item['line']}" for item in self.serving]
 
 
 @dataclass(frozen=True)
@@ -153,6 +162,8 @@ def _report(session: Session, run: Run) -> RunReport:
                 deployed_serial=result.deployed_serial,
                 deployed_not_after=result.deployed_not_after,
                 finding=result.finding,
+                serving_status=result.serving_status,
+                serving=tuple(result.serving or ()),
             )
             for result, name in rows
         ),
@@ -284,6 +295,19 @@ class TargetView:
     """Writes ``tls-combined.pem`` too."""
     pkcs12_password_credential: str | None = None
     """Name of the credential whose password encrypts ``keystore.p12`` (None: no keystore)."""
+    verify_serving: tuple[str, ...] = ()
+    """Endpoints verified after an execute (``host:port[,sni=NAME]``)."""
+    serving_deadline_seconds: int | None = None
+    """None: the default (worker.core.serving.DEFAULT_DEADLINE_SECONDS)."""
+    serving_ca: str | None = None
+    """"own-chain", "bundle" (a PEM bundle is stored; not repeated here), or None."""
+    serving_public_only: bool = False
+
+
+def _serving_ca_kind(serving_ca: str | None) -> str | None:
+    if serving_ca is None or serving_ca == OWN_CHAIN:
+        return serving_ca
+    return "bundle"
 
 
 def _target_view(session: Session, row: Target) -> TargetView:
@@ -317,6 +341,10 @@ def _target_view(session: Session, row: Target) -> TargetView:
             if row.pkcs12_credential_id is not None
             else None
         ),
+        verify_serving=tuple(row.serving_endpoints or ()),
+        serving_deadline_seconds=row.serving_deadline_seconds,
+        serving_ca=_serving_ca_kind(row.serving_ca),
+        serving_public_only=row.serving_public_only,
     )
 
 
@@ -348,6 +376,8 @@ class GroupView:
     """Member target names in fan-out order."""
     batches: tuple[tuple[str, ...], ...]
     """Target names per batch, as a run started now would plan them."""
+    require_serving: bool = False
+    """A member not serving the new certificate by its deadline counts as failed."""
 
 
 def _shown(setting: object, *, default: bool) -> str:
@@ -368,6 +398,7 @@ def group_view(rt: Runtime, session: Session, row: TargetGroup) -> GroupView:
         variables=dict(row.variables),
         targets=tuple(target.name for target in members),
         batches=tuple(tuple(names[target_id] for target_id in batch) for batch in plan),
+        require_serving=row.require_serving,
     )
 
 

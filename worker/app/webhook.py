@@ -131,6 +131,11 @@ def webhook_payload(session: Session, run: Run, distribution: Distribution) -> d
                 "secret_name": result.secret_name,
                 "status": result.status.value,
                 "resource_version": result.resource_version,
+                "serving": result.serving_status,
+                "serving_endpoints": [
+                    {key: item.get(key) for key in ("endpoint", "state", "seconds", "line")}
+                    for item in result.serving or ()
+                ],
             }
             for result, name in rows
         ]

@@ -15,6 +15,12 @@ from worker.cli.output import OutputFormat, emit
 app = new_typer("Target groups: fan out over many targets in batches.")
 
 
+def _require_serving_words(required: bool) -> str:
+    if required:
+        return "yes (a target whose endpoints do not serve the new certificate fails)"
+    return "no"
+
+
 def _print_group(view: Any, output: OutputFormat) -> None:
     if output.machine:
         emit(output, view)
@@ -23,6 +29,7 @@ def _print_group(view: Any, output: OutputFormat) -> None:
         f"group {view.name!r} (id {view.id})\n"
         f"  batch size:        {view.batch_size}\n"
         f"  failure threshold: {view.failure_threshold} (the run halts when failures exceed it)\n"
+        f"  require serving:   {_require_serving_words(view.require_serving)}\n"
         f"  targets:           {', '.join(view.targets) or '(none)'}"
     )
     for index, batch in enumerate(view.batches, start=1):
@@ -47,6 +54,14 @@ def create(
     var: Annotated[
         list[str] | None, typer.Option("--var", help="Template variable name=value (repeatable).")
     ] = None,
+    require_serving: Annotated[
+        bool,
+        typer.Option(
+            "--require-serving",
+            help="A target whose --verify-serving endpoints do not present the new certificate "
+            "by their deadline counts as failed (not_serving) for the failure threshold.",
+        ),
+    ] = False,
     output: OutputOption = OutputFormat.TABLE,
 ) -> None:
     """Create a group of targets with its batch size and failure threshold.
@@ -55,6 +70,8 @@ def create(
     Examples:
       certautopilot groups create fleet --target edge-eu --target edge-us \\
         --batch-size 1,5,20% --failure-threshold 10%
+      certautopilot groups create fleet --target canary --target edge-eu --target edge-us \\
+        --batch-size 1,100% --failure-threshold 0 --require-serving
     """
     from worker.app.service import create_group, get_group
 
@@ -66,6 +83,7 @@ def create(
             batch_size=batch_size,
             failure_threshold=failure_threshold,
             variables=variables(var),
+            require_serving=require_serving,
         )
         view = get_group(rt, group_id)
     _print_group(view, output)

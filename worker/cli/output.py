@@ -450,7 +450,9 @@ def _details(result: TargetResultView) -> str:
         ResultStatus.ROLLED_BACK,
     ):
         summary = f"{summary}; resourceVersion {result.resource_version}".lstrip("; ")
-    return summary
+    # Verify serving: one line per endpoint under the write's summary (a failed target's
+    # not_serving message already carries them).
+    return "\n".join([summary, *result.serving_lines()]) if result.serving else summary
 
 
 def result_table(report: RunReport, *, title: str | None = None) -> Table:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -96,6 +97,39 @@ def add(
             "password in this credential (see `credentials add-pkcs12-password`).",
         ),
     ] = None,
+    verify_serving: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--verify-serving",
+            help="After an execute, probe HOST:PORT[,sni=NAME] with a TLS handshake until it "
+            "presents the new certificate (repeatable; default SNI: the certificate's CN or "
+            "first DNS SAN).",
+        ),
+    ] = None,
+    serving_deadline: Annotated[
+        str | None,
+        typer.Option(
+            "--serving-deadline",
+            help="How long to wait per endpoint for the new certificate: 120, 90s, 2m "
+            "(default 120s, covering kubelet's ~60s sync).",
+        ),
+    ] = None,
+    serving_ca: Annotated[
+        str | None,
+        typer.Option(
+            "--serving-ca",
+            help="Also check the served chain: a PEM file of CA certificates (- for stdin), or "
+            "'own-chain' for the certificate's own chain and CA.",
+        ),
+    ] = None,
+    serving_public_only: Annotated[
+        bool,
+        typer.Option(
+            "--serving-public-only",
+            help="Refuse endpoints that are, or resolve to, loopback, private or link-local "
+            "addresses.",
+        ),
+    ] = False,
     no_check: Annotated[bool, typer.Option("--no-check", help="Skip the health check.")] = False,
     check_timeout: CheckTimeoutOption = 30.0,
     output: OutputOption = OutputFormat.TABLE,
@@ -110,6 +144,8 @@ def add(
         --kubeconfig-credential prod-eu --adopt-unmanaged
       certautopilot targets add java-app --namespace apps --kubeconfig-credential prod-eu \\
         --combined-pem --pkcs12-password-credential java-ks
+      certautopilot targets add edge-eu --namespace ingress --kubeconfig-credential prod-eu \\
+        --verify-serving lb.eu.example.net:443,sni=shop.example.com --serving-deadline 2m
     """
     from models.enums import ConnectionMode
     from worker.app.service import TargetSpec, create_target, get_target
@@ -133,6 +169,10 @@ def add(
         pool=pool,
         combined_pem=combined_pem,
         pkcs12_password_credential=pkcs12_password_credential,
+        verify_serving=tuple(verify_serving or ()),
+        serving_deadline=serving_deadline,
+        serving_ca=_serving_ca(serving_ca),
+        serving_public_only=serving_public_only,
     )
     with runtime() as rt:
         target_id, result = create_target(
@@ -158,6 +198,23 @@ def add(
     # yet) is not a finding: adding targets before their pool's workers run is normal.
     if result is not None and result.status == "unhealthy":
         raise typer.Exit(EXIT_FAILED)
+
+
+def _serving_ca(option: str | None) -> str | None:
+    """``--serving-ca``: 'own-chain' as is, else the PEM file's text (size-limited read)."""
+    from worker.cli.files import read_file
+    from worker.core.limits import PEM_FILE
+    from worker.core.serving import OWN_CHAIN
+
+    if option is None or option == OWN_CHAIN:
+        return option
+    data = read_file(Path(option), PEM_FILE)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise CliError(
+            f"--serving-ca {option}: not PEM text; give a file of PEM CA certificates"
+        ) from None
 
 
 def _health_sender(rt: Runtime) -> HealthSender:
@@ -217,6 +274,7 @@ def show(
       certautopilot targets show edge-eu -o yaml
     """
     from worker.app.service import get_target
+    from worker.core.serving import describe_deadline
 
     with runtime() as rt:
         view = get_target(rt, name)
@@ -245,6 +303,16 @@ def show(
         ("variables", ", ".join(f"{k}={v}" for k, v in view.variables.items()) or "-"),
         ("groups", ", ".join(view.groups) or "-"),
         ("pool", view.pool),
+        ("verify serving", ", ".join(view.verify_serving) or "-"),
+        *(
+            (
+                ("serving deadline", describe_deadline(view.serving_deadline_seconds)),
+                ("serving CA", view.serving_ca or "- (fingerprint only)"),
+                ("serving public only", str(view.serving_public_only)),
+            )
+            if view.verify_serving
+            else ()
+        ),
         ("cluster", _cluster(view.connection_mode, view.cluster_identity)),
         ("health", f"{view.health_status} ({format_time(view.health_checked_at)})"),
         ("health message", view.health_message or "-"),

@@ -13,6 +13,12 @@ time limit, and the settings refuse a soft limit that cannot hold one target at 
   or less with a short lease);
 * after the last target, the message records its outcomes, gives back what it did not start
   and checks its batch: three more database steps.
+
+Verify serving (worker.core.serving) is not added to a target's worst case: it runs once per
+message, after the message's writes and for all of its targets concurrently, and it ends by
+:meth:`WorstCase.serving_end` — the soft limit minus the closing steps — whatever the
+targets' deadlines say (a deadline that does not fit is cut, and the result says so). Adding
+the default 120 s deadline per target would have let a message start one target only.
 """
 
 from __future__ import annotations
@@ -71,6 +77,11 @@ class WorstCase:
     def message_minimum(self) -> float:
         """The least soft time limit that holds one target at its worst, and the record."""
         return self.target + self.after_targets
+
+    def serving_end(self, soft_time_limit: float) -> float:
+        """Seconds after a message started by which its verify-serving must have ended: what
+        is left of the soft limit once the closing steps are reserved."""
+        return soft_time_limit - self.after_targets
 
     def explain(self) -> str:
         """The computation in words, for an error message."""
