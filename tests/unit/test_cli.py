@@ -651,6 +651,21 @@ def test_a_namespace_that_needs_certificate_variables_is_saved_with_health_unkno
     assert "define it on the target" not in added.stdout
 
 
+def test_a_run_that_cannot_progress_is_cancelled_and_frees_its_distribution(
+    cli: Cli, setup: dict[str, str]
+) -> None:
+    # No worker runs here: the execute stays queued, like one waiting for a pool with none.
+    queued = cli.json("run", setup["distribution"], "--execute", "--no-wait")["run_id"]
+    assert_refused(cli("run", setup["distribution"], "--execute", "--no-wait"), queued)
+    cancelled = cli.json("runs", "cancel", queued)
+    assert cancelled == {"run_id": queued, "state": "halted", "skipped": 0}
+    shown = cli.json("runs", "show", queued)
+    assert shown["state"] == "halted" and "cancelled by the operator" in shown["reason"]
+    assert_refused(cli("runs", "cancel", queued), "already halted")
+    assert_refused(cli("runs", "cancel", "no-such-run"), "runs list")
+    cli.json("run", setup["distribution"], "--execute", "--no-wait")  # the distribution is free
+
+
 def test_unhealthy_target_is_saved_and_add_and_check_exit_1(cli: Cli) -> None:
     cli.ok("credentials", "add-kubeconfig", "kc", "--stdin", stdin=kubeconfig())
     added = cli("targets", "add", "t", "--namespace", "ingress", "--kubeconfig-credential", "kc")

@@ -12,7 +12,13 @@ from typing import Any
 
 from models import queries
 from models.base import utcnow
-from models.enums import ConnectionMode, CredentialKind, DistributionKind, RunAction
+from models.enums import (
+    ConnectionMode,
+    CredentialKind,
+    DistributionKind,
+    RunAction,
+    RunState,
+)
 from worker.app.clients import kube_client
 from worker.app.dispatch import Dispatcher
 from worker.app.pools import HealthSender, pool_last_seen, wait_for_health_check
@@ -638,6 +644,36 @@ def enqueue_run(
         run_id = run.id
     dispatch.start(run_id)
     return run_id
+
+
+#: The reason a cancelled run records (the CLI and the scheduler's API say the same).
+CANCELLED_BY_OPERATOR = "cancelled by the operator"
+
+
+def cancel_run(rt: Runtime, run_id: str) -> tuple[str, int]:
+    """Halt a queued or running run now: its pending targets are skipped (nothing is sent for
+    them any more) and the distribution is free for a new run; targets a worker is processing
+    at this moment finish and are recorded. Returns the run's id and the skipped count.
+
+    The way out of a run that cannot progress — a target of a pool with no worker (a typo in
+    ``--pool``), a long rollout that must stop — without waiting for it.
+    """
+    with rt.session() as session:
+        run = queries.get_run(session, run_id, lock=True)
+        if run.state.is_terminal:
+            raise ServiceError(f"run {run.id} is already {run.state.value}: nothing to cancel")
+        now = queries.database_now(session)
+        skipped = queries.skip_pending_results(
+            session, run.id, from_batch=0, reason=CANCELLED_BY_OPERATOR, now=now
+        )
+        queries.finish_run(
+            session,
+            run.id,
+            RunState.HALTED,
+            now=now,
+            reason=f"{CANCELLED_BY_OPERATOR}: {skipped} pending target(s) skipped",
+        )
+        return run.id, skipped
 
 
 def add_group_targets(rt: Runtime, group: str, target_names: Sequence[str]) -> GroupView:

@@ -274,3 +274,30 @@ def show(
     for pool in waiting:
         say(Text.assemble("  waiting:  ", plain(pool.describe(), style="bold yellow")))
     print_report(make_console(), report, diffs=diff, adopting=adopting)
+
+
+@app.command("cancel")
+@handled
+def cancel(
+    run_id: Annotated[str, typer.Argument(help="Id of a queued or running run.")],
+    output: OutputOption = OutputFormat.TABLE,
+) -> None:
+    """Halt a run now: its pending targets are skipped and the distribution is free again.
+
+    Targets a worker is processing at this moment finish and are recorded; nothing written is
+    undone (roll back for that). For a run that cannot progress — a target of a pool with no
+    worker, such as a misspelled --pool — or a rollout that must stop.
+
+    \b
+    Examples:
+      certautopilot runs cancel RUN_ID
+      certautopilot runs show RUN_ID     # halted: cancelled by the operator
+    """
+    from worker.app.service import cancel_run
+
+    with runtime() as rt:
+        cancelled, skipped = cancel_run(rt, run_id)
+    if output.machine:
+        emit(output, {"run_id": cancelled, "state": "halted", "skipped": skipped})
+        return
+    say(f"run {cancelled} halted: cancelled by the operator, {skipped} pending target(s) skipped")
