@@ -577,6 +577,33 @@ def test_renewal_with_a_mismatched_key_is_refused_and_keeps_the_old_certificate(
     assert cli.json("certs", "list") == before
 
 
+def test_a_renewal_without_ca_keeps_the_stored_ca_when_it_issues_the_renewal(cli: Cli) -> None:
+    from tests.certfactory import cert_to_pem, key_to_pem
+
+    chain = make_chain(cn="app.example.com", intermediates=1)
+    chain_file = cli.write("chain.pem", chain.chain_pem)
+    imported = cli.json(
+        "certs", "import", "--cert", cli.write("leaf.pem", chain.leaf_pem),
+        "--key", cli.write("key.pem", chain.key_pem), "--chain", chain_file,
+        "--ca", cli.write("root.pem", chain.root_pem),
+    )  # fmt: skip
+    assert imported["has_ca"] is True
+    leaf, key = chain.issue_leaf("app.example.com")
+    renew = ("certs", "renew", imported["id"], "--chain", chain_file)
+    leaf_file, key_file = cli.write("r.pem", cert_to_pem(leaf)), cli.write("r.key", key_to_pem(key))
+    text = cli.ok(*renew, "--cert", leaf_file, "--key", key_file).stdout
+    assert "CA: kept" in text
+    assert cli.json("certs", "list")[0]["has_ca"] is True
+    # A renewal from another CA: stored without one, and the output says so.
+    other = make_chain(cn="app.example.com", intermediates=1)
+    text = cli.ok(
+        "certs", "renew", imported["id"], "--cert", cli.write("o.pem", other.leaf_pem),
+        "--key", cli.write("o.key", other.key_pem), "--chain", cli.write("oc.pem", other.chain_pem),
+    ).stdout  # fmt: skip
+    assert "CA: dropped" in text and "--ca" in text
+    assert cli.json("certs", "list")[0]["has_ca"] is False
+
+
 def test_a_renewal_for_other_names_is_refused_unless_allowed_and_changes_are_shown(
     cli: Cli, setup: dict[str, str]
 ) -> None:

@@ -32,6 +32,7 @@ from worker.app.views import (
 )
 from worker.app.webhook import WebhookError, check_webhook_url
 from worker.core.bundle import (
+    BundleError,
     TlsBundle,
     build_bundle,
     certificate_names,
@@ -196,14 +197,33 @@ def renew_certificate(
     A renewal that shares no name with the certificate it replaces is refused unless
     allow_name_change: every distribution would push another service's certificate to its
     whole fleet, which is almost always the wrong file, not a renewal.
+
+    Without a "ca", the stored CA is kept when it issues the renewal's chain (renewals come
+    from the same CA as a rule; dropping it would remove ca.crt from every target that includes
+    it); a renewal from another CA is stored without one.
     """
-    bundle = build_bundle(
-        bundle_pems["cert"],
-        bundle_pems["key"],
-        bundle_pems.get("chain", b""),
-        bundle_pems.get("ca"),
-        now=utcnow(),
-    )
+
+    def build(ca_pem: bytes | None) -> TlsBundle:
+        return build_bundle(
+            bundle_pems["cert"],
+            bundle_pems["key"],
+            bundle_pems.get("chain", b""),
+            ca_pem,
+            now=utcnow(),
+        )
+
+    given_ca = bundle_pems.get("ca")
+    bundle: TlsBundle | None = None
+    if given_ca is None:
+        with rt.session() as session:
+            stored_ca = queries.get_certificate(session, certificate_id).ca_pem
+        if stored_ca:
+            try:
+                bundle = build(stored_ca.encode("ascii"))
+            except BundleError:
+                bundle = None  # not issued under it: build as given, and say what is wrong
+    if bundle is None:
+        bundle = build(given_ca)
     with rt.session() as session:
         current = queries.get_certificate(session, certificate_id)
         before = certificate_names(current.common_name, current.sans)

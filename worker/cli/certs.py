@@ -160,6 +160,13 @@ def renew(
         f"renewed certificate {after.id}: serial {before.serial} -> {after.serial}, not after "
         f"{format_time(before.not_after)} -> {format_time(after.not_after)}"
     )
+    if before.has_ca and ca is None:
+        say(
+            "  CA: kept (the renewal is issued under the stored CA)"
+            if after.has_ca
+            else "  CA: dropped: the renewal is not issued under the stored CA; renew with --ca "
+            "if targets include ca.crt"
+        )
     names = name_change(
         certificate_names(before.common_name, before.sans),
         certificate_names(after.common_name, after.sans),
