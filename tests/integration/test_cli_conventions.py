@@ -158,7 +158,7 @@ def test_stdin_outputs_colour_and_words_for_people(
     before = ok(env, "certs", "list", "-o", "name")
     twice = cli(env, "certs", "import", "--cert", "-", "--key", "-", stdin=chain.leaf_pem)
     assert twice.returncode == 2
-    assert "--cert and --key all read stdin ('-')" in twice.stderr
+    assert "--cert and --key both read stdin ('-')" in twice.stderr
     assert ok(env, "certs", "list", "-o", "name") == before  # nothing written
 
     # A target that adopts an unmanaged Secret: the dry-run says it will be adopted.

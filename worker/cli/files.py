@@ -26,8 +26,9 @@ def one_stdin(options: Mapping[str, Path | None]) -> None:
     named = [name for name, path in options.items() if is_stdin(path)]
     if len(named) > 1:
         raise ServiceError(
-            f"{' and '.join(named)} all read stdin ('-'), which can be read only once: give "
-            "at most one of them as '-' and the others as files"
+            f"{', '.join(named[:-1])} and {named[-1]} "
+            f"{'both' if len(named) == 2 else 'all'} read stdin ('-'), which can be read only "
+            "once: give at most one of them as '-' and the others as files"
         )
 
 

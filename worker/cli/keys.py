@@ -22,7 +22,7 @@ def generate(
         str | None, typer.Option("--id", help="Key id for the new KEK (default kYYYYMMDD).")
     ] = None,
 ) -> None:
-    """Print a fresh KEK line ``id:base64`` for CAP_KEK or CAP_KEK_FILE."""
+    """Print a fresh KEK line 'id:base64' for CAP_KEK or CAP_KEK_FILE."""
     from worker.core.crypto import generate_kek, is_valid_key_id
 
     chosen = key_id or f"k{now():%Y%m%d}"

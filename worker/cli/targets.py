@@ -217,6 +217,11 @@ def _serving_ca(option: str | None) -> str | None:
         ) from None
 
 
+def _yes_no(value: bool) -> str:
+    """Tables show words (like kubectl describe), not Python's True/False."""
+    return "yes" if value else "no"
+
+
 def _health_sender(rt: Runtime) -> HealthSender:
     """Health checks of another pool's targets are sent as tasks through the broker."""
     from tasks.distribution import CeleryDispatcher
@@ -289,17 +294,17 @@ def show(
         ("credential", view.credential or "-"),
         ("namespace", view.namespace),
         ("secret name", view.secret_name),
-        ("include ca.crt", str(view.include_ca)),
-        ("tls-combined.pem", str(view.combined_pem)),
+        ("include ca.crt", _yes_no(view.include_ca)),
+        ("tls-combined.pem", _yes_no(view.combined_pem)),
         (
             "keystore.p12",
             f"password from credential {view.pkcs12_password_credential!r}"
             if view.pkcs12_password_credential
-            else "False",
+            else "no",
         ),
-        ("adopt unmanaged", str(view.adopt_unmanaged)),
-        ("allow system namespace", str(view.allow_system_namespace)),
-        ("allow insecure", str(view.allow_insecure)),
+        ("adopt unmanaged", _yes_no(view.adopt_unmanaged)),
+        ("allow system namespace", _yes_no(view.allow_system_namespace)),
+        ("allow insecure", _yes_no(view.allow_insecure)),
         ("variables", ", ".join(f"{k}={v}" for k, v in view.variables.items()) or "-"),
         ("groups", ", ".join(view.groups) or "-"),
         ("pool", view.pool),
@@ -308,7 +313,7 @@ def show(
             (
                 ("serving deadline", describe_deadline(view.serving_deadline_seconds)),
                 ("serving CA", view.serving_ca or "- (fingerprint only)"),
-                ("serving public only", str(view.serving_public_only)),
+                ("serving public only", _yes_no(view.serving_public_only)),
             )
             if view.verify_serving
             else ()
