@@ -22,6 +22,7 @@ __all__ = [
     "get_target_by_name",
     "list_targets",
     "pin_cluster_identity",
+    "pools_in_use",
     "record_health",
     "target_group_names",
     "target_pools",
@@ -150,6 +151,11 @@ def record_health(
     target.health_checked_at = checked_at or utcnow()
     session.flush()
     return target
+
+
+def pools_in_use(session: Session) -> list[str]:
+    """Every pool some target names, sorted (one statement)."""
+    return sorted(session.scalars(select(Target.pool).distinct()))
 
 
 def target_pools(session: Session, target_ids: Sequence[str]) -> dict[str, str]:

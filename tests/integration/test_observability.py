@@ -115,6 +115,14 @@ def test_a_scrape_after_real_runs_counts_exactly_the_results_in_the_database(
     assert reports[0].counts() == {"created": 6}
     assert reports[1].counts() == {"unchanged": 6}
     assert reports[2].counts() == {"created": 1, "failed": 1, "skipped": 4}
+    # A target of a pool no worker runs: its queue is reported by the workers that do run.
+    credential = service.list_credentials(pipe.runtime)[0].name
+    service.create_target(
+        pipe.runtime,
+        service.TargetSpec(name=f"{good_ns}-elsewhere", namespace=good_ns, credential=credential,
+                           pool="elsewhere"),
+        check=False,
+    )  # fmt: skip
 
     scrape = _scrape(port)
     print(scrape)  # the README's example scrape comes from here (pytest -s)
@@ -144,11 +152,13 @@ def test_a_scrape_after_real_runs_counts_exactly_the_results_in_the_database(
     assert retries.get((("status_class", "connection"),), 0) >= 1  # the dead cluster's
 
     queues = _samples(scrape, "certautopilot_queue_length")
-    # The queues this worker consumes: its pool's, the un-pooled one, control.
+    # The queues this worker consumes (its pool's, the un-pooled one, control) and every other
+    # pool's that a target names.
     assert queues == {
         (("queue", "kubernetes.default"),): 0,
         (("queue", "kubernetes"),): 0,
         (("queue", "control"),): 0,
+        (("queue", "kubernetes.elsewhere"),): 0,
     }
     assert _samples(scrape, "certautopilot_queue_length_up") == {(): 1}
 

@@ -24,6 +24,7 @@ from models import queries
 from models.enums import ConnectionMode, DistributionKind, ResultStatus, RunAction
 from models.queries.observability import DeployedCertificate, deployed_certificates
 from worker.core.lru import LruCache
+from worker.core.pools import pool_queue
 from worker.platform import metrics
 
 if TYPE_CHECKING:
@@ -168,11 +169,30 @@ def _certificate_collector(runtime: Callable[[], Runtime]) -> Any:
     return DeployedCertificates()
 
 
+def watched_queues(runtime: Callable[[], Runtime], own: Sequence[str]) -> list[str]:
+    """The queues whose length a worker reports: its own, and every pool's that a target names.
+
+    A pool whose workers are all gone reports nothing itself, so its backlog — the failure
+    pools add — must come from the workers that are still there (the chart's alert takes the
+    max by queue, so several workers reporting one queue is harmless).
+    """
+    rt = runtime()
+    try:
+        with rt.session() as session:
+            pools = queries.pools_in_use(session)
+    except Exception as exc:  # noqa: BLE001 - a database outage must not fail the scrape
+        log.warning("pools for queue lengths unavailable (%s)", type(exc).__name__)
+        pools = []
+    kube_queue = rt.settings.tasks.kube_queue
+    return list(dict.fromkeys([*own, *(pool_queue(kube_queue, pool) for pool in pools)]))
+
+
 def collectors(runtime: Callable[[], Runtime], celery_app: Any, queues: Sequence[str]) -> list[Any]:
     """The scrape-time collectors of a worker: queue lengths and deployed-certificate expiry."""
     return [
         metrics.queue_length_collector(
-            lambda: queues, lambda queue: metrics.broker_queue_length(celery_app, queue)
+            lambda: watched_queues(runtime, queues),
+            lambda queue: metrics.broker_queue_length(celery_app, queue),
         ),
         _certificate_collector(runtime),
     ]
