@@ -678,6 +678,17 @@ def test_a_namespace_that_needs_certificate_variables_is_saved_with_health_unkno
     assert "define it on the target" not in added.stdout
 
 
+def test_a_second_attach_to_the_same_group_is_refused_unless_allowed(
+    cli: Cli, setup: dict[str, str]
+) -> None:
+    attach = ("distributions", "attach", setup["cert"], "--group", "g")
+    assert_refused(cli(*attach), f"distribution {setup['distribution']}", "--allow-duplicate")
+    assert len(cli.json("distributions", "list")) == 1
+    second = cli.json(*attach, "--allow-duplicate")
+    assert second["id"] != setup["distribution"]
+    cli.json("distributions", "attach", setup["cert"], "--target", "t1")  # another destination
+
+
 def test_a_run_that_cannot_progress_is_cancelled_and_frees_its_distribution(
     cli: Cli, setup: dict[str, str]
 ) -> None:

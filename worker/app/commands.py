@@ -571,8 +571,14 @@ def attach(
     target: str | None = None,
     group: str | None = None,
     store_content: bool = False,
+    allow_duplicate: bool = True,
 ) -> str:
-    """Attach a certificate to a target or a group (a Kubernetes distribution); returns its id."""
+    """Attach a certificate to a target or a group (a Kubernetes distribution); returns its id.
+
+    allow_duplicate=False (the CLI's default) refuses a second distribution of the certificate
+    to the same target or group: both would write the same Secrets, and executes of one would
+    not wait for the other's.
+    """
     with rt.session() as session:
         target_id = resolve_target(session, target) if target is not None else None
         group_id = None
@@ -582,6 +588,18 @@ def attach(
                 raise ServiceError(
                     f"group {group!r} has no targets; add targets before attaching a distribution"
                 )
+        if not allow_duplicate:
+            for existing in queries.list_distributions(session, certificate_id):
+                if existing.kind is DistributionKind.KUBERNETES and (
+                    existing.target_id,
+                    existing.group_id,
+                ) == (target_id, group_id):
+                    raise ServiceError(
+                        f"certificate {certificate_id} is already attached to "
+                        f"{target or group!r}: distribution {existing.id}; run that one "
+                        f"(certautopilot run {existing.id} ...), or attach a second with "
+                        "--allow-duplicate"
+                    )
         return queries.create_distribution(
             session,
             certificate_id=certificate_id,

@@ -27,9 +27,19 @@ def attach(
             help="Keep the previous Secret so Rollback can restore it (off: no rollback).",
         ),
     ] = False,
+    allow_duplicate: Annotated[
+        bool,
+        typer.Option(
+            "--allow-duplicate",
+            help="Attach even if the certificate is already attached to this target or group.",
+        ),
+    ] = False,
     output: OutputOption = OutputFormat.TABLE,
 ) -> None:
     """Attach a certificate to a target or a group (a Kubernetes distribution).
+
+    Attaching it a second time to the same target or group is refused (the existing
+    distribution is named) unless --allow-duplicate.
 
     \b
     Examples:
@@ -43,7 +53,12 @@ def attach(
         raise CliError("attach to exactly one of --target NAME or --group NAME")
     with runtime() as rt:
         distribution_id = attach_certificate(
-            rt, certificate_id, target=target, group=group, store_content=store_content
+            rt,
+            certificate_id,
+            target=target,
+            group=group,
+            store_content=store_content,
+            allow_duplicate=allow_duplicate,
         )
         view = get_distribution(rt, distribution_id)
     if output.machine:
