@@ -678,6 +678,14 @@ def test_a_namespace_that_needs_certificate_variables_is_saved_with_health_unkno
     assert "define it on the target" not in added.stdout
 
 
+def test_a_target_listed_twice_in_a_group_is_named_as_given(
+    cli: Cli, setup: dict[str, str]
+) -> None:
+    result = cli("groups", "create", "g2", "--target", "t1", "--target", "t1")
+    assert_refused(result, "'t1' listed more than once")
+    assert [g["name"] for g in cli.json("groups", "list")] == ["g"]
+
+
 def test_a_second_attach_to_the_same_group_is_refused_unless_allowed(
     cli: Cli, setup: dict[str, str]
 ) -> None:

@@ -547,6 +547,12 @@ def create_group(
         )
     except FanoutConfigError as exc:
         raise FanoutConfigError(f"group {name!r}: {exc}") from None
+    repeated = sorted(item for item, n in Counter(target_names).items() if n > 1)
+    if repeated:
+        raise ServiceError(
+            f"group {name!r}: target(s) {', '.join(map(repr, repeated))} listed more than once; "
+            "list each target once (the order of first mention is the fan-out order)"
+        )
     with rt.session() as session:
         target_ids = [resolve_target(session, item) for item in target_names]
         group = queries.create_group(
