@@ -254,10 +254,11 @@ def list_(output: OutputOption = OutputFormat.TABLE) -> None:
     list_rows(
         output,
         list_targets,
-        ("name", "connection", "namespace", "secret name", "health", "groups"),
+        ("name", "connection", "pool", "namespace", "secret name", "health", "groups"),
         lambda row: (
             row.name,
             (row.credential if row.connection_mode == "kubeconfig" else "in-cluster") or "-",
+            row.pool,
             row.namespace,
             row.secret_name,
             row.health_status,
