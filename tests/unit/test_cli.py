@@ -678,6 +678,10 @@ def test_a_namespace_that_needs_certificate_variables_is_saved_with_health_unkno
     assert "define it on the target" not in added.stdout
 
 
+def test_record_cluster_is_refused_for_a_kubeconfig_target(cli: Cli, setup: dict[str, str]) -> None:
+    assert_refused(cli("targets", "check", "t1", "--record-cluster"), "in-cluster targets")
+
+
 def test_a_target_listed_twice_in_a_group_is_named_as_given(
     cli: Cli, setup: dict[str, str]
 ) -> None:

@@ -355,6 +355,11 @@ def check(
 
     with runtime() as rt:
         target = get_target(rt, name)
+        if record_cluster and target.connection_mode != "in_cluster":
+            raise CliError(
+                f"--record-cluster applies to in-cluster targets; {target.name!r} connects with "
+                "a kubeconfig, whose server names its cluster (run the check without it)"
+            )
         result = check_target_health_in_pool(
             rt,
             target.id,
