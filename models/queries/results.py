@@ -9,7 +9,7 @@ were half of a worker's CPU per target (bench/).
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, NamedTuple
@@ -333,15 +333,56 @@ def list_target_results(
     return list(session.scalars(query))
 
 
-def results_with_target_names(session: Session, run_id: str) -> list[tuple[TargetResult, str]]:
-    """A run's results with their targets' names, by batch then name (reports, webhooks)."""
+def results_with_target_names(
+    session: Session, run_id: str, *, offset: int = 0, limit: int | None = None
+) -> list[tuple[TargetResult, str]]:
+    """A run's results with their targets' names, by batch then name (reports, webhooks);
+    rows ``offset`` to ``offset + limit`` of that order when a page is asked for."""
     query = (
         select(TargetResult, Target.name)
         .join(Target, Target.id == TargetResult.target_id)
         .where(TargetResult.run_id == run_id)
-        .order_by(TargetResult.batch_index, Target.name)
+        .order_by(TargetResult.batch_index, Target.name, TargetResult.id)
+        .offset(offset)
+        .limit(limit)
     )
     return [(result, name) for result, name in session.execute(query)]
+
+
+def stream_results_with_target_names(
+    session: Session, run_id: str, *, chunk: int = 1000
+) -> Iterator[tuple[TargetResult, str]]:
+    """The order of :func:`results_with_target_names`, fetched ``chunk`` rows at a time over
+    one statement (a server-side cursor on PostgreSQL): memory stays flat whatever the run's
+    size. The session must stay open while the rows are read."""
+    query = (
+        select(TargetResult, Target.name)
+        .join(Target, Target.id == TargetResult.target_id)
+        .where(TargetResult.run_id == run_id)
+        .order_by(TargetResult.batch_index, Target.name, TargetResult.id)
+        .execution_options(yield_per=chunk)
+    )
+    for result, name in session.execute(query):
+        yield result, name
+        # Rows already handed out are not needed again: keep the identity map small.
+        session.expunge(result)
+
+
+def count_results_of_runs(
+    session: Session, run_ids: Sequence[str]
+) -> dict[str, Counter[ResultStatus]]:
+    """How many of each run's targets are in each status, for several runs in one query."""
+    totals: dict[str, Counter[ResultStatus]] = {run_id: Counter() for run_id in run_ids}
+    if not run_ids:
+        return totals
+    query = (
+        select(TargetResult.run_id, TargetResult.status, func.count())
+        .where(TargetResult.run_id.in_(list(run_ids)))
+        .group_by(TargetResult.run_id, TargetResult.status)
+    )
+    for run_id, status, count in session.execute(query):
+        totals[run_id][ResultStatus(status)] = count
+    return totals
 
 
 def count_results(

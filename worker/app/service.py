@@ -48,6 +48,7 @@ from worker.app.views import (
     list_targets,
     run_report,
     stacked_runs,
+    stream_run_results,
 )
 
 __all__ = [
@@ -89,4 +90,5 @@ __all__ = [
     "rotate_keys",
     "run_report",
     "stacked_runs",
+    "stream_run_results",
 ]
