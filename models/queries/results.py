@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, NamedTuple
 
-from sqlalchemy import and_, bindparam, func, or_, select, update
+from sqlalchemy import and_, bindparam, func, or_, select, text, update
 from sqlalchemy.orm import Session
 
-from models.entities import Credential, RollbackSnapshot, Target, TargetResult
+from models.entities import OPEN_RESULT, Credential, RollbackSnapshot, Target, TargetResult
 from models.enums import ResultStatus
 from models.queries._statements import RESULTS, typed_param
 
@@ -177,7 +177,9 @@ _OPEN_ROW = (
     .where(
         RESULTS.c.run_id == bindparam("run_id"),
         RESULTS.c.batch_index == bindparam("batch_index"),
-        RESULTS.c.status.in_(_OPEN),
+        # The partial index's own predicate, as a literal: a planner matches it to the index
+        # even in a generic (prepared) plan, where bound statuses would hide it.
+        text(OPEN_RESULT),
     )
     .limit(1)
 )
@@ -284,6 +286,7 @@ _RESEND = (
     .where(
         RESULTS.c.run_id == bindparam("b_run_id"),
         RESULTS.c.batch_index == bindparam("b_batch_index"),
+        text(OPEN_RESULT),  # implied by _LOST; spelled out for the partial index (_OPEN_ROW)
         _LOST,
     )
     .values(sent_at=typed_param("now", RESULTS.c.sent_at))

@@ -119,3 +119,15 @@ def test_a_dispatch_sends_every_target_exactly_once_in_order() -> None:
         assert max(len(chunk) for chunk in chunks) <= MOST_PER_MESSAGE
         if count <= SPREAD:
             assert len(chunks) == count  # small dispatches: one target per message
+
+
+def test_the_embedded_broker_polls_an_idle_queue_ten_times_a_second(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from celery import Celery
+
+    from worker.platform.celery_app import EMBEDDED_POLLING_INTERVAL, configure
+
+    embedded = Celery("embedded-polling")
+    configure(embedded, _settings(CAP_DATA_DIR=str(tmp_path)))
+    with embedded.connection_for_read() as connection:
+        # kombu's default is 1 s: a message reaching an idle worker waited up to that long.
+        assert connection.transport.polling_interval == EMBEDDED_POLLING_INTERVAL == 0.1
