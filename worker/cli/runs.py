@@ -238,8 +238,9 @@ def list_(
     )
 
 
-#: Per-target rows ``runs show`` prints unless told otherwise (a page of a large run).
-SHOW_LIMIT = 1000
+#: Per-target rows ``runs show`` prints unless told otherwise: a page of a large run (rich
+#: lays a table out at ~2.7 ms a row, so 1000 rows took 3 s; bench/scale.py).
+SHOW_LIMIT = 100
 
 
 @app.command("show")
