@@ -15,6 +15,7 @@ from datetime import datetime
 from typing import Any, NamedTuple
 
 from sqlalchemy import and_, bindparam, func, or_, select, text, update
+from sqlalchemy.engine import Row
 from sqlalchemy.orm import Session
 
 from models.entities import OPEN_RESULT, Credential, RollbackSnapshot, Target, TargetResult
@@ -336,39 +337,55 @@ def list_target_results(
     return list(session.scalars(query))
 
 
-def results_with_target_names(
-    session: Session, run_id: str, *, offset: int = 0, limit: int | None = None
-) -> list[tuple[TargetResult, str]]:
-    """A run's results with their targets' names, by batch then name (reports, webhooks);
-    rows ``offset`` to ``offset + limit`` of that order when a page is asked for."""
+def results_with_target_names(session: Session, run_id: str) -> list[tuple[TargetResult, str]]:
+    """A run's results with their targets' names, by batch then name (webhooks)."""
     query = (
         select(TargetResult, Target.name)
         .join(Target, Target.id == TargetResult.target_id)
         .where(TargetResult.run_id == run_id)
-        .order_by(TargetResult.batch_index, Target.name, TargetResult.id)
-        .offset(offset)
-        .limit(limit)
+        .order_by(TargetResult.batch_index, Target.name)
     )
     return [(result, name) for result, name in session.execute(query)]
 
 
-def stream_results_with_target_names(
-    session: Session, run_id: str, *, chunk: int = 1000
-) -> Iterator[tuple[TargetResult, str]]:
-    """The order of :func:`results_with_target_names`, fetched ``chunk`` rows at a time over
-    one statement (a server-side cursor on PostgreSQL): memory stays flat whatever the run's
-    size. The session must stay open while the rows are read."""
-    query = (
-        select(TargetResult, Target.name)
-        .join(Target, Target.id == TargetResult.target_id)
-        .where(TargetResult.run_id == run_id)
-        .order_by(TargetResult.batch_index, Target.name, TargetResult.id)
-        .execution_options(yield_per=chunk)
+#: A report's row: the result's columns and its target's name, as plain rows. Building an ORM
+#: object per row was most of `runs show`'s time on a 10,000-target run (bench/scale.py).
+_REPORT_ROWS = (
+    select(
+        RESULTS.c.target_id,
+        Target.name.label("target_name"),
+        RESULTS.c.batch_index,
+        RESULTS.c.status,
+        RESULTS.c.namespace,
+        RESULTS.c.secret_name,
+        RESULTS.c.error_reason,
+        RESULTS.c.error_message,
+        RESULTS.c.diff,
+        RESULTS.c.attempts,
+        RESULTS.c.duration_ms,
+        RESULTS.c.resource_version,
     )
-    for result, name in session.execute(query):
-        yield result, name
-        # Rows already handed out are not needed again: keep the identity map small.
-        session.expunge(result)
+    .join(Target, Target.id == RESULTS.c.target_id)
+    .where(RESULTS.c.run_id == bindparam("run_id"))
+    .order_by(RESULTS.c.batch_index, Target.name, RESULTS.c.id)
+)
+
+
+def report_rows(
+    session: Session, run_id: str, *, offset: int = 0, limit: int | None = None
+) -> list[Row[Any]]:
+    """A run's results with their targets' names (``target_name``), by batch then name; rows
+    ``offset`` to ``offset + limit`` of that order when a page is asked for."""
+    query = _REPORT_ROWS.offset(offset).limit(limit)
+    return list(session.execute(query, {"run_id": run_id}))
+
+
+def stream_report_rows(session: Session, run_id: str, *, chunk: int = 1000) -> Iterator[Row[Any]]:
+    """The rows of :func:`report_rows`, fetched ``chunk`` at a time over one statement (a
+    server-side cursor on PostgreSQL): memory stays flat whatever the run's size. The session
+    must stay open while they are read."""
+    query = _REPORT_ROWS.execution_options(yield_per=chunk)
+    yield from session.execute(query, {"run_id": run_id})
 
 
 def count_results_of_runs(

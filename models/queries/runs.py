@@ -22,8 +22,9 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, defer
 
+from models.base import new_id
 from models.entities import ACTIVE_MUTATION, CertificateRevision, Distribution, Run, TargetGroup
-from models.enums import RunAction, RunState
+from models.enums import ResultStatus, RunAction, RunState
 from models.errors import ActiveRunError, NotFoundError, RunStateError
 from models.queries._statements import RESULTS, RUNS, typed_param
 from models.queries.certificates import current_revision
@@ -148,11 +149,16 @@ def start_run(
     run.started_at = now
     run.heartbeat_at = now
     # The first batch is sent right after this commits; later ones when their turn comes.
+    # Every column with a default is given: SQLAlchemy then runs no default per row (a third
+    # of planning 10,000 targets, bench/scale.py).
     rows = [
         {
+            "id": new_id(),
             "run_id": run.id,
             "target_id": target_id,
             "batch_index": batch_index,
+            "status": ResultStatus.PENDING,
+            "attempts": 0,
             "sent_at": now if batch_index == 0 else None,
         }
         for batch_index, batch in enumerate(plan)
@@ -161,7 +167,7 @@ def start_run(
     session.flush()
     if rows:
         # One multi-row INSERT through Core, without an ORM object per result (see
-        # group_target_ids); column defaults (id, status, attempts) still apply.
+        # group_target_ids).
         session.execute(insert(RESULTS), rows)
     return run
 

@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from models import queries
-from models.entities import Certificate, Distribution, Run, Target, TargetGroup, TargetResult
+from models.entities import Certificate, Distribution, Run, Target, TargetGroup
 from models.enums import ResultStatus, RunState
 from models.rollback import Availability, rollback_availability
 from worker.app.fanout import group_fanout
@@ -121,24 +121,24 @@ def stream_run_results(rt: Runtime, run_id: str) -> Iterator[TargetResultView]:
     """Every per-target result of a run, in report order, read in chunks over one statement
     (``runs show --all -o json`` writes them as they come instead of building one document)."""
     with rt.session() as session:
-        for result, name in queries.stream_results_with_target_names(session, run_id):
-            yield _result_view(result, name)
+        for row in queries.stream_report_rows(session, run_id):
+            yield _result_view(row)
 
 
-def _result_view(result: TargetResult, name: str) -> TargetResultView:
+def _result_view(row: Any) -> TargetResultView:
     return TargetResultView(
-        target_id=result.target_id,
-        target_name=name,
-        batch_index=result.batch_index,
-        status=result.status.value,
-        namespace=result.namespace,
-        secret_name=result.secret_name,
-        error_reason=result.error_reason,
-        error_message=result.error_message,
-        diff=result.diff,
-        attempts=result.attempts,
-        duration_ms=result.duration_ms,
-        resource_version=result.resource_version,
+        target_id=row.target_id,
+        target_name=row.target_name,
+        batch_index=row.batch_index,
+        status=ResultStatus(row.status).value,
+        namespace=row.namespace,
+        secret_name=row.secret_name,
+        error_reason=row.error_reason,
+        error_message=row.error_message,
+        diff=row.diff,
+        attempts=row.attempts,
+        duration_ms=row.duration_ms,
+        resource_version=row.resource_version,
     )
 
 
@@ -163,11 +163,7 @@ def _report(
     offset: int = 0,
     limit: int | None = None,
 ) -> RunReport:
-    rows = (
-        queries.results_with_target_names(session, run.id, offset=offset, limit=limit)
-        if limit != 0
-        else []
-    )
+    rows = queries.report_rows(session, run.id, offset=offset, limit=limit) if limit != 0 else []
     return RunReport(
         id=run.id,
         distribution_id=run.distribution_id,
@@ -180,7 +176,7 @@ def _report(
         created_at=run.created_at,
         started_at=run.started_at,
         finished_at=run.finished_at,
-        results=tuple(_result_view(result, name) for result, name in rows),
+        results=tuple(_result_view(row) for row in rows),
         totals={status.value: count for status, count in sorted(totals.items()) if count},
         results_offset=offset,
     )
@@ -389,17 +385,19 @@ def _shown(setting: object, *, default: bool) -> str:
 
 def group_view(rt: Runtime, session: Session, row: TargetGroup) -> GroupView:
     """A group as shown to an operator, with the batches a run started now would use."""
-    members = queries.group_targets(session, row.id)
-    names = {target.id: target.name for target in members}
+    members = queries.group_member_names(session, row.id)
+    names = dict(members)
     fanout = group_fanout(rt, row)
-    plan = plan_batches([target.id for target in members], fanout.batch_size) if members else []
+    plan = (
+        plan_batches([target_id for target_id, _ in members], fanout.batch_size) if members else []
+    )
     return GroupView(
         id=row.id,
         name=row.name,
         batch_size=_shown(fanout.batch_size, default=fanout.batch_size_is_default),
         failure_threshold=_shown(fanout.threshold, default=fanout.threshold_is_default),
         variables=dict(row.variables),
-        targets=tuple(target.name for target in members),
+        targets=tuple(name for _, name in members),
         batches=tuple(tuple(names[target_id] for target_id in batch) for batch in plan),
     )
 
