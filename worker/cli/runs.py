@@ -314,7 +314,6 @@ def _stream_json(rt: Runtime, report: RunReport, waiting: object) -> None:
     results written as they are read from the database instead of held in memory at once."""
     import json
     import sys
-    import textwrap
 
     from worker.app.service import stream_run_results
 
@@ -326,7 +325,8 @@ def _stream_json(rt: Runtime, report: RunReport, waiting: object) -> None:
     out = sys.stdout
     out.write(before + '\n  "results": [')
     for index, result in enumerate(stream_run_results(rt, report.id)):
-        item = textwrap.indent(json.dumps(to_jsonable(result), indent=2), "    ")
+        # Indented as the list item it is in the document (no empty line inside an item).
+        item = "    " + json.dumps(to_jsonable(result), indent=2).replace("\n", "\n    ")
         out.write(("," if index else "") + "\n" + item)
     out.write(("\n  ]" if report.target_count else "]") + after + "\n")
     out.flush()
