@@ -74,6 +74,7 @@ class SizeResult:
     """Every phase at one N."""
 
     n: int
+    run_id: str = ""
     setup_seconds: float = 0.0
     phases: list[Phase] = field(default_factory=list)
 
@@ -224,6 +225,7 @@ def measure(rt: Any, env: dict[str, str], n: int) -> SizeResult:
     result = SizeResult(n=n)
     started = time.perf_counter()
     run_id, group = _fleet(rt, n)
+    result.run_id = run_id
     result.setup_seconds = round(time.perf_counter() - started, 1)
     say(f"N={n}: fleet made in {result.setup_seconds}s")
     engine = rt.engine
@@ -307,13 +309,11 @@ EXPLAINED = {
     ),
     "claim (each message, 32 targets)": (
         "UPDATE target_results SET status = 'running', attempts = attempts + 1 "
-        "WHERE run_id = :run AND target_id IN (SELECT target_id FROM target_results "
-        "WHERE run_id = :run AND batch_index = 1 LIMIT 32) AND (status = 'pending' OR "
+        "WHERE run_id = :run AND target_id IN :ids AND (status = 'pending' OR "
         "(status = 'running' AND (lease_expires_at IS NULL OR lease_expires_at < now())))"
     ),
     "record (each target)": (
-        "UPDATE target_results SET status = 'created' WHERE run_id = :run AND target_id = "
-        "(SELECT target_id FROM target_results WHERE run_id = :run LIMIT 1) "
+        "UPDATE target_results SET status = 'created' WHERE run_id = :run AND target_id = :one "
         "AND status = 'running' AND attempts = 1"
     ),
     "reaper: lost rows of the current batch": (
@@ -349,15 +349,30 @@ EXPLAINED = {
 
 def explain(rt: Any, run_id: str, path: Path) -> None:
     """EXPLAIN ANALYZE each scan of :data:`EXPLAINED` (rolled back) into ``path``."""
-    from sqlalchemy import text
+    from sqlalchemy import bindparam, text
 
     lines = []
     with rt.engine.connect() as connection:
+        # What autovacuum does soon after a bulk load; without it the planner guesses sizes.
+        connection.execute(text("ANALYZE target_results, runs, targets, target_group_members"))
+        connection.commit()
+        ids = list(
+            connection.scalars(
+                text(
+                    "SELECT target_id FROM target_results WHERE run_id = :run AND batch_index = 1 "
+                    "LIMIT 32"
+                ),
+                {"run": run_id},
+            )
+        )
         for name, sql in EXPLAINED.items():
             transaction = connection.begin()
+            statement = text(f"EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY ON) {sql}")
+            if ":ids" in sql:
+                statement = statement.bindparams(bindparam("ids", expanding=True))
+            params = {"run": run_id, "ids": ids, "one": ids[0]}
             plan = connection.execute(
-                text(f"EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY ON) {sql}"),
-                {"run": run_id},
+                statement, {key: value for key, value in params.items() if f":{key}" in sql}
             )
             lines += [f"-- {name}", sql, *(row[0] for row in plan), ""]
             transaction.rollback()
@@ -400,11 +415,7 @@ def main(argv: list[str] | None = None) -> int:
             for n in sizes:
                 results.append(measure(rt, env, n))
             if args.explain:
-                from models import queries
-
-                with rt.session() as session:
-                    newest = queries.list_runs(session, limit=1)[0].id
-                explain(rt, newest, args.explain)
+                explain(rt, results[-1].run_id, args.explain)
         finally:
             rt.close()
     finally:
