@@ -365,6 +365,7 @@ def explain(rt: Any, run_id: str, path: Path) -> None:
                 {"run": run_id},
             )
         )
+        connection.commit()
         for name, sql in EXPLAINED.items():
             transaction = connection.begin()
             statement = text(f"EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY ON) {sql}")
