@@ -89,6 +89,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--profile", type=Path, help="record py-spy profiles of the workers into this folder"
     )
+    parser.add_argument(
+        "--namespaces",
+        type=int,
+        default=1000,
+        help="namespaces at most (default 1000); beyond, targets share them round-robin",
+    )
+    parser.add_argument(
+        "--embedded",
+        type=_ints,
+        default=(),
+        help="also run these N on the embedded default (SQLite + SQLAlchemy broker), W=1; "
+        "compared with the Redis/PostgreSQL cell of the same N and W (e.g. 200,1000)",
+    )
+    parser.add_argument(
+        "--first-write",
+        type=int,
+        default=0,
+        metavar="RUNS",
+        help="enqueue -> first Secret written of a canary run, RUNS times per path (e.g. 20)",
+    )
     parser.add_argument("--json", type=Path, help="also write the raw results here")
     parser.add_argument("--markdown", type=Path, help="also write the table here as Markdown")
     args = parser.parse_args(argv)
@@ -101,6 +121,9 @@ def main(argv: list[str] | None = None) -> int:
         kubectl_max=args.kubectl_max,
         repeat=max(1, args.repeat),
         profile_dir=args.profile,
+        namespaces=args.namespaces,
+        embedded=args.embedded,
+        first_write=max(0, args.first_write),
     )
     from tests.testenv import TestEnvironment
 
@@ -108,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     started = datetime.now(UTC)
     environment = TestEnvironment(cluster_count=options.clusters, environ=os.environ)
     try:
-        cells = run_benchmark(options, environment)
+        results = run_benchmark(options, environment)
     finally:
         say("stopping the environment")
         environment.close()
@@ -116,11 +139,11 @@ def main(argv: list[str] | None = None) -> int:
         f"Fan-out to N targets over {options.clusters} apiservers, "
         f"{started:%Y-%m-%d %H:%M}Z, {described}"
     )
-    render_rich(cells, title)
+    render_rich(results.cells, title, results.first_writes)
     if args.json:
-        save(cells, args.json)
+        save(results, args.json)
     if args.markdown:
-        args.markdown.write_text(f"{title}\n\n{markdown(cells)}")
+        args.markdown.write_text(f"{title}\n\n{markdown(results.cells, results.first_writes)}")
     return 0
 
 

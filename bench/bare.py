@@ -8,8 +8,9 @@ that was read; no database, no broker, no retries. Prints one JSON object on std
 
 Plan (JSON on stdin)::
 
-    {"kubeconfigs": {"c1": "/path/kubeconfig", ...}, "targets": [["c1", "ns"], ...],
-     "secret_name": "bare-n50-w1", "cert_file": "...", "key_file": "...", "threads": 4}
+    {"kubeconfigs": {"c1": "/path/kubeconfig", ...},
+     "targets": [["c1", "ns", "secret-name"], ...],
+     "cert_file": "...", "key_file": "...", "threads": 4}
 """
 
 from __future__ import annotations
@@ -58,10 +59,9 @@ def run(plan: dict[str, Any]) -> dict[str, Any]:
     apis = {name: _api(path, threads) for name, path in plan["kubeconfigs"].items()}
     crt = Path(plan["cert_file"]).read_bytes()
     key = Path(plan["key_file"]).read_bytes()
-    name = plan["secret_name"]
 
     def one(target: list[str]) -> tuple[float, str]:
-        cluster, namespace = target
+        cluster, namespace, name = target
         api = apis[cluster]
         begun = time.monotonic()
         body = _secret(name, namespace, crt, key)

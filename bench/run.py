@@ -67,6 +67,13 @@ class Options:
     """Runs of the pipeline and of the bare client per cell; the table shows the medians."""
     profile_dir: Path | None = None
     """Record py-spy profiles (collapsed stacks) of the workers' pipeline phases here."""
+    namespaces: int = 1000
+    """Namespaces per run at most: target i goes to namespace i mod this (several targets
+    share a namespace beyond it; every target's Secret name carries its own number)."""
+    embedded: tuple[int, ...] = ()
+    """N of the cells run again on the embedded default (SQLite + SQLAlchemy broker), W=1."""
+    first_write: int = 0
+    """Runs of the first-write latency cell on each path (0: none)."""
 
 
 @dataclass
@@ -75,6 +82,8 @@ class Cell:
 
     n: int
     w: int
+    path: str = "redis+pg"
+    """``redis+pg`` (Redis broker, PostgreSQL) or ``embedded`` (SQLite + SQLAlchemy broker)."""
     pipeline_s: float = 0.0
     pipeline_runs: list[float] = field(default_factory=list)
     p50_ms: float = 0.0
@@ -108,6 +117,9 @@ class Cell:
     rerun_s: float = 0.0
     rerun_counts: dict[str, int] = field(default_factory=dict)
     rerun_api_requests: dict[str, int] = field(default_factory=dict)
+    bare_cpu_runs: list[float] = field(default_factory=list)
+    own_cpu_runs: list[float] = field(default_factory=list)
+    """CPU seconds of workers + PostgreSQL + Redis in each pipeline run."""
 
     @property
     def targets_per_s(self) -> float:
@@ -138,7 +150,7 @@ class Fleet:
         return self.slots[:n]
 
 
-def prepare_fleet(clusters: list[Any], max_n: int, folder: Path) -> Fleet:
+def prepare_fleet(clusters: list[Any], max_n: int, folder: Path, namespaces: int = 1000) -> Fleet:
     """Create the benchmark ServiceAccount (spec-minimum rules, cluster-wide) and namespaces."""
     from kubernetes import client as k8s
 
@@ -170,10 +182,28 @@ def prepare_fleet(clusters: list[Any], max_n: int, folder: Path) -> Fleet:
         path.touch(mode=0o600)
         path.write_text(access.kubeconfig)
         fleet.kubeconfig_files[cluster.name] = path
-    fleet.slots = [(i % len(clusters), f"capb-{i:04d}") for i in range(max_n)]
+    fleet.slots = slots(len(clusters), max_n, namespaces)
     with ThreadPoolExecutor(max_workers=8) as pool:
-        list(pool.map(lambda slot: ensure_namespace(admin[slot[0]], slot[1]), fleet.slots))
+        list(pool.map(lambda slot: ensure_namespace(admin[slot[0]], slot[1]), set(fleet.slots)))
     return fleet
+
+
+def slots(clusters: int, n: int, namespaces: int) -> list[tuple[int, str]]:
+    """Target slot i -> (cluster i mod clusters, namespace i mod ``namespaces``): a namespace
+    stays on one cluster as long as ``namespaces`` is a multiple of ``clusters``."""
+    namespaces = max(clusters, namespaces - namespaces % clusters)
+    return [(i % clusters, f"capb-{i % namespaces:04d}") for i in range(n)]
+
+
+def secret_names(cn: str, n: int) -> list[str]:
+    """The Secret name of each of the first ``n`` slots for a certificate whose ``cn`` template
+    variable is ``cn`` (what the targets' template renders: :data:`SECRET_TEMPLATE`)."""
+    return [f"{cn}-{i:05d}" for i in range(n)]
+
+
+#: Every bench target's Secret name: the certificate's CN (fresh per cell, so every first
+#: write is a create) and the target's own number (several targets share a namespace).
+SECRET_TEMPLATE = "{{ cn }}-{{ slot }}"  # noqa: S105 - a name template, not a secret
 
 
 # ------------------------------------------------------------------------- measuring
@@ -184,8 +214,9 @@ class Probes:
     """Reads every counter the table reports, before and after a phase."""
 
     admin: list[Any]
-    pg_conninfo: str
-    redis_url: str
+    pg_conninfo: str | None
+    """None on the embedded path (no server to ask; its database work is in the workers)."""
+    redis_url: str | None
     bench_transactions: Callable[[], int]
     bench_statements: Callable[[], int]
     processes: Callable[[], dict[str, list[int]]]
@@ -193,14 +224,17 @@ class Probes:
 
     def snapshot(self) -> dict[str, Any]:
         """Current counters (after letting PostgreSQL publish its statistics)."""
-        metrics.wait_for_pg_stats()
+        if self.pg_conninfo is None:
+            pg, statements = 0, None
+        else:
+            metrics.wait_for_pg_stats()
+            pg = metrics.pg_transactions(self.pg_conninfo) - self.bench_transactions()
+            statements = _minus(metrics.pg_statements(self.pg_conninfo), self.bench_statements())
         return {
             "api": metrics.scrape_secret_requests(self.admin),
-            "pg": metrics.pg_transactions(self.pg_conninfo) - self.bench_transactions(),
-            "pg_statements": _minus(
-                metrics.pg_statements(self.pg_conninfo), self.bench_statements()
-            ),
-            "redis": metrics.redis_command_calls(self.redis_url),
+            "pg": pg,
+            "pg_statements": statements,
+            "redis": metrics.redis_command_calls(self.redis_url) if self.redis_url else Counter(),
             "cpu": {name: metrics.cpu_seconds(pids) for name, pids in self.processes().items()},
         }
 
@@ -209,7 +243,9 @@ class Probes:
         """What moved between two snapshots (minus the probe's own transactions)."""
         return {
             "api": dict(metrics.counter_delta(after["api"], before["api"])),
-            "pg": after["pg"] - before["pg"] - metrics.PG_PROBE_TRANSACTIONS,
+            "pg": after["pg"]
+            - before["pg"]
+            - (metrics.PG_PROBE_TRANSACTIONS if after["pg"] else 0),
             "pg_statements": _minus(
                 _minus(after["pg_statements"], before["pg_statements"]),
                 metrics.PG_PROBE_STATEMENTS,
@@ -249,6 +285,7 @@ class PipelineDriver:
         self.pipe = pipe
         self.fleet = fleet
         self.polls = 0
+        self.target_names: list[str] = []
         self._credentials = {
             cluster.name: service.add_kubeconfig_credential(
                 pipe.runtime, f"bench-{cluster.name}", fleet.kubeconfigs[cluster.name].encode()
@@ -256,31 +293,41 @@ class PipelineDriver:
             for cluster in fleet.clusters
         }
 
-    def distribution(self, n: int, tag: str, chain: Any) -> str:
-        """N targets (one namespace each), a group, the certificate, attached."""
+    def ensure_targets(self, n: int) -> None:
+        """The first ``n`` slots as targets (made once, shared by every cell of the run)."""
         from worker.app import service
 
         rt = self.pipe.runtime
-        names = []
-        for index, (cluster_index, namespace) in enumerate(self.fleet.placement(n)):
-            name = f"{tag}-t{index:04d}"
+        for index in range(len(self.target_names), n):
+            cluster_index, namespace = self.fleet.slots[index]
             cluster = self.fleet.clusters[cluster_index]
+            name = f"bench-t{index:05d}"
             service.create_target(
                 rt,
                 service.TargetSpec(
                     name=name,
                     namespace=namespace,
                     credential=self._credentials[cluster.name],
-                    secret_name=f"pipe-{tag}",
+                    secret_name=SECRET_TEMPLATE,
+                    variables={"slot": f"{index:05d}"},
                 ),
                 check=False,
             )
-            names.append(name)
+            self.target_names.append(name)
+
+    def distribution(
+        self, n: int, tag: str, chain: Any, *, batch_size: Any = None, first: int = 0
+    ) -> str:
+        """A group of ``n`` targets (from slot ``first``), the certificate, attached."""
+        from worker.app import service
+
+        rt = self.pipe.runtime
+        self.ensure_targets(first + n)
         certificate_id = service.import_certificate(
             rt, chain.leaf_pem, chain.key_pem, chain.chain_pem, chain.root_pem
         )
         group = f"bench-{tag}"
-        service.create_group(rt, group, names)
+        service.create_group(rt, group, self.target_names[first : first + n], batch_size=batch_size)
         return str(service.attach(rt, certificate_id, group=group))
 
     def run(self, distribution_id: str, timeout: float = 1800.0) -> tuple[float, Any]:
@@ -388,11 +435,13 @@ def _write_pem(folder: Path, chain: Any) -> tuple[Path, Path]:
     return cert, key
 
 
-def _bare(fleet: Fleet, n: int, secret_name: str, threads: int, cert: Path, key: Path) -> Any:
+def _bare(fleet: Fleet, n: int, cn: str, threads: int, cert: Path, key: Path) -> Any:
     plan = {
         "kubeconfigs": {name: str(path) for name, path in fleet.kubeconfig_files.items()},
-        "targets": [[fleet.clusters[c].name, ns] for c, ns in fleet.placement(n)],
-        "secret_name": secret_name,
+        "targets": [
+            [fleet.clusters[c].name, ns, name]
+            for (c, ns), name in zip(fleet.placement(n), secret_names(cn, n), strict=True)
+        ],
         "cert_file": str(cert),
         "key_file": str(key),
         "threads": threads,
@@ -410,15 +459,16 @@ def _bare(fleet: Fleet, n: int, secret_name: str, threads: int, cert: Path, key:
     return json.loads(done.stdout)
 
 
-def _component_pids(env: Any, pipe: Any) -> dict[str, list[int]]:
+def _component_pids(env: Any, pipe: Any, *, servers: bool = True) -> dict[str, list[int]]:
     def tree(process: Any) -> list[int]:
         return metrics.process_tree(process.pid) if process and process.pid else []
 
     kube = [pid for process in env.cluster_set.processes() for pid in tree(process)]
     return {
         "workers": [pid for w in pipe.workers for pid in metrics.process_tree(w.process.pid)],
-        "postgres": tree(env.postgres().process),
-        "redis": tree(env.redis().process),
+        # The embedded path uses neither server (their idle CPU is not its cost).
+        "postgres": tree(env.postgres().process) if servers else [],
+        "redis": tree(env.redis().process) if servers else [],
         "kube": kube,
     }
 
@@ -445,7 +495,39 @@ class Context:
     driver: PipelineDriver
     probes: Probes
     kubectl: Path | None
+    path: str = "redis+pg"
     kubectl_done: dict[int, tuple[float, dict[str, int]]] = field(default_factory=dict)
+
+
+@dataclass
+class FirstWrite:
+    """Enqueue -> first Secret written, over several runs of a canary distribution."""
+
+    path: str
+    w: int
+    ms: list[float] = field(default_factory=list)
+
+    @property
+    def p50_ms(self) -> float:
+        """Median."""
+        return metrics.percentile(self.ms, 0.5)
+
+    @property
+    def p95_ms(self) -> float:
+        """95th percentile (nearest rank)."""
+        return metrics.percentile(self.ms, 0.95)
+
+
+@dataclass
+class Results:
+    """Everything one ``python -m bench`` measured."""
+
+    cells: list[Cell] = field(default_factory=list)
+    first_writes: list[FirstWrite] = field(default_factory=list)
+
+
+def _own_cpu(cpu: dict[str, float]) -> float:
+    return sum(cpu.get(name, 0.0) for name in ("workers", "postgres", "redis"))
 
 
 def measure_cell(ctx: Context, n: int, w: int) -> Cell:
@@ -453,24 +535,26 @@ def measure_cell(ctx: Context, n: int, w: int) -> Cell:
     from tests.certfactory import make_chain
 
     options, fleet, probes = ctx.options, ctx.fleet, ctx.probes
-    cell = Cell(n=n, w=w)
+    cell = Cell(n=n, w=w, path=ctx.path)
     threads = w * options.concurrency
+    prefix = "e" if ctx.path == "embedded" else "p"
     for attempt in range(options.repeat):
-        tag = f"n{n}-w{w}-r{attempt}"
+        tag = f"{prefix}n{n}-w{w}-r{attempt}"
         chain = make_chain(cn=f"{tag}.bench.example")
         cert, key = _write_pem(ctx.workdir / f"pem-{tag}", chain)
         distribution_id = ctx.driver.distribution(n, tag, chain)
 
-        say(f"N={n} W={w}: bare client, {threads} threads")
+        say(f"{ctx.path} N={n} W={w}: bare client, {threads} threads")
         with measured(probes) as moved:
-            bare = _bare(fleet, n, f"bare-{tag}", threads, cert, key)
+            bare = _bare(fleet, n, f"bare-{tag}.bench.example", threads, cert, key)
         cell.bare_runs.append(round(bare["wall_seconds"], 3))
         cell.bare_p50_ms = metrics.percentile(bare["latencies_ms"], 0.5)
         cell.bare_api_requests = moved["api"]
         cell.bare_cpu_s = round(bare["cpu_seconds"], 3)
+        cell.bare_cpu_runs.append(cell.bare_cpu_s)
         cell.bare_phase_cpu_s = moved["cpu"]
 
-        say(f"N={n} W={w}: pipeline")
+        say(f"{ctx.path} N={n} W={w}: pipeline")
         with measured(probes) as moved, profiled(ctx.pipe, options.profile_dir, tag):
             seconds, (report, enqueued) = ctx.driver.run(distribution_id)
         cell.pipeline_runs.append(round(seconds, 3))
@@ -480,6 +564,7 @@ def measure_cell(ctx: Context, n: int, w: int) -> Cell:
         cell.db_statements = moved["pg_statements"]
         cell.broker_calls = moved["redis"]
         cell.cpu_s = moved["cpu"]
+        cell.own_cpu_runs.append(round(_own_cpu(moved["cpu"]), 3))
         cell.rss_mb_runs.append(round(max(s.rss_mb for s in _worker_stats(ctx.pipe)), 1))
     cell.pipeline_s = statistics.median(cell.pipeline_runs)
     cell.bare_s = statistics.median(cell.bare_runs)
@@ -495,7 +580,7 @@ def measure_cell(ctx: Context, n: int, w: int) -> Cell:
     cell.rss_mb_main = [round(s.rss_mb, 1) for s in stats if s.pid in mains]
     cell.threads = sum(s.threads for s in stats)
 
-    say(f"N={n} W={w}: unchanged re-run")
+    say(f"{ctx.path} N={n} W={w}: unchanged re-run")
     with measured(probes) as moved:
         cell.rerun_s, (rerun, _) = ctx.driver.run(distribution_id)
     cell.rerun_counts = rerun.counts()
@@ -505,8 +590,10 @@ def measure_cell(ctx: Context, n: int, w: int) -> Cell:
         if n not in ctx.kubectl_done:
             say(f"N={n}: kubectl loop")
             targets = [
-                (str(fleet.kubeconfig_files[fleet.clusters[c].name]), ns, f"kubectl-n{n}")
-                for c, ns in fleet.placement(n)
+                (str(fleet.kubeconfig_files[fleet.clusters[c].name]), ns, name)
+                for (c, ns), name in zip(
+                    fleet.placement(n), secret_names(f"kubectl-n{n}", n), strict=True
+                )
             ]
             with measured(probes) as moved:
                 seconds = kubectl_loop(
@@ -521,12 +608,98 @@ def measure_cell(ctx: Context, n: int, w: int) -> Cell:
     return cell
 
 
-def run_benchmark(options: Options, env: Any) -> list[Cell]:
-    """Run every cell of ``options`` on the environment ``env`` (a TestEnvironment)."""
-    import redis
+#: The first-write cell's canary: batch 1 is one target, then the rest (one per cluster).
+CANARY_TARGETS = 4
+CANARY_BATCHES = [1, "100%"]
+
+
+def measure_first_write(ctx: Context, w: int, runs: int) -> FirstWrite:
+    """Enqueue -> the canary's Secret written (the worker's clock when its write returned),
+    ``runs`` times with a warm worker; a fresh certificate each run, so each first write is a
+    create."""
+    from tests.certfactory import make_chain
+
+    result = FirstWrite(path=ctx.path, w=w)
+    say(f"{ctx.path} W={w}: first-write latency, {runs} canary runs")
+    for attempt in range(runs):
+        tag = f"{ctx.path[0]}fw-w{w}-r{attempt}"
+        chain = make_chain(cn=f"{tag}.bench.example")
+        distribution_id = ctx.driver.distribution(
+            CANARY_TARGETS, tag, chain, batch_size=CANARY_BATCHES
+        )
+        _, (report, enqueued) = ctx.driver.run(distribution_id)
+        written = _finished_moments(ctx.pipe, report.id)
+        if not written:
+            raise RuntimeError(f"first-write run {report.id} wrote nothing: {report.counts()}")
+        result.ms.append(round((min(written) - enqueued).total_seconds() * 1000, 1))
+    return result
+
+
+def _probes(
+    env: Any, pipe: Any, fleet: Fleet, database_url: str | None, redis_url: str | None
+) -> Probes:
     from sqlalchemy import event
 
+    # The benchmark's own polling goes through this engine: count what it costs the
+    # database so it can be taken out. (The pool's pre-ping sends an empty query, which
+    # pg_stat_statements does not count.)
+    own = Counter[str]()
+    engine = pipe.runtime.engine
+    event.listen(engine, "commit", lambda _: own.update(["xact"]))
+    event.listen(engine, "rollback", lambda _: own.update(["xact"]))
+    event.listen(engine, "before_cursor_execute", lambda *_: own.update(["statement"]))
+    return Probes(
+        admin=fleet.admin,
+        pg_conninfo=_libpq_url(database_url) if database_url else None,
+        redis_url=redis_url,
+        bench_transactions=lambda: own["xact"],
+        bench_statements=lambda: own["statement"],
+        processes=lambda: _component_pids(env, pipe, servers=database_url is not None),
+    )
+
+
+def _warm_up(ctx: Context, w: int) -> None:
+    # The workers are a long-running service: measure them warm. SPREAD messages of
+    # one target per cluster each (placement is round-robin) let every pool process
+    # build its client for, and connect to, every cluster before a measured run.
+    from tasks.distribution import SPREAD
     from tests.certfactory import make_chain
+
+    warm_n = min(SPREAD * len(ctx.fleet.clusters), len(ctx.fleet.slots))
+    say(f"{ctx.path} N={warm_n} W={w}: warm-up run (not measured)")
+    warm = make_chain(cn=f"warm-{ctx.path[0]}w{w}.bench.example")
+    ctx.driver.run(ctx.driver.distribution(warm_n, f"warm-{ctx.path[0]}w{w}", warm))
+
+
+def _cells(ctx: Context, sizes: Sequence[int], workers: Sequence[int], results: Results) -> None:
+    options = ctx.options
+    for w in workers:
+        say(f"{ctx.path}: starting {w} worker process(es), concurrency {options.concurrency} each")
+        for index in range(w):
+            ctx.pipe.start_worker(
+                name=f"{ctx.path[0]}w{w}-{index + 1}", concurrency=options.concurrency
+            )
+        _warm_up(ctx, w)
+        if options.first_write and w == min(workers):
+            results.first_writes.append(measure_first_write(ctx, w, options.first_write))
+        for n in sizes:
+            results.cells.append(measure_cell(ctx, n, w))
+            cell = results.cells[-1]
+            say(
+                f"{ctx.path} N={n} W={w}: pipeline {cell.pipeline_s:.2f}s "
+                f"(runs {cell.pipeline_runs}), bare {cell.bare_s:.2f}s (runs {cell.bare_runs}), "
+                f"own CPU {cell.own_cpu_runs} bare CPU {cell.bare_cpu_runs}, "
+                f"RSS {cell.rss_mb_runs}, re-run {cell.rerun_s:.2f}s, counts {cell.counts}"
+            )
+        for worker in ctx.pipe.workers:
+            worker.stop()
+        ctx.pipe.workers.clear()
+
+
+def run_benchmark(options: Options, env: Any) -> Results:
+    """Run every cell of ``options`` on the environment ``env`` (a TestEnvironment)."""
+    import redis
+
     from tests.support.pipeline import pipeline
 
     workdir = options.workdir or env.workdir / "bench"
@@ -537,54 +710,34 @@ def run_benchmark(options: Options, env: Any) -> list[Cell]:
     redis.Redis.from_url(redis_server.url).flushdb()
     kubectl = find_kubectl(os.environ) if options.kubectl_max else None
     say(f"{len(clusters)} apiservers, Redis, PostgreSQL up; creating namespaces")
-    fleet = prepare_fleet(clusters, max(options.sizes), workdir / "kubeconfigs")
-    cells: list[Cell] = []
+    largest = max((*options.sizes, *options.embedded, CANARY_TARGETS))
+    fleet = prepare_fleet(clusters, largest, workdir / "kubeconfigs", options.namespaces)
+    results = Results()
     with pipeline(database_url, redis_server.url, workdir, extra_env=PRODUCTION_ENV) as pipe:
-        # The benchmark's own polling goes through this engine: count what it costs the
-        # database so it can be taken out. (The pool's pre-ping sends an empty query, which
-        # pg_stat_statements does not count.)
-        own = Counter[str]()
-        engine = pipe.runtime.engine
-        event.listen(engine, "commit", lambda _: own.update(["xact"]))
-        event.listen(engine, "rollback", lambda _: own.update(["xact"]))
-        event.listen(engine, "before_cursor_execute", lambda *_: own.update(["statement"]))
-        probes = Probes(
-            admin=fleet.admin,
-            pg_conninfo=_libpq_url(database_url),
-            redis_url=redis_server.url,
-            bench_transactions=lambda: own["xact"],
-            bench_statements=lambda: own["statement"],
-            processes=lambda: _component_pids(env, pipe),
-        )
+        probes = _probes(env, pipe, fleet, database_url, redis_server.url)
         driver = PipelineDriver(pipe, fleet)
+        started = time.monotonic()
+        driver.ensure_targets(largest)
+        say(f"{largest} targets created in {time.monotonic() - started:.1f}s")
         context = Context(options, workdir, fleet, pipe, driver, probes, kubectl)
-        for w in options.workers:
-            say(f"starting {w} worker process(es), concurrency {options.concurrency} each")
-            for index in range(w):
-                pipe.start_worker(name=f"w{w}-{index + 1}", concurrency=options.concurrency)
-            # The workers are a long-running service: measure them warm. SPREAD messages of
-            # one target per cluster each (placement is round-robin) let every pool process
-            # build its client for, and connect to, every cluster before a measured run.
-            from tasks.distribution import SPREAD
-
-            warm_n = min(SPREAD * len(fleet.clusters), max(options.sizes))
-            say(f"N={warm_n} W={w}: warm-up run (not measured)")
-            warm = make_chain(cn=f"warm-w{w}.bench.example")
-            driver.run(driver.distribution(warm_n, f"warm-w{w}", warm))
-            for n in options.sizes:
-                cells.append(measure_cell(context, n, w))
-                cell = cells[-1]
-                say(
-                    f"N={n} W={w}: pipeline {cell.pipeline_s:.2f}s (runs {cell.pipeline_runs}), "
-                    f"bare {cell.bare_s:.2f}s (runs {cell.bare_runs}), "
-                    f"re-run {cell.rerun_s:.2f}s, counts {cell.counts}"
-                )
-            for worker in pipe.workers:
-                worker.stop()
-            pipe.workers.clear()
-    return cells
+        _cells(context, options.sizes, options.workers, results)
+    if options.embedded or options.first_write:
+        # The embedded default: no server at all, the files under the data directory.
+        data = workdir / "embedded" / "data"
+        data.mkdir(parents=True, exist_ok=True)
+        with pipeline(
+            f"sqlite:///{data}/certautopilot.db",
+            f"sqla+sqlite:///{data}/broker.db",
+            workdir / "embedded",
+            extra_env=PRODUCTION_ENV,
+        ) as pipe:
+            driver = PipelineDriver(pipe, fleet)
+            probes = _probes(env, pipe, fleet, None, None)
+            context = Context(options, workdir, fleet, pipe, driver, probes, None, path="embedded")
+            _cells(context, options.embedded, (1,), results)
+    return results
 
 
-def save(cells: Sequence[Cell], path: Path) -> None:
+def save(results: Results, path: Path) -> None:
     """Write the raw results as JSON (for docs/benchmarks.md and comparisons)."""
-    path.write_text(json.dumps([asdict(cell) for cell in cells], indent=2))
+    path.write_text(json.dumps(asdict(results), indent=2))

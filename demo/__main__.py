@@ -675,11 +675,12 @@ class _Demo:
             "or the deadline passes (5 s here; 120 s by default, for kubelet's ~60 s sync):"
         )
         self.cli("run", distribution["id"], "--execute", "--timeout", str(RUN_TIMEOUT))
-        (report,) = (
-            run
+        (run_id,) = (
+            run["id"]
             for run in self.cli_json("runs", "list", "--distribution", distribution["id"])
             if run["action"] == "execute"
         )
+        report = self.cli_json("runs", "show", run_id)
         outcome = {r["target_name"]: r["serving_status"] for r in report["results"]}
         if outcome != {"serving-reload": "verified", "serving-cache": "stale"}:
             raise DemoFailed(

@@ -166,6 +166,15 @@ def get_revision(session: Session, revision_id: str) -> CertificateRevision:
     return get_row(session, CertificateRevision, revision_id, "certificate revision")
 
 
+def load_revisions(session: Session, revision_ids: Sequence[str]) -> list[CertificateRevision]:
+    """The revisions with these ids, in one query (later get_revision calls of the session
+    find them without another)."""
+    if not revision_ids:
+        return []
+    query = select(CertificateRevision).where(CertificateRevision.id.in_(list(revision_ids)))
+    return list(session.scalars(query))
+
+
 def get_certificate(session: Session, certificate_id: str) -> Certificate:
     """The certificate with this id, or NotFoundError."""
     return get_row(session, Certificate, certificate_id, "certificate")

@@ -101,6 +101,18 @@ def group_targets(session: Session, group_id: str) -> list[Target]:
     return list(session.scalars(query))
 
 
+def group_member_names(session: Session, group_id: str) -> list[tuple[str, str]]:
+    """The group's targets as (id, name), in fan-out order (plain rows, no ORM object each:
+    `groups show` of a 10,000-target group spent most of its time building those)."""
+    query = (
+        select(Target.id, Target.name)
+        .join(TargetGroupMember, TargetGroupMember.target_id == Target.id)
+        .where(TargetGroupMember.group_id == group_id)
+        .order_by(TargetGroupMember.position)
+    )
+    return [(target_id, name) for target_id, name in session.execute(query)]
+
+
 def group_target_ids(session: Session, group_id: str) -> list[str]:
     """The ids of the group's targets in fan-out order."""
     get_group(session, group_id)

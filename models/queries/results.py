@@ -9,15 +9,16 @@ were half of a worker's CPU per target (bench/).
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, NamedTuple
 
-from sqlalchemy import and_, bindparam, func, or_, select, update
+from sqlalchemy import and_, bindparam, func, or_, select, text, update
+from sqlalchemy.engine import Row
 from sqlalchemy.orm import Session, aliased
 
-from models.entities import Credential, RollbackSnapshot, Target, TargetResult
+from models.entities import OPEN_RESULT, Credential, RollbackSnapshot, Target, TargetResult
 from models.enums import ResultStatus
 from models.queries._statements import RESULTS, typed_param
 
@@ -193,7 +194,9 @@ _OPEN_ROW = (
     .where(
         RESULTS.c.run_id == bindparam("run_id"),
         RESULTS.c.batch_index == bindparam("batch_index"),
-        RESULTS.c.status.in_(_OPEN),
+        # The partial index's own predicate, as a literal: a planner matches it to the index
+        # even in a generic (prepared) plan, where bound statuses would hide it.
+        text(OPEN_RESULT),
     )
     .limit(1)
 )
@@ -300,6 +303,7 @@ _RESEND = (
     .where(
         RESULTS.c.run_id == bindparam("b_run_id"),
         RESULTS.c.batch_index == bindparam("b_batch_index"),
+        text(OPEN_RESULT),  # implied by _LOST; spelled out for the partial index (_OPEN_ROW)
         _LOST,
     )
     .values(sent_at=typed_param("now", RESULTS.c.sent_at))
@@ -350,7 +354,7 @@ def list_target_results(
 
 
 def results_with_target_names(session: Session, run_id: str) -> list[tuple[TargetResult, str]]:
-    """A run's results with their targets' names, by batch then name (reports, webhooks)."""
+    """A run's results with their targets' names, by batch then name (webhooks)."""
     query = (
         select(TargetResult, Target.name)
         .join(Target, Target.id == TargetResult.target_id)
@@ -358,6 +362,68 @@ def results_with_target_names(session: Session, run_id: str) -> list[tuple[Targe
         .order_by(TargetResult.batch_index, Target.name)
     )
     return [(result, name) for result, name in session.execute(query)]
+
+
+#: A report's row: the result's columns and its target's name, as plain rows. Building an ORM
+#: object per row was most of `runs show`'s time on a 10,000-target run (bench/scale.py).
+_REPORT_ROWS = (
+    select(
+        RESULTS.c.target_id,
+        Target.name.label("target_name"),
+        RESULTS.c.batch_index,
+        RESULTS.c.status,
+        RESULTS.c.namespace,
+        RESULTS.c.secret_name,
+        RESULTS.c.error_reason,
+        RESULTS.c.error_message,
+        RESULTS.c.diff,
+        RESULTS.c.attempts,
+        RESULTS.c.duration_ms,
+        RESULTS.c.resource_version,
+        RESULTS.c.deployed_serial,
+        RESULTS.c.deployed_not_after,
+        RESULTS.c.finding,
+        RESULTS.c.serving_status,
+        RESULTS.c.serving,
+    )
+    .join(Target, Target.id == RESULTS.c.target_id)
+    .where(RESULTS.c.run_id == bindparam("run_id"))
+    .order_by(RESULTS.c.batch_index, Target.name, RESULTS.c.id)
+)
+
+
+def report_rows(
+    session: Session, run_id: str, *, offset: int = 0, limit: int | None = None
+) -> list[Row[Any]]:
+    """A run's results with their targets' names (``target_name``), by batch then name; rows
+    ``offset`` to ``offset + limit`` of that order when a page is asked for."""
+    query = _REPORT_ROWS.offset(offset).limit(limit)
+    return list(session.execute(query, {"run_id": run_id}))
+
+
+def stream_report_rows(session: Session, run_id: str, *, chunk: int = 1000) -> Iterator[Row[Any]]:
+    """The rows of :func:`report_rows`, fetched ``chunk`` at a time over one statement (a
+    server-side cursor on PostgreSQL): memory stays flat whatever the run's size. The session
+    must stay open while they are read."""
+    query = _REPORT_ROWS.execution_options(yield_per=chunk)
+    yield from session.execute(query, {"run_id": run_id})
+
+
+def count_results_of_runs(
+    session: Session, run_ids: Sequence[str]
+) -> dict[str, Counter[ResultStatus]]:
+    """How many of each run's targets are in each status, for several runs in one query."""
+    totals: dict[str, Counter[ResultStatus]] = {run_id: Counter() for run_id in run_ids}
+    if not run_ids:
+        return totals
+    query = (
+        select(TargetResult.run_id, TargetResult.status, func.count())
+        .where(TargetResult.run_id.in_(list(run_ids)))
+        .group_by(TargetResult.run_id, TargetResult.status)
+    )
+    for run_id, status, count in session.execute(query):
+        totals[run_id][ResultStatus(status)] = count
+    return totals
 
 
 def count_results(

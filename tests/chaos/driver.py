@@ -421,7 +421,7 @@ class Round:
         # ours, so the model knows the order. Our own content is never replaced this way.
         reports = service.list_runs(
             pipe.runtime, distribution_id=self.fleet.distribution_id, limit=100_000
-        )
+        )  # states only
         if any(not report.finished for report in reports):
             self.log("owner_rotate: skipped (a run is active)")
             return
@@ -494,7 +494,10 @@ class Round:
         reports = {
             report.id: report
             for report in service.list_runs(
-                pipe.runtime, distribution_id=self.fleet.distribution_id, limit=100_000
+                pipe.runtime,
+                distribution_id=self.fleet.distribution_id,
+                limit=100_000,
+                with_results=True,
             )
             if report.action in ("execute", "rollback")
         }
@@ -584,7 +587,7 @@ class Round:
 
     def _observe_runs(self, pipe: Pipeline) -> list[ObservedRun]:
         observed: list[ObservedRun] = []
-        for report in service.list_runs(pipe.runtime, limit=100_000):
+        for report in service.list_runs(pipe.runtime, limit=100_000, with_results=True):
             child = None
             stacked = report.distribution_id != self.fleet.distribution_id
             if report.action == "execute" and not stacked:

@@ -36,13 +36,26 @@ def test_request_totals_count_secrets_by_verb_and_keep_dry_runs_apart() -> None:
 def test_tiny_benchmark_fills_every_column_and_the_rerun_writes_nothing(
     testenv: TestEnvironment, tmp_path: Path
 ) -> None:
-    cells = run_benchmark(
-        Options(sizes=(6,), workers=(1,), concurrency=2, kubectl_max=6, workdir=tmp_path),
+    results = run_benchmark(
+        Options(
+            sizes=(6,),
+            workers=(1,),
+            concurrency=2,
+            kubectl_max=6,
+            workdir=tmp_path,
+            namespaces=4,
+            embedded=(6,),
+            first_write=2,
+        ),
         testenv,
     )
+    cells = results.cells
 
-    assert [(cell.n, cell.w) for cell in cells] == [(6, 1)]
-    cell = cells[0]
+    assert [(cell.path, cell.n, cell.w) for cell in cells] == [
+        ("redis+pg", 6, 1),
+        ("embedded", 6, 1),
+    ]
+    cell, embedded = cells
     assert cell.counts == {"created": 6}
     assert cell.api_requests == {"GET": 6, "POST": 6}
     assert cell.bare_api_requests == {"GET": 6, "POST": 6}
@@ -55,9 +68,23 @@ def test_tiny_benchmark_fills_every_column_and_the_rerun_writes_nothing(
     assert cell.broker_calls.get("lpush", 0) >= 6
     assert cell.db_statements is not None and cell.db_statements > 0  # pg_stat_statements
     assert cell.rss_mb_max > 0 and cell.threads >= len(cell.rss_mb_pool) == 3
-    formatted = row(cell)
+    formatted = row(cell, cells)
     assert len(formatted) == len(COLUMNS)
-    assert "-" not in formatted  # every column measured
-    table = markdown(cells).splitlines()
+    # Every column measured, except the embedded path's ratio to this very path.
+    assert [c for c, value in zip(COLUMNS, formatted, strict=True) if value == "-"] == [
+        "embedded/redis+pg"
+    ]
+    # Several targets share a namespace (6 targets, 4 namespaces): each has its own Secret.
+    assert embedded.counts == {"created": 6} and embedded.rerun_counts == {"unchanged": 6}
+    assert embedded.api_requests == {"GET": 6, "POST": 6}
+    assert embedded.db_statements is None and not embedded.broker_calls  # no servers
+    embedded_row = dict(zip(COLUMNS, row(embedded, cells), strict=True))
+    assert embedded_row["embedded/redis+pg"] != "-"
+    assert [(item.path, len(item.ms)) for item in results.first_writes] == [
+        ("redis+pg", 2),
+        ("embedded", 2),
+    ]
+    assert all(ms > 0 for item in results.first_writes for ms in item.ms)
+    table = markdown(cells, results.first_writes).splitlines()
     assert table[0] == "| " + " | ".join(COLUMNS) + " |"
-    assert len(table) == 3
+    assert len(table) == 4 + 1 + 2 + len(results.first_writes)

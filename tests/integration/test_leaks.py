@@ -412,7 +412,7 @@ def suite(
                 "--stdin",
                 stdin=yaml.safe_dump(dangerous).encode(),
             )[1]
-            for report in service.list_runs(pipe.runtime):
+            for report in service.list_runs(pipe.runtime, with_results=True):
                 runs.setdefault(report.id, report)
                 cli_output[f"runs show {report.id}"] = _cli(
                     env, "runs", "show", report.id, "--diff"

@@ -104,6 +104,11 @@ from tests.unit.test_models_sqlite import (  # noqa: F401 - fixtures and shared 
     test_upgrade_twice_is_a_no_op,
     upgrade,
 )
+from tests.unit.test_scale_queries import (  # noqa: F401 - fixture and shared tests
+    runtime,
+    test_a_database_filled_before_the_scan_indexes_upgrades_with_every_row_intact,
+    test_runs_list_reads_counts_not_rows_and_the_rows_on_request,
+)
 from tests.unit.test_serving_models import (  # noqa: F401 - shared with SQLite
     test_a_database_filled_before_the_serving_revision_upgrades_with_every_row_intact,
 )

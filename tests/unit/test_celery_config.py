@@ -148,3 +148,15 @@ def test_each_task_names_its_first_argument_rightly_in_the_log_context(
     tasks._bind_task_context(sender=SimpleNamespace(name=task), task_id="t", args=("first",))
     assert dict(logs.context()) == expected
     logs.set_context()
+
+
+def test_the_embedded_broker_polls_an_idle_queue_ten_times_a_second(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from celery import Celery
+
+    from worker.platform.celery_app import EMBEDDED_POLLING_INTERVAL, configure
+
+    embedded = Celery("embedded-polling")
+    configure(embedded, _settings(CAP_DATA_DIR=str(tmp_path)))
+    with embedded.connection_for_read() as connection:
+        # kombu's default is 1 s: a message reaching an idle worker waited up to that long.
+        assert connection.transport.polling_interval == EMBEDDED_POLLING_INTERVAL == 0.1

@@ -961,3 +961,50 @@ def test_the_installed_demo_command_says_how_to_get_the_demo(cli: Cli) -> None:
 def test_help_shows_flags_without_a_value_type(cli: Cli, path: list[str]) -> None:
     # Typer's rich help printed `--dry-run <bool>` and even `--help <bool>`.
     assert "<bool>" not in cli.ok(*path, "--help").stdout
+
+
+# ------------------------------------------------------------------------ a large run's pages
+
+
+def _start_queued_run(cli: Cli, run_id: str) -> None:
+    """What a worker does first with a queued run: plan it (a result row per target)."""
+    from worker.app.runs import start_run
+    from worker.platform.bootstrap import bootstrap
+    from worker.platform.runtime import build_runtime
+
+    class Unsent:
+        def start(self, run_id: str) -> None: ...
+        def process_targets(self, run_id: str, target_ids: Any) -> None: ...
+        def advance(self, run_id: str, batch_index: int) -> None: ...
+
+    env = {name: value for name, value in cli.env.items() if value is not None}
+    rt = build_runtime(bootstrap(load_settings({"HOME": str(cli.folder), **env})))
+    try:
+        start_run(rt, Unsent(), run_id)
+    finally:
+        rt.close()
+
+
+def test_runs_show_pages_the_rows_streams_them_all_as_json_and_runs_list_counts_them(
+    cli: Cli, setup: dict[str, str]
+) -> None:
+    run_id = cli.json("run", setup["distribution"], "--execute", "--no-wait")["run_id"]
+    _start_queued_run(cli, run_id)
+
+    whole = cli.json("runs", "show", run_id)
+    page = cli.json("runs", "show", run_id, "--offset", "1", "--limit", "1")
+    streamed = cli.json("runs", "show", run_id, "--all")
+    table = cli.ok("runs", "show", run_id, "--limit", "1").stdout
+    (listed,) = cli.json("runs", "list")
+
+    assert [r["target_name"] for r in whole["results"]] == ["t1", "t2"]
+    assert whole["totals"] == {"pending": 2} and whole["results_offset"] == 0
+    assert [r["target_name"] for r in page["results"]] == ["t2"]
+    assert page["totals"] == {"pending": 2} and page["results_offset"] == 1
+    # Written row by row as read, and the same document as the one built whole.
+    assert streamed == whole
+    assert "rows 1-1 of 2 target(s); next page: --offset 1, every row: --all" in table
+    assert listed["id"] == run_id and listed["totals"] == {"pending": 2}
+    assert listed["results"] == []  # counts, not rows: a run may have 10,000
+    refused = cli("runs", "show", run_id, "--limit", "-1")
+    assert refused.exit_code == 2 and "--limit" in refused.stderr

@@ -540,11 +540,11 @@ def _claim(rt: Runtime, run_id: str, target_ids: Sequence[str]) -> list[TargetJo
     # Three statements for the whole message: every round trip here used to be paid once
     # per target, and the database, not the Kubernetes API, dominated (py-spy, bench/).
     with rt.session() as session:
-        loaded = queries.load_run_context(session, run_id)
+        # The database's clock comes with the run (one statement, not two).
+        loaded = queries.load_run_context_at(session, run_id)
         if loaded is None or loaded[0].state is not RunState.RUNNING:
             return []
-        run, distribution, certificate, variables = loaded
-        now = queries.database_now(session)
+        run, distribution, certificate, variables, now = loaded
         claims = queries.claim_results(
             session, run_id, target_ids, now=now, lease_until=now + claim_lease(rt)
         )
@@ -867,9 +867,9 @@ def _record(rt: Runtime, finished: Sequence[tuple[TargetJob, TargetOutcome]]) ->
         # The heartbeat tells the reaper when the run last recorded (a finished batch whose
         # callback is overdue); writing it at most every HEARTBEAT_EVERY keeps concurrent
         # messages from queueing on the run row's lock.
-        beat = queries.database_now(session)
+        # On the database's clock, read inside the UPDATE (no SELECT now() round trip).
         every = timedelta(seconds=min(HEARTBEAT_EVERY, rt.settings.tasks.stale_after / 10))
-        queries.heartbeat(session, run_id, now=beat, unless_since=beat - every)
+        queries.heartbeat_now(session, run_id, every=every)
     if 0 <= written < len(records):
         # A lease expired (the message outlived it) and another delivery took those
         # targets over: it records its own outcomes.

@@ -51,6 +51,7 @@ from worker.app.views import (
     list_targets,
     run_report,
     stacked_runs,
+    stream_run_results,
 )
 
 __all__ = [
@@ -99,4 +100,5 @@ __all__ = [
     "rotate_keys",
     "run_report",
     "stacked_runs",
+    "stream_run_results",
 ]

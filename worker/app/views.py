@@ -5,8 +5,8 @@ never any secret material; plus the name-or-id lookups commands share.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 
 from models import queries
 from models.entities import Certificate, Distribution, Run, Target, TargetGroup
-from models.enums import RunState
+from models.enums import ResultStatus, RunState
 from models.rollback import Availability, rollback_availability
 from worker.app.fanout import group_fanout
 from worker.core.crypto import envelope_key_id
@@ -97,25 +97,69 @@ class RunReport:
     started_at: datetime | None
     finished_at: datetime | None
     results: tuple[TargetResultView, ...]
+    """The per-target results: all of them, or the page asked for (``results_offset`` on)."""
+    totals: Mapping[str, int] = field(default_factory=dict)
+    """How many of the run's targets are in each status (all of them, whatever the page)."""
+    results_offset: int = 0
+    """Where ``results`` starts in the run's result order (batch, then target name)."""
 
     @property
     def finished(self) -> bool:
         """True once the run reached succeeded, failed or halted."""
         return RunState(self.state).is_terminal
 
+    @property
+    def target_count(self) -> int:
+        """How many targets the run has (not only those of the page in ``results``)."""
+        return sum(self.totals.values())
+
     def counts(self) -> dict[str, int]:
-        """How many targets are in each status."""
-        totals: dict[str, int] = {}
-        for result in self.results:
-            totals[result.status] = totals.get(result.status, 0) + 1
-        return totals
+        """How many targets are in each status (of the whole run)."""
+        return {status: count for status, count in self.totals.items() if count}
 
 
-def run_report(rt: Runtime, run_id: str) -> RunReport:
-    """The run's state and per-target results."""
+def run_report(rt: Runtime, run_id: str, *, offset: int = 0, limit: int | None = None) -> RunReport:
+    """The run's state, its counts by status, and its per-target results: all of them, or
+    ``limit`` of them from ``offset`` (a page of a large run; ``limit=0``: counts only).
+
+    A fixed number of statements whatever the run's size (tests/unit/test_scale_queries.py).
+    """
+    if offset < 0 or (limit is not None and limit < 0):
+        raise ValueError(f"a page starts at offset >= 0 and has limit >= 0, not {offset}/{limit}")
     with rt.session() as session:
         run = queries.get_run(session, run_id)
-        return _report(session, run)
+        totals = queries.count_results_of_runs(session, [run.id])[run.id]
+        return _report(session, run, totals, offset=offset, limit=limit)
+
+
+def stream_run_results(rt: Runtime, run_id: str) -> Iterator[TargetResultView]:
+    """Every per-target result of a run, in report order, read in chunks over one statement
+    (``runs show --all -o json`` writes them as they come instead of building one document)."""
+    with rt.session() as session:
+        for row in queries.stream_report_rows(session, run_id):
+            yield _result_view(row)
+
+
+def _result_view(row: Any) -> TargetResultView:
+    return TargetResultView(
+        target_id=row.target_id,
+        target_name=row.target_name,
+        batch_index=row.batch_index,
+        status=ResultStatus(row.status).value,
+        namespace=row.namespace,
+        secret_name=row.secret_name,
+        error_reason=row.error_reason,
+        error_message=row.error_message,
+        diff=row.diff,
+        attempts=row.attempts,
+        duration_ms=row.duration_ms,
+        resource_version=row.resource_version,
+        deployed_serial=row.deployed_serial,
+        deployed_not_after=row.deployed_not_after,
+        finding=row.finding,
+        serving_status=row.serving_status,
+        serving=tuple(row.serving or ()),
+    )
 
 
 def _revision_view(session: Session, run: Run) -> RevisionView | None:
@@ -131,8 +175,15 @@ def _revision_view(session: Session, run: Run) -> RevisionView | None:
     )
 
 
-def _report(session: Session, run: Run) -> RunReport:
-    rows = queries.results_with_target_names(session, run.id)
+def _report(
+    session: Session,
+    run: Run,
+    totals: Mapping[ResultStatus, int],
+    *,
+    offset: int = 0,
+    limit: int | None = None,
+) -> RunReport:
+    rows = queries.report_rows(session, run.id, offset=offset, limit=limit) if limit != 0 else []
     return RunReport(
         id=run.id,
         distribution_id=run.distribution_id,
@@ -145,40 +196,37 @@ def _report(session: Session, run: Run) -> RunReport:
         created_at=run.created_at,
         started_at=run.started_at,
         finished_at=run.finished_at,
-        results=tuple(
-            TargetResultView(
-                target_id=result.target_id,
-                target_name=name,
-                batch_index=result.batch_index,
-                status=result.status.value,
-                namespace=result.namespace,
-                secret_name=result.secret_name,
-                error_reason=result.error_reason,
-                error_message=result.error_message,
-                diff=result.diff,
-                attempts=result.attempts,
-                duration_ms=result.duration_ms,
-                resource_version=result.resource_version,
-                deployed_serial=result.deployed_serial,
-                deployed_not_after=result.deployed_not_after,
-                finding=result.finding,
-                serving_status=result.serving_status,
-                serving=tuple(result.serving or ()),
-            )
-            for result, name in rows
-        ),
+        results=tuple(_result_view(row) for row in rows),
+        totals={status.value: count for status, count in sorted(totals.items()) if count},
+        results_offset=offset,
     )
 
 
 def list_runs(
-    rt: Runtime, *, distribution_id: str | None = None, limit: int = 50
+    rt: Runtime,
+    *,
+    distribution_id: str | None = None,
+    limit: int = 50,
+    with_results: bool = False,
 ) -> list[RunReport]:
-    """Recent runs, newest first."""
+    """Recent runs, newest first, each with its counts by status; ``with_results`` adds every
+    per-target result (a run of 10,000 targets is 10,000 rows: ask for it only when needed).
+
+    A fixed number of statements whatever the runs' sizes, plus one per run
+    ``with_results`` (tests/unit/test_scale_queries.py).
+    """
     with rt.session() as session:
-        return [
-            _report(session, run)
-            for run in queries.list_runs(session, distribution_id=distribution_id, limit=limit)
+        runs = queries.list_runs(session, distribution_id=distribution_id, limit=limit)
+        totals = queries.count_results_of_runs(session, [run.id for run in runs])
+        pinned = sorted({r for run in runs if (r := run.certificate_revision_id) is not None})
+        # Held while the reports are built: the session finds each run's revision in its
+        # identity map (which keeps only referenced objects) instead of asking once per run.
+        revisions = queries.load_revisions(session, pinned)
+        reports = [
+            _report(session, run, totals[run.id], limit=None if with_results else 0) for run in runs
         ]
+        del revisions
+        return reports
 
 
 def stacked_runs(rt: Runtime, run_id: str) -> list[str]:
@@ -386,17 +434,19 @@ def _shown(setting: object, *, default: bool) -> str:
 
 def group_view(rt: Runtime, session: Session, row: TargetGroup) -> GroupView:
     """A group as shown to an operator, with the batches a run started now would use."""
-    members = queries.group_targets(session, row.id)
-    names = {target.id: target.name for target in members}
+    members = queries.group_member_names(session, row.id)
+    names = dict(members)
     fanout = group_fanout(rt, row)
-    plan = plan_batches([target.id for target in members], fanout.batch_size) if members else []
+    plan = (
+        plan_batches([target_id for target_id, _ in members], fanout.batch_size) if members else []
+    )
     return GroupView(
         id=row.id,
         name=row.name,
         batch_size=_shown(fanout.batch_size, default=fanout.batch_size_is_default),
         failure_threshold=_shown(fanout.threshold, default=fanout.threshold_is_default),
         variables=dict(row.variables),
-        targets=tuple(target.name for target in members),
+        targets=tuple(name for _, name in members),
         batches=tuple(tuple(names[target_id] for target_id in batch) for batch in plan),
         require_serving=row.require_serving,
     )

@@ -515,8 +515,11 @@ def follow_run(
     with progress:
         task = progress.add_task(label, total=total_hint or None, batch="")
         while True:
-            total = len(report.results) or total_hint
-            done = sum(1 for result in report.results if ResultStatus(result.status).is_final)
+            # From the run's counts: the fetch may bring no per-target rows (a large run).
+            total = report.target_count or total_hint
+            done = sum(
+                count for status, count in report.counts().items() if ResultStatus(status).is_final
+            )
             line = _progress_line(report, total, done)
             progress.update(task, total=total or None, completed=done, batch=line)
             if not console.is_terminal and line != last_line:

@@ -55,12 +55,16 @@ def _follow_and_report(
     console = make_console()
     quiet = output.machine
     deadline = time.monotonic() + timeout
+    # Followed by its counts (one grouped query a poll, whatever the run's size); the rows are
+    # read once, at the end.
     report = follow_run(
-        functools.partial(run_report, rt, run_id),
+        functools.partial(run_report, rt, run_id, limit=0),
         console=make_console(stderr=True) if quiet else console,
         timeout=timeout,
         total_hint=total_hint,
     )
+    if report is not None:
+        report = run_report(rt, run_id)
     if report is None:
         fail(
             f"run {run_id} did not finish within {timeout:.0f}s; it goes on in the workers — "
@@ -78,12 +82,13 @@ def _follow_and_report(
             child_id = chain[0]
             seen.add(child_id)
             child = follow_run(
-                functools.partial(run_report, rt, child_id),
+                functools.partial(run_report, rt, child_id, limit=0),
                 console=make_console(stderr=True) if quiet else console,
                 timeout=max(1.0, deadline - time.monotonic()),
             )
             if child is None:
                 fail(f"stacked run {child_id} did not finish in time", EXIT_FAILED)
+            child = run_report(rt, child_id)
             reports.append(child)
             if child.state != RunState.SUCCEEDED:
                 break
@@ -233,27 +238,53 @@ def list_(
     )
 
 
+#: Per-target rows ``runs show`` prints unless told otherwise: a page of a large run (rich
+#: lays a table out at ~2.7 ms a row, so 1000 rows took 3 s; bench/scale.py).
+SHOW_LIMIT = 100
+
+
 @app.command("show")
 @handled
 def show(
     run_id: Annotated[str, typer.Argument(help="Run id.")],
     diff: Annotated[bool, typer.Option("--diff", help="Print the full diff per target.")] = False,
+    limit: Annotated[
+        int, typer.Option("--limit", help="Per-target rows to show (a page).", min=0)
+    ] = SHOW_LIMIT,
+    offset: Annotated[
+        int, typer.Option("--offset", help="Skip this many per-target rows first.", min=0)
+    ] = 0,
+    all_rows: Annotated[
+        bool,
+        typer.Option(
+            "--all", help="Every per-target row (with -o json: written as they are read)."
+        ),
+    ] = False,
     output: OutputOption = OutputFormat.TABLE,
 ) -> None:
-    """Show a run: state, timing and the per-target table with a diff summary.
+    """Show a run: state, timing, counts and the per-target table with a diff summary.
 
     \b
     Examples:
       certautopilot runs show RUN_ID --diff
       certautopilot runs show RUN_ID -o json
+      certautopilot runs show RUN_ID --offset 1000 --limit 1000   # the next page
+      certautopilot runs show RUN_ID --all -o json > results.json   # every target, streamed
     """
     from worker.app.pools import silent_pools_of_run
     from worker.app.service import run_report
 
     with runtime() as rt:
-        report = run_report(rt, run_id)
+        streamed = all_rows and output is OutputFormat.JSON
+        page = None if all_rows else limit
+        report = run_report(
+            rt, run_id, offset=0 if all_rows else offset, limit=0 if streamed else page
+        )
         # A running run whose open targets wait in a pool with no live worker says so.
         waiting = silent_pools_of_run(rt, report.id)
+        if streamed:
+            _stream_json(rt, report, waiting)
+            return
         adopting = _adopting(rt, report) if diff else None
     if output.machine:
         emit(output, {**to_jsonable(report), "waiting_pools": waiting})
@@ -274,6 +305,36 @@ def show(
     for pool in waiting:
         say(Text.assemble("  waiting:  ", plain(pool.describe(), style="bold yellow")))
     print_report(make_console(), report, diffs=diff, adopting=adopting)
+    shown = len(report.results)
+    if shown < report.target_count:
+        say(
+            f"  rows {report.results_offset + 1 if shown else report.results_offset}-"
+            f"{report.results_offset + shown} of {report.target_count} target(s); "
+            f"next page: --offset {report.results_offset + shown}, every row: --all"
+        )
+
+
+def _stream_json(rt: Runtime, report: RunReport, waiting: object) -> None:
+    """``runs show --all -o json``: the document ``-o json`` prints, with the per-target
+    results written as they are read from the database instead of held in memory at once."""
+    import json
+    import sys
+
+    from worker.app.service import stream_run_results
+
+    head = json.dumps({**to_jsonable(report), "waiting_pools": to_jsonable(waiting)}, indent=2)
+    # The placeholder is the "results" key with its empty list, at the document's first level.
+    before, marker, after = head.partition('\n  "results": []')
+    if not marker:
+        raise RuntimeError("the run's JSON document has no results list to fill")
+    out = sys.stdout
+    out.write(before + '\n  "results": [')
+    for index, result in enumerate(stream_run_results(rt, report.id)):
+        # Indented as the list item it is in the document (no empty line inside an item).
+        item = "    " + json.dumps(to_jsonable(result), indent=2).replace("\n", "\n    ")
+        out.write(("," if index else "") + "\n" + item)
+    out.write(("\n  ]" if report.target_count else "]") + after + "\n")
+    out.flush()
 
 
 @app.command("cancel")
