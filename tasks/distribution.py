@@ -273,6 +273,22 @@ def _serve_metrics(**_: Any) -> None:
     metrics.serve(settings.observability, app_metrics.collectors(get_runtime, app, queues))
 
 
+@signals.worker_ready.connect
+def _quiet_shutdown_notices(sender: Any = None, **_: Any) -> None:
+    # CAP_LOG_FORMAT=json: Celery's SIGTERM/SIGQUIT handlers print "worker: Warm shutdown
+    # (MainProcess)" straight to stdout, the one plain line left in a JSON log. The same
+    # handlers without that print; _stop_housekeeper logs the shutdown instead.
+    if configured_settings(app).observability.log_format != "json":
+        return
+    from celery.apps import worker as celery_worker
+
+    controller = getattr(sender, "controller", None)
+    if controller is None:
+        return
+    celery_worker.install_worker_term_handler(controller, verbose=False)
+    celery_worker.install_worker_term_hard_handler(controller, verbose=False)
+
+
 @signals.worker_shutdown.connect
 def _stop_metrics(**_: Any) -> None:
     metrics.disable()
@@ -348,7 +364,8 @@ def _start_housekeeper(sender: Any = None, **_: Any) -> None:
 
 
 @signals.worker_shutting_down.connect
-def _stop_housekeeper(**_: Any) -> None:
+def _stop_housekeeper(how: str = "", **_: Any) -> None:
+    log.info("worker: %s shutdown", how.lower() or "a")
     if _housekeeper is None:
         return
     _housekeeper.stopping.set()

@@ -33,11 +33,19 @@ def settings() -> Settings:
     # The bootstrap creates the embedded default's folder and KEK (nothing otherwise).
     loaded = bootstrap(load_settings(os.environ))
     if loaded.ignored_variables:
-        make_console(stderr=True).print(
-            "warning: ignoring unknown setting(s) "
+        message = (
+            "ignoring unknown setting(s) "
             + ", ".join(loaded.ignored_variables)
             + " (typo? see the configuration reference in the README)"
         )
+        if loaded.observability.log_format == "json":  # a log shipper reads every line
+            import logging
+
+            from worker.platform.logs import write_json_line
+
+            write_json_line(logging.WARNING, "worker.cli", message)
+        else:
+            make_console(stderr=True).print("warning: " + message)
     return loaded
 
 

@@ -34,6 +34,7 @@ __all__ = [
     "log_context",
     "set_context",
     "warnings_as_json",
+    "write_json_line",
 ]
 
 CONTEXT_FIELDS = ("run_id", "target_id", "task_id", "batch")
@@ -86,6 +87,15 @@ class JsonFormatter(logging.Formatter):
         if record.stack_info:
             line["stack"] = self.formatStack(record.stack_info)
         return json.dumps(line, default=str, ensure_ascii=False)
+
+
+def write_json_line(level: int, logger: str, message: str) -> None:
+    """One JSON line on stderr, for what a command says before any logging is set up."""
+    import sys
+
+    record = logging.LogRecord(logger, level, __file__, 0, message, None, None)
+    sys.stderr.write(JsonFormatter().format(record) + "\n")
+    sys.stderr.flush()
 
 
 def warnings_as_json(log_format: str) -> None:
