@@ -228,7 +228,7 @@ def list_(
         ("id", "action", "state", "targets", "created", "reason"),
         lambda row: (
             row.id,
-            row.action,
+            row.action.replace("_", "-"),  # as the CLI spells it: --dry-run
             row.state,
             ", ".join(f"{n} {status_words(status)}" for status, n in sorted(row.counts().items()))
             or "-",
