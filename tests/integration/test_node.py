@@ -363,12 +363,14 @@ def test_in_cluster_mode_writes_with_the_projected_token_and_the_charts_role(
     added = _in_pod(release, f"certautopilot targets add edge-app --namespace {TARGET_NAMESPACE}"
                              " --in-cluster --secret-name edge-app-tls")  # fmt: skip
     assert "health: healthy" in added, added
+    # Saved, and exit 1 (`targets add` fails on an unhealthy check): the shell says so.
     outside = _in_pod(
         release, f"certautopilot targets add outside-app --namespace {OUTSIDE_NAMESPACE} "
-        "--in-cluster --secret-name outside-app-tls",
+        "--in-cluster --secret-name outside-app-tls; echo \"exit $?\"",
     )  # fmt: skip
     # The Role exists in rbac.targetNamespaces only: elsewhere the spec's forbidden message.
     assert "forbidden: namespaces cannot be read" in outside, outside
+    assert outside.rstrip().endswith("exit 1"), outside
 
     imported = _import_certificate(release, tmp_path, "edge.example.com")
     for target in ("edge-app", "outside-app"):
