@@ -4,9 +4,7 @@ are stored, and the downgrade refuses while audit runs exist."""
 
 from __future__ import annotations
 
-import importlib.util
 from datetime import timedelta
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -30,6 +28,7 @@ from tests.unit.test_models_sqlite import (
     downgrade,
     engine,
     factory,
+    migration_module,
     sealer,
     upgrade,
 )
@@ -38,15 +37,9 @@ from worker.platform.db import session_scope
 
 __all__ = ["bundle", "db_url", "engine", "factory", "sealer"]  # fixtures, imported for use here
 
-_MIGRATION = Path(__file__).parents[2] / "models/migrations/versions/0007_audit_runs.py"
-
 
 def _migration() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("audit_runs_migration", _MIGRATION)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return migration_module("0007_audit_runs.py")
 
 
 def _record_audit(session: Session, distribution_id: str, target_id: str) -> str:

@@ -3,8 +3,6 @@ keeps every row, a target stores its formats, and only a PKCS#12 password creden
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -29,6 +27,7 @@ from tests.unit.test_models_sqlite import (
     downgrade,
     engine,
     factory,
+    migration_module,
     sealer,
     upgrade,
 )
@@ -38,16 +37,11 @@ from worker.platform.db import session_scope
 
 __all__ = ["bundle", "db_url", "engine", "factory", "sealer"]  # fixtures, imported for use here
 
-_MIGRATION = Path(__file__).parents[2] / "models/migrations/versions/0006_output_formats.py"
 PASSWORD = b"keystore-pass-1"
 
 
 def _migration() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("output_formats_migration", _MIGRATION)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return migration_module("0006_output_formats.py")
 
 
 def test_a_database_filled_before_the_formats_revision_upgrades_with_every_row_intact(

@@ -11,7 +11,6 @@ tests/integration/test_models_postgres.py runs these again on PostgreSQL.
 
 from __future__ import annotations
 
-import importlib.util
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -40,6 +39,7 @@ from tests.unit.test_models_sqlite import (
     downgrade,
     engine,
     factory,
+    migration_module,
     sealer,
     upgrade,
 )
@@ -55,8 +55,6 @@ from worker.platform.runtime import Runtime
 __all__ = ["bundle", "db_url", "engine", "factory", "sealer"]  # fixtures, imported for use here
 
 SIZES = (4, 40)
-
-_MIGRATION = Path(__file__).parents[2] / "models/migrations/versions/0009_scan_indexes.py"
 
 
 @pytest.fixture
@@ -213,11 +211,7 @@ def test_runs_list_reads_counts_not_rows_and_the_rows_on_request(
 
 
 def _migration() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("scan_indexes_migration", _MIGRATION)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return migration_module("0009_scan_indexes.py")
 
 
 def _indexes(engine: Engine, table: str) -> set[str]:
