@@ -314,8 +314,10 @@ def stack(
     with (folder / ".env").open("a") as env:
         # Only variables .env.example documents: the local images, and a reaper quick enough
         # for a test (a killed worker's targets are resumed after CAP_STALE_AFTER seconds).
+        # CAP_RESEND_AFTER too: a message the killed worker had taken but not yet claimed is
+        # re-sent after it (300 s by default, longer than the test's 240 s wait).
         for key, value in {**base_images, "CAP_IMAGE": image, "CAP_REAPER_INTERVAL": "5",
-                           "CAP_STALE_AFTER": "20"}.items():  # fmt: skip
+                           "CAP_STALE_AFTER": "20", "CAP_RESEND_AFTER": "30"}.items():  # fmt: skip
             env.write(f"{key}={value}\n")
     subprocess.run(["bash", "-euc", documented_secret_commands()], cwd=folder, check=True)
     compose = ComposeStack(engine, folder, binary)
