@@ -44,8 +44,10 @@ from worker.kube.errors import (
     Unauthorized,
     UnexpectedResponse,
     Unreachable,
+    WriteUnconfirmed,
     error_from_response,
     parse_retry_after,
+    request_may_have_arrived,
     scrub,
     translate,
 )
@@ -674,6 +676,90 @@ def test_writes_send_field_manager_and_dry_run_and_the_bearer_token() -> None:
     assert headers["authorization"] == "Bearer fake-token"
     assert json.loads(sent["body"]) == SECRET
     assert sent["timeout"].connect_timeout == 1
+
+
+# A write whose answer never came may have landed: the client must not report it as a plain
+# "unreachable" (nothing changed). Built as urllib3 raises them (refused connect, read
+# timeout, a connection cut mid-request) and as the REST layer wraps a TLS failure.
+REFUSED = u3.NewConnectionError(None, "Failed to establish a new connection: [Errno 111] refused")  # type: ignore[arg-type]
+CUT = u3.ProtocolError("Connection aborted.", ConnectionResetError(104, "reset"))
+READ_TIMEOUT = u3.ReadTimeoutError(None, "/api", "Read timed out.")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("exc", "may_have_arrived"),
+    [
+        (REFUSED, False),
+        (u3.ConnectTimeoutError("connect timed out"), False),
+        (u3.NameResolutionError("nowhere.invalid", None, socket.gaierror(-2, "unknown")), False),  # type: ignore[arg-type]
+        (u3.MaxRetryError(None, "/api", REFUSED), False),  # type: ignore[arg-type]
+        (ConnectionRefusedError(111, "refused"), False),
+        (u3.SSLError("[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed"), False),
+        (CUT, True),
+        (READ_TIMEOUT, True),
+        (u3.MaxRetryError(None, "/api", READ_TIMEOUT), True),  # type: ignore[arg-type]
+        (u3.SSLError(ssl.SSLEOFError(8, "EOF occurred in violation of protocol")), True),
+        (ConnectionResetError(104, "reset"), True),
+    ],
+    ids=repr,
+)
+def test_only_failures_before_sending_prove_a_request_never_arrived(
+    exc: BaseException, may_have_arrived: bool
+) -> None:
+    assert request_may_have_arrived(exc) is may_have_arrived
+
+
+@pytest.mark.parametrize("ambiguous", [CUT, READ_TIMEOUT], ids=repr)
+@pytest.mark.parametrize("write", ["create", "replace"])
+def test_a_write_cut_off_before_its_answer_is_reported_unconfirmed_not_unreachable(
+    ambiguous: BaseException, write: str
+) -> None:
+    # The first attempt may have landed; the retries then cannot connect at all.
+    client, _, _ = fake_client([ambiguous, REFUSED], attempts=3)
+    with pytest.raises(WriteUnconfirmed) as caught:
+        if write == "create":
+            client.create_secret("ingress", SECRET)
+        else:
+            client.replace_secret("ingress", "web-tls", SECRET)
+    assert caught.value.reason == "write_unconfirmed"
+    assert "may have landed" in caught.value.message
+    assert "reads the Secret back" in caught.value.fix
+    assert client.requests_made == 3
+
+
+def test_a_write_refused_before_sending_every_time_is_plainly_unreachable() -> None:
+    client, _, _ = fake_client([REFUSED], attempts=3)
+    with pytest.raises(Unreachable) as caught:
+        client.replace_secret("ingress", "web-tls", SECRET)
+    assert type(caught.value) is Unreachable
+
+
+@pytest.mark.parametrize(
+    ("after", "expected"),
+    [((409, status_body(409, "Conflict", "changed"), None), Conflict), ((503, b"", None), None)],
+    ids=["409 settles it", "5xx does not"],
+)
+def test_a_later_answer_decides_whether_an_ambiguous_write_is_still_unconfirmed(
+    after: Any, expected: type[KubeError] | None
+) -> None:
+    client, _, _ = fake_client([CUT, after], attempts=2)
+    with pytest.raises(KubeError) as caught:
+        client.replace_secret("ingress", "web-tls", SECRET)
+    assert type(caught.value) is (expected or WriteUnconfirmed)
+
+
+def test_a_write_retried_to_success_after_a_cut_is_just_a_success() -> None:
+    client, _, _ = fake_client([CUT, OK], attempts=2)
+    assert client.replace_secret("ingress", "web-tls", SECRET) == SECRET
+
+
+def test_reads_and_dry_runs_cut_off_are_unreachable_they_change_nothing() -> None:
+    client, _, _ = fake_client([CUT], attempts=2)
+    with pytest.raises(Unreachable) as read:
+        client.read_secret("ingress", "web-tls")
+    with pytest.raises(Unreachable) as dry:
+        client.create_secret("ingress", SECRET, dry_run=True)
+    assert type(read.value) is type(dry.value) is Unreachable
 
 
 def test_can_i_reads_the_access_review_answer() -> None:

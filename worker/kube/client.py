@@ -40,9 +40,12 @@ from worker.kube.errors import (
     KubeApiError,
     KubeError,
     KubeTimeout,
+    KubeTransportError,
     Operation,
     UnexpectedResponse,
+    WriteUnconfirmed,
     error_from_response,
+    request_may_have_arrived,
     translate,
 )
 
@@ -179,6 +182,7 @@ class KubeClient:
                 op=op,
                 body=body,
                 query=self._write_query(dry_run),
+                writes=not dry_run,
             ),
             op,
         )
@@ -196,6 +200,7 @@ class KubeClient:
                 op=op,
                 body=body,
                 query=self._write_query(dry_run),
+                writes=not dry_run,
             ),
             op,
         )
@@ -287,16 +292,36 @@ class KubeClient:
         body: Mapping[str, Any] | None = None,
         query: list[tuple[str, str]] | None = None,
         absent_ok: bool = False,
+        writes: bool = False,
     ) -> dict[str, Any] | None:
+        # A write whose request may have reached the server without an answer coming back
+        # (any attempt): unless a later attempt gets an HTTP answer, its fate is unknown.
+        unconfirmed = False
+
         def attempt() -> dict[str, Any] | None:
-            status, raw, headers = self._send(method, path, path_params, body, query, op)
+            nonlocal unconfirmed
+            try:
+                status, raw, headers = self._send(method, path, path_params, body, query, op)
+            except KubeTransportError as err:
+                unconfirmed = unconfirmed or (writes and request_may_have_arrived(err.__cause__))
+                raise
             if 200 <= status < 300:
                 return self._parse(raw, op) if raw else None
             if status == 404 and absent_ok:
                 return None
             raise error_from_response(status, raw, headers, op)
 
-        return self._with_retries(attempt)
+        try:
+            return self._with_retries(attempt)
+        except KubeError as err:
+            # A definite answer (409 after the write landed, 422, 403) settles it; the retries
+            # running out on a transient failure (transport, 429, 5xx) does not.
+            if not (unconfirmed and err.retryable):
+                raise
+            raise WriteUnconfirmed(
+                f"the write of {op.target()} was sent but no answer came back, so it may "
+                f"have landed ({err.message})"
+            ) from err
 
     def _with_retries(self, fn: Callable[[], T]) -> T:
         policy = self._retry

@@ -10,7 +10,8 @@ answer arrived) and ``retryable`` (the very same request may succeed if simply r
     ├── KubeTransportError                 no HTTP answer arrived
     │   ├── Unreachable                    unreachable              retryable
     │   ├── KubeTimeout                    timeout                  retryable
-    │   └── TlsVerificationFailed          tls_verification_failed
+    │   ├── TlsVerificationFailed          tls_verification_failed
+    │   └── WriteUnconfirmed               write_unconfirmed        a sent write, no answer
     ├── KubeApiError                       the API server answered with an error status
     │   ├── Unauthorized                   unauthorized             401
     │   ├── Forbidden                      forbidden                403
@@ -83,9 +84,11 @@ __all__ = [
     "UnexpectedResponse",
     "UnmanagedSecret",
     "Unreachable",
+    "WriteUnconfirmed",
     "error_from_response",
     "forbidden_fix",
     "forbidden_message",
+    "request_may_have_arrived",
     "scrub",
     "translate",
 ]
@@ -188,6 +191,43 @@ class TlsVerificationFailed(KubeTransportError):
         "tls-server-name / the server host so it matches the serving certificate). Do not "
         "disable verification."
     )
+
+
+class WriteUnconfirmed(KubeTransportError):
+    """A write was sent, but the connection failed before its answer: it may have landed.
+
+    Reported instead of :class:`Unreachable`/:class:`KubeTimeout` for a create or replace
+    when any attempt failed after the request could have reached the server (a read timeout,
+    a connection cut mid-request) and no later attempt settled it. Claiming "failed, nothing
+    changed" then would be a lie half of the time; the next run reads the Secret back and
+    reports ``unchanged`` if the write did land.
+    """
+
+    reason = "write_unconfirmed"
+    default_fix = (
+        "The Secret may already hold the new certificate. Run the distribution again once the "
+        "API server answers: it reads the Secret back, reports `unchanged` if this write "
+        "landed, and writes it otherwise."
+    )
+
+
+def request_may_have_arrived(exc: BaseException | None) -> bool:
+    """Whether a request that failed with ``exc`` (a library or network exception) may have
+    reached the server. Only failures before sending (DNS, refused or timed-out connect, a
+    certificate that does not verify) say it did not; anything else, a timeout waiting for
+    the answer or a connection cut mid-request, may have delivered it."""
+    import urllib3.exceptions as u3
+
+    while isinstance(exc, u3.MaxRetryError) and isinstance(exc.reason, BaseException):
+        exc = exc.reason
+    if exc is None:
+        return True
+    if isinstance(exc, u3.NameResolutionError | u3.NewConnectionError | u3.ConnectTimeoutError):
+        return False
+    if isinstance(exc, ConnectionRefusedError | ssl.CertificateError):
+        return False
+    # urllib3's SSLError and the client's ApiException(status=0) carry the reason as text.
+    return not _is_verification_failure(_text(exc))
 
 
 # --- API answers --------------------------------------------------------------------------
@@ -723,20 +763,23 @@ def _errno_text(exc: BaseException) -> str:
 
 
 def _tls_error(text: str, server: str) -> KubeError:
+    if _is_verification_failure(text):
+        return TlsVerificationFailed(
+            f"TLS verification of {server} failed: {_short(_tls_reason(text))}"
+        )
+    # Handshake interrupted (EOF, reset): a network problem rather than a trust problem.
+    return Unreachable(f"the TLS handshake with {server} failed: {_short(_tls_reason(text))}")
+
+
+def _is_verification_failure(text: str) -> bool:
     lowered = text.lower()
-    verification = (
+    return (
         "certificate verify failed" in lowered
         or "certificate_verify_failed" in lowered
         or "hostname" in lowered
         or "doesn't match" in lowered
         or "certificateerror" in lowered
     )
-    if verification:
-        return TlsVerificationFailed(
-            f"TLS verification of {server} failed: {_short(_tls_reason(text))}"
-        )
-    # Handshake interrupted (EOF, reset): a network problem rather than a trust problem.
-    return Unreachable(f"the TLS handshake with {server} failed: {_short(_tls_reason(text))}")
 
 
 def _tls_reason(text: str) -> str:
