@@ -6,9 +6,21 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Dialect, LargeBinary, MetaData, String, TypeDecorator
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    Dialect,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    TypeDecorator,
+)
 from sqlalchemy.dialects.postgresql import BYTEA, JSONB
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.functions import GenericFunction
 
 __all__ = [
     "NAMING_CONVENTION",
@@ -16,6 +28,7 @@ __all__ = [
     "Envelope",
     "JsonValue",
     "UTCDateTime",
+    "json_array_length",
     "new_id",
     "utcnow",
 ]
@@ -72,6 +85,20 @@ class UTCDateTime(TypeDecorator[datetime]):
 
 # JSONB on PostgreSQL (indexable, compact); plain JSON text on SQLite.
 JsonValue = JSON().with_variant(JSONB(), "postgresql")
+
+
+class json_array_length(GenericFunction[int]):
+    """The length of a :data:`JsonValue` array, computed by the database (so a large array,
+    a 10,000-target batch plan, is not sent to Python to be counted)."""
+
+    type = Integer()
+    inherit_cache = True
+
+
+@compiles(json_array_length, "postgresql")
+def _jsonb_array_length(element: json_array_length, compiler: SQLCompiler, **kw: Any) -> str:
+    return f"jsonb_array_length({compiler.process(element.clauses, **kw)})"
+
 
 # Sealed envelopes (worker.core.crypto) are opaque bytes.
 Envelope = LargeBinary().with_variant(BYTEA(), "postgresql")

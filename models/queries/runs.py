@@ -8,19 +8,25 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
 
 from sqlalchemy import (
+    Insert,
     Interval,
     bindparam,
+    case,
+    cast,
     func,
     insert,
+    literal,
     literal_column,
+    null,
     or_,
     select,
     text,
     true,
     update,
 )
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, defer
+from sqlalchemy.orm import Session, defer, undefer
 
 from models.base import new_id
 from models.entities import ACTIVE_MUTATION, CertificateRevision, Distribution, Run, TargetGroup
@@ -104,9 +110,14 @@ def create_run(
     return run
 
 
-def get_run(session: Session, run_id: str, *, lock: bool = False) -> Run:
-    """The run with this id; ``lock`` takes a row lock (FOR UPDATE) on PostgreSQL."""
+def get_run(
+    session: Session, run_id: str, *, lock: bool = False, with_batch_count: bool = False
+) -> Run:
+    """The run with this id; ``lock`` takes a row lock (FOR UPDATE) on PostgreSQL;
+    ``with_batch_count`` loads :attr:`Run.batch_count` with it (reports)."""
     query = select(Run).where(Run.id == run_id)
+    if with_batch_count:
+        query = query.options(undefer(Run.batch_count))
     if lock:
         # SQLite ignores FOR UPDATE; there BEGIN IMMEDIATE already serialises writers.
         query = query.with_for_update().execution_options(populate_existing=True)
@@ -120,7 +131,12 @@ def list_runs(
     session: Session, *, distribution_id: str | None = None, limit: int = 50
 ) -> list[Run]:
     """Most recent runs first (of one distribution, or all)."""
-    query = select(Run).order_by(Run.created_at.desc(), Run.id).limit(limit)
+    query = (
+        select(Run)
+        .options(undefer(Run.batch_count))
+        .order_by(Run.created_at.desc(), Run.id)
+        .limit(limit)
+    )
     if distribution_id is not None:
         query = query.where(Run.distribution_id == distribution_id)
     return list(session.scalars(query))
@@ -151,6 +167,24 @@ def start_run(
     # The first batch is sent right after this commits; later ones when their turn comes.
     # Every column with a default is given: SQLAlchemy then runs no default per row (a third
     # of planning 10,000 targets, bench/scale.py).
+    session.flush()
+    if not any(plan):
+        return run
+    if _is_postgresql(session):
+        # One statement whatever the size: the ids travel as two arrays and PostgreSQL makes
+        # the rows (10,000 targets: 1.5 s as an executemany of 70,000 parameters, bench/scale).
+        session.execute(
+            _PLAN_RESULTS,
+            {
+                "p_run_id": run.id,
+                "p_target_ids": [target_id for batch in plan for target_id in batch],
+                "p_batch_indexes": [index for index, batch in enumerate(plan) for _ in batch],
+                "p_now": now,
+            },
+        )
+        return run
+    # SQLite: one multi-row INSERT through Core, without an ORM object per result (see
+    # group_target_ids).
     rows = [
         {
             "id": new_id(),
@@ -164,12 +198,37 @@ def start_run(
         for batch_index, batch in enumerate(plan)
         for target_id in batch
     ]
-    session.flush()
-    if rows:
-        # One multi-row INSERT through Core, without an ORM object per result (see
-        # group_target_ids).
-        session.execute(insert(RESULTS), rows)
+    session.execute(insert(RESULTS), rows)
     return run
+
+
+def _plan_results_statement() -> Insert:
+    """PostgreSQL: INSERT ... SELECT FROM unnest(target ids, batch indexes), ids made by
+    gen_random_uuid() (the same UUID4 text new_id() makes), batch 0 marked sent now."""
+    planned = (
+        func.unnest(
+            bindparam("p_target_ids", type_=ARRAY(RESULTS.c.target_id.type)),
+            bindparam("p_batch_indexes", type_=ARRAY(RESULTS.c.batch_index.type)),
+        )
+        .table_valued("target_id", "batch_index")
+        .render_derived()
+    )
+    now = typed_param("p_now", RESULTS.c.sent_at)
+    return insert(RESULTS).from_select(
+        ["id", "run_id", "target_id", "batch_index", "status", "attempts", "sent_at"],
+        select(
+            cast(func.gen_random_uuid(), RESULTS.c.id.type),
+            typed_param("p_run_id", RESULTS.c.run_id),
+            planned.c.target_id,
+            planned.c.batch_index,
+            literal(ResultStatus.PENDING, RESULTS.c.status.type),
+            literal(0, RESULTS.c.attempts.type),
+            case((planned.c.batch_index == 0, now), else_=null()),
+        ),
+    )
+
+
+_PLAN_RESULTS = _plan_results_statement()
 
 
 def finish_run(

@@ -13,6 +13,7 @@ import json
 import os
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -1020,6 +1021,13 @@ def test_run_lifecycle_records_plan_results_and_timestamps(
             (first_id, 0, ResultStatus.PENDING),
             (second_id, 1, ResultStatus.PENDING),
         ]
+        # PostgreSQL plans in one INSERT ... SELECT: the same rows as SQLite's executemany.
+        assert [(r.attempts, r.sent_at, r.started_at) for r in results] == [
+            (0, NOW, None),
+            (0, None, None),
+        ]
+        assert all(str(uuid.UUID(r.id, version=4)) == r.id for r in results)
+        assert run.batch_count == 2
         later = NOW + timedelta(seconds=3)
         assert queries.advance_batch(session, run_id, from_batch=0, now=later)
         assert not queries.advance_batch(session, run_id, from_batch=0, now=later)  # once only

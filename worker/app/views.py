@@ -127,7 +127,7 @@ def run_report(rt: Runtime, run_id: str, *, offset: int = 0, limit: int | None =
     if offset < 0 or (limit is not None and limit < 0):
         raise ValueError(f"a page starts at offset >= 0 and has limit >= 0, not {offset}/{limit}")
     with rt.session() as session:
-        run = queries.get_run(session, run_id)
+        run = queries.get_run(session, run_id, with_batch_count=True)
         totals = queries.count_results_of_runs(session, [run.id])[run.id]
         return _report(session, run, totals, offset=offset, limit=limit)
 
@@ -191,7 +191,7 @@ def _report(
         state=run.state.value,
         reason=run.reason,
         current_batch=run.current_batch,
-        batches=len(run.batch_plan or []),
+        batches=run.batch_count or 0,
         certificate=_revision_view(session, run),
         created_at=run.created_at,
         started_at=run.started_at,
