@@ -110,6 +110,17 @@ def main(argv: list[str] | None = None) -> int:
         help="enqueue -> first Secret written of a canary run, RUNS times per path (e.g. 20)",
     )
     parser.add_argument("--json", type=Path, help="also write the raw results here")
+    parser.add_argument(
+        "--profile-idle",
+        action="store_true",
+        help="with --profile: sample waiting threads too (where the wall time goes)",
+    )
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        help="keep the workers' logs, databases and kubeconfigs here (default: a temporary "
+        "folder removed afterwards)",
+    )
     parser.add_argument("--markdown", type=Path, help="also write the table here as Markdown")
     args = parser.parse_args(argv)
     defaults = Options()
@@ -121,9 +132,11 @@ def main(argv: list[str] | None = None) -> int:
         kubectl_max=args.kubectl_max,
         repeat=max(1, args.repeat),
         profile_dir=args.profile,
+        profile_idle=args.profile_idle,
         namespaces=args.namespaces,
         embedded=args.embedded,
         first_write=max(0, args.first_write),
+        workdir=args.workdir.absolute() if args.workdir else None,
     )
     from tests.testenv import TestEnvironment
 

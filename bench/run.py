@@ -66,6 +66,8 @@ class Options:
     repeat: int = 1
     """Runs of the pipeline and of the bare client per cell; the table shows the medians."""
     profile_dir: Path | None = None
+    profile_idle: bool = False
+    """Sample waiting threads too (py-spy --idle): where the wall time goes, not only CPU."""
     """Record py-spy profiles (collapsed stacks) of the workers' pipeline phases here."""
     namespaces: int = 1000
     """Namespaces per run at most: target i goes to namespace i mod this (several targets
@@ -381,7 +383,7 @@ def _worker_stats(pipe: Any) -> list[metrics.ProcessStats]:
 
 
 @contextmanager
-def profiled(pipe: Any, folder: Path | None, name: str) -> Iterator[None]:
+def profiled(pipe: Any, folder: Path | None, name: str, *, idle: bool = False) -> Iterator[None]:
     """Sample every worker process with py-spy during the block (when ``folder`` is set)."""
     if folder is None:
         yield
@@ -405,6 +407,7 @@ def profiled(pipe: Any, folder: Path | None, name: str) -> Iterator[None]:
                 "--rate",
                 "200",
                 "--nonblocking",
+                *(["--idle"] if idle else []),
                 "--output",
                 str(folder / f"{name}-{worker.name}.txt"),
             ],
@@ -555,7 +558,10 @@ def measure_cell(ctx: Context, n: int, w: int) -> Cell:
         cell.bare_phase_cpu_s = moved["cpu"]
 
         say(f"{ctx.path} N={n} W={w}: pipeline")
-        with measured(probes) as moved, profiled(ctx.pipe, options.profile_dir, tag):
+        with (
+            measured(probes) as moved,
+            profiled(ctx.pipe, options.profile_dir, tag, idle=options.profile_idle),
+        ):
             seconds, (report, enqueued) = ctx.driver.run(distribution_id)
         cell.pipeline_runs.append(round(seconds, 3))
         cell.counts = report.counts()

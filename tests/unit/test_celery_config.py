@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from kombu import Exchange, Queue
 
 from worker.platform.celery_app import CONTROL_QUEUE, celery_config
+from worker.platform.embedded_broker import celery_broker_url
 from worker.platform.settings import load_settings
 
 
@@ -38,7 +40,7 @@ def test_embedded_broker_gets_no_transport_options_it_would_pass_to_create_engin
     tmp_path,  # type: ignore[no-untyped-def]
 ) -> None:
     config = celery_config(_settings(CAP_DATA_DIR=str(tmp_path)))
-    assert config["broker_url"].startswith("sqla+sqlite:///")
+    assert config["broker_url"].startswith("cap-sqla+sqlite:///")  # embedded_broker.Transport
     assert config["broker_transport_options"] == {}
 
 
@@ -91,10 +93,10 @@ def test_configure_points_the_app_at_the_given_settings(tmp_path) -> None:  # ty
 
     settings = _settings(CAP_DATA_DIR=str(tmp_path / "a"))
     configure(app, settings)
-    assert app.conf.broker_url == settings.broker.url
+    assert app.conf.broker_url == celery_broker_url(settings.broker.url)
     other = _settings(CAP_DATA_DIR=str(tmp_path / "b"))
     configure(app, other)
-    assert app.conf.broker_url == other.broker.url
+    assert app.conf.broker_url == celery_broker_url(other.broker.url)
     assert app.conf.task_default_queue == CONTROL_QUEUE
     # The worker's main process builds its runtime from exactly these settings.
     from worker.platform.celery_app import configured_settings
@@ -153,10 +155,43 @@ def test_each_task_names_its_first_argument_rightly_in_the_log_context(
 def test_the_embedded_broker_polls_an_idle_queue_ten_times_a_second(tmp_path) -> None:  # type: ignore[no-untyped-def]
     from celery import Celery
 
-    from worker.platform.celery_app import EMBEDDED_POLLING_INTERVAL, configure
+    from worker.platform import embedded_broker
+    from worker.platform.celery_app import configure
 
     embedded = Celery("embedded-polling")
     configure(embedded, _settings(CAP_DATA_DIR=str(tmp_path)))
+    assert embedded.conf.broker_url.startswith("cap-sqla+sqlite:///")
     with embedded.connection_for_read() as connection:
+        assert isinstance(connection.transport, embedded_broker.Transport)
         # kombu's default is 1 s: a message reaching an idle worker waited up to that long.
-        assert connection.transport.polling_interval == EMBEDDED_POLLING_INTERVAL == 0.1
+        assert connection.transport.polling_interval == embedded_broker.POLLING_INTERVAL == 0.1
+
+
+def test_an_embedded_drain_returns_within_one_polling_interval(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # Celery's blocking consumer loop acknowledges only between drains of 2 s; a drain that
+    # held on while every prefetched message was in work stalled the worker (bench/).
+    import socket
+    import time
+
+    from celery import Celery
+    from kombu import Consumer
+
+    from worker.platform.celery_app import configure
+
+    embedded = Celery("embedded-drain")
+    configure(embedded, _settings(CAP_DATA_DIR=str(tmp_path)))
+    with embedded.connection_for_read() as connection:
+        channel = connection.channel()
+        queue = Queue("drain-test", Exchange("drain-test"), routing_key="drain-test")
+        with Consumer(channel, [queue], callbacks=[lambda body, message: None]):
+            started = time.monotonic()
+            with pytest.raises(socket.timeout):
+                connection.drain_events(timeout=2.0)
+            assert time.monotonic() - started < 1.0
+
+
+def test_only_sqla_urls_are_mapped_onto_the_embedded_transport() -> None:
+    assert (
+        celery_broker_url("sqla+sqlite:////data/broker.db") == "cap-sqla+sqlite:////data/broker.db"
+    )
+    assert celery_broker_url("redis://cache:6379/0") == "redis://cache:6379/0"

@@ -22,6 +22,7 @@ from celery import Celery
 from kombu import Exchange, Queue  # type: ignore[attr-defined]
 
 from worker.core.pools import DEFAULT_POOL, pool_queue
+from worker.platform.embedded_broker import celery_broker_url
 from worker.platform.settings import Settings
 
 #: Queue for orchestration (start a run, advance a batch), shared by every pool. The
@@ -63,7 +64,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     redis_like = settings.broker.url.startswith(("redis", "rediss", "sentinel"))
     visibility = {"visibility_timeout": settings.broker.visibility_timeout} if redis_like else {}
     return {
-        "broker_url": settings.broker.url,
+        # The embedded default's sqla+ URL goes to its tuned transport (embedded_broker).
+        "broker_url": celery_broker_url(settings.broker.url),
         "result_backend": settings.broker.result_backend,
         "broker_transport_options": dict(visibility),
         "result_backend_transport_options": (
@@ -118,32 +120,12 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     }
 
 
-#: How long the embedded broker (kombu's SQLAlchemy transport over SQLite) waits before
-#: looking again when every queue it consumes was empty, in seconds. kombu's default is 1 s:
-#: each message that arrives at an idle worker (a run's start, a batch callback, the first
-#: targets) then waits up to a second; bench/ (`--embedded`, `--first-write`) measured it.
-#: The cost is one indexed SELECT per queue per interval on an idle worker's SQLite file.
-#: (Not a transport option: this transport hands its options to create_engine.)
-EMBEDDED_POLLING_INTERVAL = 0.1
-
-
-def _tune_embedded_broker(settings: Settings) -> None:
-    if not settings.broker.url.startswith("sqla+"):
-        return
-    from kombu.transport import sqlalchemy as sqlalchemy_transport
-
-    # A class attribute of the transport (read when a connection builds its transport): this
-    # process's only SQLAlchemy-transport user is this app.
-    sqlalchemy_transport.Transport.polling_interval = EMBEDDED_POLLING_INTERVAL
-
-
 def configure(celery_app: Celery, settings: Settings) -> None:
     """Configure ``celery_app`` for ``settings`` (first time, or again with other settings).
 
     Tasks are bound to the module-level app, so a process that learns its settings
     late re-configures that app instead of creating a second one.
     """
-    _tune_embedded_broker(settings)
     celery_app.conf.update(celery_config(settings))
     _configured[celery_app] = settings
     # The app caches its connection and producer pools; kombu keeps the pools
