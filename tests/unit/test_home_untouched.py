@@ -68,7 +68,8 @@ def test_the_bare_celery_command_line_configures_the_app_from_the_environment(
         home,
     )
     data_dir = home / ".local" / "share" / "certautopilot"
-    assert out.strip() == f"sqla+sqlite:///{data_dir}/broker.db"
+    # (cap-sqla: the embedded default's tuned SQLAlchemy transport, worker.platform.embedded_broker)
+    assert out.strip() == f"cap-sqla+sqlite:///{data_dir}/broker.db"
     assert (data_dir / "kek").is_file()
 
 
