@@ -303,7 +303,13 @@ def measure(rt: Any, env: dict[str, str], n: int) -> SizeResult:
 
 #: Every scan the pipeline makes on a run's rows, with the parameters of a real one.
 EXPLAINED = {
-    "batch done? (each message)": (
+    "batch done? (each message), as the planner would choose": (
+        "SELECT id FROM target_results WHERE run_id = :run AND batch_index = 1 "
+        "AND status IN ('pending', 'running') LIMIT 1"
+    ),
+    # What batch_has_open_row sends: the same probe with sequential scans off.
+    "batch done? (each message), as sent": (
+        "SET LOCAL enable_seqscan = off; "
         "SELECT id FROM target_results WHERE run_id = :run AND batch_index = 1 "
         "AND status IN ('pending', 'running') LIMIT 1"
     ),
@@ -368,6 +374,9 @@ def explain(rt: Any, run_id: str, path: Path) -> None:
         connection.commit()
         for name, sql in EXPLAINED.items():
             transaction = connection.begin()
+            setting, _, sql = sql.rpartition("; ")
+            if setting:
+                connection.execute(text(setting))
             statement = text(f"EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY ON) {sql}")
             if ":ids" in sql:
                 statement = statement.bindparams(bindparam("ids", expanding=True))
@@ -375,7 +384,8 @@ def explain(rt: Any, run_id: str, path: Path) -> None:
             plan = connection.execute(
                 statement, {key: value for key, value in params.items() if f":{key}" in sql}
             )
-            lines += [f"-- {name}", sql, *(row[0] for row in plan), ""]
+            lines += [f"-- {name}", *([setting] if setting else []), sql]
+            lines += [*(row[0] for row in plan), ""]
             transaction.rollback()
     path.write_text("\n".join(lines))
 

@@ -277,9 +277,27 @@ def mark_batch_sent(session: Session, run_id: str, batch_index: int, *, now: dat
     )
 
 
+#: PostgreSQL, around the open-row probe only (see batch_has_open_row).
+_PROBE_THROUGH_THE_INDEX = text("SET LOCAL enable_seqscan = off")
+_PROBE_DONE = text("SET LOCAL enable_seqscan = DEFAULT")
+
+
 def batch_has_open_row(session: Session, run_id: str, batch_index: int) -> bool:
-    """Whether any target of the batch is still pending or running."""
-    found = session.scalar(_OPEN_ROW, {"run_id": run_id, "batch_index": batch_index})
+    """Whether any target of the batch is still pending or running.
+
+    On PostgreSQL the probe runs with sequential scans off (restored right after): with
+    LIMIT 1 and statistics saying most rows are open (an ANALYZE early in a run), the planner
+    expects a sequential scan to meet an open row at once; but rows are stored in plan order
+    and finished first, so a message's probe could read every finished row before the first
+    open one (10,000 rows for 1.7 ms at N = 10,000: O(N) per message, O(N^2) per run).
+    Through the partial index over open rows it reads one index entry.
+    """
+    params = {"run_id": run_id, "batch_index": batch_index}
+    if session.get_bind().dialect.name != "postgresql":
+        return session.scalar(_OPEN_ROW, params) is not None
+    session.execute(_PROBE_THROUGH_THE_INDEX)
+    found = session.scalar(_OPEN_ROW, params)
+    session.execute(_PROBE_DONE)
     return found is not None
 
 

@@ -25,8 +25,7 @@ depends_on = None
 # Written out here rather than imported: a revision must keep meaning what it meant when it
 # was released, whatever the models say later.
 ACTIVE_MUTATION = (
-    "state IN ('queued', 'running') AND action IN ('execute', 'rollback') "
-    "AND parent_run_id IS NULL"
+    "state IN ('queued', 'running') AND action IN ('execute', 'rollback') AND parent_run_id IS NULL"
 )
 SUPERSEDED = (
     "failed: another execute or rollback of this distribution was already active when the "
