@@ -24,14 +24,15 @@ import resource
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, redirect_stdout
+from collections.abc import Callable, Sequence
+from contextlib import redirect_stdout
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from bench.run import say
+from tests.support.statements import counted
 
 BATCHES = "10%"
 """Ten batches: the decision after a batch is one tenth of the run in."""
@@ -89,24 +90,8 @@ def _rss_mb() -> tuple[float, float]:
     return current, peak
 
 
-@contextmanager
-def _statements(engine: Any) -> Iterator[Counter[str]]:
-    from sqlalchemy import event
-
-    seen: Counter[str] = Counter()
-
-    def count(*_: Any) -> None:
-        seen["statements"] += 1
-
-    event.listen(engine, "before_cursor_execute", count)
-    try:
-        yield seen
-    finally:
-        event.remove(engine, "before_cursor_execute", count)
-
-
 def _timed(result: SizeResult, engine: Any, name: str, path: Callable[[], str | None]) -> None:
-    with _statements(engine) as seen:
+    with counted(engine) as seen:
         started = time.perf_counter()
         note = path() or ""
         seconds = time.perf_counter() - started

@@ -11,20 +11,18 @@ tests/integration/test_models_postgres.py runs these again on PostgreSQL.
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from types import ModuleType
-from typing import Any
 
 import pytest
-from sqlalchemy import Engine, event, inspect, update
+from sqlalchemy import Engine, inspect, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from models import ResultStatus, TargetResult, queries
 from models.sealing import Sealer
+from tests.support.statements import counted
 from tests.unit.test_models_sqlite import (
     NOW,
     PREVIOUS,
@@ -62,21 +60,6 @@ def runtime(db_url: str, tmp_path: Path) -> Iterator[Runtime]:
     rt = _runtime(db_url, tmp_path)
     yield rt
     rt.close()
-
-
-@contextmanager
-def counted(engine: Engine) -> Iterator[Counter[str]]:
-    """Count the statements sent through ``engine`` in the block (an executemany is one)."""
-    seen: Counter[str] = Counter()
-
-    def count(*_: Any) -> None:
-        seen["statements"] += 1
-
-    event.listen(engine, "before_cursor_execute", count)
-    try:
-        yield seen
-    finally:
-        event.remove(engine, "before_cursor_execute", count)
 
 
 def _fleet(rt: Runtime, sealer: Sealer, bundle: TlsBundle, n: int) -> tuple[str, str]:
